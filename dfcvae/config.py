@@ -1,0 +1,287 @@
+"""Typed, frozen configuration: params.yaml is the single source of truth.
+
+`Config.load()` reads params.yaml into one frozen dataclass per section. A key
+that is not a field (a typo) or a value of the wrong type is an error naming
+the section and the key, so bad config fails before any work starts. Derived
+values are properties and are never written back. `to_dict()`/`from_dict()`
+round-trip through plain data, which is how config crosses the Ray boundary
+and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
+(Ray Tune trials, the best trial's result) through the same validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params.yaml problem, phrased so the user knows what to edit."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    source: str = "celeba"  # celeba | synthetic | folder
+    celeba_dir: str = "data/celeba"  # where CelebA is looked for (folder, zip, txt or csv)
+    folder_dir: str = ""  # source=folder: the user's image tree
+    download: bool = False  # source=celeba: try torchvision's downloader when missing
+    raw_dir: str = "data/raw"  # fetch output, CelebA's official layout
+    shards_dir: str = "data/shards"  # shard output: <split>-NNNNNN.tar + manifest.json
+    synthetic_count: int = 2000
+    split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test
+    seed: int = 0
+    crop_size: int = 148  # centre crop before resizing, as PyTorch-VAE
+    image_size: int = 64
+    encoding: str = "raw"  # raw | png
+    samples_per_shard: int = 1000
+    max_reject_fraction: float = 0.01  # shard fails if more raw images are unusable
+
+    @property
+    def manifest_path(self) -> Path:
+        return Path(self.shards_dir) / "manifest.json"
+
+
+@dataclass(frozen=True)
+class LoaderConfig:
+    batch_size: int = 64  # per worker; global batch = batch_size * scaling.num_workers
+    num_workers: int = 4  # DataLoader processes per training worker
+    shuffle_buffer: int = 1000
+    corrupt_tolerance: int = 0  # samples that may be skipped from corrupt shards; 0 = fail
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    hidden_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
+    latent_dim: int = 128
+
+
+@dataclass(frozen=True)
+class PerceptualConfig:
+    backbone: str = "vgg19_bn"  # vgg19_bn | vgg19 | vgg16 | mobilenet_v2
+    layers: tuple[str, ...] = ("vae123",)  # layer names, or one preset: vae123 | vae345
+    weights: str = "imagenet"  # imagenet | random | path to a state_dict file
+
+
+@dataclass(frozen=True)
+class LossConfig:
+    kl_weight: float = 1.0  # alpha (Hou et al. 2017, eq. 4)
+    perceptual_weight: float = 0.5  # beta
+    pixel_weight: float = 0.0  # optional pixel MSE; 0 as in the paper
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    lr: float = 5e-4  # for the global batch
+    weight_decay: float = 0.0
+    schedule: str = "exponential"  # constant | exponential | cosine
+    min_lr_fraction: float = 0.1  # lr at the last step, as a fraction of lr
+    grad_clip: float = 0.0  # max grad norm; 0 disables clipping
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 20000
+    seed: int = 0
+    log_every: int = 50
+    val_every: int = 1000
+    val_batches: int = 8
+    checkpoint_every: int = 1000
+    keep_checkpoints: int = 3
+    grid_every: int = 2000
+    compile: bool = False  # torch.compile on GPU
+    out_dir: str = "outputs/train"
+    init_from: str = ""  # checkpoint path or models:/ URI to start from
+
+
+@dataclass(frozen=True)
+class ScalingConfig:
+    num_workers: int = 1
+    use_gpu: bool = True
+    cpus_per_worker: float = 4.0
+    gpus_per_worker: float = 1.0
+    max_failures: int = 2
+    storage_dir: str = "outputs/ray"
+
+
+@dataclass(frozen=True)
+class TuneConfig:
+    enabled: bool = True
+    num_samples: int = 16
+    max_concurrent: int = 4
+    search_alg: str = "random"  # random | grid
+    steps: int = 2000  # training steps per trial
+    grace_period: int = 500  # ASHA: steps before a trial can be stopped
+    reduction_factor: int = 3
+    report_every: int = 250  # steps between objective evaluations in a trial
+    driver_cpus: float = 0.25  # per-trial driver; fractional so trials never deadlock
+    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> distribution
+    out_dir: str = "outputs/tune"
+
+    @property
+    def best_overrides_path(self) -> Path:
+        return Path(self.out_dir) / "best_overrides.json"
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    num_samples: int = 10000  # prior samples and test images for FID
+    val_subset: int = 512  # fixed val images for the cheap tuning objective
+    batch_size: int = 256
+    objective: str = "fid_sum"  # fid_samples | fid_recon | fid_sum; lower is better
+    reference_backbone: str = "vgg19_bn"  # fixed perceptual distance, the same for all models
+    reference_layers: tuple[str, ...] = ("vae345",)
+    reference_weights: str = "imagenet"
+    probe_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses", "Male", "Bangs", "Wearing_Hat")
+    arithmetic_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses")
+    out_dir: str = "outputs/eval"
+
+
+@dataclass(frozen=True)
+class RegistryConfig:
+    model_name: str = "dfcvae"
+    out_dir: str = "outputs/register"
+
+
+@dataclass(frozen=True)
+class MlflowConfig:
+    experiment: str = "dfcvae"
+    # Used when MLFLOW_TRACKING_URI is unset: a local SQLite store and artifact folder.
+    local_db: str = "outputs/mlflow/mlflow.db"
+    local_artifacts: str = "outputs/mlflow/artifacts"
+
+
+@dataclass(frozen=True)
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    loader: LoaderConfig = field(default_factory=LoaderConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    scaling: ScalingConfig = field(default_factory=ScalingConfig)
+    tune: TuneConfig = field(default_factory=TuneConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    mlflow: MlflowConfig = field(default_factory=MlflowConfig)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.loader.batch_size * self.scaling.num_workers
+
+    @classmethod
+    def load(cls, path: str | Path = "params.yaml") -> Config:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"{path} not found: run from the project root or pass the params file path.")
+        raw = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(raw, source=str(path))
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
+        return _build(cls, raw, f"{source}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+    def flat(self) -> dict[str, Any]:
+        """Dotted keys -> scalar values (lists joined), e.g. for MLflow params."""
+        out: dict[str, Any] = {}
+        for section, values in self.to_dict().items():
+            for key, value in values.items():
+                if isinstance(value, dict):
+                    for sub, v in value.items():
+                        out[f"{section}.{key}.{sub}"] = v
+                else:
+                    out[f"{section}.{key}"] = ",".join(map(str, value)) if isinstance(value, list) else value
+        return out
+
+    def with_overrides(self, overrides: dict[str, Any]) -> Config:
+        """A copy with dotted keys ("loss.kl_weight") replaced, validated like params.yaml."""
+        raw = self.to_dict()
+        for dotted, value in overrides.items():
+            section, _, key = dotted.partition(".")
+            if section not in raw or not key:
+                raise ConfigError(f"override '{dotted}': expected 'section.key' with a section from {sorted(raw)}.")
+            raw[section][key] = value
+        return Config.from_dict(raw, source="overrides")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _build(cls: type, raw: Any, where: str, section: str = "") -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping, got {type(raw).__name__}.")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(raw) - set(names))
+    if unknown:
+        what = f"key '{unknown[0]}' in section '{section}'" if section else f"section '{unknown[0]}'"
+        raise ConfigError(f"{where}: unknown {what}; valid names are: {', '.join(names)}.")
+    kwargs = {}
+    for name in names:
+        if name not in raw:
+            continue
+        hint = hints[name]
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, raw[name] if raw[name] is not None else {}, where, section=name)
+        else:
+            kwargs[name] = _coerce(raw[name], hint, f"{where}: {section}.{name}" if section else f"{where}: {name}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        for option in args:
+            try:
+                return _coerce(value, option, where)
+            except ConfigError:
+                continue
+        raise ConfigError(f"{where}: {value!r} is not any of {hint}.")
+    if origin is tuple:
+        if isinstance(value, str):  # `layers: vae123` is shorthand for `[vae123]`
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}.")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], f"{where}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ConfigError(f"{where}: expected {len(args)} values, got {len(value)}.")
+        return tuple(_coerce(v, a, f"{where}[{i}]") for i, (v, a) in enumerate(zip(value, args)))
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}.")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}.")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}.")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}.")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}.")
+        return value
+    raise ConfigError(f"{where}: unsupported type {hint}.")
