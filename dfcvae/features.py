@@ -1,0 +1,168 @@
+"""The frozen perceptual network Φ of DFC-VAE: named hidden layers of an ImageNet CNN.
+
+Built to avoid what goes wrong in PyTorch-VAE's DFCVAE:
+- layers are chosen by name (`relu1_1`, as the original DFC-VAE code does), with
+  names derived from the module sequence, so they are right for VGG with and
+  without BatchNorm;
+- inputs in [-1, 1] are mapped to ImageNet mean/std (buffers) before the network;
+- the network is cut after the deepest requested layer;
+- ReLUs are made out-of-place so a returned feature is never overwritten;
+- it is frozen and stays in eval mode: `train()` is overridden, so a parent's
+  `.train()` cannot put its BatchNorm back into training mode;
+- it is a separate module, never inside the VAE: never in a checkpoint, never DDP-wrapped.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torchvision.models import mobilenet_v2, vgg
+
+from dfcvae.config import PerceptualConfig
+from dfcvae.weights import load_file_state_dict, load_imagenet_state_dict
+
+log = logging.getLogger(__name__)
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def vgg_layer_names(features: nn.Sequential) -> list[str]:
+    """conv{block}_{i}, bn{block}_{i}, relu{block}_{i}, pool{block}, one per module."""
+    names, block, conv = [], 1, 0
+    for module in features:
+        if isinstance(module, nn.Conv2d):
+            conv += 1
+            names.append(f"conv{block}_{conv}")
+        elif isinstance(module, nn.BatchNorm2d):
+            names.append(f"bn{block}_{conv}")
+        elif isinstance(module, nn.ReLU):
+            names.append(f"relu{block}_{conv}")
+        elif isinstance(module, nn.MaxPool2d):
+            names.append(f"pool{block}")
+            block, conv = block + 1, 0
+        else:
+            raise TypeError(f"unexpected VGG module {module}")
+    return names
+
+
+def mobilenet_layer_names(features: nn.Sequential) -> list[str]:
+    """block{i}: the output of MobileNetV2's features[i]."""
+    return [f"block{i}" for i in range(len(features))]
+
+
+@dataclass(frozen=True)
+class Backbone:
+    build: Callable[[], nn.Sequential]  # the feature extractor, randomly initialised
+    layer_names: Callable[[nn.Sequential], list[str]]
+    presets: dict[str, tuple[str, ...]]
+
+
+VGG_PRESETS = {  # Hou et al. 2017, sec. 3.3
+    "vae123": ("relu1_1", "relu2_1", "relu3_1"),
+    "vae345": ("relu3_1", "relu4_1", "relu5_1"),
+}
+# MobileNetV2 has no relu{k}_1; its taps at the end of the first stages of
+# resolution 1/2, 1/4, 1/8 and of the 1/16, 1/32 stages play the same roles.
+MOBILENET_PRESETS = {
+    "vae123": ("block1", "block3", "block6"),
+    "vae345": ("block6", "block13", "block17"),
+}
+
+BACKBONES: dict[str, Backbone] = {
+    "vgg19_bn": Backbone(lambda: vgg.make_layers(vgg.cfgs["E"], batch_norm=True), vgg_layer_names, VGG_PRESETS),
+    "vgg19": Backbone(lambda: vgg.make_layers(vgg.cfgs["E"], batch_norm=False), vgg_layer_names, VGG_PRESETS),
+    "vgg16_bn": Backbone(lambda: vgg.make_layers(vgg.cfgs["D"], batch_norm=True), vgg_layer_names, VGG_PRESETS),
+    "vgg16": Backbone(lambda: vgg.make_layers(vgg.cfgs["D"], batch_norm=False), vgg_layer_names, VGG_PRESETS),
+    "mobilenet_v2": Backbone(lambda: mobilenet_v2().features, mobilenet_layer_names, MOBILENET_PRESETS),
+}
+
+
+def backbone_spec(name: str) -> Backbone:
+    if name not in BACKBONES:
+        raise ValueError(f"unknown perceptual backbone '{name}'; choose one of {', '.join(BACKBONES)}.")
+    return BACKBONES[name]
+
+
+def resolve_layers(backbone: str, layers: Sequence[str]) -> tuple[str, ...]:
+    """Expand a preset (`vae123`) and check every name against the backbone's layers."""
+    spec = backbone_spec(backbone)
+    if len(layers) == 1 and layers[0] in spec.presets:
+        return spec.presets[layers[0]]
+    valid = spec.layer_names(spec.build())
+    for name in layers:
+        if name not in valid:
+            raise ValueError(
+                f"unknown layer '{name}' for {backbone}; valid names are presets "
+                f"{', '.join(spec.presets)} or layers {', '.join(valid)}."
+            )
+    if len(set(layers)) != len(layers):
+        raise ValueError(f"layer list {list(layers)} names a layer twice.")
+    return tuple(layers)
+
+
+def _load_weights(features: nn.Sequential, backbone: str, weights: str) -> None:
+    if weights == "random":
+        log.warning(
+            "PERCEPTUAL NETWORK %s HAS RANDOM WEIGHTS: the feature loss is not the paper's; "
+            "use perceptual.weights=imagenet for real training.",
+            backbone,
+        )
+        return
+    state = load_imagenet_state_dict(backbone) if weights == "imagenet" else load_file_state_dict(weights)
+    # Full-model state_dicts prefix the extractor with "features."; bare ones do not.
+    if any(k.startswith("features.") for k in state):
+        state = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    features.load_state_dict(state, strict=True)
+
+
+class PerceptualNetwork(nn.Module):
+    """x in [-1, 1], (B, 3, H, W) -> {layer name: feature map}, frozen, eval mode forever."""
+
+    def __init__(self, backbone: str, layers: Sequence[str], weights: str):
+        super().__init__()
+        spec = backbone_spec(backbone)
+        self.backbone, self.weights = backbone, weights
+        self.layers = resolve_layers(backbone, layers)
+        features = spec.build()
+        _load_weights(features, backbone, weights)
+        names = spec.layer_names(features)
+        self.taps = {names.index(name): name for name in self.layers}
+        self.body = features[: max(self.taps) + 1]  # nothing past the deepest requested layer
+        for module in self.body.modules():
+            if hasattr(module, "inplace"):
+                module.inplace = False  # a returned feature must not be overwritten by the next ReLU
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.requires_grad_(False)
+        super().train(False)
+
+    @classmethod
+    def from_config(cls, cfg: PerceptualConfig) -> PerceptualNetwork:
+        return cls(cfg.backbone, cfg.layers, cfg.weights)
+
+    def train(self, mode: bool = True) -> PerceptualNetwork:
+        return super().train(False)  # frozen: BatchNorm statistics must never update
+
+    def normalize(self, x: Tensor) -> Tensor:
+        return ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> ImageNet statistics
+
+    def forward(self, x: Tensor) -> dict[str, Tensor]:
+        h = self.normalize(x)
+        out: dict[str, Tensor] = {}
+        for index, module in enumerate(self.body):
+            h = module(h)
+            if index in self.taps:
+                out[self.taps[index]] = h
+        return {name: out[name] for name in self.layers}  # in the requested order
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "perceptual.backbone": self.backbone,
+            "perceptual.layers": ",".join(self.layers),
+            "perceptual.weights": self.weights,
+        }

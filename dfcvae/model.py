@@ -1,0 +1,114 @@
+"""The VAE of DFC-VAE: a convolutional encoder and decoder (Hou et al. 2017, fig. 2).
+
+Image convention, everywhere in the project: model inputs and outputs are float
+tensors in [-1, 1] of shape (B, 3, H, W); the decoder ends in tanh. The loss and
+the frozen perceptual network live elsewhere (loss.py, features.py), so this
+module's state_dict is exactly what a checkpoint needs.
+
+The default shape follows PyTorch-VAE (channels 32-64-128-256-512, latent 128);
+each encoder stage halves the resolution, so any image size divisible by
+2**len(hidden_channels) works (64 and 128 px with the default).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from dfcvae.config import ModelConfig
+
+
+def _down(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(0.2),
+    )
+
+
+def _up(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(
+        nn.ConvTranspose2d(c_in, c_out, 3, stride=2, padding=1, output_padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(0.2),
+    )
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        channels = (3, *cfg.hidden_channels)
+        self.convs = nn.Sequential(*(_down(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        self.bottom = bottom_size(cfg, image_size)
+        flat = cfg.hidden_channels[-1] * self.bottom**2
+        self.mu = nn.Linear(flat, cfg.latent_dim)
+        self.logvar = nn.Linear(flat, cfg.latent_dim)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        h = self.convs(x).flatten(1)  # (B, C_last * s * s)
+        return self.mu(h), self.logvar(h)  # (B, latent), (B, latent)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        channels = cfg.hidden_channels[::-1]  # 512 -> 32
+        self.bottom = bottom_size(cfg, image_size)
+        self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
+        self.ups = nn.Sequential(*(_up(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        # The last upsampling returns to full resolution, then a 3x3 conv maps to RGB.
+        self.head = nn.Sequential(
+            _up(channels[-1], channels[-1]),
+            nn.Conv2d(channels[-1], 3, 3, padding=1),
+            nn.Tanh(),
+        )
+
+    def forward(self, z: Tensor) -> Tensor:
+        h = self.fc(z).unflatten(1, (-1, self.bottom, self.bottom))  # (B, C_last, s, s)
+        return self.head(self.ups(h))  # (B, 3, H, W) in [-1, 1]
+
+
+def bottom_size(cfg: ModelConfig, image_size: int) -> int:
+    factor = 2 ** len(cfg.hidden_channels)
+    if image_size % factor:
+        raise ValueError(
+            f"image size {image_size} is not divisible by 2**{len(cfg.hidden_channels)} = {factor}: "
+            f"choose data.image_size as a multiple of {factor} or use fewer model.hidden_channels."
+        )
+    return image_size // factor
+
+
+class DFCVAE(nn.Module):
+    def __init__(self, cfg: ModelConfig, image_size: int):
+        super().__init__()
+        self.latent_dim = cfg.latent_dim
+        self.image_size = image_size
+        self.encoder = Encoder(cfg, image_size)
+        self.decoder = Decoder(cfg, image_size)
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return self.encoder(x)
+
+    def decode(self, z: Tensor) -> Tensor:
+        return self.decoder(z)
+
+    @staticmethod
+    def reparameterize(mu: Tensor, logvar: Tensor) -> Tensor:
+        return mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)  # z = mu + sigma * eps
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """-> (reconstruction, mu, logvar); the reconstruction decodes a sampled z."""
+        mu, logvar = self.encode(x)
+        return self.decode(self.reparameterize(mu, logvar)), mu, logvar
+
+    @torch.no_grad()
+    def reconstruct(self, x: Tensor) -> Tensor:
+        """Deterministic reconstruction through the latent mean."""
+        return self.decode(self.encode(x)[0])
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        device = next(self.parameters()).device
+        # Drawn on the generator's device so a CPU generator gives the same z on any device.
+        z = torch.randn(n, self.latent_dim, generator=generator, device=generator.device if generator else device)
+        return self.decode(z.to(device))
