@@ -41,6 +41,8 @@ class DataConfig:
     encoding: str = "raw"  # raw | png
     samples_per_shard: int = 1000
     max_reject_fraction: float = 0.01  # shard fails if more raw images are unusable
+    max_image_pixels: int = 50_000_000  # larger raw images are rejected (decompression bombs)
+    celeba_counts: tuple[int, int, int] = (162770, 19867, 19962)  # train/val/test images fetch expects
 
     @property
     def manifest_path(self) -> Path:
@@ -53,6 +55,7 @@ class LoaderConfig:
     num_workers: int = 4  # DataLoader processes per training worker
     shuffle_buffer: int = 1000
     corrupt_tolerance: int = 0  # samples that may be skipped from corrupt shards; 0 = fail
+    shard_url: str = ""  # e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"; "" = data.shards_dir/{name}
 
 
 @dataclass(frozen=True)
