@@ -1,0 +1,503 @@
+"""WebDataset shards -> training batches.
+
+Shard format, written by `pipeline/shard.py` and read only here:
+
+    <split>-NNNNNN.tar          split in SPLITS, a fixed number of samples each
+        <key>.npy | <key>.png   the (H, W, 3) uint8 image: data.encoding raw | png
+        <key>.json              {"attrs": [40 x 0/1], "identity": int}; either may be absent
+    manifest.json               per-split counts, per-shard name/count/sha256, preprocessing, source
+    manifest.sha256             sha256 of manifest.json (`manifest_hash`)
+
+Batches are dicts:
+    image  uint8 (B, 3, H, W), channels_last in memory; `prepare_batch` makes floats on the device
+    attrs  int8 (B, 40) in ATTRIBUTE_NAMES order: 1 present, 0 absent, -1 unknown (no attribute
+           data, e.g. data.source: folder)
+    key    list[str], the image ids
+
+Epoch order. Every rank yields exactly `batches_per_epoch` full batches, so DDP steps stay in
+lockstep. The epoch is a sequence of T = batches * world_size * batch_size positions over the
+concatenated shards (shard order shuffled by (train.seed, epoch) when train; fixed otherwise);
+position p reads sample p mod N. So every sample is seen once per epoch and the T - N positions
+past the end wrap round to the start: that many samples are seen twice (at most
+world_size * batch_size - 1, the same padding DistributedSampler uses). Rank r reads the
+contiguous range [r T/ws, (r+1) T/ws). Within a rank, batch j comes from stream j mod V,
+V = loader.num_workers; each stream reads a contiguous part of the rank's range through its own
+shuffle buffer (train only). The order is therefore a function of (train.seed, epoch, rank,
+world_size, batch_size, loader.num_workers, loader.shuffle_buffer) and not of how many
+DataLoader processes run the streams (any divisor of V), so `skip_batches=k` resumes exactly at
+batch k.
+
+Safety: members are decoded by extension, only .npy (allow_pickle=False), .png and .json; any
+other member (a .pyd or .pth pickle, say) is never read. A truncated or corrupt shard raises
+ShardError naming it, unless loader.corrupt_tolerance allows skipping: then the skipped samples
+are logged, counted in `ShardLoader.skipped`, and replaced by repeats of the stream's recent
+samples so the batch count still holds.
+"""
+
+from __future__ import annotations
+
+import bisect
+import hashlib
+import io
+import json
+import logging
+import math
+import random
+import tarfile
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import BinaryIO
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from dfcvae.config import Config
+
+log = logging.getLogger(__name__)
+
+# CelebA's list_attr_celeba.txt columns, in the official order.
+ATTRIBUTE_NAMES: tuple[str, ...] = (
+    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
+    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
+    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
+    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
+    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
+    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
+    "Wearing_Necktie", "Young",
+)
+SPLITS: tuple[str, ...] = ("train", "val", "test")  # partition 0, 1, 2 in list_eval_partition.txt
+IMAGE_MEMBERS = {"raw": "npy", "png": "png"}  # data.encoding -> tar member extension
+META_MEMBER = "json"
+FORMAT_VERSION = 1
+
+
+class DataError(RuntimeError):
+    """A data problem, phrased so the user knows what to fix."""
+
+
+class ShardError(DataError):
+    """A shard that cannot be read; the message names the shard."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Sample decoding (pipeline/shard.py encodes)
+
+
+def decode_image(ext: str, data: bytes) -> np.ndarray:
+    """Member bytes -> (H, W, 3) uint8; only the two encodings we write, never pickle."""
+    if ext == "npy":
+        image = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+    elif ext == "png":
+        with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
+            if img.mode != "RGB":
+                raise ValueError(f"PNG mode {img.mode}, expected RGB")
+            image = np.asarray(img)
+    else:
+        raise ValueError(f"unexpected image member .{ext}")
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError(f"image is {image.dtype} {image.shape}, expected uint8 (H, W, 3)")
+    return image
+
+
+def decode_attrs(data: bytes) -> np.ndarray:
+    """Sidecar JSON -> int8 (40,), 1/0, or all -1 when the sample has no attribute data."""
+    meta = json.loads(data)
+    if not isinstance(meta, dict):
+        raise ValueError("sidecar is not a JSON object")
+    attrs = meta.get("attrs")
+    if attrs is None:
+        return np.full(len(ATTRIBUTE_NAMES), -1, dtype=np.int8)
+    if len(attrs) != len(ATTRIBUTE_NAMES) or any(a not in (0, 1) for a in attrs):
+        raise ValueError(f"attrs must be {len(ATTRIBUTE_NAMES)} values in {{0, 1}}")
+    return np.asarray(attrs, dtype=np.int8)
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}-{index:06d}.tar"
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs and the manifest
+
+
+def shard_url(cfg: Config, name: str) -> str:
+    """URL of a file in the shard set: loader.shard_url with {name}, else data.shards_dir/name."""
+    if cfg.loader.shard_url:
+        return cfg.loader.shard_url.format(name=name)
+    return cfg.data.shards_dir.rstrip("/") + "/" + name
+
+
+def open_url(url: str) -> BinaryIO:
+    """A local path, a `pipe:` command (webdataset's convention) or any fsspec URL (s3://...)."""
+    if url.startswith("pipe:"):
+        from webdataset.gopen import gopen_pipe
+
+        return gopen_pipe(url, "rb")
+    if "://" not in url or url.startswith("file://"):
+        return open(url.removeprefix("file://"), "rb")
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        raise DataError(f"cannot open {url}: {e}; install the fsspec backend for that scheme (s3fs for s3://).") from e
+    return fs.open(path, "rb")
+
+
+def _read_bytes(url: str) -> bytes:
+    try:
+        with open_url(url) as f:
+            return f.read()
+    except FileNotFoundError as e:
+        raise DataError(f"{url} not found: run `dvc repro shard` (or python -m pipeline.shard) first.") from e
+
+
+def read_manifest(cfg: Config) -> dict:
+    """The shard set's manifest.json as a dict."""
+    return json.loads(_read_bytes(shard_url(cfg, "manifest.json")))
+
+
+def manifest_hash(cfg: Config) -> str:
+    """sha256 of manifest.json: identifies the exact shard set (content, not location)."""
+    return hashlib.sha256(_read_bytes(shard_url(cfg, "manifest.json"))).hexdigest()
+
+
+def _split_info(manifest: dict, split: str) -> dict:
+    if split not in SPLITS:
+        raise ValueError(f"split {split!r} is not one of {SPLITS}.")
+    return manifest["splits"][split]
+
+
+def batches_per_epoch(cfg: Config, split: str, world_size: int, batch_size: int | None = None) -> int:
+    """Full batches each rank yields per epoch: ceil(N / (world_size * batch_size))."""
+    count = _split_info(read_manifest(cfg), split)["count"]
+    return _batches_per_epoch(count, world_size, batch_size or cfg.loader.batch_size)
+
+
+def _batches_per_epoch(count: int, world_size: int, batch_size: int) -> int:
+    return math.ceil(count / (world_size * batch_size))
+
+
+# ---------------------------------------------------------------------------------------------
+# The epoch plan: which positions each rank and stream reads
+
+
+@dataclass(frozen=True)
+class Segment:
+    url: str
+    begin: int  # sample indices within the shard, end exclusive
+    end: int
+    shard_count: int  # samples the manifest lists for the shard
+
+
+def _seed(*parts: int) -> int:
+    return int(np.random.SeedSequence([p % 2**32 for p in parts]).generate_state(1)[0])
+
+
+def _epoch_shards(cfg: Config, shards: list[dict], train: bool, epoch: int) -> list[dict]:
+    if not train:
+        return shards
+    order = list(range(len(shards)))
+    random.Random(_seed(cfg.train.seed, epoch)).shuffle(order)  # the same on every rank
+    return [shards[i] for i in order]
+
+
+def _segments(cfg: Config, shards: list[dict], start: int, stop: int) -> list[Segment]:
+    """Positions [start, stop) of the concatenated shards, wrapping round past the end."""
+    bounds = [0]
+    for shard in shards:
+        bounds.append(bounds[-1] + shard["count"])
+    total, out, p = bounds[-1], [], start
+    while p < stop:
+        q = p % total
+        i = bisect.bisect_right(bounds, q) - 1
+        take = min(bounds[i + 1] - q, stop - p)
+        shard = shards[i]
+        out.append(Segment(shard_url(cfg, shard["name"]), q - bounds[i], q - bounds[i] + take, shard["count"]))
+        p += take
+    return out
+
+
+def _stream_batches(n_batches: int, streams: int) -> list[int]:
+    """Batches of each stream: stream v makes batches v, v + V, v + 2V, ..."""
+    return [max(0, math.ceil((n_batches - v) / streams)) for v in range(streams)]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading
+
+
+class _Skips:
+    """Samples skipped in this process, checked against loader.corrupt_tolerance."""
+
+    def __init__(self, tolerance: int):
+        self.tolerance = tolerance
+        self.total = 0
+        self.pending: list[tuple[str, int]] = []  # reported with the next batch
+
+    def skip(self, url: str, count: int, reason: str) -> None:
+        self.total += count
+        if self.total > self.tolerance:
+            raise ShardError(
+                f"corrupt shard {url}: {reason}; re-create the shards with `dvc repro shard` (or raise "
+                f"loader.corrupt_tolerance, now {self.tolerance}, to skip up to that many samples)."
+            )
+        log.warning("skipping %d samples of corrupt shard %s: %s (%d skipped so far)", count, url, reason, self.total)
+        self.pending.append((url, count))
+
+
+def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
+    """Samples seg.begin..seg.end of one shard, as raw member bytes."""
+    index, sample = -1, None
+    try:
+        with open_url(seg.url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                key, _, ext = member.name.partition(".")
+                if sample is None or key != sample["key"]:
+                    if sample is not None and index >= seg.begin:
+                        yield _complete(sample, seg, image_ext)
+                    index += 1
+                    sample = {"key": key, "url": seg.url}
+                    if index >= seg.end:
+                        return
+                if index >= seg.begin and member.isfile() and ext in (image_ext, META_MEMBER):
+                    sample[ext] = tar.extractfile(member).read()
+    except (OSError, tarfile.TarError, EOFError) as e:
+        raise ShardError(f"{seg.url}: {type(e).__name__}: {e}") from e
+    if sample is not None and index >= seg.begin:
+        yield _complete(sample, seg, image_ext)
+    if index + 1 < seg.end:
+        raise ShardError(f"{seg.url}: ended after {index + 1} samples but the manifest lists {seg.shard_count}")
+
+
+def _complete(sample: dict, seg: Segment, image_ext: str) -> dict:
+    for ext in (image_ext, META_MEMBER):
+        if ext not in sample:
+            raise ShardError(f"{seg.url}: sample {sample['key']} has no .{ext} member")
+    return sample
+
+
+def _read_segments(segments: list[Segment], image_ext: str, skips: _Skips) -> Iterator[dict]:
+    for seg in segments:
+        read = 0
+        try:
+            for sample in _read_segment(seg, image_ext):
+                read += 1
+                yield sample
+        except ShardError as e:
+            skips.skip(seg.url, seg.end - seg.begin - read, str(e).removeprefix(f"{seg.url}: "))
+
+
+def _shuffled(samples: Iterator[dict], size: int, rng: random.Random) -> Iterator[dict]:
+    buffer: list[dict] = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        i = rng.randrange(len(buffer))
+        yield buffer[i]
+        buffer[i] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+@dataclass(frozen=True)
+class _Stream:
+    """One stream's share of a rank's epoch: batches first + i * V for i < n_batches."""
+
+    first: int
+    n_batches: int
+    segments: list[Segment]
+    seed: int  # for the shuffle buffer; unused when not shuffling
+
+
+class _EpochDataset(IterableDataset):
+    """Yields the rank's batches skip_batches.. in order, split over DataLoader processes."""
+
+    def __init__(self, streams: list[_Stream], *, n_batches: int, skip_batches: int, batch_size: int,
+                 image_size: int, image_ext: str, shuffle_buffer: int, tolerance: int):
+        self.streams = streams
+        self.n_batches = n_batches
+        self.skip_batches = skip_batches
+        self.batch_size = batch_size
+        self.image_size = image_size
+        self.image_ext = image_ext
+        self.shuffle_buffer = shuffle_buffer
+        self.tolerance = tolerance
+
+    def __iter__(self) -> Iterator[dict]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        skips = _Skips(self.tolerance)
+        running: dict[int, Iterator[dict]] = {}
+        # DataLoader takes batches from its processes in turn, so process w serves batches
+        # skip_batches + w, + w + workers, ...; a stream's batches all fall to one process.
+        try:
+            for j in range(self.skip_batches + worker, self.n_batches, workers):
+                v = j % len(self.streams)
+                if v not in running:
+                    running[v] = self._batches(self.streams[v], skips)
+                batch = next(running[v])
+                batch["_skipped"], skips.pending = skips.pending, []
+                yield batch
+        except ShardError as e:  # delivered as data: ShardLoader raises it with this message alone
+            yield {"_error": str(e)}
+
+    def _batches(self, stream: _Stream, skips: _Skips) -> Iterator[dict]:
+        samples = _read_segments(stream.segments, self.image_ext, skips)
+        if self.shuffle_buffer > 1:
+            samples = _shuffled(samples, self.shuffle_buffer, random.Random(stream.seed))
+        recent: deque[tuple] = deque(maxlen=self.batch_size)
+        for i in range(stream.n_batches):
+            if stream.first + i * len(self.streams) < self.skip_batches:
+                for _ in range(self.batch_size):  # fast-forward without decoding
+                    next(samples, None)
+                continue
+            batch: list[tuple] = []
+            while len(batch) < self.batch_size and (sample := next(samples, None)) is not None:
+                try:
+                    batch.append(self._decode(sample))
+                except (ValueError, OSError) as e:
+                    skips.skip(sample["url"], 1, f"sample {sample['key']}: {e}")
+            recent.extend(batch)
+            if len(batch) < self.batch_size:  # samples were skipped: repeat recent ones
+                if not recent:
+                    raise ShardError(f"{stream.segments[0].url}: no readable samples left to fill a batch")
+                batch += [recent[k % len(recent)] for k in range(self.batch_size - len(batch))]
+            yield _collate(batch)
+
+    def _decode(self, sample: dict) -> tuple:
+        image = decode_image(self.image_ext, sample[self.image_ext])
+        if image.shape[:2] != (self.image_size, self.image_size):
+            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, the manifest says {self.image_size}")
+        return image, decode_attrs(sample[META_MEMBER]), sample["key"]
+
+
+def _collate(batch: list[tuple]) -> dict:
+    images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3)
+    return {
+        "image": images.permute(0, 3, 1, 2),  # (B, 3, H, W), channels_last in memory
+        "attrs": torch.from_numpy(np.stack([b[1] for b in batch])),  # (B, 40) int8
+        "key": [b[2] for b in batch],
+    }
+
+
+class ShardLoader:
+    """Iterable over one rank's batches of one epoch; counts samples skipped from corrupt shards."""
+
+    def __init__(self, loader: DataLoader, n_batches: int, tolerance: int):
+        self.loader = loader
+        self.n_batches = n_batches
+        self.tolerance = tolerance
+        self.skipped = 0
+        self.skipped_by_shard: dict[str, int] = {}
+
+    def __len__(self) -> int:
+        return self.n_batches
+
+    def __iter__(self) -> Iterator[dict]:
+        batches, error = iter(self.loader), None
+        for batch in batches:
+            error = batch.get("_error")
+            if error:
+                break
+            for url, count in batch.pop("_skipped"):
+                self.skipped += count
+                self.skipped_by_shard[url] = self.skipped_by_shard.get(url, 0) + count
+            if self.skipped > self.tolerance:  # each process checks its own; this is the rank's total
+                error = (f"corrupt shards {sorted(self.skipped_by_shard)}: {self.skipped} samples skipped, more "
+                         f"than loader.corrupt_tolerance={self.tolerance}; re-create them with `dvc repro shard`.")
+                break
+            yield batch
+        del batches  # stops the worker processes before raising
+        if error:
+            raise ShardError(error)
+        if self.skipped:
+            log.warning("skipped %d samples from corrupt shards: %s", self.skipped, self.skipped_by_shard)
+
+
+def make_loader(
+    cfg: Config,
+    split: str,
+    *,
+    rank: int = 0,
+    world_size: int = 1,
+    epoch: int = 0,
+    train: bool,
+    skip_batches: int = 0,
+    batch_size: int | None = None,
+    num_workers: int | None = None,
+) -> ShardLoader:
+    """One rank's batches of `split` for `epoch`: exactly batches_per_epoch(...) - skip_batches.
+
+    train: shuffle shards and samples (seeded by train.seed, epoch, rank); otherwise a fixed order.
+    skip_batches: resume mid-epoch; batch k of the resumed loader is batch k of the full epoch.
+    num_workers: DataLoader processes, a divisor of loader.num_workers (0 = in this process).
+    """
+    manifest = read_manifest(cfg)
+    prep = manifest["preprocessing"]
+    if prep["image_size"] != cfg.data.image_size:
+        raise DataError(
+            f"the shards in {cfg.data.shards_dir} are {prep['image_size']} px but data.image_size is "
+            f"{cfg.data.image_size}: run `dvc repro shard` to re-shard."
+        )
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} is outside world_size {world_size}.")
+    batch_size = batch_size or cfg.loader.batch_size
+    streams = max(1, cfg.loader.num_workers)
+    workers = cfg.loader.num_workers if num_workers is None else num_workers
+    if streams % max(1, workers):
+        raise ValueError(
+            f"num_workers={workers} must divide loader.num_workers={streams}, which fixes the sample order."
+        )
+    info = _split_info(manifest, split)
+    n_batches = _batches_per_epoch(info["count"], world_size, batch_size)
+    if not 0 <= skip_batches <= n_batches:
+        raise ValueError(f"skip_batches={skip_batches} is outside the epoch's {n_batches} batches.")
+    shards = _epoch_shards(cfg, info["shards"], train, epoch)
+    per_stream = _stream_batches(n_batches, streams)
+    start = rank * n_batches * batch_size
+    plan = []
+    for v, count in enumerate(per_stream):
+        stop = start + count * batch_size
+        seg = _segments(cfg, shards, start, stop) if count else []
+        plan.append(_Stream(first=v, n_batches=count, segments=seg, seed=_seed(cfg.train.seed, epoch, rank, v)))
+        start = stop
+    dataset = _EpochDataset(
+        plan,
+        n_batches=n_batches,
+        skip_batches=skip_batches,
+        batch_size=batch_size,
+        image_size=prep["image_size"],
+        image_ext=IMAGE_MEMBERS[prep["encoding"]],
+        shuffle_buffer=cfg.loader.shuffle_buffer if train else 0,
+        tolerance=cfg.loader.corrupt_tolerance,
+    )
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=workers,
+        pin_memory=torch.cuda.is_available(),
+        persistent_workers=False,
+    )
+    return ShardLoader(loader, n_batches - skip_batches, cfg.loader.corrupt_tolerance)
+
+
+def prepare_batch(
+    images: torch.Tensor, device: torch.device | str, *, train: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """uint8 (B, 3, H, W) -> float (B, 3, H, W) in [-1, 1] on `device`, channels_last.
+
+    Runs on the device, so the DataLoader ships 1 byte per pixel. train: each image is flipped
+    left-right with probability 1/2 (drawn from `generator`, on its device, when given).
+    """
+    x = images.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+    x = x.float().div_(127.5).sub_(1.0)
+    if train:
+        rng_device = generator.device if generator is not None else x.device
+        flip = torch.rand(x.shape[0], generator=generator, device=rng_device) < 0.5
+        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+    return x.contiguous(memory_format=torch.channels_last)
