@@ -1,0 +1,332 @@
+"""Stage `shard`: the raw dataset (CelebA's layout, from `fetch`) -> webdataset tar shards.
+
+`write_shards(cfg)` reads data.raw_dir and rewrites data.shards_dir completely:
+
+    <split>-NNNNNN.tar   data.samples_per_shard samples each (the last of a split may hold fewer);
+                         the sample format is documented in dfcvae/data.py
+    manifest.json        per-split counts and shards (name, count, sha256), preprocessing,
+                         source (celeba | synthetic | folder), raw image counts
+    manifest.sha256      sha256 of manifest.json
+    report.json          every converted and rejected raw image, with the reason
+
+Preprocessing: centre crop of data.crop_size pixels, then resize to data.image_size
+(bilinear with antialiasing, as torchvision's Resize on PIL images in PyTorch-VAE).
+
+Raw images are checked first, in parallel over all cores. Outcomes, each recorded in report.json:
+    written     RGB, at least data.crop_size on each side
+    converted   grayscale, palette, CMYK, 1-bit, YCbCr or fully opaque alpha -> RGB, then written
+    rejected    missing file, not an image, truncated or corrupt, transparent pixels (no
+                background is safe to assume), 16-bit or float pixels, a side shorter than
+                data.crop_size, more than data.max_image_pixels pixels (decompression bombs)
+Images in = images written + images rejected. More than data.max_reject_fraction rejected fails
+the stage (after writing report.json). The accepted images of each split are written in a
+seeded order (data.seed), so shards are mixtures and the loader only needs a local shuffle.
+Output is byte-identical on reruns: sorted inputs, fixed tar member metadata, no timestamps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import random
+import shutil
+import sys
+import tarfile
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+from tqdm import tqdm
+
+from dfcvae.config import Config
+from dfcvae.data import ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError, shard_name
+
+CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
+CHECK_CHUNK = 256  # images per task in the check pass
+PNG_COMPRESS_LEVEL = 6  # fixed, so PNG shards are byte-identical on reruns
+
+
+class Rejected(Exception):
+    """A raw image that cannot be used; the message is the reason for the report."""
+
+
+@dataclass(frozen=True)
+class RawImage:
+    id: str  # key in the shards: the file name without extension
+    file: str  # name under img_align_celeba/
+    split: str
+    attrs: list[int] | None  # 0/1 in ATTRIBUTE_NAMES order
+    identity: int | None
+
+
+def load_rgb(path: Path, crop_size: int, max_pixels: int) -> tuple[Image.Image, str]:
+    """An RGB image from a raw file and a note on any conversion ("" if none); raises Rejected."""
+    if not path.is_file():
+        raise Rejected("file missing")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(path)
+            width, height = img.size
+            if width * height > max_pixels:
+                raise Rejected(f"too large: {width}x{height} is over data.max_image_pixels={max_pixels}")
+            img.load()
+    except Rejected:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise Rejected(f"too large: {e}") from None
+    except Image.UnidentifiedImageError:
+        raise Rejected("not an image") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise Rejected(f"truncated or corrupt: {e}") from None
+    img = ImageOps.exif_transpose(img)
+    if min(img.size) < crop_size:
+        raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop_size}")
+    return _to_rgb(img)
+
+
+def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
+    mode = img.mode
+    if mode == "RGB":
+        return img, ""
+    if mode not in CONVERTIBLE_MODES:
+        raise Rejected(f"unsupported pixel mode {mode} (16-bit or float)")
+    if mode in ("P", "PA", "LA", "RGBA") and (mode != "P" or "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        if rgba.getchannel("A").getextrema()[0] < 255:
+            raise Rejected(f"{mode} with transparent pixels: flatten it onto a background first")
+        return rgba.convert("RGB"), f"{mode} -> RGB (alpha fully opaque, dropped)"
+    return img.convert("RGB"), f"{mode} -> RGB"
+
+
+def preprocess(img: Image.Image, crop_size: int, image_size: int) -> np.ndarray:
+    """Centre crop to crop_size, resize to image_size -> (image_size, image_size, 3) uint8."""
+    left, top = (img.width - crop_size) // 2, (img.height - crop_size) // 2
+    img = img.crop((left, top, left + crop_size, top + crop_size))
+    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
+    return np.asarray(img, dtype=np.uint8)
+
+
+def encode_image(image: np.ndarray, encoding: str) -> tuple[str, bytes]:
+    """(H, W, 3) uint8 -> (member extension, bytes) for data.encoding raw | png."""
+    out = io.BytesIO()
+    if encoding == "raw":
+        np.lib.format.write_array(out, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+    else:
+        Image.fromarray(image, "RGB").save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return IMAGE_MEMBERS[encoding], out.getvalue()
+
+
+def encode_meta(attrs: list[int] | None, identity: int | None) -> bytes:
+    """The sidecar: {"attrs": 40 x 0/1, "identity": int}, each only when known."""
+    meta = {"attrs": attrs, "identity": identity}
+    return json.dumps({k: v for k, v in meta.items() if v is not None}, sort_keys=True, separators=(",", ":")).encode()
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the raw layout
+
+
+def read_raw(raw_dir: Path) -> tuple[dict, list[RawImage]]:
+    """dataset.json and the images listed in list_eval_partition.txt, sorted by file name."""
+    info_path, partition_path = raw_dir / "dataset.json", raw_dir / "list_eval_partition.txt"
+    if not info_path.is_file() or not partition_path.is_file():
+        raise DataError(f"{raw_dir} has no dataset.json or list_eval_partition.txt: run `dvc repro fetch` first.")
+    info = json.loads(info_path.read_text())
+    partition = {}
+    for line in partition_path.read_text().splitlines():
+        if line.strip():
+            name, part = line.split()
+            partition[name] = SPLITS[int(part)]
+    attrs = _read_attr_file(raw_dir / "list_attr_celeba.txt")
+    identity = _read_pairs(raw_dir / "identity_CelebA.txt")
+    if attrs is not None and set(attrs) != set(partition):
+        raise DataError(f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: re-run `dvc repro fetch`.")
+    images = [
+        RawImage(Path(name).stem, name, split, attrs[name] if attrs else None, identity.get(name))
+        for name, split in sorted(partition.items())
+    ]
+    return info, images
+
+
+def _read_attr_file(path: Path) -> dict[str, list[int]] | None:
+    if not path.is_file():
+        return None
+    lines = path.read_text().splitlines()
+    if tuple(lines[1].split()) != ATTRIBUTE_NAMES:
+        raise DataError(f"{path}: line 2 must be CelebA's 40 attribute names in order: re-run `dvc repro fetch`.")
+    return {row[0]: [int(v == "1") for v in row[1:]] for row in (line.split() for line in lines[2:] if line.strip())}
+
+
+def _read_pairs(path: Path) -> dict[str, int]:
+    if not path.is_file():
+        return {}
+    return {name: int(value) for name, value in (line.split() for line in path.read_text().splitlines() if line.strip())}
+
+
+# ---------------------------------------------------------------------------------------------
+# Workers (module-level so multiprocessing can run them)
+
+
+def _check(task: tuple[Path, list[str], int, int]) -> list[tuple[str, str]]:
+    """-> [(outcome, note)] per file: ("written" | "converted" | "rejected", reason or conversion)."""
+    image_dir, files, crop_size, max_pixels = task
+    out = []
+    for name in files:
+        try:
+            _, note = load_rgb(image_dir / name, crop_size, max_pixels)
+            out.append(("converted", note) if note else ("written", ""))
+        except Rejected as e:
+            out.append(("rejected", str(e)))
+    return out
+
+
+def _write_shard(task: tuple[Path, Path, str, list[RawImage], int, int, int, str]) -> dict:
+    image_dir, out_dir, name, images, crop_size, image_size, max_pixels, encoding = task
+    tmp = out_dir / (name + ".tmp")
+    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for image in images:
+            try:
+                rgb, _ = load_rgb(image_dir / image.file, crop_size, max_pixels)
+            except Rejected as e:
+                raise DataError(f"{image.file} changed while sharding ({e}): re-run the stage.") from None
+            ext, data = encode_image(preprocess(rgb, crop_size, image_size), encoding)
+            _add_member(tar, f"{image.id}.{ext}", data)
+            _add_member(tar, f"{image.id}.{META_MEMBER}", encode_meta(image.attrs, image.identity))
+    tmp.rename(out_dir / name)
+    return {"name": name, "count": len(images), "sha256": _sha256(out_dir / name)}
+
+
+def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)  # fixed metadata: byte-identical shards on reruns
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage
+
+
+def write_shards(cfg: Config, workers: int | None = None) -> dict:
+    """Shard data.raw_dir into data.shards_dir (rewritten completely); returns the manifest.
+
+    workers: processes (default: all available cores). Raises DataError when more than
+    data.max_reject_fraction of the raw images are rejected (report.json says which and why).
+    """
+    d = cfg.data
+    if d.encoding not in IMAGE_MEMBERS:
+        raise DataError(f"data.encoding: {d.encoding!r} is not one of {sorted(IMAGE_MEMBERS)}; pick one.")
+    raw_dir, out_dir = Path(d.raw_dir), Path(d.shards_dir)
+    info, images = read_raw(raw_dir)
+    image_dir = raw_dir / "img_align_celeba"
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    out_dir.mkdir(parents=True)
+    workers = workers or len(os.sched_getaffinity(0))
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        outcomes = _check_all(pool, image_dir, images, cfg)
+        report = _report(images, outcomes)
+        (out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
+        counts = report["counts"]
+        if counts["rejected"] > d.max_reject_fraction * counts["in"]:
+            raise DataError(
+                f"{counts['rejected']} of {counts['in']} raw images were rejected, more than "
+                f"data.max_reject_fraction={d.max_reject_fraction}: see {out_dir / 'report.json'} for why, "
+                "then fix or remove those images (or raise the fraction)."
+            )
+        accepted = [im for im, (outcome, _) in zip(images, outcomes) if outcome != "rejected"]
+        splits = _write_all(pool, image_dir, out_dir, accepted, cfg)
+    manifest = {
+        "format": FORMAT_VERSION,
+        "source": info["source"],
+        "synthetic": info["source"] == "synthetic",
+        "dataset": info,
+        "attributes": list(ATTRIBUTE_NAMES) if any(im.attrs for im in images) else [],
+        "preprocessing": {
+            "crop_size": d.crop_size,
+            "image_size": d.image_size,
+            "resize": "bilinear, antialiased",
+            "encoding": d.encoding,
+            "order_seed": d.seed,
+        },
+        "raw": counts,
+        "splits": splits,
+    }
+    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
+    (out_dir / "manifest.json").write_text(text)
+    (out_dir / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    return manifest
+
+
+def _check_all(pool, image_dir: Path, images: list[RawImage], cfg: Config) -> list[tuple[str, str]]:
+    files = [im.file for im in images]
+    tasks = [(image_dir, files[i : i + CHECK_CHUNK], cfg.data.crop_size, cfg.data.max_image_pixels)
+             for i in range(0, len(files), CHECK_CHUNK)]
+    outcomes = []
+    with tqdm(total=len(files), desc="shard: check", unit="img", mininterval=1) as bar:
+        for chunk in pool.imap(_check, tasks):
+            outcomes += chunk
+            bar.update(len(chunk))
+    return outcomes
+
+
+def _report(images: list[RawImage], outcomes: list[tuple[str, str]]) -> dict:
+    counts = {"in": len(images), "written": 0, "converted": 0, "rejected": 0}
+    listed: dict[str, list] = {"converted": [], "rejected": []}
+    for image, (outcome, note) in zip(images, outcomes):
+        counts["rejected" if outcome == "rejected" else "written"] += 1
+        if outcome != "written":
+            listed[outcome].append({"file": image.file, "split": image.split, "reason": note})
+    counts["converted"] = len(listed["converted"])
+    return {"counts": counts, **listed}
+
+
+def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], cfg: Config) -> dict:
+    d = cfg.data
+    tasks = []
+    for split in SPLITS:
+        ids = [im for im in accepted if im.split == split]
+        random.Random(f"{d.seed}:{split}").shuffle(ids)  # shards are mixtures; sorted input -> same order
+        for k, start in enumerate(range(0, len(ids), d.samples_per_shard)):
+            chunk = ids[start : start + d.samples_per_shard]
+            tasks.append((image_dir, out_dir, shard_name(split, k), chunk, d.crop_size, d.image_size,
+                          d.max_image_pixels, d.encoding))
+    results = {}
+    with tqdm(total=len(accepted), desc="shard: write", unit="img", mininterval=1) as bar:
+        for result in pool.imap_unordered(_write_shard, tasks):
+            results[result["name"]] = result
+            bar.update(result["count"])
+    splits = {}
+    for split in SPLITS:
+        shards = [results[name] for name in sorted(results) if name.startswith(split + "-")]
+        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    return splits
+
+
+def main() -> None:
+    cfg = Config.load()
+    try:
+        manifest = write_shards(cfg)
+    except DataError as e:
+        sys.exit(f"shard: {e}")
+    counts = {split: manifest["splits"][split]["count"] for split in SPLITS}
+    print(f"shard: {counts} ({manifest['source']}) -> {cfg.data.shards_dir}")
+
+
+if __name__ == "__main__":
+    main()
