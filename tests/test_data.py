@@ -1,0 +1,515 @@
+"""The data pipeline: fetch -> shard -> loader, on small generated data."""
+
+from __future__ import annotations
+
+import collections
+import csv
+import hashlib
+import io
+import json
+import logging
+import pickle
+import shutil
+import subprocess
+import sys
+import tarfile
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from dfcvae import data
+from dfcvae.config import Config
+from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError
+from pipeline.fetch import fetch, write_attrs, write_partition
+from pipeline.shard import write_shards
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_config(root: Path, overrides: dict | None = None) -> Config:
+    """33 synthetic faces at 32 px: train 27 in shards of 10, 10, 7; batches of 4 from 2 streams."""
+    base = {
+        "data.source": "synthetic",
+        "data.synthetic_count": 33,
+        "data.raw_dir": str(root / "raw"),
+        "data.shards_dir": str(root / "shards"),
+        "data.image_size": 32,
+        "data.samples_per_shard": 10,
+        "loader.batch_size": 4,
+        "loader.num_workers": 2,
+        "loader.shuffle_buffer": 8,
+        "train.seed": 0,
+    }
+    return Config().with_overrides({**base, **(overrides or {})})
+
+
+@pytest.fixture(scope="module")
+def sharded(tmp_path_factory) -> Config:
+    cfg = make_config(tmp_path_factory.mktemp("synthetic"))
+    fetch(cfg, workers=2)
+    write_shards(cfg, workers=2)
+    return cfg
+
+
+@pytest.fixture
+def shard_copy(sharded, tmp_path) -> Config:
+    """A private copy of the shards, for tests that damage them."""
+    shutil.copytree(sharded.data.shards_dir, tmp_path / "shards")
+    return sharded.with_overrides({"data.shards_dir": str(tmp_path / "shards")})
+
+
+def read_raw_tables(raw: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
+    partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
+    lines = (raw / "list_attr_celeba.txt").read_text().splitlines()
+    assert tuple(lines[1].split()) == ATTRIBUTE_NAMES
+    attrs = {row[0]: [int(v) for v in row[1:]] for row in map(str.split, lines[2:])}
+    return {Path(k).stem: int(v) for k, v in partition.items()}, {Path(k).stem: v for k, v in attrs.items()}
+
+
+def epoch_batches(cfg: Config, split: str = "train", **kw) -> list[dict]:
+    return list(data.make_loader(cfg, split, **{"train": True, **kw}))
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ---------------------------------------------------------------------------------------------
+# Round trip
+
+
+def test_synthetic_round_trip(sharded):
+    cfg = sharded
+    partition, attrs = read_raw_tables(Path(cfg.data.raw_dir))
+    manifest = data.read_manifest(cfg)
+    assert manifest["source"] == "synthetic" and manifest["synthetic"] is True
+    assert manifest["dataset"]["note"].startswith("procedurally drawn faces")
+    assert manifest["preprocessing"]["image_size"] == 32
+    assert manifest["attributes"] == list(ATTRIBUTE_NAMES)
+    manifest_file = Path(cfg.data.manifest_path)
+    assert data.manifest_hash(cfg) == sha256(manifest_file)
+    assert (manifest_file.parent / "manifest.sha256").read_text().split()[0] == data.manifest_hash(cfg)
+
+    for k, split in enumerate(data.SPLITS):
+        expected = {key for key, part in partition.items() if part == k}
+        info = manifest["splits"][split]
+        assert info["count"] == len(expected) == sum(s["count"] for s in info["shards"])
+        for shard in info["shards"]:
+            assert shard["sha256"] == sha256(Path(cfg.data.shards_dir) / shard["name"])
+        batches = epoch_batches(cfg, split, train=False)
+        assert len(batches) == data.batches_per_epoch(cfg, split, 1)
+        keys = [key for b in batches for key in b["key"]]
+        assert set(keys) == expected
+        for b in batches:
+            assert b["image"].dtype == torch.uint8 and b["image"].shape == (4, 3, 32, 32)
+            assert b["attrs"].dtype == torch.int8 and b["attrs"].shape == (4, 40)
+            for key, row in zip(b["key"], b["attrs"].tolist()):
+                assert row == [int(v == 1) for v in attrs[key]]
+            x = data.prepare_batch(b["image"], "cpu", train=True)
+            assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+            assert -1.0 <= x.min() < x.max() <= 1.0
+
+
+def test_synthetic_attributes_are_visible(sharded):
+    """Eyeglasses and Smiling change the pixels where glasses and mouths are drawn."""
+    batches = epoch_batches(sharded, train=False)
+    images = torch.cat([b["image"] for b in batches]).float()
+    attrs = torch.cat([b["attrs"] for b in batches])
+    for name in ("Eyeglasses", "Male", "Smiling"):
+        has = attrs[:, ATTRIBUTE_NAMES.index(name)] == 1
+        assert 0 < has.sum() < len(has), name
+    never_drawn = [i for i, n in enumerate(ATTRIBUTE_NAMES) if n in ("Attractive", "Oval_Face", "Wavy_Hair")]
+    assert (attrs[:, never_drawn] == 0).all()  # not drawn -> -1 in the table -> 0 in batches
+
+
+def test_shard_twice_is_byte_identical(sharded, tmp_path):
+    first = {p.name: sha256(p) for p in Path(sharded.data.shards_dir).iterdir()}
+    again = sharded.with_overrides({"data.shards_dir": str(tmp_path / "again")})
+    write_shards(again, workers=2)
+    assert {p.name: sha256(p) for p in Path(again.data.shards_dir).iterdir()} == first
+    assert data.manifest_hash(again) == data.manifest_hash(sharded)
+
+
+def test_png_encoding_decodes_to_the_same_pixels(sharded, tmp_path):
+    png = sharded.with_overrides({"data.encoding": "png", "data.shards_dir": str(tmp_path / "png")})
+    write_shards(png, workers=2)
+    assert data.read_manifest(png)["preprocessing"]["encoding"] == "png"
+    raw_batches, png_batches = epoch_batches(sharded, train=False), epoch_batches(png, train=False)
+    for a, b in zip(raw_batches, png_batches):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
+def test_shards_of_another_image_size_are_refused(sharded):
+    with pytest.raises(DataError, match="are 32 px but data.image_size is 64.*dvc repro shard"):
+        data.make_loader(sharded.with_overrides({"data.image_size": 64}), "train", train=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Ranks, workers, resumption
+
+
+def test_two_ranks_two_workers_uneven_shards(sharded):
+    cfg = sharded
+    manifest = data.read_manifest(cfg)
+    assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [10, 10, 7]
+    n = manifest["splits"]["train"]["count"]
+    per_rank = data.batches_per_epoch(cfg, "train", world_size=2)
+    assert per_rank == 4  # ceil(27 / (2 * 4))
+    ranks = [epoch_batches(cfg, rank=r, world_size=2, num_workers=2) for r in range(2)]
+    assert [len(batches) for batches in ranks] == [per_rank, per_rank]
+    seen = collections.Counter(key for batches in ranks for b in batches for key in b["key"])
+    assert len(seen) == n  # every sample of the epoch ...
+    padding = 2 * per_rank * 4 - n
+    assert sorted(seen.values()) == [1] * (n - padding) + [2] * padding  # ... once, plus the documented wrap
+    assert all(len(b["key"]) == 4 for batches in ranks for b in batches)
+
+
+def test_order_is_seeded_and_independent_of_process_count(sharded):
+    cfg = sharded
+    keys = lambda batches: [b["key"] for b in batches]  # noqa: E731
+    in_process = epoch_batches(cfg, rank=1, world_size=2, num_workers=0)
+    assert keys(epoch_batches(cfg, rank=1, world_size=2, num_workers=2)) == keys(in_process)
+    assert keys(epoch_batches(cfg, rank=1, world_size=2, num_workers=1)) == keys(in_process)
+    assert keys(epoch_batches(cfg, rank=1, world_size=2, epoch=1, num_workers=0)) != keys(in_process)
+    other_seed = cfg.with_overrides({"train.seed": 1})
+    assert keys(epoch_batches(other_seed, rank=1, world_size=2, num_workers=0)) != keys(in_process)
+    with pytest.raises(ValueError, match="must divide loader.num_workers"):
+        data.make_loader(cfg.with_overrides({"loader.num_workers": 3}), "train", train=True, num_workers=2)
+
+
+@pytest.mark.parametrize("skip", [1, 2, 3])
+def test_skip_batches_resumes_exactly(sharded, skip):
+    full = epoch_batches(sharded, epoch=3, num_workers=2)
+    resumed = epoch_batches(sharded, epoch=3, skip_batches=skip, num_workers=2)
+    assert len(resumed) == len(full) - skip
+    for a, b in zip(full[skip:], resumed):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Damaged and hostile shards
+
+
+def _truncate(cfg: Config, name: str, fraction: float) -> str:
+    path = Path(cfg.data.shards_dir) / name
+    path.write_bytes(path.read_bytes()[: int(path.stat().st_size * fraction)])
+    return str(path)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_truncated_shard_fails_naming_it(shard_copy, workers):
+    _truncate(shard_copy, "train-000001.tar", 0.6)
+    with pytest.raises(ShardError, match=r"train-000001\.tar.*corrupt_tolerance"):
+        epoch_batches(shard_copy, train=False, num_workers=workers)
+
+
+def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_copy, caplog):
+    with tarfile.open(Path(sharded.data.shards_dir) / "train-000001.tar") as tar:
+        shard_keys = {m.name.split(".")[0] for m in tar}
+    url = _truncate(shard_copy, "train-000001.tar", 0.6)
+    cfg = shard_copy.with_overrides({"loader.corrupt_tolerance": 10})
+    loader = data.make_loader(cfg, "train", train=False, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dfcvae.data"):
+        batches = list(loader)
+    assert len(batches) == data.batches_per_epoch(cfg, "train", 1)
+    assert all(len(b["key"]) == 4 for b in batches)
+    survivors = shard_keys & {key for b in batches for key in b["key"]}
+    assert 0 < len(survivors) < 10
+    assert loader.skipped == 10 - len(survivors) and loader.skipped_by_shard == {url: loader.skipped}
+    assert "train-000001.tar" in caplog.text and "skipp" in caplog.text
+    small = shard_copy.with_overrides({"loader.corrupt_tolerance": 1})
+    with pytest.raises(ShardError, match="train-000001.tar"):
+        list(data.make_loader(small, "train", train=False, num_workers=0))
+
+
+class _Payload:
+    """Unpickling this creates a file: proof that a pickle ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_pickle_members_are_never_loaded(shard_copy, tmp_path):
+    sentinel = tmp_path / "pickle-ran"
+    payload = pickle.dumps(_Payload(sentinel))
+    path = Path(shard_copy.data.shards_dir) / "train-000000.tar"
+    out = io.BytesIO()
+    with tarfile.open(path) as src, tarfile.open(fileobj=out, mode="w") as dst:
+        for member in src:
+            dst.addfile(member, src.extractfile(member))
+            if member.name.endswith(".json"):
+                for ext in ("pyd", "pth", "pickle"):
+                    info = tarfile.TarInfo(member.name.replace(".json", f".{ext}"))
+                    info.size = len(payload)
+                    dst.addfile(info, io.BytesIO(payload))
+    path.write_bytes(out.getvalue())
+    batches = epoch_batches(shard_copy, train=False, num_workers=0)
+    assert len(batches) == data.batches_per_epoch(shard_copy, "train", 1)
+    assert not sentinel.exists()
+    pickle.loads(payload)  # the payload is live: loading it would have left the file
+    assert sentinel.exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad raw images (data.source: folder)
+
+
+def _face(size=(178, 218), seed=0) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    return Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8), "RGB")
+
+
+def _jpeg(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="JPEG", quality=90)
+    return out.getvalue()
+
+
+def _png(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG")
+    return out.getvalue()
+
+
+BAD_IMAGES = {  # relative path -> (file bytes, outcome, reason or conversion note, substring)
+    "good/a.jpg": (lambda: _jpeg(_face(seed=1)), "written", ""),
+    "good/b.JPEG": (lambda: _jpeg(_face(seed=2)), "written", ""),
+    "good/c.png": (lambda: _png(_face(seed=3)), "written", ""),
+    "good/d.jpg": (lambda: _jpeg(_face(seed=4)), "written", ""),
+    "bad/truncated.jpg": (lambda: _jpeg(_face(seed=5))[:3000], "rejected", "truncated or corrupt"),
+    "bad/text.jpg": (lambda: b"this is not an image\n" * 10, "rejected", "not an image"),
+    "bad/gray.png": (lambda: _png(_face(seed=6).convert("L")), "converted", "L -> RGB"),
+    "bad/rgba_opaque.png": (lambda: _png(_face(seed=7).convert("RGBA")), "converted", "RGBA -> RGB (alpha fully opaque"),
+    "bad/rgba_transparent.png": (
+        lambda: _png(Image.merge("RGBA", (*_face(seed=8).split(), Image.new("L", (178, 218), 128)))),
+        "rejected", "transparent pixels"),
+    "bad/cmyk.jpg": (lambda: _jpeg(_face(seed=9).convert("CMYK")), "converted", "CMYK -> RGB"),
+    "bad/tiny.png": (lambda: _png(_face(size=(1, 1))), "rejected", "too small: 1x1"),
+    "bad/huge.png": (lambda: _png(_face(size=(400, 400))), "rejected", "too large: 400x400"),
+    "bad/sixteen_bit.png": (lambda: _png(Image.new("I;16", (178, 218), 1000)), "rejected", "unsupported pixel mode"),
+}
+
+
+def _folder_config(tmp_path: Path, **overrides) -> Config:
+    folder = tmp_path / "images"
+    for rel, (make, _, _) in BAD_IMAGES.items():
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(make())
+    (folder / "notes.txt").write_text("not listed: only jpg/jpeg/png/webp are images")
+    return make_config(tmp_path, {
+        "data.source": "folder",
+        "data.folder_dir": str(folder),
+        "data.max_image_pixels": 200 * 250,
+        "data.split_fractions": [0.6, 0.2, 0.2],
+        **overrides,
+    })
+
+
+def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
+    cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.5})
+    info = fetch(cfg, workers=2)
+    assert info["source"] == "folder" and info["count"] == len(BAD_IMAGES)
+    raw = Path(cfg.data.raw_dir)
+    source = dict(reversed(line.split()) for line in (raw / "list_source_files.txt").read_text().splitlines())
+    manifest = write_shards(cfg, workers=2)
+    report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
+    outcome = {source_file: ("written", "") for source_file in source}
+    for kind in ("converted", "rejected"):
+        for entry in report[kind]:
+            outcome[next(rel for rel, name in source.items() if name == entry["file"])] = (kind, entry["reason"])
+    for rel, (_, expected, reason) in BAD_IMAGES.items():
+        assert outcome[rel][0] == expected, rel
+        assert reason in outcome[rel][1], (rel, outcome[rel])
+    counts = report["counts"]
+    assert counts == manifest["raw"]
+    assert counts["in"] == len(BAD_IMAGES) == counts["written"] + counts["rejected"]
+    assert counts["converted"] == sum(v[1] == "converted" for v in BAD_IMAGES.values())
+    assert counts["written"] == sum(manifest["splits"][s]["count"] for s in data.SPLITS)
+    assert manifest["source"] == "folder" and manifest["synthetic"] is False and manifest["attributes"] == []
+    batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
+    assert (batch["attrs"] == -1).all()  # folder data has no attributes
+
+
+def test_too_many_rejects_fail_the_stage_after_writing_the_report(tmp_path):
+    cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.2})
+    fetch(cfg, workers=2)
+    with pytest.raises(DataError, match=r"6 of 13 raw images were rejected.*report\.json"):
+        write_shards(cfg, workers=2)
+    assert len(json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())["rejected"]) == 6
+
+
+# ---------------------------------------------------------------------------------------------
+# data.source: celeba
+
+
+def test_celeba_missing_without_download_says_where_to_put_files(tmp_path):
+    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
+                                 "data.download": False})
+    with pytest.raises(DataError) as e:
+        fetch(cfg)
+    message = str(e.value)
+    for needed in (str(tmp_path / "celeba"), "img_align_celeba/", "img_align_celeba.zip",
+                   "list_eval_partition.txt", "list_attr_celeba.txt", ".csv", "data.download"):
+        assert needed in message
+
+
+def test_celeba_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
+    import torchvision.datasets.celeba as tv_celeba
+
+    def no_network(*args, **kwargs):
+        raise ConnectionError("Failed to resolve 'drive.google.com'")
+
+    monkeypatch.setattr(tv_celeba, "download_file_from_google_drive", no_network)
+    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
+                                 "data.download": True})
+    with pytest.raises(DataError, match=r"download failed \(ConnectionError.*put img_align_celeba/.*list_attr_celeba"):
+        fetch(cfg)
+
+
+def _celeba_lookalike(root: Path, layout: str) -> dict[str, list[int]]:
+    """Six CelebA-named images and tables: 4 train, 1 val, 1 test, in one of the common layouts."""
+    rng = np.random.default_rng(0)
+    names = [f"{i:06d}.jpg" for i in range(1, 7)]
+    partition = dict(zip(names, [0, 0, 0, 0, 1, 2]))
+    attrs = {n: [int(v) for v in rng.choice([-1, 1], size=40)] for n in names}
+    images = {n: _jpeg(_face(seed=i)) for i, n in enumerate(names)}
+    if layout == "official-txt":
+        (root / "img_align_celeba").mkdir(parents=True)
+        for n, b in images.items():
+            (root / "img_align_celeba" / n).write_bytes(b)
+        write_partition(root, partition)
+        write_attrs(root, attrs)
+        (root / "identity_CelebA.txt").write_text("".join(f"{n} {i + 100}\n" for i, n in enumerate(names)))
+    elif layout == "kaggle-csv":
+        nested = root / "img_align_celeba" / "img_align_celeba"
+        nested.mkdir(parents=True)
+        for n, b in images.items():
+            (nested / n).write_bytes(b)
+        with open(root / "list_eval_partition.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["image_id", "partition"], *partition.items()])
+        with open(root / "list_attr_celeba.csv", "w", newline="") as f:
+            csv.writer(f).writerows([["image_id", *ATTRIBUTE_NAMES], *([n, *v] for n, v in attrs.items())])
+    else:  # drive-zip: the Google Drive folders, images zipped
+        for sub in ("Img", "Anno", "Eval"):
+            (root / sub).mkdir(parents=True)
+        with zipfile.ZipFile(root / "Img" / "img_align_celeba.zip", "w") as z:
+            for n, b in images.items():
+                z.writestr(f"img_align_celeba/{n}", b)
+        write_partition(root / "Eval", partition)
+        write_attrs(root / "Anno", attrs)
+    return attrs
+
+
+@pytest.mark.parametrize("layout", ["official-txt", "kaggle-csv", "drive-zip"])
+def test_celeba_layouts(tmp_path, layout):
+    attrs = _celeba_lookalike(tmp_path / "celeba", layout)
+    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
+                                 "data.download": False, "data.celeba_counts": [4, 1, 1]})
+    info = fetch(cfg)
+    assert info == {"source": "celeba", "counts": {"train": 4, "val": 1, "test": 1}}
+    raw = Path(cfg.data.raw_dir)
+    partition, raw_attrs = read_raw_tables(raw)
+    assert raw_attrs == {Path(n).stem: v for n, v in attrs.items()}
+    assert sorted(p.name for p in (raw / "img_align_celeba").iterdir()) == sorted(attrs)
+    assert (raw / "identity_CelebA.txt").is_file() == (layout == "official-txt")
+    manifest = write_shards(cfg, workers=2)
+    assert manifest["source"] == "celeba" and manifest["synthetic"] is False
+    keys, rows = [], []
+    for split in data.SPLITS:
+        for b in data.make_loader(cfg, split, train=False, batch_size=1, num_workers=0):
+            keys += b["key"]
+            rows += b["attrs"].tolist()
+    assert sorted(keys) == sorted(partition)
+    for key, row in zip(keys, rows):
+        assert row == [int(v == 1) for v in raw_attrs[key]]
+
+
+def test_celeba_with_wrong_counts_is_refused(tmp_path):
+    _celeba_lookalike(tmp_path / "celeba", "official-txt")
+    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
+                                 "data.download": False})
+    with pytest.raises(DataError, match=r"lists \(4, 1, 1\) train/val/test images, not \(162770, 19867, 19962\)"):
+        fetch(cfg)
+
+
+# ---------------------------------------------------------------------------------------------
+# URLs, the device step
+
+
+def test_pipe_and_fsspec_urls_read_the_same_batches(sharded):
+    local = [b["key"] for b in epoch_batches(sharded, num_workers=2)]
+    shards = sharded.data.shards_dir
+    piped = sharded.with_overrides({"loader.shard_url": f"pipe:cat {shards}/{{name}}"})
+    assert [b["key"] for b in epoch_batches(piped, num_workers=2)] == local
+    import fsspec
+
+    memory = fsspec.filesystem("memory")
+    memory.put(shards, "/shards", recursive=True)
+    # fsspec's memory filesystem hands every reader the same file object: one stream at a time
+    one_stream = sharded.with_overrides({"loader.num_workers": 1})
+    remote = one_stream.with_overrides({"data.shards_dir": "memory://shards"})
+    assert data.manifest_hash(remote) == data.manifest_hash(sharded)
+    assert [b["key"] for b in epoch_batches(remote, num_workers=0)] == [b["key"] for b in epoch_batches(one_stream)]
+
+
+def test_prepare_batch_scales_and_flips_only_when_training():
+    images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
+    expected = images.float() / 127.5 - 1
+    x = data.prepare_batch(images, "cpu", train=False)
+    assert torch.allclose(x, expected) and x.is_contiguous(memory_format=torch.channels_last)
+    y = data.prepare_batch(images, "cpu", train=True, generator=torch.Generator().manual_seed(0))
+    flipped = [not torch.allclose(y[i], expected[i]) for i in range(32)]
+    for i in range(32):
+        assert torch.allclose(y[i], expected[i].flip(2) if flipped[i] else expected[i])
+    assert 0 < sum(flipped) < 32
+
+
+# ---------------------------------------------------------------------------------------------
+# DVC
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_dvc_repro_shard_in_a_fresh_repo(tmp_path):
+    repo = tmp_path / "repo"
+    for package in ("pipeline", "dfcvae"):
+        shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
+    params = yaml_params(ROOT / "params.yaml", {"source": "synthetic", "synthetic_count": 40, "image_size": 32,
+                                                "samples_per_shard": 16})
+    (repo / "params.yaml").write_text(params)
+    env_bin = str(Path(sys.executable).parent)
+
+    def run(*cmd: str) -> str:
+        result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=240,
+                                env={"PATH": f"{env_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(repo),
+                                     "DVC_NO_ANALYTICS": "1"})
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result.stdout + result.stderr
+
+    run("git", "init", "-q")
+    run("dvc", "init", "-q")
+    out = run("dvc", "repro", "shard")
+    assert "Running stage 'fetch'" in out and "Running stage 'shard'" in out
+    manifest = json.loads((repo / "data" / "shards" / "manifest.json").read_text())
+    assert manifest["synthetic"] is True and manifest["splits"]["train"]["count"] == 32
+    lock = (repo / "dvc.lock").read_text()
+    assert "data.image_size: 32" in lock
+    (repo / "params.yaml").write_text(params.replace("image_size: 32", "image_size: 16"))
+    out = run("dvc", "repro", "shard")
+    assert "Running stage 'fetch'" not in out and "Running stage 'shard'" in out
+
+
+def yaml_params(path: Path, data_overrides: dict) -> str:
+    import yaml
+
+    params = yaml.safe_load(path.read_text())
+    params["data"].update(data_overrides)
+    return yaml.safe_dump(params, sort_keys=False)
