@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import configparser
 import json
+import os
 import re
+import subprocess
 import tomllib
 from collections.abc import Iterator
 from functools import cache
@@ -269,6 +271,49 @@ def test_retraining_cronjob_launches_the_retrain_rayjob():
     assert "rayjob.yaml" in launcher["data"] and "kubectl create" in launcher["data"]["launch.sh"]
     mounted = {v["configMap"]["name"] for v in pod["volumes"] if "configMap" in v}
     assert "dfcvae-retrain" in mounted
+
+
+# Stands in for kubectl: records each call and answers as an API server would
+# for a RayJob that ends with $STUB_JOB_STATUS.
+STUB_KUBECTL = r"""#!/usr/bin/env bash
+echo "$*" >> "$STUB_DIR/calls"
+case "$*" in
+  "get pod "*) echo registry.example.com/dfcvae:abc123 ;;
+  "create -f -") cat > "$STUB_DIR/created.yaml" ;;
+  *jobDeploymentStatus*) echo Complete ;;
+  *jobStatus*) echo "$STUB_JOB_STATUS" ;;
+esac
+"""
+
+
+@pytest.mark.parametrize(("job_status", "exit_code"), [("SUCCEEDED", 0), ("FAILED", 1)])
+def test_retrain_launcher_creates_the_rayjob_with_its_own_image_and_reports_the_outcome(
+    tmp_path, job_status, exit_code
+):
+    data = one("ConfigMap", "dfcvae-retrain")["data"]
+    for name in ("launch.sh", "rayjob.yaml"):
+        (tmp_path / name).write_text(data[name])
+    stub = tmp_path / "bin" / "kubectl"
+    stub.parent.mkdir()
+    stub.write_text(STUB_KUBECTL)
+    stub.chmod(0o755)
+    env = {
+        **os.environ,
+        "PATH": f"{stub.parent}{os.pathsep}{os.environ['PATH']}",
+        "POD_NAME": "dfcvae-retrain-29000000-abcde",
+        "STUB_DIR": str(tmp_path),
+        "STUB_JOB_STATUS": job_status,
+    }
+    run = subprocess.run(["bash", str(tmp_path / "launch.sh")], env=env, capture_output=True, text=True, timeout=30)
+    assert run.returncode == exit_code, run.stdout + run.stderr
+
+    calls = (tmp_path / "calls").read_text().splitlines()
+    assert calls[0] == "get pod dfcvae-retrain-29000000-abcde -o jsonpath={.spec.containers[0].image}"
+    assert calls[1].startswith("delete rayjob dfcvae-retrain ")
+    created = yaml.safe_load((tmp_path / "created.yaml").read_text())
+    assert created["kind"] == "RayJob" and created["spec"]["entrypoint"] == "python -m pipeline.retrain"
+    images = set(_container_images(created))
+    assert "registry.example.com/dfcvae:abc123" in images and "dfcvae" not in images
 
 
 def test_retraining_head_gets_git_and_dvc_remote_from_secrets():
