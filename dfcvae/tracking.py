@@ -1,0 +1,119 @@
+"""MLflow experiment tracking: where runs go, and logging from the rank-0 worker.
+
+The tracking URI is `MLFLOW_TRACKING_URI`; without it, a local SQLite database
+and artifact folder (git-ignored, paths from params.yaml). An unreachable
+tracking server fails fast, before any training starts, with a message naming
+the URI: a run that trains for hours without being tracked is worse than one
+that does not start.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+
+from dfcvae.config import Config, MlflowConfig
+
+# Bounded retries: the client's default backoff can wait minutes on a dead server.
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+
+
+def tracking_uri(cfg: MlflowConfig) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI", "")
+    return uri or f"sqlite:///{Path(cfg.local_db).resolve()}"
+
+
+def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
+    if not uri.startswith(("http://", "https://")):
+        return
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout_s)
+    except urllib.error.HTTPError:
+        return  # the server answered (auth proxies may not expose /health)
+    except (urllib.error.URLError, OSError) as err:
+        raise ConnectionError(
+            f"MLflow tracking server {uri} is unreachable ({err}); start it, fix MLFLOW_TRACKING_URI, "
+            "or unset it to track into the local SQLite store."
+        ) from err
+
+
+def setup(cfg: MlflowConfig) -> str:
+    """Point MLflow at the tracking store, create the experiment, return the URI."""
+    uri = tracking_uri(cfg)
+    check_reachable(uri)
+    if uri.startswith("sqlite:///"):
+        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(uri)
+    if mlflow.get_experiment_by_name(cfg.experiment) is None:
+        location = None if "://" in cfg.local_artifacts or not uri.startswith("sqlite") else Path(cfg.local_artifacts).resolve().as_uri()
+        try:
+            mlflow.create_experiment(cfg.experiment, artifact_location=location)
+        except mlflow.exceptions.MlflowException:
+            pass  # created concurrently by another process
+    mlflow.set_experiment(cfg.experiment)
+    return uri
+
+
+def git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10)
+        return out.stdout.strip() or "unknown"
+    except OSError:
+        return "unknown"
+
+
+def run_tags(cfg: Config, manifest: dict[str, Any] | None, manifest_hash: str | None) -> dict[str, str]:
+    source = (manifest or {}).get("source", "unknown")
+    return {
+        "git_commit": git_commit(),
+        "data.source": source,
+        "data.synthetic": str(source == "synthetic").lower(),
+        "data.manifest_hash": manifest_hash or "unknown",
+        "perceptual.backbone": cfg.perceptual.backbone,
+        "perceptual.layers": ",".join(cfg.perceptual.layers),
+        "perceptual.weights": cfg.perceptual.weights,
+        "perceptual.random_weights": str(cfg.perceptual.weights == "random").lower(),
+    }
+
+
+def start_run(cfg: Config, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
+    """Create a run with the flattened config as params and return its id."""
+    client = MlflowClient()
+    experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
+    all_tags = dict(tags)
+    if parent_run_id:
+        all_tags["mlflow.parentRunId"] = parent_run_id
+    run = client.create_run(experiment.experiment_id, run_name=run_name, tags=all_tags)
+    params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
+    for i in range(0, len(params), 100):
+        client.log_batch(run.info.run_id, params=params[i : i + 100])
+    return run.info.run_id
+
+
+class RunLogger:
+    """Logs to one existing run by id; used by the rank-0 worker and the stages."""
+
+    def __init__(self, uri: str, run_id: str):
+        self.client = MlflowClient(tracking_uri=uri)
+        self.run_id = run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        self.client.log_batch(self.run_id, metrics=batch)
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        self.client.log_artifact(self.run_id, str(path), folder)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.client.set_terminated(self.run_id, status)

@@ -1,0 +1,60 @@
+"""Shared fixtures: a tiny config on small synthetic CelebA-format shards."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dfcvae.config import Config
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = {
+    "data.source": "synthetic",
+    "data.synthetic_count": 120,
+    "data.image_size": 32,
+    "data.samples_per_shard": 16,
+    "loader.batch_size": 8,
+    "loader.num_workers": 1,
+    "loader.shuffle_buffer": 16,
+    "model.hidden_channels": [8, 16],
+    "model.latent_dim": 8,
+    "perceptual.backbone": "mobilenet_v2",
+    "perceptual.layers": "vae123",
+    "perceptual.weights": "imagenet",
+    "eval.reference_backbone": "mobilenet_v2",
+    "eval.reference_layers": "vae345",
+    "eval.reference_weights": "imagenet",
+    "train.compile": False,
+    "scaling.use_gpu": False,
+    "tune.enabled": False,
+}
+
+
+def tiny_config(root: Path, **overrides) -> Config:
+    """The committed params.yaml shrunk to CPU-test size, with every path under `root`."""
+    paths = {
+        "data.raw_dir": str(root / "raw"),
+        "data.shards_dir": str(root / "shards"),
+        "train.out_dir": str(root / "train"),
+        "tune.out_dir": str(root / "tune"),
+        "eval.out_dir": str(root / "eval"),
+        "registry.out_dir": str(root / "register"),
+        "scaling.storage_dir": str(root / "ray"),
+        "mlflow.local_db": str(root / "mlflow" / "mlflow.db"),
+        "mlflow.local_artifacts": str(root / "mlflow" / "artifacts"),
+    }
+    return Config.load(ROOT / "params.yaml").with_overrides({**TINY, **paths, **overrides})
+
+
+@pytest.fixture(scope="session")
+def synthetic_cfg(tmp_path_factory) -> Config:
+    """Synthetic faces fetched and sharded once per test session (32 px, 120 images)."""
+    from pipeline.fetch import fetch
+    from pipeline.shard import write_shards
+
+    cfg = tiny_config(tmp_path_factory.mktemp("synthetic"))
+    fetch(cfg)
+    write_shards(cfg)
+    return cfg

@@ -1,0 +1,194 @@
+"""Training on a real local Ray cluster with MLflow on SQLite, on synthetic shards."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import mlflow
+import pytest
+import torch
+
+from dfcvae.config import Config
+from dfcvae.features import PerceptualNetwork
+from dfcvae.train import (
+    NonFiniteLossError,
+    Runtime,
+    build_model,
+    build_optimizer,
+    build_perceptual,
+    load_checkpoint,
+    make_train_step,
+    save_checkpoint,
+    seed_step,
+    state_digest,
+)
+from pipeline.train import train
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture()
+def run_cfg(synthetic_cfg: Config, tmp_path: Path, monkeypatch) -> Config:
+    """A tiny 2-worker CPU run writing everything under tmp_path."""
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    return synthetic_cfg.with_overrides({
+        "scaling.num_workers": 2, "scaling.use_gpu": False, "scaling.cpus_per_worker": 0.5,
+        "scaling.max_failures": 0, "scaling.storage_dir": str(tmp_path / "ray"),
+        "train.out_dir": str(tmp_path / "train"), "train.steps": 6, "train.log_every": 2,
+        "train.val_every": 3, "train.val_batches": 1, "train.checkpoint_every": 3, "train.grid_every": 6,
+        "loader.num_workers": 1, "mlflow.local_artifacts": str(tmp_path / "artifacts"),
+    })
+
+
+def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg):
+    metrics = train(run_cfg)
+    out = Path(run_cfg.train.out_dir)
+    assert metrics["step"] == 6 and metrics["samples_seen"] == 6 * run_cfg.global_batch_size
+    # Every rank reported the same VAE digest, and the frozen network's digest did not move.
+    reports = [json.loads(line) for line in (out / "reports.jsonl").read_text().splitlines()]
+    assert {r["step"] for r in reports} == {3, 6} and {r["rank"] for r in reports} == {0, 1}
+    for step in (3, 6):
+        assert len({r["weights_sha256"] for r in reports if r["step"] == step}) == 1
+    fresh = PerceptualNetwork.from_config(run_cfg.perceptual)
+    assert {r["perceptual_sha256"] for r in reports} == {state_digest(fresh.state_dict())}
+    # The model.pt output is the VAE alone, loadable as plain data.
+    state = load_checkpoint(out / "model.pt")
+    assert set(state) == {"model", "config", "step"}
+    assert all(k.startswith(("encoder.", "decoder.")) for k in state["model"])
+    # MLflow: params, metric histories, grid PNGs, tags.
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    client = mlflow.tracking.MlflowClient()
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss.kl_weight"] == str(run_cfg.loss.kl_weight)
+    assert run.data.tags["data.synthetic"] == "true" and run.data.tags["perceptual.backbone"] == "mobilenet_v2"
+    assert len(client.get_metric_history(run_id, "train/loss")) == 3
+    assert len(client.get_metric_history(run_id, "val/reference_distance")) == 2
+    grids = [a.path for folder in ("grids/samples", "grids/reconstructions") for a in client.list_artifacts(run_id, folder)]
+    assert sorted(Path(p).name for p in grids) == ["reconstructions_step0000006.png", "samples_step0000006.png"]
+    assert (out / "log.csv").read_text().startswith("step,")
+
+
+def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
+    cfg = synthetic_cfg.with_overrides({"train.steps": 200, "optim.lr": 2e-3})
+    runtime = Runtime(torch.device("cpu"))
+    seed_step(0, 0, -1)
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    step = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
+    from dfcvae import data
+
+    batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
+    x = data.prepare_batch(batch["image"], "cpu", train=False)
+    losses = [float(step(x)["train/loss"]) for _ in range(200)]
+    assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
+
+
+def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
+    base = run_cfg.with_overrides({"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4})
+    full = base.with_overrides({"train.steps": 8, "train.out_dir": str(tmp_path / "full")})
+    half = base.with_overrides({"train.steps": 4, "train.out_dir": str(tmp_path / "half")})
+    train(full)
+    train(half)
+    resumed = base.with_overrides({
+        "train.steps": 8, "train.out_dir": str(tmp_path / "resumed"), "train.init_from": _latest_checkpoint(half),
+    })
+    metrics = train(resumed)
+    assert metrics["step"] == 8 and metrics["samples_seen"] == 8 * base.global_batch_size
+    a = load_checkpoint(tmp_path / "full" / "model.pt")["model"]
+    b = load_checkpoint(tmp_path / "resumed" / "model.pt")["model"]
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+
+
+def _latest_checkpoint(cfg: Config) -> str:
+    found = sorted(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt"), key=os.path.getmtime)
+    return str(found[-1].parent)
+
+
+def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
+    cfg = run_cfg.with_overrides({
+        "scaling.max_failures": 1, "train.steps": 300, "train.checkpoint_every": 20,
+        "train.log_every": 20, "train.val_every": 1000, "train.grid_every": 1000,
+    })
+    killed: list[int] = []
+    killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed), daemon=True)
+    killer.start()
+    metrics = train(cfg)
+    killer.join(timeout=5)
+    assert killed, "no training worker was found to kill"
+    assert metrics["step"] == 300 and metrics["samples_seen"] == 300 * cfg.global_batch_size
+    reports = [json.loads(line) for line in (Path(cfg.train.out_dir) / "reports.jsonl").read_text().splitlines()]
+    assert any(r["restored_from"] > 0 for r in reports), "the run did not resume from a checkpoint"
+
+
+def _kill_a_worker_after_first_checkpoint(cfg: Config, killed: list[int]) -> None:
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        if list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")):
+            out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
+            if out:
+                os.kill(int(out[-1]), signal.SIGKILL)
+                killed.append(int(out[-1]))
+                return
+        time.sleep(0.2)
+
+
+def test_nonfinite_loss_stops_the_run_without_a_checkpoint(ray_cluster, run_cfg):
+    import ray.train
+
+    cfg = run_cfg.with_overrides({"loss.kl_weight": float("inf"), "train.checkpoint_every": 1})
+    with pytest.raises(ray.train.TrainingFailedError, match="not finite|non-finite"):
+        train(cfg)
+    assert not list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt"))
+
+
+def test_checkpoint_with_pickle_payload_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (os.system, ("touch " + str(tmp_path / "pwned"),))
+
+    torch.save({"model": Payload()}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ValueError, match="refusing to load"):
+        load_checkpoint(tmp_path)
+    assert not (tmp_path / "pwned").exists()
+
+
+def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
+    save_checkpoint({"step": 1}, tmp_path)
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(OSError):
+        save_checkpoint({"step": 2}, tmp_path)
+    assert load_checkpoint(tmp_path)["step"] == 1
+
+
+def test_nonfinite_weights_are_never_checkpointed():
+    from dfcvae.train import checkpoint_payload
+
+    cfg = Config().with_overrides({"model.hidden_channels": [8, 16], "model.latent_dim": 8, "data.image_size": 32})
+    runtime = Runtime(torch.device("cpu"))
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    with torch.no_grad():
+        model.decoder.fc.weight[0, 0] = float("nan")
+    with pytest.raises(NonFiniteLossError):
+        checkpoint_payload(model, optimizer, scheduler, 1, cfg, 10)
