@@ -198,6 +198,14 @@ def measure_end_to_end(args, runtime: Runtime, shards_dir: str, layers, batch: i
     return {"images_per_s": images / (time.perf_counter() - start)}
 
 
+def guarded(measure: Callable[[], dict]) -> dict:
+    """One failed measurement (say, a compiler error) is reported in its row, not fatal to the table."""
+    try:
+        return measure()
+    except Exception as err:  # noqa: BLE001 - recorded and printed, the run goes on
+        return {"images_per_s": float("nan"), "error": f"{type(err).__name__}: {err}"[:300]}
+
+
 def run(args: argparse.Namespace) -> dict:
     runtime = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     if runtime.on_gpu:
@@ -206,24 +214,25 @@ def run(args: argparse.Namespace) -> dict:
     device_name = torch.cuda.get_device_name() if runtime.on_gpu else "cpu"
     rows = []
     for batch in args.reference_batches:
-        result = measure_reference(args, runtime.device, batch)
+        result = guarded(lambda: measure_reference(args, runtime.device, batch))
         rows.append({"setup": "reference (PyTorch-VAE recipe, fp32)", "layers": "vgg19_bn 14/24/34/43", "batch": batch, **result})
         print(rows[-1], flush=True)
     for name, layers in LAYER_SETS.items():
         for batch in args.batches:
-            result = measure_project(args, runtime, layers, batch)
-            result["peak_fraction"] = result["images_per_s"] * result["flops_per_image"] / (args.peak_tflops * 1e12)
+            result = guarded(lambda: measure_project(args, runtime, layers, batch))
+            if "flops_per_image" in result:
+                result["peak_fraction"] = result["images_per_s"] * result["flops_per_image"] / (args.peak_tflops * 1e12)
             rows.append({"setup": "dfcvae train step", "layers": name, "batch": batch, **result})
             print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = make_shards(args, Path(tmp))
         batch = args.batches[-1]
         rows.append({"setup": "data path (shards -> device)", "layers": "-", "batch": batch,
-                     **measure_data_path(args, runtime, shards_dir, batch)})
+                     **guarded(lambda: measure_data_path(args, runtime, shards_dir, batch))})
         print(rows[-1], flush=True)
         for name, layers in LAYER_SETS.items():
             rows.append({"setup": "end to end from shards", "layers": name, "batch": batch,
-                         **measure_end_to_end(args, runtime, shards_dir, layers, batch)})
+                         **guarded(lambda: measure_end_to_end(args, runtime, shards_dir, layers, batch))})
             print(rows[-1], flush=True)
     return {"device": device_name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
             "compile": args.compile, "image_size": args.image_size, "rows": rows}
@@ -236,7 +245,8 @@ def format_table(report: dict) -> str:
     for r in report["rows"]:
         gflop = f"{r['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in r else ""
         frac = f"{r['peak_fraction']:.0%}" if "peak_fraction" in r else ""
-        lines.append(f"| {r['setup']} | {r['layers']} | {r['batch']} | {r['images_per_s']:,.0f} | {gflop} | {frac} |")
+        ips = f"{r['images_per_s']:,.0f}" if "error" not in r else f"failed: {r['error'][:60]}"
+        lines.append(f"| {r['setup']} | {r['layers']} | {r['batch']} | {ips} | {gflop} | {frac} |")
     return "\n".join(lines)
 
 
@@ -253,7 +263,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.compile = False
     else:
         args.batches, args.reference_batches, args.image_size = [64, 256, 1024], [256, 1024], 64
-        args.warmup, args.iters, args.shard_images, args.loader_workers, args.epochs = 5, 30, 60000, 8, 3
+        args.warmup, args.iters, args.shard_images, args.loader_workers, args.epochs = 3, 20, 30000, 8, 2
     return args
 
 

@@ -1,0 +1,53 @@
+"""Numerics of the GPU training step: bf16 autocast against fp32 on the same batch."""
+
+import pytest
+import torch
+
+from dfcvae.config import Config
+from dfcvae.features import PerceptualNetwork
+from dfcvae.loss import dfc_vae_loss
+from dfcvae.train import Runtime, build_model, build_optimizer, build_perceptual, make_train_step
+
+pytestmark = pytest.mark.gpu
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+def _cfg(**overrides) -> Config:
+    base = {"perceptual.weights": "random", "perceptual.layers": ["relu3_1", "relu3_4", "relu4_3", "relu5_2"]}
+    return Config().with_overrides({**base, **overrides})
+
+
+@requires_cuda
+def test_bf16_step_loss_matches_fp32_on_the_same_batch():
+    cfg = _cfg()
+    runtime = Runtime(torch.device("cuda"))
+    torch.manual_seed(0)
+    model = build_model(cfg, runtime)
+    perceptual = build_perceptual(cfg, runtime)
+    x = (torch.rand(32, 3, 64, 64, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+    mu, logvar = model.encode(x)
+    with torch.no_grad():
+        recon = model.decode(mu)
+        fp32, _ = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss)
+        with runtime.autocast():
+            bf16, logs = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss)
+    assert bf16.dtype == torch.float32 and logs["train/perceptual"].dtype == torch.float32
+    assert abs(bf16.item() - fp32.item()) <= 0.02 * abs(fp32.item())
+
+
+@requires_cuda
+@pytest.mark.parametrize("compile", [False, True])
+def test_gpu_step_keeps_frozen_network_and_stays_finite(compile):
+    cfg = _cfg(**{"train.compile": compile})
+    runtime = Runtime(torch.device("cuda"))
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    perceptual = build_perceptual(cfg, runtime)
+    before = {k: v.clone() for k, v in perceptual.state_dict().items()}
+    step = make_train_step(model, perceptual, optimizer, scheduler, cfg, runtime)
+    x = (torch.rand(16, 3, 64, 64, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+    losses = [float(step(x)["train/loss"]) for _ in range(5)]
+    assert all(torch.isfinite(torch.tensor(losses)))
+    assert isinstance(perceptual, PerceptualNetwork) and not perceptual.training
+    for key, value in perceptual.state_dict().items():
+        assert torch.equal(value, before[key]), key
