@@ -37,15 +37,15 @@ samples so the batch count still holds.
 from __future__ import annotations
 
 import bisect
+import functools
 import hashlib
 import io
 import json
 import logging
 import math
 import random
-import tarfile
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -86,10 +86,14 @@ class ShardError(DataError):
 # Sample decoding (pipeline/shard.py encodes)
 
 
-def decode_image(ext: str, data: bytes) -> np.ndarray:
-    """Member bytes -> (H, W, 3) uint8; only the two encodings we write, never pickle."""
+def decode_image(ext: str, data: bytes, size: int) -> np.ndarray:
+    """Member bytes -> (size, size, 3) uint8; only the two encodings we write, never pickle."""
     if ext == "npy":
-        image = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+        header = _npy_header(size)
+        if data.startswith(header) and len(data) == len(header) + size * size * 3:  # the header we write
+            image = np.frombuffer(data, np.uint8, offset=len(header)).reshape(size, size, 3)
+        else:
+            image = np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     elif ext == "png":
         with Image.open(io.BytesIO(data), formats=["PNG"]) as img:
             if img.mode != "RGB":
@@ -97,9 +101,16 @@ def decode_image(ext: str, data: bytes) -> np.ndarray:
             image = np.asarray(img)
     else:
         raise ValueError(f"unexpected image member .{ext}")
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
-        raise ValueError(f"image is {image.dtype} {image.shape}, expected uint8 (H, W, 3)")
+    if image.dtype != np.uint8 or image.shape != (size, size, 3):
+        raise ValueError(f"image is {image.dtype} {image.shape}, the manifest says uint8 {(size, size, 3)}")
     return image
+
+
+@functools.lru_cache(maxsize=4)
+def _npy_header(size: int) -> bytes:
+    out = io.BytesIO()
+    np.lib.format.write_array(out, np.zeros((size, size, 3), np.uint8), allow_pickle=False)
+    return out.getvalue()[: -size * size * 3]
 
 
 def decode_attrs(data: bytes) -> np.ndarray:
@@ -110,7 +121,7 @@ def decode_attrs(data: bytes) -> np.ndarray:
     attrs = meta.get("attrs")
     if attrs is None:
         return np.full(len(ATTRIBUTE_NAMES), -1, dtype=np.int8)
-    if len(attrs) != len(ATTRIBUTE_NAMES) or any(a not in (0, 1) for a in attrs):
+    if not isinstance(attrs, list) or len(attrs) != len(ATTRIBUTE_NAMES) or not set(attrs) <= {0, 1}:
         raise ValueError(f"attrs must be {len(ATTRIBUTE_NAMES)} values in {{0, 1}}")
     return np.asarray(attrs, dtype=np.int8)
 
@@ -253,9 +264,9 @@ def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
     """Samples seg.begin..seg.end of one shard, as raw member bytes."""
     index, sample = -1, None
     try:
-        with open_url(seg.url) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
-            for member in tar:
-                key, _, ext = member.name.partition(".")
+        with open_url(seg.url) as stream:
+            for name, read in _tar_members(stream):
+                key, _, ext = name.partition(".")
                 if sample is None or key != sample["key"]:
                     if sample is not None and index >= seg.begin:
                         yield _complete(sample, seg, image_ext)
@@ -263,14 +274,54 @@ def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
                     sample = {"key": key, "url": seg.url}
                     if index >= seg.end:
                         return
-                if index >= seg.begin and member.isfile() and ext in (image_ext, META_MEMBER):
-                    sample[ext] = tar.extractfile(member).read()
-    except (OSError, tarfile.TarError, EOFError) as e:
-        raise ShardError(f"{seg.url}: {type(e).__name__}: {e}") from e
+                if index >= seg.begin and ext in (image_ext, META_MEMBER):
+                    sample[ext] = read()
+    except (OSError, ValueError) as e:
+        raise ShardError(f"{seg.url}: {e}") from e
     if sample is not None and index >= seg.begin:
         yield _complete(sample, seg, image_ext)
     if index + 1 < seg.end:
         raise ShardError(f"{seg.url}: ended after {index + 1} samples but the manifest lists {seg.shard_count}")
+
+
+def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
+    """(name, read) for each regular member of the plain ustar stream that shard.py writes.
+
+    Python's tarfile costs more than decoding a raw image, so this reads the 512-byte headers
+    itself; `read()` returns the member's bytes, and members not read are skipped unparsed.
+    """
+    while True:
+        header = _read_exact(stream, 512)
+        if header.count(0) == 512:  # end of archive
+            return
+        stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
+        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
+            raise ValueError("bad tar header checksum: the shard is corrupt")
+        name = header[:100].split(b"\0")[0].decode()
+        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
+        kind, padded, done = header[156:157], -(-size // 512) * 512, []
+        if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
+            raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py")
+
+        def read(size=size, padded=padded, done=done) -> bytes:
+            done.append(True)
+            return _read_exact(stream, padded)[:size]
+
+        if kind in (b"0", b"\0"):
+            yield name, read
+        if not done:
+            _read_exact(stream, padded)
+
+
+def _read_exact(stream: BinaryIO, size: int) -> bytes:
+    chunks, left = [], size
+    while left:
+        chunk = stream.read(left)
+        if not chunk:
+            raise ValueError(f"unexpected end of data, {left} bytes short: the shard is truncated")
+        chunks.append(chunk)
+        left -= len(chunk)
+    return b"".join(chunks)
 
 
 def _complete(sample: dict, seg: Segment, image_ext: str) -> dict:
@@ -370,9 +421,7 @@ class _EpochDataset(IterableDataset):
             yield _collate(batch)
 
     def _decode(self, sample: dict) -> tuple:
-        image = decode_image(self.image_ext, sample[self.image_ext])
-        if image.shape[:2] != (self.image_size, self.image_size):
-            raise ValueError(f"image is {image.shape[1]}x{image.shape[0]}, the manifest says {self.image_size}")
+        image = decode_image(self.image_ext, sample[self.image_ext], self.image_size)
         return image, decode_attrs(sample[META_MEMBER]), sample["key"]
 
 
@@ -383,6 +432,10 @@ def _collate(batch: list[tuple]) -> dict:
         "attrs": torch.from_numpy(np.stack([b[1] for b in batch])),  # (B, 40) int8
         "key": [b[2] for b in batch],
     }
+
+
+def _as_is(batch: dict) -> dict:
+    return batch
 
 
 class ShardLoader:
@@ -479,6 +532,7 @@ def make_loader(
     loader = DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole batches
+        collate_fn=_as_is,  # already tensors
         num_workers=workers,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=False,

@@ -141,7 +141,7 @@ def download_celeba(root: Path) -> None:
     CelebA(root=str(root), split="all", target_type="attr", download=True)
 
 
-def fetch_celeba(cfg: Config, raw: Path) -> dict:
+def fetch_celeba(cfg: Config, raw: Path, workers: int) -> dict:
     root = Path(cfg.data.celeba_dir)
     files, missing = find_celeba(root)
     if files is None and cfg.data.download:
@@ -226,7 +226,8 @@ def sample_attributes(rng: random.Random) -> dict[str, bool]:
         a[name] = colour == name and not a["Bald"]
     a["_hair"] = colour
     a["Bangs"] = not a["Bald"] and not a["Wearing_Hat"] and rng.random() < 0.3
-    a["Receding_Hairline"] = a["Male"] and not a["Bald"] and not a["Bangs"] and rng.random() < 0.25
+    hairline_shows = not (a["Bald"] or a["Bangs"] or a["Wearing_Hat"])
+    a["Receding_Hairline"] = a["Male"] and hairline_shows and rng.random() < 0.25
     a["Sideburns"] = a["Male"] and not a["Bald"] and rng.random() < 0.3
     a["_long_hair"] = not a["Bald"] and rng.random() < (0.8 if not a["Male"] else 0.1)
     a["Smiling"] = rng.random() < 0.5
@@ -270,7 +271,7 @@ def draw_face(rng: random.Random) -> tuple[Image.Image, dict[str, bool]]:
     _draw_eyes(draw, rng, face, hair, a)
     _draw_mouth(draw, rng, face, skin, hair, a)
     if a["Wearing_Hat"]:
-        _draw_hat(draw, rng, face)
+        _draw_hat(draw, rng, face, hair)
     image = _light(rng, _roll(canvas, rng.uniform(-12, 12), cx, cy))
     return image.filter(ImageFilter.GaussianBlur(2.5) if a["Blurry"] else ImageFilter.BoxBlur(0.5)), a
 
@@ -331,7 +332,8 @@ def _shade(colour: tuple, factor: float) -> tuple[int, int, int, int]:
 def _draw_hair(draw, rng, face, hair, a) -> None:
     cx, cy, w, h, _ = face
     if a["Bald"]:
-        draw.arc((cx - w + 6, cy - h + 4, cx + w - 6, cy - h + 30), 200, 340, fill=(255, 255, 255, 90), width=3)  # shine
+        shine = (255, 255, 255, 90)
+        draw.arc((cx - w + 6, cy - h + 4, cx + w - 6, cy - h + 30), 200, 340, fill=shine, width=3)
         return
     hairline = cy - h * (0.78 if a["Receding_Hairline"] else 0.58)
     top = cy - h - 14
@@ -387,7 +389,7 @@ def _draw_eyes(draw, rng, face, hair, a) -> None:
 
 def _draw_glasses(draw, rng, x0, eye_y, w) -> None:
     frame = rng.choice([(20, 20, 20), (120, 80, 30), (180, 180, 190), (150, 20, 30)]) + (255,)
-    tint = (30, 30, 40, 200) if rng.random() < 0.25 else None  # sunglasses
+    tint = (30, 30, 40, 170) if rng.random() < 0.25 else None  # sunglasses, eyes still faintly visible
     for side in (-1, 1):
         x = x0 + side * w * 0.42
         draw.rounded_rectangle((x - 12, eye_y - 8, x + 12, eye_y + 8), radius=4, fill=tint, outline=frame, width=2)
@@ -418,10 +420,13 @@ def _draw_mouth(draw, rng, face, skin, hair, a) -> None:
         draw.polygon([(mx - 15, my - 3), (mx, my - 9), (mx + 15, my - 3), (mx, my - 5)], fill=hair + (255,))
 
 
-def _draw_hat(draw, rng, face) -> None:
+def _draw_hat(draw, rng, face, hair) -> None:
     cx, cy, w, h, _ = face
     colour = _random_colour(rng) + (255,)
     brim_y = cy - h * 0.55
+    for side in (-1, 1):  # hair showing under the brim keeps the hair colour visible
+        x = cx + side * (w - 4)
+        draw.rectangle((x - 5, brim_y, x + 5, cy - 6), fill=hair + (255,))
     draw.rounded_rectangle((cx - w - 2, cy - h - 30, cx + w + 2, brim_y), radius=12, fill=colour)
     draw.ellipse((cx - w - 20, brim_y - 6, cx + w + 20, brim_y + 6), fill=_shade(colour, 0.75))
     draw.rectangle((cx - w - 2, brim_y - 14, cx + w + 2, brim_y - 8), fill=_shade(colour, 0.5))  # band
@@ -492,7 +497,7 @@ def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
     d = cfg.data
     root = Path(d.folder_dir)
     if not d.folder_dir or not root.is_dir():
-        raise DataError(f"data.folder_dir={d.folder_dir!r} is not a folder: set it to the folder that holds your images.")
+        raise DataError(f"data.folder_dir={d.folder_dir!r} is not a folder: set it to the folder of your images.")
     files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
     if not files:
         raise DataError(f"no {'/'.join(sorted(FOLDER_SUFFIXES))} files under {root}: put your images there.")
@@ -520,13 +525,14 @@ def _hash_split(seed: int, rel: str, fractions: tuple[float, float, float]) -> i
 # ---------------------------------------------------------------------------------------------
 # The stage
 
-SOURCES = {"celeba": lambda cfg, raw, workers: fetch_celeba(cfg, raw), "synthetic": make_synthetic, "folder": copy_folder}
+SOURCES = {"celeba": fetch_celeba, "synthetic": make_synthetic, "folder": copy_folder}
 
 
 def fetch(cfg: Config, workers: int | None = None) -> dict:
     """Rewrite data.raw_dir from data.source; returns what dataset.json says about it.
 
-    workers: processes for drawing synthetic faces (default: all available cores).
+    workers: processes for drawing synthetic faces (default: all available cores); copying
+    CelebA or a folder is one process, bound by the disk.
     """
     d = cfg.data
     if d.source not in SOURCES:

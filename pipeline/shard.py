@@ -146,7 +146,8 @@ def read_raw(raw_dir: Path) -> tuple[dict, list[RawImage]]:
     attrs = _read_attr_file(raw_dir / "list_attr_celeba.txt")
     identity = _read_pairs(raw_dir / "identity_CelebA.txt")
     if attrs is not None and set(attrs) != set(partition):
-        raise DataError(f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: re-run `dvc repro fetch`.")
+        raise DataError(f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: "
+                        "re-run `dvc repro fetch`.")
     images = [
         RawImage(Path(name).stem, name, split, attrs[name] if attrs else None, identity.get(name))
         for name, split in sorted(partition.items())
@@ -166,7 +167,8 @@ def _read_attr_file(path: Path) -> dict[str, list[int]] | None:
 def _read_pairs(path: Path) -> dict[str, int]:
     if not path.is_file():
         return {}
-    return {name: int(value) for name, value in (line.split() for line in path.read_text().splitlines() if line.strip())}
+    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: int(value) for name, value in rows}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -231,7 +233,11 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     d = cfg.data
     if d.encoding not in IMAGE_MEMBERS:
         raise DataError(f"data.encoding: {d.encoding!r} is not one of {sorted(IMAGE_MEMBERS)}; pick one.")
+    if min(d.crop_size, d.image_size, d.samples_per_shard) < 1:
+        raise DataError("data.crop_size, data.image_size and data.samples_per_shard must be positive.")
     raw_dir, out_dir = Path(d.raw_dir), Path(d.shards_dir)
+    if out_dir.resolve() == raw_dir.resolve() or out_dir.resolve() in raw_dir.resolve().parents:
+        raise DataError(f"data.shards_dir={out_dir} holds data.raw_dir and would erase it: give it its own folder.")
     info, images = read_raw(raw_dir)
     image_dir = raw_dir / "img_align_celeba"
     if out_dir.exists():

@@ -9,6 +9,7 @@ import io
 import json
 import logging
 import pickle
+import random
 import shutil
 import subprocess
 import sys
@@ -24,8 +25,8 @@ from PIL import Image
 from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError
-from pipeline.fetch import fetch, write_attrs, write_partition
-from pipeline.shard import write_shards
+from pipeline.fetch import SYNTHETIC_ATTRIBUTES, draw_face, fetch, write_attrs, write_partition
+from pipeline.shard import preprocess, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -115,15 +116,19 @@ def test_synthetic_round_trip(sharded):
 
 
 def test_synthetic_attributes_are_visible(sharded):
-    """Eyeglasses and Smiling change the pixels where glasses and mouths are drawn."""
-    batches = epoch_batches(sharded, train=False)
-    images = torch.cat([b["image"] for b in batches]).float()
-    attrs = torch.cat([b["attrs"] for b in batches])
-    for name in ("Eyeglasses", "Male", "Smiling"):
-        has = attrs[:, ATTRIBUTE_NAMES.index(name)] == 1
-        assert 0 < has.sum() < len(has), name
-    never_drawn = [i for i, n in enumerate(ATTRIBUTE_NAMES) if n in ("Attractive", "Oval_Face", "Wavy_Hair")]
-    assert (attrs[:, never_drawn] == 0).all()  # not drawn -> -1 in the table -> 0 in batches
+    """A linear probe on 16 px pixels beats the majority class: the attributes are drawn, not just labelled."""
+    faces = [draw_face(random.Random(f"probe:{i}")) for i in range(480)]
+    x = np.stack([preprocess(image, 148, 16).ravel() / 255.0 for image, _ in faces])
+    x = np.hstack([x - x[:360].mean(0), np.ones((len(x), 1))])
+    for name in ("Male", "Young", "Blond_Hair", "Black_Hair", "Pale_Skin", "Wearing_Hat"):
+        y = np.array([1.0 if a[name] else -1.0 for _, a in faces])
+        w = np.linalg.solve(x[:360].T @ x[:360] + 10 * np.eye(x.shape[1]), x[:360].T @ y[:360])  # ridge
+        accuracy = ((x[360:] @ w > 0) == (y[360:] > 0)).mean()
+        majority = max((y[360:] > 0).mean(), (y[360:] < 0).mean())
+        assert accuracy >= majority + 0.05, (name, accuracy, majority)
+    attrs = torch.cat([b["attrs"] for b in epoch_batches(sharded, train=False)])
+    never_drawn = [i for i, n in enumerate(ATTRIBUTE_NAMES) if n not in SYNTHETIC_ATTRIBUTES]
+    assert len(never_drawn) == 10 and (attrs[:, never_drawn] == 0).all()  # -1 in the table -> 0 in batches
 
 
 def test_shard_twice_is_byte_identical(sharded, tmp_path):
@@ -200,11 +205,26 @@ def _truncate(cfg: Config, name: str, fraction: float) -> str:
     return str(path)
 
 
+def _garble_header(cfg: Config, name: str, member: int) -> None:
+    path = Path(cfg.data.shards_dir) / name
+    with tarfile.open(path) as tar:
+        offset = tar.getmembers()[member].offset
+    raw = bytearray(path.read_bytes())
+    raw[offset + 3] ^= 0xFF  # a flipped bit in a member name
+    path.write_bytes(bytes(raw))
+
+
 @pytest.mark.parametrize("workers", [0, 2])
 def test_truncated_shard_fails_naming_it(shard_copy, workers):
     _truncate(shard_copy, "train-000001.tar", 0.6)
-    with pytest.raises(ShardError, match=r"train-000001\.tar.*corrupt_tolerance"):
+    with pytest.raises(ShardError, match=r"train-000001\.tar: unexpected end of data.*corrupt_tolerance"):
         epoch_batches(shard_copy, train=False, num_workers=workers)
+
+
+def test_corrupt_header_fails_naming_the_shard(shard_copy):
+    _garble_header(shard_copy, "train-000002.tar", 5)
+    with pytest.raises(ShardError, match=r"train-000002\.tar: bad tar header checksum"):
+        epoch_batches(shard_copy, train=False, num_workers=0)
 
 
 def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_copy, caplog):
@@ -278,7 +298,7 @@ def _png(img: Image.Image) -> bytes:
     return out.getvalue()
 
 
-BAD_IMAGES = {  # relative path -> (file bytes, outcome, reason or conversion note, substring)
+BAD_IMAGES = {  # relative path -> (make the file bytes, outcome, a substring of the reported reason)
     "good/a.jpg": (lambda: _jpeg(_face(seed=1)), "written", ""),
     "good/b.JPEG": (lambda: _jpeg(_face(seed=2)), "written", ""),
     "good/c.png": (lambda: _png(_face(seed=3)), "written", ""),
@@ -286,7 +306,7 @@ BAD_IMAGES = {  # relative path -> (file bytes, outcome, reason or conversion no
     "bad/truncated.jpg": (lambda: _jpeg(_face(seed=5))[:3000], "rejected", "truncated or corrupt"),
     "bad/text.jpg": (lambda: b"this is not an image\n" * 10, "rejected", "not an image"),
     "bad/gray.png": (lambda: _png(_face(seed=6).convert("L")), "converted", "L -> RGB"),
-    "bad/rgba_opaque.png": (lambda: _png(_face(seed=7).convert("RGBA")), "converted", "RGBA -> RGB (alpha fully opaque"),
+    "bad/rgba_opaque.png": (lambda: _png(_face(seed=7).convert("RGBA")), "converted", "RGBA -> RGB (alpha fully"),
     "bad/rgba_transparent.png": (
         lambda: _png(Image.merge("RGBA", (*_face(seed=8).split(), Image.new("L", (178, 218), 128)))),
         "rejected", "transparent pixels"),
