@@ -149,6 +149,10 @@ class EvalConfig:
 class RegistryConfig:
     model_name: str = "dfcvae"
     out_dir: str = "outputs/register"
+    # Serialises the champion decision across processes. A SQLite store uses `<db>.registry.lock`
+    # beside the database instead; for a shared tracking server, put this on a shared filesystem.
+    lock_file: str = "outputs/mlflow/registry.lock"
+    lock_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,48 @@
+"""Stage `register`: the trained, evaluated model into the MLflow registry, champion gated.
+
+Inputs: train.out_dir/model.pt and run.json (the training run the model is logged on),
+eval.out_dir/metrics.json (it must hold eval.objective) and the PNG grids in eval.out_dir.
+Output: registry.out_dir/registration.json, a DVC metrics file:
+    model_name, version, decision ("promoted" | "kept"), reason (the version's description),
+    objective, challenger_objective, champion_objective (the champion compared with, or null),
+    previous_champion_version (or null), champion_version (after), run_id.
+Refused, with nothing registered, when the training run failed or any metric is non-finite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+from dfcvae import tracking
+from dfcvae.config import Config
+from dfcvae.registry import Registration, register_model
+from pipeline.common import parse_config, write_json
+
+
+def register(cfg: Config) -> Registration:
+    train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
+    run_file = train_dir / "run.json"
+    if not run_file.is_file():
+        raise FileNotFoundError(f"{run_file} not found: run the train stage first.")
+    run = json.loads(run_file.read_text())
+    uri = tracking.tracking_uri(cfg.mlflow)
+    if run["tracking_uri"] != uri:
+        raise ValueError(
+            f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
+            "set MLFLOW_TRACKING_URI to the store that training used."
+        )
+    result = register_model(cfg, train_dir / "model.pt", eval_dir / "metrics.json", eval_dir, run_id=run["run_id"])
+    write_json(dataclasses.asdict(result), Path(cfg.registry.out_dir) / "registration.json")
+    return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config(__doc__.splitlines()[0], argv)
+    print(register(cfg).reason)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

@@ -1,0 +1,311 @@
+"""The MLflow registry: champion gating, concurrent registrations, the pyfunc, serving.
+
+MLflow runs on SQLite in tmp_path (MLFLOW_TRACKING_URI); the "trained" models are tiny
+seeded VAEs and the evaluation outputs are written here, so nothing trains or evaluates.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+import yaml
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from conftest import tiny_config
+from dfcvae import tracking
+from dfcvae.config import Config
+from dfcvae.model import DFCVAE
+from dfcvae.registry import (
+    CHALLENGER,
+    CHAMPION,
+    RegistrationError,
+    load_registered_weights,
+    register_model,
+)
+from dfcvae.train import load_checkpoint
+from pipeline import register as register_stage
+
+ROOT = Path(__file__).resolve().parents[1]
+GRIDS = ("samples", "reconstructions", "interpolations", "attribute_arithmetic")
+
+
+@pytest.fixture
+def cfg(tmp_path, monkeypatch) -> Config:
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    return tiny_config(tmp_path)
+
+
+def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "FINISHED") -> str:
+    """What the train and evaluate stages leave behind, at cfg's paths; returns the run id."""
+    train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
+    train_dir.mkdir(parents=True, exist_ok=True)
+    eval_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    model = DFCVAE(cfg.model, cfg.data.image_size)
+    torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 7}, train_dir / "model.pt")
+    (eval_dir / "metrics.json").write_text(json.dumps({cfg.eval.objective: objective, "test/fid_samples": 1.0}))
+    for i, name in enumerate(GRIDS):
+        Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(eval_dir / f"{name}.png")
+    uri = tracking.setup(cfg.mlflow)
+    run_id = tracking.start_run(cfg, "train", {})
+    tracking.RunLogger(uri, run_id).finish(run_status)
+    (train_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
+    return run_id
+
+
+def register(cfg: Config):
+    return register_model(
+        cfg, Path(cfg.train.out_dir) / "model.pt", Path(cfg.eval.out_dir) / "metrics.json", Path(cfg.eval.out_dir),
+        run_id=json.loads((Path(cfg.train.out_dir) / "run.json").read_text())["run_id"],
+    )
+
+
+def aliases(cfg: Config) -> dict[str, int]:
+    return {k: int(v) for k, v in MlflowClient().get_registered_model(cfg.registry.model_name).aliases.items()}
+
+
+def registered(cfg: Config, seed: int, objective: float) -> tuple[Path, str]:
+    """One registered champion and a copy of its weights; returns (model.pt copy, model name)."""
+    write_outputs(cfg, seed, objective)
+    assert register(cfg).decision == "promoted"
+    weights = Path(cfg.train.out_dir).parent / "champion.pt"
+    weights.write_bytes((Path(cfg.train.out_dir) / "model.pt").read_bytes())
+    return weights, cfg.registry.model_name
+
+
+def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
+    manifest = Path(cfg.data.shards_dir) / "manifest.json"
+    manifest.parent.mkdir(parents=True)
+    manifest.write_text('{"source": "synthetic"}')
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    record = Path(cfg.registry.out_dir) / "registration.json"
+    client = MlflowClient()
+    name = cfg.registry.model_name
+
+    write_outputs(cfg, seed=1, objective=10.0)
+    register_stage.main(["--params", str(params)])
+    first = json.loads(record.read_text())
+    assert (first["version"], first["decision"], first["champion_objective"]) == (1, "promoted", None)
+    assert aliases(cfg) == {CHAMPION: 1, CHALLENGER: 1}
+
+    write_outputs(cfg, seed=2, objective=12.5)  # worse
+    register_stage.main(["--params", str(params)])
+    worse = json.loads(record.read_text())
+    assert worse["decision"] == "kept" and worse["challenger_objective"] == 12.5 and worse["champion_objective"] == 10.0
+    assert aliases(cfg) == {CHAMPION: 1, CHALLENGER: 2}
+    assert "12.5" in client.get_model_version(name, "2").description and "10" in worse["reason"]
+
+    write_outputs(cfg, seed=3, objective=8.0)  # better
+    register_stage.main(["--params", str(params)])
+    better = json.loads(record.read_text())
+    assert better["decision"] == "promoted" and better["previous_champion_version"] == 1
+    assert aliases(cfg) == {CHAMPION: 3, CHALLENGER: 3}
+    version = client.get_model_version(name, "3")
+    assert version.description == better["reason"] and "8" in version.description and "10" in version.description
+    assert version.tags["data.manifest_hash"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
+    assert version.tags["git_commit"] and version.tags["objective"] == cfg.eval.objective
+    downloaded = mlflow.artifacts.download_artifacts(f"models:/{name}/3", dst_path=str(tmp_path / "dl"))
+    attached = {p.name for p in Path(downloaded).rglob("*")}
+    assert {f"{g}.png" for g in GRIDS} | {"metrics.json", "config.json", "model.pt"} <= attached
+
+    # A better number from a different evaluation is not comparable: the champion stays.
+    other = cfg.with_overrides({"eval.num_samples": cfg.eval.num_samples + 1})
+    write_outputs(other, seed=4, objective=1.0)
+    result = register(other)
+    assert result.decision == "kept" and "not evaluated like" in result.reason
+    assert aliases(cfg) == {CHAMPION: 3, CHALLENGER: 4}
+
+
+CONCURRENT = textwrap.dedent("""
+    import json, sys, time
+    from pathlib import Path
+    from dfcvae.config import Config
+    from dfcvae.registry import register_model
+    cfg = Config.from_dict(json.loads(Path(sys.argv[1]).read_text()))
+    ready, go = Path(sys.argv[2]), Path(sys.argv[3])
+    ready.touch()
+    while not go.exists():  # start both registrations together, after the slow imports
+        time.sleep(0.01)
+    out = Path(cfg.train.out_dir)
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    metrics = Path(cfg.eval.out_dir) / "metrics.json"
+    result = register_model(cfg, out / "model.pt", metrics, cfg.eval.out_dir, run_id=run_id)
+    print(json.dumps({"version": result.version, "decision": result.decision}))
+""")
+
+
+def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champion(cfg, tmp_path):
+    write_outputs(cfg, seed=1, objective=10.0)
+    register(cfg)
+    objectives = {"a": 5.0, "b": 7.0}  # both beat v1; only 5.0 may end up champion
+    procs, go = {}, tmp_path / "go"
+    for key, objective in objectives.items():
+        sub = cfg.with_overrides({"train.out_dir": str(tmp_path / key / "train"), "eval.out_dir": str(tmp_path / key)})
+        write_outputs(sub, seed=ord(key), objective=objective)
+        (tmp_path / f"{key}.json").write_text(json.dumps(sub.to_dict()))
+        procs[key] = subprocess.Popen(
+            [sys.executable, "-c", CONCURRENT, str(tmp_path / f"{key}.json"), str(tmp_path / f"{key}.ready"), str(go)],
+            stdout=subprocess.PIPE, text=True,
+        )
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"{key}.ready").exists() for key in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = {}
+    for key, proc in procs.items():
+        out, _ = proc.communicate(timeout=180)
+        assert proc.returncode == 0
+        results[key] = json.loads(out.strip().splitlines()[-1])
+
+    versions = {key: r["version"] for key, r in results.items()}
+    assert sorted(versions.values()) == [2, 3]
+    assert aliases(cfg) == {CHAMPION: versions["a"], CHALLENGER: 3}
+    # Serialised decisions: "a" always wins; "b" wins only if it went first (and then loses the champion to "a").
+    assert results["a"]["decision"] == "promoted"
+    assert results["b"]["decision"] == ("promoted" if versions["b"] < versions["a"] else "kept")
+
+
+FRESH = textwrap.dedent("""
+    import importlib.abc, json, sys
+    import numpy as np
+
+    BLOCKED = ("dfcvae.features", "dfcvae.loss", "dfcvae.train", "dfcvae.data")
+
+    class NoTrainingCode(importlib.abc.MetaPathFinder):
+        # The served model must not need the perceptual network, the loss or the data stack.
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] == "torchvision" or name in BLOCKED:
+                raise ImportError(f"{name} is blocked in this test")
+
+    sys.meta_path.insert(0, NoTrainingCode())
+    import mlflow.pyfunc
+    model = mlflow.pyfunc.load_model(sys.argv[1])
+    import dfcvae.model  # already imported by the load: from the model's code folder
+    x = np.load(sys.argv[2])
+    np.savez(
+        sys.argv[3],
+        recon=model.predict(x),
+        mu=model.predict(x, params={"mode": "encode"}),
+        samples=model.predict(x[:1], params={"mode": "sample", "n": 5, "seed": 3}),
+    )
+    print(json.dumps({"model_file": dfcvae.model.__file__}))
+""")
+
+
+def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_path):
+    weights, name = registered(cfg, seed=5, objective=3.0)
+    state = load_checkpoint(weights)
+    model = DFCVAE(Config.from_dict(state["config"]).model, cfg.data.image_size)
+    model.load_state_dict(state["model"])
+    model.eval()
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the example has 2
+    np.save(tmp_path / "x.npy", x.numpy())
+
+    env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty_torch_home")}
+    proc = subprocess.run(
+        [sys.executable, "-c", FRESH, f"models:/{name}@{CHAMPION}", str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert not json.loads(proc.stdout.strip().splitlines()[-1])["model_file"].startswith(str(ROOT))  # the shipped copy
+
+    out = np.load(tmp_path / "out.npz")
+    assert out["recon"].shape == (3, 3, 32, 32)
+    np.testing.assert_allclose(out["recon"], model.reconstruct(x).numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["mu"], model.encode(x)[0].detach().numpy(), atol=1e-5)
+    np.testing.assert_allclose(out["samples"], model.sample(5, torch.Generator().manual_seed(3)).numpy(), atol=1e-5)
+    for key, value in load_registered_weights(f"models:/{name}@{CHAMPION}").items():
+        assert torch.equal(value, state["model"][key])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
+    _, name = registered(cfg, seed=6, objective=3.0)
+    port, log = free_port(), tmp_path / "serve.log"
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@{CHAMPION}",
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        # The server execs `uvicorn` by name: it must be this interpreter's, venv activated or not.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in time"
+                time.sleep(0.5)
+        x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
+        for body, shape in (
+            ({"inputs": x.tolist()}, (3, 3, 32, 32)),
+            ({"inputs": x[:1].tolist(), "params": {"mode": "sample", "n": 4}}, (4, 3, 32, 32)),
+        ):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=30) as response:
+                predictions = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+            assert predictions.shape == shape and np.abs(predictions).max() <= 1
+    finally:
+        stop(server)
+
+
+def stop(server: subprocess.Popen) -> None:
+    """SIGTERM the server's process group (it forks workers), SIGKILL if it lingers."""
+    for sig, wait_s in ((signal.SIGTERM, 10), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:
+            return
+        try:
+            server.wait(timeout=wait_s)
+            return
+        except subprocess.TimeoutExpired:
+            continue
+
+
+def test_without_a_training_run_the_model_goes_on_a_new_finished_run(cfg):
+    write_outputs(cfg, seed=1, objective=4.0)
+    out = Path(cfg.train.out_dir)
+    result = register_model(cfg, out / "model.pt", Path(cfg.eval.out_dir) / "metrics.json", cfg.eval.out_dir)
+    run = MlflowClient().get_run(result.run_id)
+    assert result.run_id != json.loads((out / "run.json").read_text())["run_id"]
+    assert (run.info.run_name, run.info.status, result.decision) == ("register", "FINISHED", "promoted")
+
+
+def test_failed_runs_and_non_finite_metrics_are_refused(cfg):
+    write_outputs(cfg, seed=1, objective=float("nan"))
+    with pytest.raises(RegistrationError, match="non-finite metrics"):
+        register(cfg)
+    write_outputs(cfg, seed=1, objective=2.0, run_status="FAILED")
+    with pytest.raises(RegistrationError, match="is FAILED, not FINISHED"):
+        register(cfg)
+    assert MlflowClient().search_registered_models() == []
