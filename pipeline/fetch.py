@@ -172,6 +172,9 @@ def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tu
                         "point data.celeba_dir at the full CelebA (or set data.celeba_counts for a deliberate subset).")
     if set(attrs) != set(partition):
         raise DataError(f"{files.attrs} and {files.partition} list different images: use the official files.")
+    bad = next((name for name, row in attrs.items() if len(row) != 40 or not set(row) <= {1, -1}), None)
+    if bad:
+        raise DataError(f"{files.attrs}: the row for {bad} is not 40 values of 1/-1: use the official file.")
     available = set(_image_members(files.images))
     absent = sorted(set(partition) - available)
     if absent:
