@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 demo: setup
-	$(VENV)/bin/bash -c 'source $(VENV)/bin/activate && python -m pipeline.demo'
+	source $(VENV)/bin/activate && python -m pipeline.demo
 
 test: setup
 	source $(VENV)/bin/activate && python -m pytest -q -ra
