@@ -1,0 +1,90 @@
+"""`ray job submit` of the train stage against a local `ray start --head` on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture()
+def ray_head(tmp_path):
+    """A head node in its own process group (`--block`), so the test can stop exactly it."""
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    dashboard = _free_port()
+    cmd = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
+           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--ray-client-server-port", str(_free_port()), "--node-ip-address", "127.0.0.1"]
+    log = (tmp_path / "ray-head.log").open("w")
+    head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
+    address = f"http://127.0.0.1:{dashboard}"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{address}/api/version", timeout=2)
+            break
+        except urllib.error.HTTPError:
+            break  # up, and asking for the token
+        except OSError:
+            time.sleep(1)
+    else:
+        os.killpg(head.pid, signal.SIGKILL)
+        pytest.fail("ray start --head did not bring up the dashboard within 120 s")
+    # The job server comes up after the dashboard answers; wait until it lists jobs.
+    while time.time() < deadline + 60:
+        listed = subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True)
+        if listed.returncode == 0:
+            break
+        time.sleep(2)
+    yield address, env, dashboard
+    os.killpg(head.pid, signal.SIGTERM)
+    try:
+        head.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(head.pid, signal.SIGKILL)
+
+
+def test_ray_job_submit_runs_training_steps(ray_head, synthetic_cfg, tmp_path):
+    address, env, dashboard = ray_head
+    # The dashboard and job API, the parts that take commands, listen on loopback only.
+    listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
+    assert f"127.0.0.1:{dashboard}" in listening and f"0.0.0.0:{dashboard}" not in listening
+    out = tmp_path / "job"
+    overrides = {
+        "data.shards_dir": synthetic_cfg.data.shards_dir, "data.source": "synthetic", "data.image_size": 32,
+        "train.out_dir": out / "train", "scaling.storage_dir": out / "ray",
+        "mlflow.local_db": out / "mlflow.db", "mlflow.local_artifacts": out / "artifacts",
+        "model.hidden_channels": "[8,16]", "model.latent_dim": 8,
+        "perceptual.backbone": "mobilenet_v2", "eval.reference_backbone": "mobilenet_v2",
+        "scaling.use_gpu": "false", "scaling.num_workers": 1, "scaling.cpus_per_worker": 0.5,
+        "loader.batch_size": 8, "loader.num_workers": 1, "tune.enabled": "false", "train.compile": "false",
+        "train.steps": 4, "train.checkpoint_every": 2, "train.val_every": 2, "train.val_batches": 1,
+        "train.log_every": 2, "train.grid_every": 4,
+    }
+    sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
+           "python", "-m", "pipeline.train", *sets]
+    result = subprocess.run(cmd, env={k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"},
+                            capture_output=True, text=True, timeout=540)
+    head_log = (tmp_path / "ray-head.log").read_text()[-2000:]
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + "\nhead:\n" + head_log
+    assert "succeeded" in result.stdout + result.stderr
+    assert (out / "train" / "model.pt").is_file() and (out / "train" / "metrics.json").is_file()
