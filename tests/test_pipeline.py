@@ -1,0 +1,166 @@
+"""End to end: the demo command in a fresh git repo, `dvc` bookkeeping, retraining.
+
+A smaller variant of the demo profile (extra `-S` overrides) keeps this within CI's budget;
+the mechanism is the one `make demo` uses: `python -m pipeline.demo` -> `dvc exp run -S`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import ROOT
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
+
+SMALL = {
+    "data.synthetic_count": 240,
+    "data.samples_per_shard": 40,
+    "loader.batch_size": 16,
+    "train.steps": 30,
+    "train.log_every": 10,
+    "train.val_every": 15,
+    "train.checkpoint_every": 15,
+    "train.grid_every": 30,
+    "tune.num_samples": 3,
+    "tune.steps": 4,
+    "tune.report_every": 2,
+    "tune.grace_period": 2,
+    "eval.num_samples": 32,
+    "eval.val_subset": 16,
+}
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
+    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
+    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
+               GIT_COMMITTER_EMAIL="t@localhost")
+    return env
+
+
+def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
+    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
+    return result.stdout + result.stderr
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git repo holding the project's files, after the (small) demo ran in it."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
+                            text=True, check=True).stdout.split()
+    for name in listed:
+        if (ROOT / name).is_file():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, root / name)
+    _run(["git", "init", "-q"], root)
+    _run(["git", "add", "-A"], root)
+    _run(["git", "commit", "-qm", "project"], root)
+    extra = [a for k, v in SMALL.items() for a in ("-S", f"{k}={json.dumps(v)}")]
+    _run([sys.executable, "-m", "pipeline.demo", *extra], root, timeout=1200)
+    return root
+
+
+def _params(root: Path) -> dict:
+    return yaml.safe_load((root / "params.yaml").read_text())
+
+
+def _stale(root: Path) -> set[str]:
+    return set(json.loads(_run(["dvc", "status", "--json"], root) or "{}"))
+
+
+def _registration(root: Path) -> dict:
+    return json.loads((root / "outputs/register/registration.json").read_text())
+
+
+def test_demo_ends_with_champion_with_grids_and_clean_status(repo):
+    import mlflow
+
+    registration = _registration(repo)
+    assert registration["decision"] == "promoted" and registration["champion_version"] == registration["version"]
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'outputs/mlflow/mlflow.db'}")
+    champion = client.get_model_version_by_alias(_params(repo)["registry"]["model_name"], "champion")
+    assert champion.version == str(registration["version"])
+    assert _stale(repo) == set()
+    shown = _run(["dvc", "metrics", "show"], repo)
+    assert "outputs/eval/metrics.json" in shown and "fid" in shown
+    for picture in ("samples", "reconstructions", "interpolations", "attribute_arithmetic"):
+        assert (repo / "outputs/eval" / f"{picture}.png").stat().st_size > 0
+    # The committed params.yaml is the real job; the demo's values are in the workspace only.
+    committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True,
+                                              text=True, check=True).stdout)
+    assert committed["data"]["source"] == "celeba" and _params(repo)["data"]["source"] == "synthetic"
+
+
+def test_loss_weight_change_makes_only_tune_onward_stale(repo):
+    original = (repo / "params.yaml").read_text()
+    params = _params(repo)
+    params["loss"]["kl_weight"] = params["loss"]["kl_weight"] * 2
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    try:
+        assert _stale(repo) == {"tune", "train", "evaluate", "register"}
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert _stale(repo) == set()
+
+
+def test_retrain_is_idle_without_change_then_resumes_interrupted_run_on_new_data(repo):
+    assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], repo)
+    first = _registration(repo)
+    params = _params(repo)
+    params["data"]["synthetic_count"] += 60  # the generator is deterministic per image: these are added images
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+
+    _kill_repro_during_train(repo)
+    finished = _lock_entries(repo, ("fetch", "shard", "tune"))
+    out = _run([sys.executable, "-m", "pipeline.retrain"], repo, timeout=1200)
+    assert "reproducing" in out
+    assert _lock_entries(repo, ("fetch", "shard", "tune")) == finished
+    second = _registration(repo)
+    assert second["version"] != first["version"]
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'outputs/mlflow/mlflow.db'}")
+    challenger = client.get_model_version_by_alias(params["registry"]["model_name"], "challenger")
+    assert challenger.version == str(second["version"])
+    assert _stale(repo) == set()
+
+
+def _kill_repro_during_train(repo: Path) -> None:
+    """Start `dvc repro`, SIGKILL it once tune is done and train has written a checkpoint."""
+    tune_before = _lock_entries(repo, ("tune",))["tune"]
+    runs_before = set((repo / "outputs/ray").glob("train-*"))
+    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 900
+    try:
+        while time.time() < deadline:
+            assert proc.poll() is None, "dvc repro ended before it could be interrupted during train"
+            new_runs = set((repo / "outputs/ray").glob("train-*")) - runs_before
+            tune_done = _lock_entries(repo, ("tune",))["tune"] != tune_before
+            if tune_done and any(list(run.glob("checkpoint_*/checkpoint.pt")) for run in new_runs):
+                return
+            time.sleep(0.5)
+        pytest.fail("train never wrote a checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _lock_entries(repo: Path, stages: tuple[str, ...]) -> dict[str, dict]:
+    try:
+        lock = yaml.safe_load((repo / "dvc.lock").read_text())["stages"]
+    except (yaml.YAMLError, KeyError, TypeError):  # caught mid-write
+        lock = {}
+    return {s: lock.get(s) for s in stages}
