@@ -286,6 +286,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     import ray.train
     import ray.train.torch
 
+    if loop_config.get("mlflow_uri"):  # so train.init_from: models:/... resolves against the same store
+        os.environ.setdefault("MLFLOW_TRACKING_URI", loop_config["mlflow_uri"])
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     runtime = Runtime(ray.train.torch.get_device())
