@@ -91,7 +91,7 @@ def test_demo_ends_with_champion_with_grids_and_clean_status(repo):
     assert registration["decision"] == "promoted" and registration["champion_version"] == registration["version"]
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'outputs/mlflow/mlflow.db'}")
     champion = client.get_model_version_by_alias(_params(repo)["registry"]["model_name"], "champion")
-    assert champion.version == str(registration["version"])
+    assert str(champion.version) == str(registration["version"])
     assert _stale(repo) == set()
     shown = _run(["dvc", "metrics", "show"], repo)
     assert "outputs/eval/metrics.json" in shown and "fid" in shown
@@ -133,7 +133,7 @@ def test_retrain_is_idle_without_change_then_resumes_interrupted_run_on_new_data
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'outputs/mlflow/mlflow.db'}")
     challenger = client.get_model_version_by_alias(params["registry"]["model_name"], "challenger")
-    assert challenger.version == str(second["version"])
+    assert str(challenger.version) == str(second["version"])
     assert _stale(repo) == set()
 
 
