@@ -142,6 +142,8 @@ class EvalConfig:
     reference_weights: str = "imagenet"
     probe_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses", "Male", "Bangs", "Wearing_Hat")
     arithmetic_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses")
+    probe_train_samples: int = 20000  # train images whose latent means fit the attribute probe
+    seed: int = 0  # prior samples for FID and the sample grid
     out_dir: str = "outputs/eval"
 
 

@@ -1,0 +1,562 @@
+"""Evaluation of a trained DFC-VAE: the cheap tuning objective and the full test-set report.
+
+`tuning_objective` scores a model on the first `eval.val_subset` val images (shard order,
+whatever the batch size): FID of reconstructions decode(mu) and of as many prior samples
+(seed `eval.seed`) against those real images. The Inception network and the real images'
+statistics are loaded once per process, on first use.
+
+`evaluate` measures on the first `eval.num_samples` test images (all, if fewer):
+    test/mse, test/psnr, test/ssim      pixels on the [0, 1] scale, reconstructions decode(mu)
+    test/reference_distance             sum over eval.reference_layers of 1/(2 C H W) ||Phi(x) - Phi(x_hat)||^2
+                                        (eval.reference_*: one network for every model)
+    test/fid_recon                      FID of the reconstructions against the real test images
+    test/fid_samples                    FID of as many prior samples (seed eval.seed) against them
+    test/fid_sum                        the two added (eval.objective picks one of the three)
+    test/fid_images                     images per FID set: FIDs compare only at the same count
+                                        and Inception network (`test/fid_inception`)
+    test/probe_accuracy_mean            the paper's attribute probe on latent means (fit on up to
+    test/probe_baseline_mean            eval.probe_train_samples train images), majority baseline;
+    test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
+and writes into eval.out_dir:
+    metrics.json      the numbers above, plus the objective under its own name (eval.objective)
+    probe.json, .csv  one row per probed attribute: attribute, accuracy, baseline
+    evaluation.json   Inception identity, image counts, seed, skipped attributes, picture grids
+    PICTURES          PNG grids, GRID_PADDING px between S x S images, so a grid of R rows and
+                      C columns is C (S + 2) + 2 px wide and R (S + 2) + 2 px high (`grid_size`):
+      samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed)
+      reconstructions.png       2 x RECON_COLS: test images above their reconstructions
+      interpolations.png        INTERP_PAIRS x INTERP_STEPS: from test image i to test image
+                                INTERP_PAIRS + i in latent space, ends included
+      attribute_arithmetic.png  (ARITHMETIC_ROWS x A) x len(ARITHMETIC_STRENGTHS): per attribute
+                                of eval.arithmetic_attributes labelled in the data, test images
+                                without it, decode(mu + s v), v = mean latent with the attribute
+                                minus without (Hou et al. 2017's figure); s = 0 is the plain
+                                reconstruction. Data without those labels: one block along the
+                                latent means' first principal component (v = 2 std along it).
+With fewer test images than a grid needs, reconstructions get fewer columns, and
+interpolations and each attribute's block fewer rows.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from numpy.typing import NDArray
+from torch import Tensor
+from tqdm import tqdm
+
+from dfcvae import data, metrics
+from dfcvae.config import Config
+from dfcvae.features import resolve_layers
+from dfcvae.model import DFCVAE
+
+log = logging.getLogger(__name__)
+
+PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "attribute_arithmetic.png")
+GRID_PADDING = 2  # torchvision's save_image default
+SAMPLE_ROWS, SAMPLE_COLS = 8, 8
+RECON_COLS = 8
+INTERP_PAIRS, INTERP_STEPS = 4, 8
+ARITHMETIC_ROWS = 4
+ARITHMETIC_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
+PICTURE_POOL = 64  # first test images kept for the pictures
+PRINCIPAL_DIRECTION = "principal_component_1"
+INCEPTION_CPU_BATCH = 25  # bounds Inception's activation memory at 299 px on CPU
+
+# eval.objective -> its value from (fid_recon, fid_samples); lower is better.
+OBJECTIVES: dict[str, Callable[[float, float], float]] = {
+    "fid_recon": lambda recon, samples: recon,
+    "fid_samples": lambda recon, samples: samples,
+    "fid_sum": lambda recon, samples: recon + samples,
+}
+
+# Loaded on first use, once per process (the training loop scores every validation).
+_INCEPTION: dict[tuple[str, int], metrics.InceptionFeatures] = {}
+_VAL_REFERENCE: dict[tuple, tuple[Tensor, tuple[NDArray, NDArray]]] = {}
+
+
+# ---------------------------------------------------------------- models
+
+
+def load_model(path_or_uri: str | Path, device: torch.device | str) -> tuple[DFCVAE, Config]:
+    """A trained VAE in eval mode on `device`, and the config it was trained with.
+
+    Accepts the train stage's model.pt, a checkpoint file or directory (model.pt or
+    checkpoint.pt inside), or a registered model `models:/<name>@<alias>`. A registered
+    model carries only weights here: its Config holds the architecture (model section,
+    data.image_size) read off the weight shapes, and defaults elsewhere.
+    """
+    source = str(path_or_uri)
+    if source.startswith("models:/"):
+        from dfcvae.registry import load_registered_weights
+
+        weights = load_registered_weights(source)
+        return model_from_state({"model": weights, "config": config_from_weights(weights).to_dict()}, device)
+    from dfcvae.train import load_checkpoint
+
+    path = Path(source)
+    if path.is_dir() and (path / "model.pt").is_file():
+        path = path / "model.pt"
+    return model_from_state(load_checkpoint(path), device)
+
+
+def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, Config]:
+    """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, Config)."""
+    cfg = Config.from_dict(state["config"])
+    model = DFCVAE(cfg.model, cfg.data.image_size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def config_from_weights(weights: dict[str, Tensor]) -> Config:
+    """The architecture a DFCVAE state_dict was built with, on the default Config."""
+    convs = sorted(
+        (int(k.split(".")[2]), v)
+        for k, v in weights.items()
+        if k.startswith("encoder.convs.") and k.endswith(".0.weight")
+    )
+    if not convs or "encoder.mu.weight" not in weights:
+        raise ValueError("these weights are not a DFCVAE state_dict: no encoder.convs.*.0.weight or encoder.mu.weight.")
+    channels = [int(v.shape[0]) for _, v in convs]  # (C_out, C_in, 3, 3) per stage
+    latent_dim, flat = weights["encoder.mu.weight"].shape  # (latent, C_last * s * s)
+    bottom = math.isqrt(int(flat) // channels[-1])
+    return Config().with_overrides({
+        "model.hidden_channels": channels,
+        "model.latent_dim": int(latent_dim),
+        "data.image_size": bottom * 2 ** len(channels),
+    })
+
+
+@contextlib.contextmanager
+def evaluation_mode(model: torch.nn.Module) -> Iterator[None]:
+    """no_grad and eval mode (BatchNorm running statistics) for the block, then the old mode."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+# ---------------------------------------------------------------- data in a fixed order
+
+
+def iter_split(cfg: Config, split: str, limit: int) -> Iterator[tuple[Tensor, Tensor]]:
+    """The first `limit` images of `split` (all, if fewer) in shard order, in batches of eval.batch_size.
+
+    Yields (uint8 (B, 3, H, W), int8 (B, 40) attributes). One loader stream, so the order is
+    the shards' and does not depend on loader.num_workers or the batch size.
+    """
+    left = min(limit, split_count(cfg, split))
+    ordered = cfg.with_overrides({"loader.num_workers": 1})
+    for batch in data.make_loader(ordered, split, train=False, batch_size=cfg.eval.batch_size, num_workers=0):
+        if left <= 0:
+            break
+        take = min(left, len(batch["image"]))  # the epoch's last batch wraps round to the start
+        yield batch["image"][:take], batch["attrs"][:take]
+        left -= take
+
+
+def split_count(cfg: Config, split: str) -> int:
+    return int(data.read_manifest(cfg)["splits"][split]["count"])
+
+
+def read_split(cfg: Config, split: str, limit: int) -> tuple[Tensor, Tensor]:
+    """iter_split concatenated: uint8 (N, 3, H, W), int8 (N, 40)."""
+    images, attrs = zip(*iter_split(cfg, split, limit))
+    return torch.cat(images), torch.cat(attrs)
+
+
+def latent_means(
+    model: DFCVAE, cfg: Config, split: str, limit: int, device: torch.device | str
+) -> tuple[Tensor, Tensor]:
+    """mu of the first `limit` images of `split`: float32 (N, latent_dim) on CPU, int8 (N, 40) attributes."""
+    latents, attrs = [], []
+    total = min(limit, split_count(cfg, split))
+    with evaluation_mode(model), tqdm(total=total, desc=f"evaluate: encode {split}", unit="img") as bar:
+        for images, batch_attrs in iter_split(cfg, split, limit):
+            latents.append(model.encode(data.prepare_batch(images, device, train=False))[0].float().cpu())
+            attrs.append(batch_attrs)
+            bar.update(len(images))
+    return torch.cat(latents), torch.cat(attrs)
+
+
+# ---------------------------------------------------------------- FID pieces
+
+
+def inception_network(device: torch.device | str, batch_size: int) -> metrics.InceptionFeatures:
+    """The FID Inception on `device`, loaded once per process and device."""
+    device = torch.device(device)
+    if device.type != "cuda":
+        batch_size = min(batch_size, INCEPTION_CPU_BATCH)
+    key = (str(device), batch_size)
+    if key not in _INCEPTION:
+        _INCEPTION[key] = metrics.InceptionFeatures(device=device, batch_size=batch_size)
+    return _INCEPTION[key]
+
+
+class FeatureMoments:
+    """Running mean and covariance of Inception features in float64, without keeping them."""
+
+    def __init__(self) -> None:
+        self.n = 0
+        self.total = np.zeros(metrics.INCEPTION_FEATURES)
+        self.outer = np.zeros((metrics.INCEPTION_FEATURES, metrics.INCEPTION_FEATURES))
+
+    def add(self, features: NDArray[np.float64]) -> None:
+        self.n += len(features)
+        self.total += features.sum(axis=0)
+        self.outer += features.T @ features
+
+    def statistics(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
+        """Mean (D,) and unbiased covariance (D, D), as metrics.feature_statistics."""
+        if self.n < 2:
+            raise ValueError(f"FID needs at least 2 images per set, got {self.n}.")
+        mean = self.total / self.n
+        return mean, (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
+
+
+def prior_moments(
+    model: DFCVAE, n: int, seed: int, batch_size: int, inception: metrics.InceptionFeatures, progress: bool = False
+) -> FeatureMoments:
+    """Inception moments of n decoded z ~ N(0, I); z drawn at once on CPU, so independent of batch size and device."""
+    device = next(model.parameters()).device
+    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, latent)
+    moments = FeatureMoments()
+    with evaluation_mode(model), tqdm(total=n, desc="evaluate: prior samples", unit="img", disable=not progress) as bar:
+        for chunk in z.split(batch_size):
+            moments.add(inception(model.decode(chunk.to(device)).float()))
+            bar.update(len(chunk))
+    return moments
+
+
+def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:
+    if name not in OBJECTIVES:
+        raise ValueError(f"eval.objective '{name}' is not one of {', '.join(OBJECTIVES)}.")
+    return OBJECTIVES[name](fid_recon, fid_samples)
+
+
+def check_settings(cfg: Config) -> None:
+    """The eval settings that would otherwise fail late: the objective and the attribute names."""
+    objective_value(cfg.eval.objective, 0.0, 0.0)
+    attribute_columns(cfg.eval.probe_attributes)
+    attribute_columns(cfg.eval.arithmetic_attributes)
+
+
+# ---------------------------------------------------------------- the tuning objective
+
+
+def tuning_objective(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, float]:
+    """FIDs on the first eval.val_subset val images; lower is better.
+
+    -> {"val/fid_recon", "val/fid_samples", "val/fid_sum", "val/objective"}, the last being
+    eval.objective's. Deterministic for a model and config; leaves the model's mode as it was.
+    """
+    objective_value(cfg.eval.objective, 0.0, 0.0)  # a misspelt objective fails before any work
+    inception = inception_network(device, cfg.eval.batch_size)
+    images, real = _val_reference(cfg, inception)
+    recon = FeatureMoments()
+    with evaluation_mode(model):
+        for chunk in images.split(cfg.eval.batch_size):
+            x = data.prepare_batch(chunk, device, train=False)
+            recon.add(inception(model.decode(model.encode(x)[0]).float()))
+    samples = prior_moments(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
+    fid_recon = metrics.frechet_distance(*real, *recon.statistics())
+    fid_samples = metrics.frechet_distance(*real, *samples.statistics())
+    return {
+        "val/fid_recon": fid_recon,
+        "val/fid_samples": fid_samples,
+        "val/fid_sum": fid_recon + fid_samples,
+        "val/objective": objective_value(cfg.eval.objective, fid_recon, fid_samples),
+    }
+
+
+def _val_reference(cfg: Config, inception: metrics.InceptionFeatures) -> tuple[Tensor, tuple[NDArray, NDArray]]:
+    """The fixed val images (uint8, CPU) and their Inception statistics, cached per shard set."""
+    key = (data.manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device), inception.identity)
+    if key not in _VAL_REFERENCE:
+        images, _ = read_split(cfg, "val", cfg.eval.val_subset)
+        moments = FeatureMoments()
+        moments.add(inception(images))
+        _VAL_REFERENCE.clear()  # one shard set per process: keep memory bounded
+        _VAL_REFERENCE[key] = images, moments.statistics()
+    return _VAL_REFERENCE[key]
+
+
+# ---------------------------------------------------------------- the attribute probe
+
+
+def attribute_columns(names: tuple[str, ...] | list[str]) -> list[int]:
+    unknown = [n for n in names if n not in data.ATTRIBUTE_NAMES]
+    if unknown:
+        raise ValueError(
+            f"unknown attribute {unknown[0]!r} in eval settings; CelebA's names are: {', '.join(data.ATTRIBUTE_NAMES)}."
+        )
+    return [data.ATTRIBUTE_NAMES.index(n) for n in names]
+
+
+def probe_latents(
+    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], names: tuple[str, ...] | list[str]
+) -> dict[str, Any]:
+    """metrics.attribute_probe on the named attributes that the data labels (no -1) with both classes in train.
+
+    train, test: (latents (N, D), attributes int8 (N, 40)). Returns attribute_probe's dict;
+    attributes left out are in "skipped" with the reason; means are None when none is probed.
+    """
+    (x_train, a_train), (x_test, a_test) = train, test
+    usable, skipped = [], {}
+    for name, col in zip(names, attribute_columns(names)):
+        if (a_train[:, col] < 0).any() or (a_test[:, col] < 0).any():
+            skipped[name] = "not labelled in the data"
+        elif len(torch.unique(a_train[:, col])) < 2:
+            skipped[name] = f"only class {int(a_train[0, col])} in train"
+        else:
+            usable.append(name)
+    if not usable:
+        return {"attributes": {}, "mean_accuracy": None, "mean_baseline": None, "skipped": skipped}
+    cols = attribute_columns(usable)
+    result = metrics.attribute_probe(x_train, a_train[:, cols].numpy(), x_test, a_test[:, cols].numpy(), usable)
+    result["skipped"] = {**skipped, **result["skipped"]}
+    return result
+
+
+def run_probe(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, Any]:
+    """The attribute probe alone: eval.probe_train_samples train and eval.num_samples test latent means."""
+    train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
+    test = latent_means(model, cfg, "test", cfg.eval.num_samples, device)
+    return probe_latents(train, test, cfg.eval.probe_attributes)
+
+
+# ---------------------------------------------------------------- pictures
+
+
+def grid_size(rows: int, cols: int, image_size: int) -> tuple[int, int]:
+    """(width, height) in pixels of a saved grid."""
+    step = image_size + GRID_PADDING
+    return cols * step + GRID_PADDING, rows * step + GRID_PADDING
+
+
+def principal_direction(latents: Tensor) -> Tensor:
+    """The latent means' first principal axis, scaled to 2 standard deviations along it: (D,)."""
+    centred = latents - latents.mean(dim=0)
+    _, singular, vh = torch.linalg.svd(centred.double(), full_matrices=False)
+    std = singular[0] / math.sqrt(max(len(latents) - 1, 1))
+    return (2.0 * std * vh[0]).to(latents.dtype)
+
+
+def arithmetic_directions(
+    names: tuple[str, ...], train_latents: Tensor, train_attrs: Tensor
+) -> dict[str, Tensor]:
+    """name -> attribute vector for the named attributes labelled with both classes in train."""
+    vectors = {}
+    for name, col in zip(names, attribute_columns(names)):
+        column = train_attrs[:, col]
+        if (column >= 0).all() and len(torch.unique(column)) == 2:
+            vectors[name] = metrics.attribute_vector(train_latents, train_attrs, col)
+    return vectors
+
+
+def write_pictures(
+    model: DFCVAE,
+    cfg: Config,
+    pool: tuple[Tensor, Tensor],
+    train: tuple[Tensor, Tensor],
+    out_dir: Path,
+) -> dict[str, dict[str, Any]]:
+    """The PICTURES from test images `pool` (uint8, int8 attrs) and train latent means; -> layout per file."""
+    images, attrs = pool
+    x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (P, 3, H, W) in [-1, 1]
+    generator = torch.Generator().manual_seed(cfg.eval.seed)
+    pairs = min(INTERP_PAIRS, len(x) // 2)
+    grids = {
+        "samples.png": metrics.sample_grid(model, SAMPLE_ROWS * SAMPLE_COLS, generator, nrow=SAMPLE_COLS),
+        "reconstructions.png": metrics.reconstruction_grid(model, x[:RECON_COLS]),
+        "interpolations.png": metrics.interpolation_grid(model, x[:pairs], x[pairs : 2 * pairs], INTERP_STEPS),
+    }
+    directions = arithmetic_directions(cfg.eval.arithmetic_attributes, *train)
+    if not directions:
+        log.warning(
+            "none of eval.arithmetic_attributes %s is labelled in the data: attribute_arithmetic.png "
+            "follows the latent means' first principal component instead.", list(cfg.eval.arithmetic_attributes)
+        )
+        directions = {PRINCIPAL_DIRECTION: principal_direction(train[0])}
+    blocks = []
+    for name, vector in directions.items():
+        rows = _rows_without(attrs, name)
+        blocks.append(metrics.attribute_arithmetic_grid(model, x[rows], vector, ARITHMETIC_STRENGTHS)[0])
+    grids["attribute_arithmetic.png"] = (torch.cat(blocks), len(ARITHMETIC_STRENGTHS))
+    layout = {}
+    for name, (grid, cols) in grids.items():
+        metrics.save_grid(grid, out_dir / name, nrow=cols)
+        cols = min(cols, len(grid))
+        layout[name] = {"rows": math.ceil(len(grid) / cols), "cols": cols, "image_size": int(x.shape[-1])}
+    layout["attribute_arithmetic.png"]["directions"] = list(directions)
+    return layout
+
+
+def _rows_without(attrs: Tensor, name: str) -> list[int]:
+    """ARITHMETIC_ROWS pool indices, those without attribute `name` first (in order)."""
+    if name in data.ATTRIBUTE_NAMES:
+        has = attrs[:, data.ATTRIBUTE_NAMES.index(name)] == 1
+        order = [i for i in range(len(attrs)) if not has[i]] + [i for i in range(len(attrs)) if has[i]]
+    else:
+        order = list(range(len(attrs)))
+    return order[:ARITHMETIC_ROWS]
+
+
+# ---------------------------------------------------------------- the test-set report
+
+
+@dataclass
+class Measurements:
+    """What one pass over the test images gathers."""
+
+    count: int
+    means: dict[str, float]  # per-image means: mse, psnr, ssim, reference_distance
+    real: FeatureMoments
+    recon: FeatureMoments
+    latents: Tensor  # (N, latent_dim) float32, CPU
+    attrs: Tensor  # (N, 40) int8
+    pool: tuple[Tensor, Tensor]  # the first PICTURE_POOL images (uint8) and their attributes
+
+
+RECONSTRUCTION_METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {
+    "mse": metrics.mse,
+    "psnr": metrics.psnr,
+    "ssim": metrics.ssim,
+}
+
+
+def measure_test_split(
+    model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures
+) -> Measurements:
+    """Reconstruction metrics, Inception moments and latent means over the first eval.num_samples test images."""
+    from dfcvae.loss import feature_distances
+    from dfcvae.train import Runtime, build_reference
+
+    reference = build_reference(cfg, Runtime(torch.device(device)))
+    total = min(cfg.eval.num_samples, split_count(cfg, "test"))
+    if total < 2:
+        raise ValueError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
+    sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance"], 0.0)
+    real, recon = FeatureMoments(), FeatureMoments()
+    latents, attrs, pool = [], [], []
+    with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
+        for images, batch_attrs in iter_split(cfg, "test", cfg.eval.num_samples):
+            x = data.prepare_batch(images, device, train=False)
+            mu, _ = model.encode(x)
+            x_hat = model.decode(mu).float()
+            for name, metric in RECONSTRUCTION_METRICS.items():
+                sums[name] += metric(x, x_hat) * len(x)  # batch means -> per-image sums
+            distance = sum(feature_distances(reference(x), reference(x_hat)).values())
+            sums["reference_distance"] += float(distance) * len(x)
+            real.add(inception(images))
+            recon.add(inception(x_hat))
+            latents.append(mu.float().cpu())
+            attrs.append(batch_attrs)
+            if sum(map(len, pool)) < PICTURE_POOL:
+                pool.append(images[: PICTURE_POOL - sum(map(len, pool))])
+            bar.update(len(x))
+    all_attrs = torch.cat(attrs)
+    return Measurements(
+        count=total,
+        means={k: v / total for k, v in sums.items()},
+        real=real,
+        recon=recon,
+        latents=torch.cat(latents),
+        attrs=all_attrs,
+        pool=(torch.cat(pool), all_attrs[:PICTURE_POOL]),
+    )
+
+
+def evaluate(
+    model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0
+) -> dict[str, Any]:
+    """The full evaluation (module docstring): files into eval.out_dir, metrics to `logger`.
+
+    logger: a dfcvae.tracking.RunLogger (metrics at `step`, files as artifacts under eval/) or None.
+    Returns the flat metrics (keys test/...), numbers plus the string test/fid_inception.
+    """
+    check_settings(cfg)
+    out_dir = Path(cfg.eval.out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    inception = inception_network(device, cfg.eval.batch_size)
+    test = measure_test_split(model, cfg, device, inception)
+    samples = prior_moments(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, progress=True)
+    real = test.real.statistics()
+    fid_recon = metrics.frechet_distance(*real, *test.recon.statistics())
+    fid_samples = metrics.frechet_distance(*real, *samples.statistics())
+    train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
+    probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes)
+    layout = write_pictures(model, cfg, test.pool, train, out_dir)
+
+    numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
+    numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
+    numbers["test/fid_images"] = test.count
+    numbers |= probe_metrics(probe)
+    write_outputs(
+        out_dir,
+        {**numbers, cfg.eval.objective: objective_value(cfg.eval.objective, fid_recon, fid_samples)},
+        probe,
+        {
+            "inception": inception.identity,
+            "fid_images": test.count,
+            "fid_prior_samples": test.count,
+            "seed": cfg.eval.seed,
+            "objective": cfg.eval.objective,
+            "reference": {"backbone": cfg.eval.reference_backbone, "weights": cfg.eval.reference_weights,
+                          "layers": list(resolve_layers(cfg.eval.reference_backbone, cfg.eval.reference_layers))},
+            "probe_train_images": len(train[0]),
+            "probe_skipped": probe["skipped"],
+            "pictures": layout,
+        },
+    )
+    if logger is not None:
+        log_to_run(logger, numbers, inception.identity, out_dir, step)
+    return {**numbers, "test/fid_inception": inception.identity}
+
+
+def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:
+    if not probe["attributes"]:
+        return {}
+    out = {"test/probe_accuracy_mean": probe["mean_accuracy"], "test/probe_baseline_mean": probe["mean_baseline"]}
+    for name, result in probe["attributes"].items():
+        out[f"test/probe_accuracy/{name}"] = result["accuracy"]
+        out[f"test/probe_baseline/{name}"] = result["baseline"]
+    return out
+
+
+def write_outputs(out_dir: Path, numbers: dict[str, float], probe: dict[str, Any], details: dict[str, Any]) -> None:
+    rows = [{"attribute": k, **v} for k, v in probe["attributes"].items()]  # accuracy, baseline
+    _write_json(out_dir / "metrics.json", {k: float(v) for k, v in numbers.items()})
+    _write_json(out_dir / "probe.json", rows)
+    _write_json(out_dir / "evaluation.json", details)
+    with (out_dir / "probe.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=["attribute", "accuracy", "baseline"])
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def _write_json(path: Path, value: Any) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(json.dumps(value, indent=2, sort_keys=isinstance(value, dict)) + "\n")
+    os.replace(tmp, path)
+
+
+def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
+    logger.metrics(numbers, step)
+    logger.client.set_tag(logger.run_id, "eval.fid_inception", identity)
+    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "evaluation.json"):
+        logger.artifact(out_dir / name, "eval")

@@ -1,0 +1,73 @@
+"""Stage `evaluate`: the trained model on the test split, metrics and pictures.
+
+Inputs: train.out_dir/model.pt (the architecture comes from the config stored in it, what
+was trained; every eval setting and the data paths from params.yaml), the shards, and
+train.out_dir/run.json when present (metrics and files are then logged to that MLflow run).
+Outputs (eval.out_dir), rewritten on every run; dfcvae/evaluate.py documents each:
+    metrics.json (DVC metrics), probe.json and probe.csv (DVC plots), evaluation.json,
+    samples.png, reconstructions.png, interpolations.png, attribute_arithmetic.png.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dfcvae import tracking
+from dfcvae.config import Config
+from dfcvae.evaluate import evaluate, model_from_state
+from dfcvae.train import load_checkpoint
+from pipeline.common import parse_config
+
+SUMMARY = ("test/fid_recon", "test/fid_samples", "test/fid_sum", "test/fid_images", "test/fid_inception",
+           "test/psnr", "test/ssim", "test/probe_accuracy_mean", "test/probe_baseline_mean")
+
+
+def evaluation_config(params: Config, trained: Config) -> Config:
+    """params.yaml with the model section it was trained with; the image sizes must agree."""
+    if trained.data.image_size != params.data.image_size:
+        raise ValueError(
+            f"the model was trained on {trained.data.image_size} px images but data.image_size is "
+            f"{params.data.image_size}: evaluate with the params it was trained with, or retrain."
+        )
+    return params.with_overrides({f"model.{k}": v for k, v in trained.to_dict()["model"].items()})
+
+
+def run_logger(cfg: Config) -> tracking.RunLogger | None:
+    """A logger for the training run named in train.out_dir/run.json, or None without one."""
+    run_file = Path(cfg.train.out_dir) / "run.json"
+    if not run_file.is_file():
+        return None
+    run = json.loads(run_file.read_text())
+    uri = tracking.tracking_uri(cfg.mlflow)
+    if run["tracking_uri"] != uri:
+        raise ValueError(
+            f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
+            "set MLFLOW_TRACKING_URI to the store that training used."
+        )
+    return tracking.RunLogger(uri, run["run_id"])
+
+
+def run(cfg: Config) -> dict[str, Any]:
+    model_path = Path(cfg.train.out_dir) / "model.pt"
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found: run the train stage first.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = load_checkpoint(model_path)
+    model, trained = model_from_state(state, device)
+    cfg = evaluation_config(cfg, trained)
+    return evaluate(model, cfg, device, logger=run_logger(cfg), step=int(state.get("step", 0)))
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config(__doc__.splitlines()[0], argv)
+    results = run(cfg)
+    print(json.dumps({k: results[k] for k in SUMMARY if k in results}, indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

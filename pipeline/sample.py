@@ -1,0 +1,102 @@
+"""Pictures from any trained model: prior samples, or reconstructions of your own images.
+
+    python -m pipeline.sample --model outputs/train/model.pt --out samples.png [--n 64 --seed 0]
+    python -m pipeline.sample --model models:/dfcvae@champion --out recon.png --reconstruct photos/
+
+--model: the train stage's model.pt, a checkpoint file or directory, or a registered model.
+Samples: n decodings of z ~ N(0, I) drawn from --seed, ceil(n / cols) rows of cols images.
+--reconstruct: the first n images (sorted by path, .jpg .jpeg .png .webp, recursive) of the
+folder, prepared as the shards are (centre crop of data.crop_size, or of the shorter side
+when smaller, then resized to the model's size); each row of cols inputs is followed by a
+row of their reconstructions, unused cells white. cols: --nrow, else ceil(sqrt(n)) for
+samples and 8 for reconstructions. Runs on the GPU when there is one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import math
+import sys
+from pathlib import Path
+
+import torch
+
+from dfcvae import metrics
+from dfcvae.config import Config
+from dfcvae.data import prepare_batch
+from dfcvae.evaluate import evaluation_mode, load_model
+from dfcvae.model import DFCVAE
+from pipeline.fetch import FOLDER_SUFFIXES
+from pipeline.shard import Rejected, load_rgb, preprocess
+
+log = logging.getLogger(__name__)
+RECON_COLS = 8
+
+
+def sample_pictures(model: DFCVAE, n: int, seed: int, cols: int) -> torch.Tensor:
+    images, _ = metrics.sample_grid(model, n, torch.Generator().manual_seed(seed), nrow=cols)
+    return images
+
+
+def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
+    """The first `limit` readable images under `folder`, prepared as the shards: uint8 (N, 3, S, S)."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"--reconstruct {folder} is not a folder of images.")
+    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
+    images = []
+    for path in paths:
+        if len(images) == limit:
+            break
+        try:
+            img, _ = load_rgb(path, 1, cfg.data.max_image_pixels)
+        except Rejected as err:
+            log.warning("skipping %s: %s", path, err)
+            continue
+        array = preprocess(img, min(cfg.data.crop_size, *img.size), cfg.data.image_size)  # (S, S, 3)
+        images.append(torch.tensor(array).permute(2, 0, 1))  # a copy: PIL arrays are read-only
+    if not images:
+        raise FileNotFoundError(f"no readable .jpg/.jpeg/.png/.webp images under {folder}.")
+    return torch.stack(images)
+
+
+def reconstruction_pictures(model: DFCVAE, images: torch.Tensor, cols: int) -> torch.Tensor:
+    """Rows of `cols` inputs, each followed by their reconstructions; padded with white: (R * cols, 3, S, S)."""
+    device = next(model.parameters()).device
+    x = prepare_batch(images, "cpu", train=False).contiguous()
+    with evaluation_mode(model):
+        recon = model.decode(model.encode(x.to(device))[0]).float().cpu()
+    pad = -len(x) % cols
+    white = torch.ones(pad, *x.shape[1:])
+    x, recon = torch.cat([x, white]), torch.cat([recon, white])
+    rows = [part for i in range(0, len(x), cols) for part in (x[i : i + cols], recon[i : i + cols])]
+    return torch.cat(rows)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", required=True, help="model.pt, checkpoint dir, or models:/<name>@<alias>")
+    parser.add_argument("--out", required=True, type=Path, help="the PNG to write")
+    parser.add_argument("--n", type=int, default=64, help="samples, or images to reconstruct (default 64)")
+    parser.add_argument("--seed", type=int, default=0, help="prior samples' seed (default 0)")
+    parser.add_argument("--nrow", type=int, default=0, help="images per row (default: see above)")
+    parser.add_argument("--reconstruct", type=Path, help="a folder of images to reconstruct instead of sampling")
+    args = parser.parse_args(argv)
+    if args.n < 1:
+        parser.error("--n must be at least 1.")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, cfg = load_model(args.model, device)
+    if args.reconstruct:
+        cols = args.nrow or RECON_COLS
+        grid = reconstruction_pictures(model, read_folder(args.reconstruct, args.n, cfg), cols)
+    else:
+        cols = args.nrow or math.ceil(math.sqrt(args.n))
+        grid = sample_pictures(model, args.n, args.seed, cols)
+    path = metrics.save_grid(grid, args.out, nrow=cols)
+    rows, cols = math.ceil(len(grid) / cols), min(cols, len(grid))
+    print(f"wrote {path}: {rows} rows x {cols} images of {cfg.data.image_size} px")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
