@@ -73,7 +73,7 @@ CHECKPOINT_ARTIFACT = "checkpoint"
 PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
 MODES = ("reconstruct", "encode", "sample")
 # Eval settings that do not change the objective's value, left out of the evaluation key.
-EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes")
+EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
 
 
 class RegistrationError(ValueError):
