@@ -1,0 +1,91 @@
+"""Stage `tune`: Ray Tune search over `tune.space` (params.yaml), one Ray Train run per trial.
+
+Runs the same way as a DVC stage, from a shell, and under
+`ray job submit --working-dir . -- python -m pipeline.tune` (RAY_ADDRESS set).
+Outputs (tune.out_dir):
+- best_overrides.json: {"overrides": {dotted key: value}, "trial_id", "objective", "metric",
+  "definition", "steps"}; the train stage applies the overrides over params.yaml;
+- results.csv: one row per trial (trial_id, each searched key, objective, steps, status), for `dvc plots`;
+- objective.png: the objective against alpha and beta, one colour per feature-layer set.
+With tune.enabled false it writes {"overrides": {}}, a header-only results.csv and an empty plot.
+Tune's experiment folder and the trials' runs live in tune.out_dir/ray (not a DVC out): a
+search whose driver was killed is restored from there on the next run, finished trials kept.
+MLflow: one run for the search, with a nested run per trial.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from dfcvae import data, tracking
+from dfcvae import tune as search
+from dfcvae.config import Config
+from dfcvae.train import absolute_paths
+from pipeline.common import init_ray, parse_config, write_json
+
+
+def tune(cfg: Config) -> dict[str, Any]:
+    """Run (or resume) the search; write and return the best-overrides record."""
+    cfg = absolute_paths(cfg)
+    if not cfg.tune.enabled:
+        return write_outputs(cfg, [], {"overrides": {}})
+    space = search.parse_space(cfg)  # a bad space fails before Ray or MLflow start
+    cfg.tune.best_overrides_path.unlink(missing_ok=True)  # never leave a previous search's winner
+    uri = tracking.setup(cfg.mlflow)
+    path, restoring = search.prepare_experiment(cfg)
+    if restoring:
+        print(f"[tune] restoring the interrupted search in {path}", flush=True)
+    run_id = search_run(cfg, path, uri)
+    logger = tracking.RunLogger(uri, run_id)
+    try:
+        init_ray(cfg)
+        rows = search.run_search(cfg, space, path, uri, run_id)
+        search.close_trial_runs(rows, uri)
+        best = write_outputs(cfg, rows, None)
+        logger.client.set_tag(run_id, "tune.best_trial_id", best["trial_id"])
+        logger.metrics({"best/objective": best["objective"], "tune/trials": len(rows)}, 0)
+        out = Path(cfg.tune.out_dir)
+        for name in (search.RESULTS_FILE, search.PLOT_FILE, cfg.tune.best_overrides_path.name):
+            logger.artifact(out / name, "tune")
+        logger.finish()
+        return best
+    except BaseException:
+        logger.finish("FAILED")
+        raise
+
+
+def write_outputs(cfg: Config, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any]:
+    """results.csv and the plot first (they explain a failure), then the best trial's overrides."""
+    out = Path(cfg.tune.out_dir)
+    search.write_results(cfg, rows, out / search.RESULTS_FILE)
+    search.plot_results(cfg, rows, out / search.PLOT_FILE)
+    best = best if best is not None else search.best_overrides(cfg, rows)
+    write_json(best, cfg.tune.best_overrides_path)
+    return best
+
+
+def search_run(cfg: Config, path: Path, uri: str) -> str:
+    """The search's MLflow run: the interrupted search's own when it is being continued."""
+    record = path / search.RUN_FILE
+    if record.is_file():
+        previous = json.loads(record.read_text())
+        if previous["tracking_uri"] == uri:
+            tracking.RunLogger(uri, previous["run_id"]).client.update_run(previous["run_id"], status="RUNNING")
+            return previous["run_id"]
+    tags = tracking.run_tags(cfg, data.read_manifest(cfg), data.manifest_hash(cfg))
+    tags["tune.experiment"] = path.name
+    run_id = tracking.start_run(cfg, "tune", tags)
+    write_json({"run_id": run_id, "tracking_uri": uri}, record)
+    return run_id
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config(__doc__.splitlines()[0], argv)
+    print(json.dumps(tune(cfg), indent=2))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

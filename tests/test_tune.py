@@ -1,0 +1,254 @@
+"""The hyperparameter search on a real local Ray cluster, MLflow on SQLite, synthetic shards."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow.tracking import MlflowClient
+
+from dfcvae import tune as tuning
+from dfcvae.config import Config, ConfigError
+from pipeline.common import with_best_overrides
+from pipeline.tune import tune
+
+pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parents[1]
+
+SEARCH = {
+    "tune.enabled": True,
+    "tune.search_alg": "random",
+    "tune.num_samples": 1,  # x 3 layer sets of the grid = 3 trials
+    "tune.max_concurrent": 2,
+    "tune.steps": 4,
+    "tune.report_every": 2,
+    "tune.grace_period": 2,
+    "tune.reduction_factor": 2,
+    "tune.driver_cpus": 0.25,
+    "tune.space": {
+        "loss.kl_weight": {"loguniform": [0.1, 10.0]},
+        "loss.perceptual_weight": {"loguniform": [0.05, 5.0]},
+        "perceptual.layers": {"grid": ["vae123", "vae345", ["block1", "block6"]]},
+    },
+    "scaling.num_workers": 1,
+    "scaling.cpus_per_worker": 0.5,
+    "scaling.max_failures": 0,
+    "eval.val_subset": 16,
+    "train.val_batches": 1,
+    "train.log_every": 2,
+    "loader.num_workers": 0,
+}
+
+
+def search_config(base: Config, root: Path, **overrides) -> Config:
+    return base.with_overrides({
+        **SEARCH, "tune.out_dir": str(root / "tune"), "mlflow.local_db": str(root / "mlflow.db"),
+        "mlflow.local_artifacts": str(root / "artifacts"), **overrides,
+    })
+
+
+def tracking_uri(root: Path) -> str:
+    return f"sqlite:///{root / 'mlflow.db'}"
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU local cluster; the GCS address, for the search drivers to join it."""
+    import ray
+
+    port = _free_port()
+    with pytest.MonkeyPatch.context() as patch:
+        # Ray Train's placement-group cleaner, which frees the workers of a trial that Tune stops,
+        # asks the State API whether the trial's controller is alive. Point every process of the
+        # cluster at this cluster's API, not at whatever /tmp/ray/ray_current_cluster names.
+        patch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
+        context = ray.init(
+            address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
+            dashboard_port=port, log_to_driver=False,
+        )
+        yield context.address_info["gcs_address"]
+        ray.shutdown()
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@dataclass
+class Interrupted:
+    cfg: Config
+    client: MlflowClient
+    finished: str  # the trial that had finished when the driver was killed
+    before: dict[str, bytes]  # its files at that moment
+    restored: subprocess.CompletedProcess
+
+
+@pytest.fixture(scope="module")
+def search(ray_cluster, synthetic_cfg, tmp_path_factory) -> Interrupted:
+    """`python -m pipeline.tune`, SIGKILLed once a trial has finished, then run again to the end.
+
+    The drivers join the test's cluster, as `ray job submit` joins a long-lived one.
+    """
+    root = tmp_path_factory.mktemp("search")
+    cfg = search_config(synthetic_cfg, root)
+    params = root / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    command = [sys.executable, "-m", "pipeline.tune", "--params", str(params)]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri(root), "RAY_ADDRESS": ray_cluster}
+    experiment = tuning.experiment_path(cfg)
+
+    started = time.perf_counter()
+    with (root / "first.log").open("w") as log:
+        first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            finished = _wait_for_a_finished_trial(experiment, first, timeout_s=400)
+        finally:
+            first.send_signal(signal.SIGKILL)
+            first.wait()
+    killed = time.perf_counter()
+    assert not cfg.tune.best_overrides_path.exists()
+    trial_dir = experiment / finished
+    before = {name: (trial_dir / name).read_bytes() for name in ("result.json", "train/reports.jsonl")}
+
+    restored = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=500)
+    assert restored.returncode == 0, restored.stdout[-3000:] + restored.stderr[-3000:]
+    print(f"search: {killed - started:.0f} s to the kill, {time.perf_counter() - killed:.0f} s restored")
+    return Interrupted(cfg, MlflowClient(tracking_uri=tracking_uri(root)), finished, before, restored)
+
+
+def _wait_for_a_finished_trial(experiment: Path, process: subprocess.Popen, timeout_s: float) -> str:
+    """The id of a trial that Tune has saved as TERMINATED while another has not finished."""
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        assert process.poll() is None, "the search ended before it could be interrupted"
+        for state in experiment.glob("experiment_state-*.json"):
+            try:
+                trials = [json.loads(entry[0]) for entry in json.loads(state.read_text())["trial_data"]]
+            except (json.JSONDecodeError, KeyError, OSError):
+                continue  # being rewritten
+            done = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
+            if done and len(done) < len(trials):
+                return done[0]
+        time.sleep(0.5)
+    raise AssertionError(f"no trial finished within {timeout_s} s")
+
+
+def _results(cfg: Config) -> list[dict[str, str]]:
+    return tuning.read_results(Path(cfg.tune.out_dir) / tuning.RESULTS_FILE)
+
+
+def test_search_runs_asha_trials_with_a_nested_mlflow_run_each(search):
+    cfg, client = search.cfg, search.client
+    rows = _results(cfg)
+    assert len(rows) == 3
+    assert sorted(row["perceptual.layers"] for row in rows) == ["block1,block6", "vae123", "vae345"]
+    for key in ("loss.kl_weight", "loss.perceptual_weight"):
+        assert len({row[key] for row in rows}) == 3
+    # ASHA: a trial ran all tune.steps, or was stopped at the rung at the grace period.
+    for row in rows:
+        assert (row["status"], int(row["steps"])) in {("completed", 4), ("stopped", 2)}, row
+        assert math.isfinite(float(row["objective"]))
+
+    experiment = client.get_experiment_by_name(cfg.mlflow.experiment)
+    parents = client.search_runs([experiment.experiment_id], "attributes.run_name = 'tune'")
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the restored search kept its run
+    parent = parents[0].info.run_id
+    assert sorted(a.path for a in client.list_artifacts(parent, "tune")) == [
+        "tune/best_overrides.json", "tune/objective.png", "tune/results.csv"]
+    children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
+    assert sorted(run.data.tags["tune.trial_id"] for run in children) == sorted(row["trial_id"] for row in rows)
+    by_trial = {row["trial_id"]: row for row in rows}
+    for run in children:
+        row = by_trial[run.data.tags["tune.trial_id"]]
+        assert run.info.status == "FINISHED" and run.data.tags["tune.status"] == row["status"]
+        # The trial's own values as params, and its metrics and grids at every report.
+        assert math.isclose(float(run.data.params["loss.kl_weight"]), float(row["loss.kl_weight"]))
+        assert run.data.params["perceptual.layers"] == row["perceptual.layers"]
+        assert run.data.params["train.steps"] == "4"
+        history = client.get_metric_history(run.info.run_id, tuning.OBJECTIVE)
+        assert sorted({m.step for m in history}) == list(range(2, int(row["steps"]) + 1, 2))
+        assert math.isclose(max(history, key=lambda m: m.step).value, float(row["objective"]), rel_tol=1e-9)
+        grids = [a.path for a in client.list_artifacts(run.info.run_id, "grids/samples")]
+        assert len(grids) == int(row["steps"]) // 2
+
+
+def test_best_overrides_name_the_trial_with_the_best_objective(search):
+    cfg = search.cfg
+    written = json.loads(cfg.tune.best_overrides_path.read_text())
+    # Against Tune's own per-trial record (result.json in each trial folder), not our table.
+    finals = {}
+    for trial_dir in tuning.experiment_path(cfg).iterdir():
+        if (trial_dir / "result.json").is_file():
+            last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
+            finals[last["trial_id"]] = last
+    assert len(finals) == 3
+    winner = min(finals.values(), key=lambda r: r[tuning.OBJECTIVE])
+    assert written["trial_id"] == winner["trial_id"] and written["metric"] == tuning.OBJECTIVE
+    assert math.isclose(written["objective"], winner[tuning.OBJECTIVE])
+    assert written["overrides"] == {key: winner["config"][key] for key in cfg.tune.space}
+    assert written["objective"] == min(float(row["objective"]) for row in _results(cfg))
+    # The train stage takes them over params.yaml; with tuning off, params.yaml alone.
+    final = with_best_overrides(cfg)
+    assert final.loss.kl_weight == winner["config"]["loss.kl_weight"]
+    assert final.perceptual.layers == tuple(
+        [winner["config"]["perceptual.layers"]] if isinstance(winner["config"]["perceptual.layers"], str)
+        else winner["config"]["perceptual.layers"]
+    )
+    off = cfg.with_overrides({"tune.enabled": False})
+    assert with_best_overrides(off) == off
+
+
+def test_killed_search_resumes_without_rerunning_a_finished_trial(search):
+    cfg = search.cfg
+    assert "restoring the interrupted search" in search.restored.stdout
+    rows = {row["trial_id"]: row for row in _results(cfg)}
+    assert search.finished in rows and len(rows) == 3
+    # The finished trial was not trained again: its Tune record and its Ray Train reports are
+    # byte for byte those from before the kill, one report per report_every steps, none restored.
+    trial_dir = tuning.experiment_path(cfg) / search.finished
+    for name, content in search.before.items():
+        assert (trial_dir / name).read_bytes() == content, name
+    reports = [json.loads(line) for line in search.before["train/reports.jsonl"].decode().splitlines()]
+    steps = int(rows[search.finished]["steps"])
+    assert [(r["step"], r["restored_from"]) for r in reports] == [(s, 0) for s in range(2, steps + 1, 2)]
+    last = json.loads(search.before["result.json"].decode().splitlines()[-1])
+    assert math.isclose(float(rows[search.finished]["objective"]), last[tuning.OBJECTIVE])
+
+
+def test_tuning_off_writes_empty_overrides_and_a_header_only_table(synthetic_cfg, tmp_path):
+    cfg = search_config(synthetic_cfg, tmp_path, **{"tune.enabled": False})
+    assert tune(cfg) == {"overrides": {}}
+    assert json.loads(cfg.tune.best_overrides_path.read_text()) == {"overrides": {}}
+    header = (Path(cfg.tune.out_dir) / tuning.RESULTS_FILE).read_text().splitlines()
+    assert header == ["trial_id,loss.kl_weight,loss.perceptual_weight,perceptual.layers,objective,steps,status"]
+    assert (Path(cfg.tune.out_dir) / tuning.PLOT_FILE).stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    ("space", "message"),
+    [
+        ({"loss.kl_wieght": {"loguniform": [0.1, 1.0]}}, "kl_wieght"),
+        ({"loss.kl_weight": {"lognormal": [0.1, 1.0]}}, "loguniform | uniform | choice | grid"),
+        ({"loss.kl_weight": {"loguniform": [0.0, 1.0]}}, "0 < low < high"),
+        ({"perceptual.layers": {"choice": ["vae123", "relu9_9"]}}, "relu9_9"),
+        ({"model.latent_dim": {"uniform": [8, 16]}}, "expected an integer"),
+        ({"train.steps": {"choice": [10, 20]}}, "not searchable"),
+    ],
+)
+def test_a_bad_search_space_fails_before_any_trial_naming_the_key(synthetic_cfg, tmp_path, space, message):
+    cfg = search_config(synthetic_cfg, tmp_path, **{"tune.space": space})
+    with pytest.raises(ConfigError, match=message):
+        tuning.parse_space(cfg)
