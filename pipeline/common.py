@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +55,18 @@ def init_ray(cfg: Config) -> None:
         ray.init(log_to_driver=True)
     else:
         # The dashboard stays on: without it, trials stopped early leak placement groups.
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
+        # Ray's cleanup actors find it through RAY_API_SERVER_ADDRESS; set before ray.init so
+        # every Ray process inherits this cluster's address, not a stale one from /tmp/ray.
+        port = free_port()
+        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
+                 log_to_driver=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def write_json(data: dict, path: Path) -> None:
