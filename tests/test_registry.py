@@ -46,8 +46,11 @@ GRIDS = ("samples", "reconstructions", "interpolations", "attribute_arithmetic")
 
 @pytest.fixture
 def cfg(tmp_path, monkeypatch) -> Config:
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}")
+    uri = f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+    # An earlier test's mlflow.set_tracking_uri would otherwise win over the variable.
+    mlflow.set_tracking_uri(uri)
     return tiny_config(tmp_path)
 
 
