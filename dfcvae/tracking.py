@@ -9,6 +9,7 @@ that does not start.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import time
@@ -62,6 +63,21 @@ def setup(cfg: MlflowConfig) -> str:
             pass  # created concurrently by another process
     mlflow.set_experiment(cfg.experiment)
     return uri
+
+
+def training_run(cfg: Config) -> tuple[str, str] | None:
+    """(tracking URI, run id) of the run named in train.out_dir/run.json; None without that file."""
+    run_file = Path(cfg.train.out_dir) / "run.json"
+    if not run_file.is_file():
+        return None
+    run = json.loads(run_file.read_text())
+    uri = tracking_uri(cfg.mlflow)
+    if run["tracking_uri"] != uri:
+        raise ValueError(
+            f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
+            "set MLFLOW_TRACKING_URI to the store that training used."
+        )
+    return uri, run["run_id"]
 
 
 def git_commit() -> str:

@@ -39,17 +39,8 @@ def evaluation_config(params: Config, trained: Config) -> Config:
 
 def run_logger(cfg: Config) -> tracking.RunLogger | None:
     """A logger for the training run named in train.out_dir/run.json, or None without one."""
-    run_file = Path(cfg.train.out_dir) / "run.json"
-    if not run_file.is_file():
-        return None
-    run = json.loads(run_file.read_text())
-    uri = tracking.tracking_uri(cfg.mlflow)
-    if run["tracking_uri"] != uri:
-        raise ValueError(
-            f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
-            "set MLFLOW_TRACKING_URI to the store that training used."
-        )
-    return tracking.RunLogger(uri, run["run_id"])
+    run = tracking.training_run(cfg)
+    return tracking.RunLogger(*run) if run else None
 
 
 def run(cfg: Config) -> dict[str, Any]:

@@ -12,7 +12,6 @@ Refused, with nothing registered, when the training run failed or any metric is 
 from __future__ import annotations
 
 import dataclasses
-import json
 import sys
 from pathlib import Path
 
@@ -24,17 +23,10 @@ from pipeline.common import parse_config, write_json
 
 def register(cfg: Config) -> Registration:
     train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
-    run_file = train_dir / "run.json"
-    if not run_file.is_file():
-        raise FileNotFoundError(f"{run_file} not found: run the train stage first.")
-    run = json.loads(run_file.read_text())
-    uri = tracking.tracking_uri(cfg.mlflow)
-    if run["tracking_uri"] != uri:
-        raise ValueError(
-            f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
-            "set MLFLOW_TRACKING_URI to the store that training used."
-        )
-    result = register_model(cfg, train_dir / "model.pt", eval_dir / "metrics.json", eval_dir, run_id=run["run_id"])
+    run = tracking.training_run(cfg)
+    if run is None:
+        raise FileNotFoundError(f"{train_dir / 'run.json'} not found: run the train stage first.")
+    result = register_model(cfg, train_dir / "model.pt", eval_dir / "metrics.json", eval_dir, run_id=run[1])
     write_json(dataclasses.asdict(result), Path(cfg.registry.out_dir) / "registration.json")
     return result
 
