@@ -447,12 +447,20 @@ class ShardLoader:
         self.tolerance = tolerance
         self.skipped = 0
         self.skipped_by_shard: dict[str, int] = {}
+        self._batches: Iterator[dict] | None = None
 
     def __len__(self) -> int:
         return self.n_batches
 
+    def start(self) -> ShardLoader:
+        """Start the worker processes now (they read ahead until their queues are full)."""
+        if self._batches is None:
+            self._batches = iter(self.loader)
+        return self
+
     def __iter__(self) -> Iterator[dict]:
-        batches, error = iter(self.loader), None
+        self.start()
+        batches, error, self._batches = self._batches, None, None
         for batch in batches:
             error = batch.get("_error")
             if error:
@@ -540,6 +548,30 @@ def make_loader(
     return ShardLoader(loader, n_batches - skip_batches, cfg.loader.corrupt_tolerance)
 
 
+def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[tuple[int, dict]]:
+    """(step, batch) for steps start, start + 1, ... across epochs, endless; step k is batch
+    k mod batches_per_epoch of epoch k // batches_per_epoch, as make_loader defines them.
+
+    The next epoch's worker processes start as soon as the current epoch's first batch has
+    arrived, so their start-up and shuffle-buffer fill overlap this epoch instead of stalling
+    the device at every epoch boundary.
+    """
+    per_epoch = batches_per_epoch(cfg, "train", world_size)
+    epoch, skip = divmod(start, per_epoch)
+    current = make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch, train=True, skip_batches=skip)
+    step = start
+    while True:
+        upcoming = None
+        for i, batch in enumerate(current):
+            if i == 0:
+                upcoming = make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch + 1, train=True)
+                upcoming.start()
+            yield step, batch
+            step += 1
+        epoch += 1
+        current = upcoming or make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch, train=True)
+
+
 def prepare_batch(
     images: torch.Tensor, device: torch.device | str, *, train: bool, generator: torch.Generator | None = None
 ) -> torch.Tensor:
@@ -553,5 +585,7 @@ def prepare_batch(
     if train:
         rng_device = generator.device if generator is not None else x.device
         flip = torch.rand(x.shape[0], generator=generator, device=rng_device) < 0.5
-        x = torch.where(flip.to(x.device).view(-1, 1, 1, 1), x.flip(3), x)
+        if flip.device != x.device and x.device.type == "cuda":
+            flip = flip.pin_memory()  # a pageable copy would wait for the device to finish the last step
+        x = torch.where(flip.to(x.device, non_blocking=True).view(-1, 1, 1, 1), x.flip(3), x)
     return x.contiguous(memory_format=torch.channels_last)

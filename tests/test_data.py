@@ -195,6 +195,19 @@ def test_skip_batches_resumes_exactly(sharded, skip):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
 
 
+def test_train_stream_crosses_epochs_as_make_loader_defines_them(sharded):
+    """Steps run on across epoch boundaries (the next epoch's workers started early) in the
+    order of make_loader per epoch, from any start step."""
+    per_epoch = data.batches_per_epoch(sharded, "train", 1)
+    expected = [b["key"] for epoch in range(3) for b in epoch_batches(sharded, epoch=epoch)]
+    start = per_epoch - 1  # the last batch of epoch 0
+    stream = data.train_stream(sharded, start=start)
+    got = [next(stream) for _ in range(per_epoch + 2)]
+    stream.close()
+    assert [step for step, _ in got] == list(range(start, start + per_epoch + 2))
+    assert [b["key"] for _, b in got] == expected[start : start + per_epoch + 2]
+
+
 # ---------------------------------------------------------------------------------------------
 # Damaged and hostile shards
 
