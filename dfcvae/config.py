@@ -98,6 +98,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     grid_every: int = 2000
     compile: bool = False  # torch.compile on GPU
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see train.COMPILE_MODES)
     out_dir: str = "outputs/train"
     init_from: str = ""  # checkpoint path or models:/ URI to start from
 

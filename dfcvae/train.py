@@ -109,6 +109,20 @@ def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
 # ---------------------------------------------------------------- step, validation
 
 
+# torch.compile modes -> whether they replay CUDA graphs (which reuse their output memory).
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+
+
+def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, bool]:
+    """fn under torch.compile when train.compile and on GPU; -> (callable, uses CUDA graphs)."""
+    mode = cfg.train.compile_mode
+    if mode not in COMPILE_MODES:
+        raise ValueError(f"train.compile_mode '{mode}' is not one of {', '.join(COMPILE_MODES)}.")
+    if not (cfg.train.compile and runtime.on_gpu):
+        return fn, False
+    return torch.compile(fn, mode=mode), COMPILE_MODES[mode]
+
+
 def make_train_step(
     model: nn.Module,
     perceptual: PerceptualNetwork | None,
@@ -124,11 +138,15 @@ def make_train_step(
             recon, mu, logvar = model(x)
             return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss)
 
-    compute = torch.compile(forward_loss) if (cfg.train.compile and runtime.on_gpu) else forward_loss
+    compute, graphed = compiled(forward_loss, cfg, runtime)
 
     def step(x: Tensor) -> dict[str, Tensor]:
         optimizer.zero_grad(set_to_none=True)
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
         loss, logs = compute(x)
+        if graphed:  # graph outputs are overwritten by the next replay; the logs outlive it
+            logs = {k: v.clone() for k, v in logs.items()}
         loss.backward()
         if cfg.optim.grad_clip > 0:
             logs["train/grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
@@ -261,14 +279,8 @@ def read_log(path: Path) -> list[dict[str, float]]:
 
 def batches_from(cfg: Config, rank: int, world: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
     """(step, uint8 images) from start_step on, across epochs; the position follows from the step."""
-    per_epoch = data.batches_per_epoch(cfg, "train", world)
-    step = start_step
-    while True:
-        epoch, skip = divmod(step, per_epoch)
-        loader = data.make_loader(cfg, "train", rank=rank, world_size=world, epoch=epoch, train=True, skip_batches=skip)
-        for batch in loader:
-            yield step, batch["image"]
-            step += 1
+    for step, batch in data.train_stream(cfg, rank=rank, world_size=world, start=start_step):
+        yield step, batch["image"]
 
 
 def fixed_val_batches(cfg: Config, runtime: Runtime) -> list[Tensor]:

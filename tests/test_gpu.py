@@ -35,6 +35,33 @@ def test_bf16_step_loss_matches_fp32_on_the_same_batch():
     assert abs(bf16.item() - fp32.item()) <= 0.02 * abs(fp32.item())
 
 
+def _step_losses(cfg: Config, x: torch.Tensor, steps: int) -> list[torch.Tensor]:
+    """The logged losses of `steps` updates on x from the same initial weights, kept as tensors."""
+    runtime = Runtime(torch.device("cuda"))
+    torch.manual_seed(0)
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    step = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
+    return [step(x)["train/loss"] for _ in range(steps)]
+
+
+@requires_cuda
+@pytest.mark.parametrize("mode", ["default", "reduce-overhead"])
+def test_compiled_step_matches_eager_and_its_logs_outlive_later_steps(mode):
+    """A compiled step (CUDA graphs with reduce-overhead) keeps the eager step's numerics, and
+    the logs it returned still hold their values after later steps replayed the graph."""
+    torch._inductor.config.fallback_random = True  # the same latent noise as eager, to compare numerics
+    x = (torch.rand(32, 3, 64, 64, device="cuda") * 2 - 1).contiguous(memory_format=torch.channels_last)
+    torch.manual_seed(1)
+    eager = torch.stack(_step_losses(_cfg(**{"train.compile": False}), x, 4)).tolist()
+    torch.manual_seed(1)
+    kept = _step_losses(_cfg(**{"train.compile": True, "train.compile_mode": mode}), x, 4)
+    compiled = torch.stack(kept).tolist()
+    for a, b in zip(eager, compiled):
+        assert abs(a - b) <= 0.02 * abs(a), (eager, compiled)
+    assert len(set(compiled)) == len(compiled)  # each step's log is its own, not the last replay's
+
+
 @requires_cuda
 @pytest.mark.parametrize("compile", [False, True])
 def test_gpu_step_keeps_frozen_network_and_stays_finite(compile):
