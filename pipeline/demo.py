@@ -26,7 +26,23 @@ def profile_overrides(path: Path = PROFILE, params: Path = Path("params.yaml")) 
     """The profile as `-S` arguments, validated against the config first (a typo fails here)."""
     overrides = yaml.safe_load(path.read_text())
     Config.load(params).with_overrides(overrides)
-    return [f"{key}={json.dumps(value)}" for key, value in overrides.items()]
+    args = []
+    for key, value in overrides.items():
+        if isinstance(value, dict):  # replaced, not merged into params.yaml's mapping: delete, then add
+            args += [f"~{key}", f"+{key}={override_value(value)}"]
+        else:
+            args.append(f"{key}={override_value(value)}")
+    return args
+
+
+def override_value(value: object) -> str:
+    """A YAML value in the override grammar `dvc exp run -S` parses (Hydra's): mapping keys
+    unquoted, so a dotted key such as tune.space's `loss.kl_weight` stays one key."""
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{key}: {override_value(v)}" for key, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(override_value(v) for v in value) + "]"
+    return json.dumps(value)
 
 
 def run(cmd: list[str]) -> None:
