@@ -67,6 +67,10 @@ def test_ray_job_submit_runs_training_steps(ray_head, synthetic_cfg, tmp_path):
     # The dashboard and job API, the parts that take commands, listen on loopback only.
     listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
     assert f"127.0.0.1:{dashboard}" in listening and f"0.0.0.0:{dashboard}" not in listening
+    # And it refuses commands without the cluster's token (RAY_AUTH_MODE=token).
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)
+    assert refused.value.code in (401, 403)
     out = tmp_path / "job"
     overrides = {
         "data.shards_dir": synthetic_cfg.data.shards_dir, "data.source": "synthetic", "data.image_size": 32,
