@@ -6,6 +6,7 @@ import argparse
 import json
 import os
 import socket
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -14,13 +15,20 @@ import yaml
 from dfcvae.config import Config, ConfigError
 
 
-def parse_config(description: str, argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+def parse_config(
+    description: str,
+    argv: list[str] | None = None,
+    add_arguments: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> tuple[Config, argparse.Namespace]:
+    """params.yaml (--params) with --set overrides; add_arguments adds a command's own options."""
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
         "--set", action="append", default=[], metavar="KEY=VALUE",
         help="override a params key, e.g. --set loss.kl_weight=0.5 (value parsed as YAML)",
     )
+    if add_arguments is not None:
+        add_arguments(parser)
     args = parser.parse_args(argv)
     return Config.load(args.params).with_overrides(parse_overrides(args.set)), args
 
