@@ -21,6 +21,19 @@ pytestmark = pytest.mark.timeout(600)
 STEPS = 4
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The driver's evaluation (Inception, FID) runs faster on one thread on shared busy cores."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    with threadpool_limits(limits=1):
+        yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
 def ray_cluster():
     import ray
