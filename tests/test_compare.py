@@ -16,22 +16,9 @@ from dfcvae import data
 from dfcvae.config import Config
 from pipeline.compare import VARIANTS, compare, figure_sizes, main, plain_kl_weight
 
-pytestmark = pytest.mark.timeout(600)
+pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
 
 STEPS = 4
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """The driver's evaluation (Inception, FID) runs faster on one thread on shared busy cores."""
-    import torch
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")

@@ -40,7 +40,7 @@ from dfcvae.model import DFCVAE
 from dfcvae.train import Runtime, build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from tests.conftest import tiny_config
 
-pytestmark = pytest.mark.timeout(900)
+pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_thread")]
 
 SIZE = 32
 SETTINGS = {
@@ -57,19 +57,6 @@ SETTINGS = {
     "eval.val_subset": 8,
     "eval.batch_size": 8,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny convolutions and FID's 2048-d eigendecompositions run up to 20x faster on one
-    thread than on two busy shared CPU cores (threads spin waiting for each other)."""
-    from threadpoolctl import threadpool_limits
-
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    with threadpool_limits(limits=1):
-        yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
