@@ -43,14 +43,24 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
     return overrides
 
 
+def best_overrides(cfg: Config) -> dict | None:
+    """The tune stage's best trial's overrides; None when tuning is off or has not run."""
+    path = cfg.tune.best_overrides_path
+    if not cfg.tune.enabled or not path.is_file():
+        return None
+    return json.loads(path.read_text())["overrides"]
+
+
 def with_best_overrides(cfg: Config) -> Config:
     """The tune stage's best trial over params.yaml, when tuning is on."""
     if not cfg.tune.enabled:
         return cfg
-    path = cfg.tune.best_overrides_path
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing: run the tune stage first, or set tune.enabled: false.")
-    return cfg.with_overrides(json.loads(path.read_text())["overrides"])
+    overrides = best_overrides(cfg)
+    if overrides is None:
+        raise FileNotFoundError(
+            f"{cfg.tune.best_overrides_path} is missing: run the tune stage first, or set tune.enabled: false."
+        )
+    return cfg.with_overrides(overrides)
 
 
 def init_ray(cfg: Config) -> None:

@@ -49,7 +49,7 @@ from torchvision.utils import make_grid
 from dfcvae import data, evaluate, tracking
 from dfcvae.config import Config, ConfigError
 from dfcvae.train import load_checkpoint
-from pipeline.common import parse_config, write_json
+from pipeline.common import best_overrides, parse_config, write_json
 
 VARIANTS = ("plain_vae", "dfc_vae")  # row order of the pictures and the table
 LABELS = {"plain_vae": "plain VAE", "dfc_vae": "DFC-VAE"}
@@ -88,17 +88,9 @@ def plain_kl_weight(cfg: Config) -> float:
     return 1.0 / (3 * cfg.data.image_size**2)
 
 
-def tuned_overrides(cfg: Config) -> dict[str, Any] | None:
-    """The tune stage's best overrides when tuning is on and they exist, else None."""
-    path = cfg.tune.best_overrides_path
-    if not cfg.tune.enabled or not path.is_file():
-        return None
-    return json.loads(path.read_text())["overrides"]
-
-
 def variants(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> list[Variant]:
     """Both variants, each with its own train, Ray and eval folders under out_dir."""
-    tuned = tuned_overrides(cfg)
+    tuned = best_overrides(cfg)
     dfc = cfg.with_overrides(tuned) if tuned else cfg
     plain = dfc.with_overrides({
         "loss.perceptual_weight": 0.0,
