@@ -14,6 +14,9 @@ import yaml
 
 from dfcvae.config import Config, ConfigError
 
+# "0" keeps a Ray cluster on this machine, bound to 127.0.0.1 (`ray start` needs it too).
+SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
 
 def parse_config(
     description: str,
@@ -72,13 +75,40 @@ def init_ray(cfg: Config) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init(log_to_driver=True)
     else:
-        # The dashboard stays on: without it, trials stopped early leak placement groups.
-        # Ray's cleanup actors find it through RAY_API_SERVER_ADDRESS; set before ray.init so
-        # every Ray process inherits this cluster's address, not a stale one from /tmp/ray.
-        port = free_port()
-        os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port,
-                 log_to_driver=True)
+        start_local_ray()
+
+
+def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> str:
+    """A local cluster with its dashboard on 127.0.0.1; returns its GCS address for drivers to join.
+
+    The dashboard stays on: without it, trials stopped early leak placement groups. Ray Train's
+    placement-group cleaner asks the State API whether its controller is alive; it finds the API
+    through RAY_API_SERVER_ADDRESS, set before ray.init so every Ray process inherits this
+    cluster's address. Without it the cleaner asks whatever /tmp/ray/ray_current_cluster names,
+    and every run's shutdown waits out its 12 s timeout.
+    """
+    port = free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    loopback_only_ray()
+    import ray
+
+    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=port, log_to_driver=log_to_driver)
+    return context.address_info["gcs_address"]
+
+
+def loopback_only_ray() -> None:
+    """Ray's single-machine mode (its default on macOS and Windows) for clusters started here.
+
+    The node's address becomes 127.0.0.1, so the GCS, raylet, agents and workers bind loopback
+    only; otherwise they bind every interface whatever --node-ip-address says. Ray reads the
+    switch when it is imported: the variable reaches the processes the cluster starts, and the
+    constant covers this process if it imported Ray already.
+    """
+    os.environ[SINGLE_MACHINE_RAY] = "0"
+    from ray._private import ray_constants
+
+    ray_constants.ENABLE_RAY_CLUSTER = False
 
 
 def free_port() -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 
 import yaml
 
+from dfcvae import tracking
 from dfcvae.config import Config
 
 PROFILE = Path(__file__).with_name("demo.yaml")
@@ -66,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
         f"\ndemo finished in {minutes:.1f} min.\n"
         f"  pictures:  {cfg.eval.out_dir}/*.png\n"
         f"  registry:  {cfg.registry.out_dir}/registration.json\n"
-        f"  MLflow UI: mlflow ui --host 127.0.0.1 --backend-store-uri sqlite:///{cfg.mlflow.local_db}\n"
+        f"  MLflow UI: {shlex.join(tracking.ui_command(cfg.mlflow))}\n"
         f"  curves:    dvc plots show  (writes dvc_plots/index.html)"
     )
 

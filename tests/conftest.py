@@ -72,3 +72,41 @@ def one_thread():
     with threadpool_limits(limits=1):
         yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def ray_cluster():
+    """A 2-CPU local Ray cluster per test module, started as the pipeline starts one; its GCS address."""
+    import ray
+
+    from pipeline.common import start_local_ray
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("RAY_API_SERVER_ADDRESS", "")  # restored (unset) when the module ends
+        yield start_local_ray(num_cpus=2)
+        ray.shutdown()
+
+
+LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
+
+
+def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
+    """(address, port, process) for every TCP socket listening in root_pid's process tree."""
+    import psutil
+
+    root = psutil.Process(root_pid)
+    found = []
+    for proc in (root, *root.children(recursive=True)):
+        try:
+            found += [(c.laddr.ip, c.laddr.port, proc.name())
+                      for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def assert_loopback_only(root_pid: int, at_least: int = 1) -> None:
+    sockets = listening_sockets(root_pid)
+    assert len(sockets) >= at_least, f"expected at least {at_least} listening sockets, found {sockets}"
+    exposed = [s for s in sockets if s[0] not in LOOPBACK]
+    assert not exposed, f"listening beyond 127.0.0.1: {exposed}"

@@ -22,15 +22,6 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    yield
-    ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def compared(ray_cluster, synthetic_cfg: Config, tmp_path_factory) -> tuple[Config, dict, Path]:
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:

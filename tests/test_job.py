@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -14,25 +13,21 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import ROOT
+from pipeline.common import SINGLE_MACHINE_RAY, free_port
+from tests.conftest import ROOT, assert_loopback_only
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture()
 def ray_head(tmp_path):
     """A head node in its own process group (`--block`), so the test can stop exactly it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
-    dashboard = _free_port()
+    env = {**os.environ, "RAY_AUTH_MODE": "token", SINGLE_MACHINE_RAY: "0",  # as README's `ray start`
+           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    dashboard = free_port()
     cmd = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
-           "--port", str(_free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--ray-client-server-port", str(_free_port()), "--node-ip-address", "127.0.0.1"]
+           "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+           "--ray-client-server-port", str(free_port()), "--node-ip-address", "127.0.0.1"]
     log = (tmp_path / "ray-head.log").open("w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
@@ -54,7 +49,7 @@ def ray_head(tmp_path):
         if listed.returncode == 0:
             break
         time.sleep(2)
-    yield address, env, dashboard
+    yield address, env, head.pid
     os.killpg(head.pid, signal.SIGTERM)
     try:
         head.wait(timeout=30)
@@ -63,10 +58,10 @@ def ray_head(tmp_path):
 
 
 def test_ray_job_submit_runs_training_steps(ray_head, synthetic_cfg, tmp_path):
-    address, env, dashboard = ray_head
-    # The dashboard and job API, the parts that take commands, listen on loopback only.
-    listening = subprocess.run(["ss", "-ltn"], capture_output=True, text=True).stdout
-    assert f"127.0.0.1:{dashboard}" in listening and f"0.0.0.0:{dashboard}" not in listening
+    address, env, head_pid = ray_head
+    # Every service of the head node (GCS, raylet, dashboard and job API, agents, workers)
+    # listens on loopback only.
+    assert_loopback_only(head_pid, at_least=5)
     # And it refuses commands without the cluster's token (RAY_AUTH_MODE=token).
     with pytest.raises(urllib.error.HTTPError) as refused:
         urllib.request.urlopen(f"{address}/api/jobs/", timeout=10)

@@ -10,7 +10,6 @@ import hashlib
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -26,7 +25,7 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from conftest import tiny_config
+from tests.conftest import assert_loopback_only, tiny_config
 from dfcvae import tracking
 from dfcvae.config import Config
 from dfcvae.model import DFCVAE
@@ -39,6 +38,7 @@ from dfcvae.registry import (
 )
 from dfcvae.train import load_checkpoint
 from pipeline import register as register_stage
+from pipeline.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
 GRIDS = ("samples", "reconstructions", "interpolations", "attribute_arithmetic")
@@ -238,33 +238,37 @@ def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_pa
         assert torch.equal(value, state["model"][key])
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def start_server(command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
+    return subprocess.Popen(
+        command, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        # MLflow execs `uvicorn` by name: it must be this interpreter's, venv activated or not.
+        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+    )
+
+
+def wait_until_answering(server: subprocess.Popen, url: str, log: Path, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        assert server.poll() is None, f"{server.args} exited:\n{log.read_text()[-3000:]}"
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            return
+        except OSError:
+            assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s} s:\n{log.read_text()[-3000:]}"
+            time.sleep(0.5)
 
 
 @pytest.mark.slow
 def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
     _, name = registered(cfg, seed=6, objective=3.0)
     port, log = free_port(), tmp_path / "serve.log"
-    server = subprocess.Popen(
+    server = start_server(
         [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@{CHAMPION}",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
-        cwd=tmp_path, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-        # The server execs `uvicorn` by name: it must be this interpreter's, venv activated or not.
-        env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
+         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], log, tmp_path,
     )
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert time.monotonic() < deadline, "mlflow models serve did not answer /ping in time"
-                time.sleep(0.5)
+        wait_until_answering(server, f"http://127.0.0.1:{port}/ping", log)
+        assert_loopback_only(server.pid)
         x = np.random.default_rng(0).uniform(-1, 1, (3, 3, 32, 32)).astype(np.float32)
         for body, shape in (
             ({"inputs": x.tolist()}, (3, 3, 32, 32)),
@@ -293,6 +297,19 @@ def stop(server: subprocess.Popen) -> None:
             return
         except subprocess.TimeoutExpired:
             continue
+
+
+def test_the_mlflow_ui_command_listens_on_loopback_only(cfg, tmp_path):
+    """The UI command the demo prints serves the local store to this machine only."""
+    write_outputs(cfg, seed=7, objective=2.0)  # a store with a run in it
+    port, log = free_port(), tmp_path / "ui.log"
+    command = tracking.ui_command(cfg.mlflow, port)
+    server = start_server([sys.executable, "-m", *command], log, tmp_path)
+    try:
+        wait_until_answering(server, f"http://127.0.0.1:{port}/health", log)
+        assert_loopback_only(server.pid)
+    finally:
+        stop(server)
 
 
 def test_without_a_training_run_the_model_goes_on_a_new_finished_run(cfg):

@@ -29,17 +29,9 @@ from dfcvae.train import (
     state_digest,
 )
 from pipeline.train import train
+from tests.conftest import assert_loopback_only
 
 pytestmark = pytest.mark.timeout(600)
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    import ray
-
-    ray.init(address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1", log_to_driver=True)
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture()
@@ -53,6 +45,18 @@ def run_cfg(synthetic_cfg: Config, tmp_path: Path, monkeypatch) -> Config:
         "train.val_every": 3, "train.val_batches": 1, "train.checkpoint_every": 3, "train.grid_every": 6,
         "loader.num_workers": 1, "mlflow.local_artifacts": str(tmp_path / "artifacts"),
     })
+
+
+def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
+    """GCS, raylet, dashboard and job API, agents, the driver and its workers: 127.0.0.1 only."""
+    import ray
+
+    @ray.remote(num_cpus=0.5)
+    def node_address() -> str:
+        return ray.util.get_node_ip_address()
+
+    assert ray.get(node_address.remote()) == "127.0.0.1"
+    assert_loopback_only(os.getpid(), at_least=6)
 
 
 def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg):

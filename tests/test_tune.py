@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -60,31 +59,6 @@ def search_config(base: Config, root: Path, **overrides) -> Config:
 
 def tracking_uri(root: Path) -> str:
     return f"sqlite:///{root / 'mlflow.db'}"
-
-
-@pytest.fixture(scope="module")
-def ray_cluster():
-    """A 2-CPU local cluster; the GCS address, for the search drivers to join it."""
-    import ray
-
-    port = _free_port()
-    with pytest.MonkeyPatch.context() as patch:
-        # Ray Train's placement-group cleaner, which frees the workers of a trial that Tune stops,
-        # asks the State API whether the trial's controller is alive. Point every process of the
-        # cluster at this cluster's API, not at whatever /tmp/ray/ray_current_cluster names.
-        patch.setenv("RAY_API_SERVER_ADDRESS", f"http://127.0.0.1:{port}")
-        context = ray.init(
-            address="local", num_cpus=2, include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=port, log_to_driver=False,
-        )
-        yield context.address_info["gcs_address"]
-        ray.shutdown()
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 @dataclass
