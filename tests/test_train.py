@@ -106,11 +106,11 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
 def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     base = run_cfg.with_overrides({"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4})
     full = base.with_overrides({"train.steps": 8, "train.out_dir": str(tmp_path / "full")})
-    half = base.with_overrides({"train.steps": 4, "train.out_dir": str(tmp_path / "half")})
     train(full)
-    train(half)
+    halfway = _checkpoint_at(full, step=4)
     resumed = base.with_overrides({
-        "train.steps": 8, "train.out_dir": str(tmp_path / "resumed"), "train.init_from": _latest_checkpoint(half),
+        "train.steps": 8, "train.out_dir": str(tmp_path / "resumed"), "train.init_from": halfway,
+        "scaling.storage_dir": str(tmp_path / "ray-resumed"),
     })
     metrics = train(resumed)
     assert metrics["step"] == 8 and metrics["samples_seen"] == 8 * base.global_batch_size
@@ -120,9 +120,12 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
 
 
-def _latest_checkpoint(cfg: Config) -> str:
-    found = sorted(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt"), key=os.path.getmtime)
-    return str(found[-1].parent)
+def _checkpoint_at(cfg: Config, step: int) -> str:
+    """The folder of the run's checkpoint written at `step`."""
+    found = [path.parent for path in Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")
+             if load_checkpoint(path.parent)["step"] == step]
+    assert len(found) == 1, f"expected one checkpoint at step {step}, found {found}"
+    return str(found[0])
 
 
 def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
