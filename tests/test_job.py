@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -41,7 +41,7 @@ def ray_head(tmp_path):
         except OSError:
             time.sleep(1)
     else:
-        os.killpg(head.pid, signal.SIGKILL)
+        _kill_session(head.pid)
         pytest.fail("ray start --head did not bring up the dashboard within 300 s")
     # The job server comes up after the dashboard answers; wait until it lists jobs.
     while time.time() < deadline + 60:
@@ -50,11 +50,19 @@ def ray_head(tmp_path):
             break
         time.sleep(2)
     yield address, env, head.pid
-    os.killpg(head.pid, signal.SIGTERM)
-    try:
-        head.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(head.pid, signal.SIGKILL)
+    # The cluster is thrown away: SIGKILL every process of its session (workers put themselves
+    # in process groups of their own). A graceful SIGTERM drains the node for up to 30 s.
+    _kill_session(head.pid)
+    head.wait()
+
+
+def _kill_session(session_id: int) -> None:
+    import psutil
+
+    for proc in psutil.process_iter():
+        with contextlib.suppress(psutil.Error, OSError):
+            if os.getsid(proc.pid) == session_id:
+                proc.kill()
 
 
 def test_ray_job_submit_runs_training_steps(ray_head, synthetic_cfg, tmp_path):
