@@ -30,7 +30,7 @@ demo: setup
 	source $(VENV)/bin/activate && python -m pipeline.demo
 
 test: setup
-	source $(VENV)/bin/activate && python -m pytest -q -ra
+	source $(VENV)/bin/activate && python -m pytest -q -ra -n 2 --dist loadfile
 
 bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput

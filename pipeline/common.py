@@ -89,6 +89,8 @@ def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> 
     """
     port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # One machine is never partly preempted; the watcher would be one more process per run.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     loopback_only_ray()
     import ray
 

@@ -32,6 +32,20 @@ TINY = {
 }
 
 
+# `make test` runs the files on two workers (pytest-xdist, --dist loadfile), each file whole on
+# one worker. They start longest first, so that both workers finish at about the same time.
+LONGEST_FIRST = ("test_pipeline.py", "test_tune.py", "test_train.py", "test_compare.py", "test_job.py",
+                 "test_registry.py", "test_evaluate.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    def rank(item: pytest.Item) -> int:
+        name = item.path.name
+        return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
+
+    items.sort(key=rank)  # stable: tests keep their order within a file
+
+
 def tiny_config(root: Path, **overrides) -> Config:
     """The committed params.yaml shrunk to CPU-test size, with every path under `root`."""
     paths = {

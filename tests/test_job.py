@@ -27,7 +27,9 @@ def ray_head(tmp_path):
     dashboard = free_port()
     cmd = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
            "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--ray-client-server-port", str(free_port()), "--node-ip-address", "127.0.0.1"]
+           "--ray-client-server-port", str(free_port()), "--node-ip-address", "127.0.0.1",
+           # The job API reaches the agent on this port; its default (52365) may be another cluster's.
+           "--dashboard-agent-listen-port", str(free_port())]
     log = (tmp_path / "ray-head.log").open("w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"

@@ -31,7 +31,7 @@ SMALL = {
     "train.val_every": 15,
     "train.checkpoint_every": 15,
     "train.grid_every": 30,
-    "tune.num_samples": 2,
+    "tune.num_samples": 1,  # the search itself is tests/test_tune.py's; here the stage runs once
     "tune.steps": 4,
     "tune.report_every": 2,
     "tune.grace_period": 2,

@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
 import threading
 import time
 from pathlib import Path
 
 import mlflow
+import psutil
 import pytest
 import torch
 
@@ -130,7 +130,7 @@ def _checkpoint_at(cfg: Config, step: int) -> str:
 
 def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
     cfg = run_cfg.with_overrides({
-        "scaling.max_failures": 1, "train.steps": 300, "train.checkpoint_every": 20,
+        "scaling.num_workers": 1, "scaling.max_failures": 1, "train.steps": 300, "train.checkpoint_every": 20,
         "train.log_every": 20, "train.val_every": 1000, "train.grid_every": 1000,
     })
     killed: list[int] = []
@@ -148,12 +148,20 @@ def _kill_a_worker_after_first_checkpoint(cfg: Config, killed: list[int]) -> Non
     deadline = time.time() + 300
     while time.time() < deadline:
         if list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")):
-            out = subprocess.run(["pgrep", "-f", "RayTrainWorker"], capture_output=True, text=True).stdout.split()
-            if out:
-                os.kill(int(out[-1]), signal.SIGKILL)
-                killed.append(int(out[-1]))
+            # This cluster's workers only: its processes descend from this test process.
+            workers = [p for p in psutil.Process().children(recursive=True) if _is_train_worker(p)]
+            if workers:
+                workers[-1].send_signal(signal.SIGKILL)
+                killed.append(workers[-1].pid)
                 return
         time.sleep(0.2)
+
+
+def _is_train_worker(process: psutil.Process) -> bool:
+    try:
+        return "RayTrainWorker" in " ".join(process.cmdline())  # Ray's process title
+    except psutil.Error:
+        return False
 
 
 def test_nonfinite_loss_stops_the_run_without_a_checkpoint(ray_cluster, run_cfg):
