@@ -78,7 +78,7 @@ def init_ray(cfg: Config) -> None:
         start_local_ray()
 
 
-def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> str:
+def start_local_ray(num_cpus: int | None = None) -> str:
     """A local cluster with its dashboard on 127.0.0.1; returns its GCS address for drivers to join.
 
     The dashboard stays on: without it, trials stopped early leak placement groups. Ray Train's
@@ -95,7 +95,7 @@ def start_local_ray(num_cpus: int | None = None, log_to_driver: bool = True) -> 
     import ray
 
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, log_to_driver=log_to_driver)
+                       dashboard_port=port, log_to_driver=True)
     return context.address_info["gcs_address"]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import psutil
 import pytest
 
 from dfcvae.config import Config
@@ -106,8 +107,6 @@ LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     """(address, port, process) for every TCP socket listening in root_pid's process tree."""
-    import psutil
-
     root = psutil.Process(root_pid)
     found = []
     for proc in (root, *root.children(recursive=True)):

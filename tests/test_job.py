@@ -11,6 +11,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+import psutil
 import pytest
 
 from pipeline.common import SINGLE_MACHINE_RAY, free_port
@@ -59,8 +60,6 @@ def ray_head(tmp_path):
 
 
 def _kill_session(session_id: int) -> None:
-    import psutil
-
     for proc in psutil.process_iter():
         with contextlib.suppress(psutil.Error, OSError):
             if os.getsid(proc.pid) == session_id:
