@@ -230,7 +230,7 @@ def measure_data_path(args, runtime: Runtime, shards_dir: str, batch: int, worke
     """Shards -> float batches on the device through data.train_stream, as training reads them."""
     cfg = bench_config(args, LAYER_SETS["vae123"], batch, shards_dir, loader_workers=workers)
     images, start, steps = 0, None, steps_for(cfg, args.epochs)
-    for step, b in data.train_stream(cfg):
+    for step, b in data.train_stream(cfg, device=runtime.device):
         if step == steps:
             break
         data.prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step))
@@ -250,7 +250,7 @@ def measure_end_to_end(args, runtime: Runtime, shards_dir: str, layers, batch: i
     for _ in range(args.warmup):
         step_fn(x)
     images, start, steps = 0, None, steps_for(cfg, args.epochs)
-    for step, b in data.train_stream(cfg):
+    for step, b in data.train_stream(cfg, device=runtime.device):
         if step == steps:
             break
         step_fn(data.prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step)))

@@ -9,7 +9,8 @@ Shard format, written by `pipeline/shard.py` and read only here:
     manifest.sha256             sha256 of manifest.json (`manifest_hash`)
 
 Batches are dicts:
-    image  uint8 (B, 3, H, W), channels_last in memory; `prepare_batch` makes floats on the device
+    image  uint8 (B, 3, H, W), channels_last in memory, on make_loader's `device` (else the host);
+           `prepare_batch` makes floats on the device
     attrs  int8 (B, 40) in ATTRIBUTE_NAMES order: 1 present, 0 absent, -1 unknown (no attribute
            data, e.g. data.source: folder)
     key    list[str], the image ids
@@ -55,6 +56,7 @@ from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from dfcvae.config import Config
+from dfcvae.ring import BatchRing
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +74,7 @@ SPLITS: tuple[str, ...] = ("train", "val", "test")  # partition 0, 1, 2 in list_
 IMAGE_MEMBERS = {"raw": "npy", "png": "png"}  # data.encoding -> tar member extension
 META_MEMBER = "json"
 FORMAT_VERSION = 1
+PREFETCH = 2  # batches each DataLoader process reads ahead
 
 
 class DataError(RuntimeError):
@@ -369,7 +372,7 @@ class _EpochDataset(IterableDataset):
     """Yields the rank's batches skip_batches.. in order, split over DataLoader processes."""
 
     def __init__(self, streams: list[_Stream], *, n_batches: int, skip_batches: int, batch_size: int,
-                 image_size: int, image_ext: str, shuffle_buffer: int, tolerance: int):
+                 image_size: int, image_ext: str, shuffle_buffer: int, tolerance: int, ring: BatchRing | None):
         self.streams = streams
         self.n_batches = n_batches
         self.skip_batches = skip_batches
@@ -378,6 +381,7 @@ class _EpochDataset(IterableDataset):
         self.image_ext = image_ext
         self.shuffle_buffer = shuffle_buffer
         self.tolerance = tolerance
+        self.ring = ring  # None: batches are yielded as tensors
 
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
@@ -391,13 +395,23 @@ class _EpochDataset(IterableDataset):
                 v = j % len(self.streams)
                 if v not in running:
                     running[v] = self._batches(self.streams[v], skips)
-                batch = next(running[v])
-                batch["_skipped"], skips.pending = skips.pending, []
-                yield batch
+                message = self._deliver(j, next(running[v]))
+                if message is None:  # the loader was closed
+                    return
+                message["_skipped"], skips.pending = skips.pending, []
+                yield message
         except ShardError as e:  # delivered as data: ShardLoader raises it with this message alone
             yield {"_error": str(e)}
 
-    def _batches(self, stream: _Stream, skips: _Skips) -> Iterator[dict]:
+    def _deliver(self, index: int, batch: list[tuple]) -> dict | None:
+        """Batch `index` as tensors, or written into the ring with only its number and keys to send."""
+        if self.ring is None:
+            return _collate(batch)
+        if not self.ring.put(index, [b[0] for b in batch], [b[1] for b in batch]):
+            return None
+        return {"_ring": index, "key": [b[2] for b in batch]}
+
+    def _batches(self, stream: _Stream, skips: _Skips) -> Iterator[list[tuple]]:
         samples = _read_segments(stream.segments, self.image_ext, skips)
         if self.shuffle_buffer > 1:
             samples = _shuffled(samples, self.shuffle_buffer, random.Random(stream.seed))
@@ -418,7 +432,7 @@ class _EpochDataset(IterableDataset):
                 if not recent:
                     raise ShardError(f"{stream.segments[0].url}: no readable samples left to fill a batch")
                 batch += [recent[k % len(recent)] for k in range(self.batch_size - len(batch))]
-            yield _collate(batch)
+            yield batch
 
     def _decode(self, sample: dict) -> tuple:
         image = decode_image(self.image_ext, sample[self.image_ext], self.image_size)
@@ -439,12 +453,20 @@ def _as_is(batch: dict) -> dict:
 
 
 class ShardLoader:
-    """Iterable over one rank's batches of one epoch; counts samples skipped from corrupt shards."""
+    """Iterable over one rank's batches of one epoch; counts samples skipped from corrupt shards.
 
-    def __init__(self, loader: DataLoader, n_batches: int, tolerance: int):
+    With DataLoader processes, batches arrive through a BatchRing's shared slots. Images are
+    delivered on `device` (None: the host) as the batch's own copy, so a batch the consumer keeps
+    stays valid after its slot is reused.
+    """
+
+    def __init__(self, loader: DataLoader, n_batches: int, tolerance: int, ring: BatchRing | None,
+                 device: torch.device | None):
         self.loader = loader
         self.n_batches = n_batches
         self.tolerance = tolerance
+        self.ring = ring
+        self.device = device
         self.skipped = 0
         self.skipped_by_shard: dict[str, int] = {}
         self._batches: Iterator[dict] | None = None
@@ -461,23 +483,37 @@ class ShardLoader:
     def __iter__(self) -> Iterator[dict]:
         self.start()
         batches, error, self._batches = self._batches, None, None
-        for batch in batches:
-            error = batch.get("_error")
-            if error:
-                break
-            for url, count in batch.pop("_skipped"):
-                self.skipped += count
-                self.skipped_by_shard[url] = self.skipped_by_shard.get(url, 0) + count
-            if self.skipped > self.tolerance:  # each process checks its own; this is the rank's total
-                error = (f"corrupt shards {sorted(self.skipped_by_shard)}: {self.skipped} samples skipped, more "
-                         f"than loader.corrupt_tolerance={self.tolerance}; re-create them with `dvc repro shard`.")
-                break
-            yield batch
-        del batches  # stops the worker processes before raising
+        try:
+            for batch in batches:
+                error = batch.get("_error")
+                if error:
+                    break
+                for url, count in batch.pop("_skipped"):
+                    self.skipped += count
+                    self.skipped_by_shard[url] = self.skipped_by_shard.get(url, 0) + count
+                if self.skipped > self.tolerance:  # each process checks its own; this is the rank's total
+                    error = (f"corrupt shards {sorted(self.skipped_by_shard)}: {self.skipped} samples skipped, "
+                             f"more than loader.corrupt_tolerance={self.tolerance}; re-create them with "
+                             f"`dvc repro shard`.")
+                    break
+                yield self._receive(batch)
+                if self.ring is not None:
+                    self.ring.settle()  # the next batch is wanted: free the last one's slot once copied
+        finally:
+            if self.ring is not None:
+                self.ring.close()  # no DataLoader process may be left waiting for a slot
+            del batches  # stops the worker processes before raising
         if error:
             raise ShardError(error)
         if self.skipped:
             log.warning("skipped %d samples from corrupt shards: %s", self.skipped, self.skipped_by_shard)
+
+    def _receive(self, batch: dict) -> dict:
+        if "_ring" in batch:
+            batch["image"], batch["attrs"] = self.ring.take(batch.pop("_ring"), self.device)
+        elif self.device is not None:
+            batch["image"] = batch["image"].to(self.device, non_blocking=True)
+        return batch
 
 
 def make_loader(
@@ -491,12 +527,14 @@ def make_loader(
     skip_batches: int = 0,
     batch_size: int | None = None,
     num_workers: int | None = None,
+    device: torch.device | str | None = None,
 ) -> ShardLoader:
     """One rank's batches of `split` for `epoch`: exactly batches_per_epoch(...) - skip_batches.
 
     train: shuffle shards and samples (seeded by train.seed, epoch, rank); otherwise a fixed order.
     skip_batches: resume mid-epoch; batch k of the resumed loader is batch k of the full epoch.
     num_workers: DataLoader processes, a divisor of loader.num_workers (0 = in this process).
+    device: where batches' images are delivered (None: the host).
     """
     manifest = read_manifest(cfg)
     prep = manifest["preprocessing"]
@@ -527,30 +565,40 @@ def make_loader(
         seg = _segments(cfg, shards, start, stop) if count else []
         plan.append(_Stream(first=v, n_batches=count, segments=seg, seed=_seed(cfg.train.seed, epoch, rank, v)))
         start = stop
+    image_size = prep["image_size"]
+    # Processes hand batches over through shared slots, one more than can be in flight at once:
+    # PREFETCH per process, the batch being copied and the one the consumer holds.
+    slots = PREFETCH * workers + 2
+    ring = BatchRing(slots, batch_size, image_size, len(ATTRIBUTE_NAMES), first=skip_batches) if workers else None
+    device = torch.device(device) if device is not None else None
     dataset = _EpochDataset(
         plan,
         n_batches=n_batches,
         skip_batches=skip_batches,
         batch_size=batch_size,
-        image_size=prep["image_size"],
+        image_size=image_size,
         image_ext=IMAGE_MEMBERS[prep["encoding"]],
         shuffle_buffer=cfg.loader.shuffle_buffer if train else 0,
         tolerance=cfg.loader.corrupt_tolerance,
+        ring=ring,
     )
     loader = DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole batches
-        collate_fn=_as_is,  # already tensors
+        collate_fn=_as_is,  # already tensors, or ring messages
         num_workers=workers,
-        pin_memory=torch.cuda.is_available(),
+        prefetch_factor=PREFETCH if workers else None,
+        pin_memory=ring is None and device is not None and device.type == "cuda",
         persistent_workers=False,
     )
-    return ShardLoader(loader, n_batches - skip_batches, cfg.loader.corrupt_tolerance)
+    return ShardLoader(loader, n_batches - skip_batches, cfg.loader.corrupt_tolerance, ring, device)
 
 
-def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int = 0) -> Iterator[tuple[int, dict]]:
+def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int = 0,
+                 device: torch.device | str | None = None) -> Iterator[tuple[int, dict]]:
     """(step, batch) for steps start, start + 1, ... across epochs, endless; step k is batch
-    k mod batches_per_epoch of epoch k // batches_per_epoch, as make_loader defines them.
+    k mod batches_per_epoch of epoch k // batches_per_epoch, as make_loader defines them, with
+    images on `device`.
 
     The next epoch's worker processes start as soon as the current epoch's first batch has
     arrived, so their start-up and shuffle-buffer fill overlap this epoch instead of stalling
@@ -558,18 +606,18 @@ def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int 
     """
     per_epoch = batches_per_epoch(cfg, "train", world_size)
     epoch, skip = divmod(start, per_epoch)
-    current = make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch, train=True, skip_batches=skip)
+    loader = functools.partial(make_loader, cfg, "train", rank=rank, world_size=world_size, train=True, device=device)
+    current = loader(epoch=epoch, skip_batches=skip)
     step = start
     while True:
         upcoming = None
         for i, batch in enumerate(current):
             if i == 0:
-                upcoming = make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch + 1, train=True)
-                upcoming.start()
+                upcoming = loader(epoch=epoch + 1).start()
             yield step, batch
             step += 1
         epoch += 1
-        current = upcoming or make_loader(cfg, "train", rank=rank, world_size=world_size, epoch=epoch, train=True)
+        current = upcoming or loader(epoch=epoch)
 
 
 def prepare_batch(

@@ -277,9 +277,10 @@ def read_log(path: Path) -> list[dict[str, float]]:
 # ---------------------------------------------------------------- the worker loop
 
 
-def batches_from(cfg: Config, rank: int, world: int, start_step: int) -> Iterator[tuple[int, Tensor]]:
-    """(step, uint8 images) from start_step on, across epochs; the position follows from the step."""
-    for step, batch in data.train_stream(cfg, rank=rank, world_size=world, start=start_step):
+def batches_from(cfg: Config, rank: int, world: int, start_step: int,
+                 device: torch.device) -> Iterator[tuple[int, Tensor]]:
+    """(step, uint8 images on `device`) from start_step on, across epochs; the position follows from the step."""
+    for step, batch in data.train_stream(cfg, rank=rank, world_size=world, start=start_step, device=device):
         yield step, batch["image"]
 
 
@@ -315,7 +316,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     step_fn = make_train_step(model, perceptual, optimizer, scheduler, cfg, runtime)
     reporter = Reporter(cfg, loop_config, rank, world, runtime, perceptual, start)
 
-    for step, images in batches_from(cfg, rank, world, start):
+    for step, images in batches_from(cfg, rank, world, start, runtime.device):
         if step >= cfg.train.steps:
             break
         generator = seed_step(cfg.train.seed, rank, step)

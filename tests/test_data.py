@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import concurrent.futures
 import csv
 import hashlib
 import io
@@ -14,10 +15,12 @@ import shutil
 import subprocess
 import sys
 import tarfile
+import time
 import zipfile
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pytest
 import torch
 from PIL import Image
@@ -25,6 +28,7 @@ from PIL import Image
 from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError
+from dfcvae.ring import BatchRing
 from pipeline.fetch import SYNTHETIC_ATTRIBUTES, draw_face, fetch, write_attrs, write_partition
 from pipeline.shard import preprocess, write_shards
 
@@ -206,6 +210,55 @@ def test_train_stream_crosses_epochs_as_make_loader_defines_them(sharded):
     stream.close()
     assert [step for step, _ in got] == list(range(start, start + per_epoch + 2))
     assert [b["key"] for _, b in got] == expected[start : start + per_epoch + 2]
+
+
+# ---------------------------------------------------------------------------------------------
+# Shared slots between loader processes and the main process
+
+
+def test_slots_deliver_what_the_in_process_path_reads(sharded):
+    """14 batches through 6 slots, each slot reused twice: every batch the consumer kept is
+    intact and equal to the in-process reading, images channels_last."""
+    in_process = epoch_batches(sharded, batch_size=2, num_workers=0)
+    through_slots = epoch_batches(sharded, batch_size=2, num_workers=2)
+    assert len(through_slots) == 14 > 2 * (data.PREFETCH * 2 + 2)
+    for a, b in zip(in_process, through_slots):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["attrs"], b["attrs"])
+        assert b["image"].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_a_batch_waits_for_its_slot_and_a_closed_ring_lets_writers_go():
+    ring = BatchRing(slots=2, batch_size=2, image_size=4, attrs=3, first=5)
+    batch = lambda v: ([np.full((4, 4, 3), v, np.uint8)] * 2, [np.full(3, v, np.int8)] * 2)  # noqa: E731
+    assert ring.put(5, *batch(5)) and ring.put(6, *batch(6))
+    third = concurrent.futures.ThreadPoolExecutor(1).submit(ring.put, 7, *batch(7))  # slot 0 again
+    time.sleep(0.05)
+    assert not third.done()  # batch 5 not taken yet
+    images, attrs = ring.take(5, None)
+    assert third.result(timeout=5) is True
+    assert (images == 5).all() and (attrs == 5).all()  # the consumer's copy outlives the slot
+    assert images.shape == (2, 3, 4, 4) and images.is_contiguous(memory_format=torch.channels_last)
+    assert (ring.take(7, torch.device("cpu"))[0] == 7).all()
+    fourth = concurrent.futures.ThreadPoolExecutor(1).submit(ring.put, 8, *batch(8))  # waits for batch 6
+    ring.close()
+    assert fourth.result(timeout=5) is False
+
+
+def test_loader_processes_wait_for_slots_and_stop_when_the_consumer_does(sharded, monkeypatch):
+    """With one slot the two loader processes take turns, and a consumer that stops early
+    leaves no process waiting: the loader shuts down at once, not after DataLoader's timeout."""
+    monkeypatch.setattr(data, "BatchRing", lambda slots, *args, **kw: BatchRing(1, *args, **kw))
+    expected = epoch_batches(sharded, batch_size=2, num_workers=0)
+    for a, b in zip(expected, epoch_batches(sharded, batch_size=2, num_workers=2)):
+        assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
+    before = set(psutil.Process().children())
+    batches = iter(data.make_loader(sharded, "train", train=True, batch_size=2, num_workers=2))
+    next(batches)
+    time.sleep(0.5)  # both processes are now waiting for the slot
+    start = time.perf_counter()
+    batches.close()
+    assert time.perf_counter() - start < 3.0
+    assert not [p for p in set(psutil.Process().children()) - before if p.is_running() and p.status() != "zombie"]
 
 
 # ---------------------------------------------------------------------------------------------

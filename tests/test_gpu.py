@@ -1,8 +1,10 @@
-"""Numerics of the GPU training step: bf16 autocast against fp32 on the same batch."""
+"""Numerics of the GPU training step (bf16 autocast against fp32 on the same batch), and
+batches delivered to the GPU."""
 
 import pytest
 import torch
 
+from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.features import PerceptualNetwork
 from dfcvae.loss import dfc_vae_loss
@@ -78,3 +80,20 @@ def test_gpu_step_keeps_frozen_network_and_stays_finite(compile):
     assert isinstance(perceptual, PerceptualNetwork) and not perceptual.training
     for key, value in perceptual.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+@requires_cuda
+def test_loader_copies_page_locked_slots_to_the_device(synthetic_cfg):
+    """Batches reach the GPU by DMA from page-locked shared slots, on a side stream the busy
+    current stream waits for: the same bytes as the host path, intact after every slot's reuse."""
+    cfg = synthetic_cfg.with_overrides({"loader.num_workers": 2})
+    host = [b["image"] for b in data.make_loader(cfg, "train", train=False, num_workers=0)]
+    loader = data.make_loader(cfg, "train", train=False, device="cuda")
+    on_device, locked = [], []
+    for batch in loader:
+        locked.append(loader.ring.page_locked)
+        on_device.append(batch["image"].float())  # on the current stream, after the copy
+        torch.cuda._sleep(1_000_000)  # keep the current stream busy, as a training step does
+    assert all(locked) and len(on_device) == len(host) > loader.ring.slots
+    for a, b in zip(host, on_device):
+        assert b.is_cuda and torch.equal(a.float(), b.cpu())
