@@ -21,6 +21,7 @@ main process keeps up. CLOSED in a turn tells waiting processes the loader is go
 from __future__ import annotations
 
 import logging
+import os
 import time
 from collections.abc import Sequence
 
@@ -32,6 +33,28 @@ log = logging.getLogger(__name__)
 
 CLOSED = -1
 POLL_S = 0.0002  # how often a waiting loader process looks at its slot's turn
+SHARED_MEMORY = "/dev/shm"  # where Linux keeps shared memory; containers often make it small
+
+
+def shared_memory_free() -> int | None:
+    """Bytes free for shared memory, or None where there is no /dev/shm to ask."""
+    try:
+        stat = os.statvfs(SHARED_MEMORY)
+    except OSError:
+        return None
+    return stat.f_bavail * stat.f_frsize
+
+
+def check_shared_memory(needed: int) -> None:
+    """Fail now, in words, rather than with a bus error in a loader process halfway through."""
+    free = shared_memory_free()
+    if free is not None and needed > free:
+        raise RuntimeError(
+            f"the loader needs {needed / 2**20:.0f} MiB of shared memory for its batch slots but "
+            f"{SHARED_MEMORY} has {free / 2**20:.0f} MiB free: give the container more (docker run "
+            f"--shm-size, or the memory-backed /dev/shm volume of infra/k8s), or lower "
+            f"loader.batch_size or loader.num_workers."
+        )
 
 
 class BatchRing:
@@ -42,6 +65,7 @@ class BatchRing:
         image_bytes = slots * batch_size * image_size * image_size * 3
         attr_bytes = slots * batch_size * attrs
         turn_offset = -(-(image_bytes + attr_bytes) // 8) * 8
+        check_shared_memory(turn_offset + 8 * slots)
         # Shared memory pickles as a handle, so this works with fork, spawn and forkserver alike.
         storage = torch.UntypedStorage._new_shared(turn_offset + 8 * slots)
         memory = torch.empty(0, dtype=torch.uint8).set_(storage)

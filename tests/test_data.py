@@ -25,7 +25,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfcvae import data
+from dfcvae import data, ring
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError
 from dfcvae.ring import BatchRing
@@ -242,6 +242,13 @@ def test_a_batch_waits_for_its_slot_and_a_closed_ring_lets_writers_go():
     fourth = concurrent.futures.ThreadPoolExecutor(1).submit(ring.put, 8, *batch(8))  # waits for batch 6
     ring.close()
     assert fourth.result(timeout=5) is False
+
+
+def test_too_little_shared_memory_is_refused_in_words(sharded, monkeypatch):
+    monkeypatch.setattr(ring, "shared_memory_free", lambda: 2**20)
+    with pytest.raises(RuntimeError, match=r"needs 5 MiB of shared memory .* /dev/shm has 1 MiB free: .*--shm-size"):
+        data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=2)  # 6 slots of 256 images
+    assert data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=0)  # no slots needed
 
 
 def test_loader_processes_wait_for_slots_and_stop_when_the_consumer_does(sharded, monkeypatch):
