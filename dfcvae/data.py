@@ -478,7 +478,18 @@ class ShardLoader:
         """Start the worker processes now (they read ahead until their queues are full)."""
         if self._batches is None:
             self._batches = iter(self.loader)
+            if self.ring is not None and self.device is not None and self.device.type == "cuda":
+                self.ring.page_lock()  # now, while an earlier epoch may still be running
         return self
+
+    def close(self) -> None:
+        """Stop the loader processes and free the slots, whether or not the loader was iterated."""
+        if getattr(self, "ring", None) is not None:  # getattr: __del__ of a half-built loader
+            self.ring.close()
+        self._batches = None
+
+    def __del__(self) -> None:
+        self.close()  # e.g. the next epoch's loader, started early, when training stops first
 
     def __iter__(self) -> Iterator[dict]:
         self.start()

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 
 CLOSED = -1
 POLL_S = 0.0002  # how often a waiting loader process looks at its slot's turn
+HOST_REGISTER_PORTABLE = 1  # cudaHostRegisterPortable: page-locked for every device's context
 SHARED_MEMORY = "/dev/shm"  # where Linux keeps shared memory; containers often make it small
 
 
@@ -114,7 +115,7 @@ class BatchRing:
             images = images.to(device or "cpu", copy=True)
             self._release(slot, index)
             return images, attrs
-        self._page_lock()
+        self.page_lock()
         if self._stream is None:
             self._stream = torch.cuda.Stream(device)
         with torch.cuda.stream(self._stream):
@@ -145,13 +146,13 @@ class BatchRing:
     def _release(self, slot: int, index: int) -> None:
         self.turn[slot] = index + self.slots
 
-    def _page_lock(self) -> None:
-        """Page-lock the slots for DMA, after the loader processes have started: the driver may
-        mark locked pages not to be inherited by processes forked later."""
+    def page_lock(self) -> None:
+        """Page-lock the slots for DMA (CUDA), once. Only after the loader processes have started:
+        the driver may mark locked pages not to be inherited by processes forked later."""
         if self._locked is not None:
             return
         memory = self._memory
-        error = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), memory.numel(), 0)
+        error = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), memory.numel(), HOST_REGISTER_PORTABLE)
         self._locked = int(error) == 0
         if not self._locked:  # still correct: copies from pageable memory are staged, not async
             log.warning("cudaHostRegister failed (%s): host-to-device copies of batches will be slower", error)
