@@ -477,6 +477,8 @@ class ShardLoader:
     def start(self) -> ShardLoader:
         """Start the worker processes now (they read ahead until their queues are full)."""
         if self._batches is None:
+            if self.ring is not None:
+                self.ring.reset()  # a second pass over the loader reuses the slots from the start
             self._batches = iter(self.loader)
             if self.ring is not None and self.device is not None and self.device.type == "cuda":
                 self.ring.page_lock()  # now, while an earlier epoch may still be running
@@ -539,6 +541,7 @@ def make_loader(
     batch_size: int | None = None,
     num_workers: int | None = None,
     device: torch.device | str | None = None,
+    rings_alive: int = 1,
 ) -> ShardLoader:
     """One rank's batches of `split` for `epoch`: exactly batches_per_epoch(...) - skip_batches.
 
@@ -546,6 +549,7 @@ def make_loader(
     skip_batches: resume mid-epoch; batch k of the resumed loader is batch k of the full epoch.
     num_workers: DataLoader processes, a divisor of loader.num_workers (0 = in this process).
     device: where batches' images are delivered (None: the host).
+    rings_alive: how many loaders' slots may be in shared memory at once, checked up front.
     """
     manifest = read_manifest(cfg)
     prep = manifest["preprocessing"]
@@ -580,7 +584,8 @@ def make_loader(
     # Processes hand batches over through shared slots, one more than can be in flight at once:
     # PREFETCH per process, the batch being copied and the one the consumer holds.
     slots = PREFETCH * workers + 2
-    ring = BatchRing(slots, batch_size, image_size, len(ATTRIBUTE_NAMES), first=skip_batches) if workers else None
+    ring = BatchRing(slots, batch_size, image_size, len(ATTRIBUTE_NAMES), first=skip_batches,
+                     alive=rings_alive) if workers else None
     device = torch.device(device) if device is not None else None
     dataset = _EpochDataset(
         plan,
@@ -618,7 +623,9 @@ def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int 
     per_epoch = batches_per_epoch(cfg, "train", world_size)
     epoch, skip = divmod(start, per_epoch)
     loader = functools.partial(make_loader, cfg, "train", rank=rank, world_size=world_size, train=True, device=device)
-    current = loader(epoch=epoch, skip_batches=skip)
+    # Three epochs' slots are alive at a time: this one's, the next one's (started early), and
+    # the last one's, which this epoch's processes inherited when they forked.
+    current = loader(epoch=epoch, skip_batches=skip, rings_alive=3)
     step = start
     while True:
         upcoming = None

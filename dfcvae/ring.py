@@ -20,6 +20,7 @@ main process keeps up. CLOSED in a turn tells waiting processes the loader is go
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import time
@@ -61,23 +62,29 @@ def check_shared_memory(needed: int) -> None:
 class BatchRing:
     """S slots of (batch, H, W, 3) uint8 images and (batch, attrs) int8 rows in shared memory."""
 
-    def __init__(self, slots: int, batch_size: int, image_size: int, attrs: int, first: int = 0):
+    def __init__(self, slots: int, batch_size: int, image_size: int, attrs: int, first: int = 0,
+                 alive: int = 1):
+        """alive: how many rings of this size may be in shared memory at once; checked up front."""
         self.slots, self.first = slots, first
         image_bytes = slots * batch_size * image_size * image_size * 3
         attr_bytes = slots * batch_size * attrs
         turn_offset = -(-(image_bytes + attr_bytes) // 8) * 8
-        check_shared_memory(turn_offset + 8 * slots)
+        check_shared_memory(alive * (turn_offset + 8 * slots))
         # Shared memory pickles as a handle, so this works with fork, spawn and forkserver alike.
         storage = torch.UntypedStorage._new_shared(turn_offset + 8 * slots)
         memory = torch.empty(0, dtype=torch.uint8).set_(storage)
         self.images = memory[:image_bytes].view(slots, batch_size, image_size, image_size, 3)
         self.attrs = memory[image_bytes : image_bytes + attr_bytes].view(torch.int8).view(slots, batch_size, attrs)
         self.turn = memory[turn_offset:].view(torch.int64)
-        self.turn.copy_(torch.arange(first, first + slots))
         self._memory = memory
         self._pending: list[tuple[int, int, torch.cuda.Event]] = []  # (slot, batch, copy done)
         self._stream: torch.cuda.Stream | None = None
         self._locked: bool | None = None  # page-locked; None: not tried yet
+        self.reset()
+
+    def reset(self) -> None:
+        """Every slot free, waiting for its first batch: before each pass's processes start."""
+        self.turn.copy_(torch.arange(self.first, self.first + self.slots))
 
     @property
     def page_locked(self) -> bool:
@@ -137,11 +144,15 @@ class BatchRing:
 
     def close(self) -> None:
         """Let waiting loader processes go, and release the page lock."""
-        self.settle()
-        self.turn.fill_(CLOSED)
-        if self._locked:
-            torch.cuda.cudart().cudaHostUnregister(self._memory.data_ptr())
-            self._locked = False
+        try:
+            self.settle()
+        finally:  # after settle, whose releases would overwrite CLOSED
+            self.turn.fill_(CLOSED)
+            if self._locked:
+                error = torch.cuda.cudart().cudaHostUnregister(self._memory.data_ptr())
+                if int(error) != 0:
+                    _clear_cuda_error()
+                self._locked = None
 
     def _release(self, slot: int, index: int) -> None:
         self.turn[slot] = index + self.slots
@@ -152,7 +163,22 @@ class BatchRing:
         if self._locked is not None:
             return
         memory = self._memory
-        error = torch.cuda.cudart().cudaHostRegister(memory.data_ptr(), memory.numel(), HOST_REGISTER_PORTABLE)
+        cudart = torch.cuda.cudart()
+        error = cudart.cudaHostRegister(memory.data_ptr(), memory.numel(), HOST_REGISTER_PORTABLE)
         self._locked = int(error) == 0
         if not self._locked:  # still correct: copies from pageable memory are staged, not async
-            log.warning("cudaHostRegister failed (%s): host-to-device copies of batches will be slower", error)
+            _clear_cuda_error()
+            log.warning("cudaHostRegister failed (%s): host-to-device copies of batches will be slower",
+                        cudart.cudaGetErrorString(error))
+
+
+def _clear_cuda_error() -> None:
+    """Reset the thread's last CUDA error after a failed call we handle, or torch raises it at
+    the next kernel launch. torch does not expose cudaGetLastError: call it in the CUDA runtime
+    torch has loaded (the same library instance, so the same per-thread error)."""
+    with open("/proc/self/maps") as maps:
+        paths = {line.split()[-1] for line in maps if "libcudart" in line}
+    if not paths:
+        raise RuntimeError("a CUDA call on the loader's batch slots failed, and the CUDA runtime library "
+                           "to reset the error in was not found; set loader.num_workers: 0 to avoid the slots.")
+    ctypes.CDLL(paths.pop()).cudaGetLastError()

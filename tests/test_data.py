@@ -249,6 +249,18 @@ def test_too_little_shared_memory_is_refused_in_words(sharded, monkeypatch):
     with pytest.raises(RuntimeError, match=r"needs 5 MiB of shared memory .* /dev/shm has 1 MiB free: .*--shm-size"):
         data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=2)  # 6 slots of 256 images
     assert data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=0)  # no slots needed
+    # Training keeps three epochs' slots alive (6 slots of 4 images, ~73 KiB each): room for two is refused at once.
+    monkeypatch.setattr(ring, "shared_memory_free", lambda: 160_000)
+    assert data.make_loader(sharded, "train", train=True)
+    with pytest.raises(RuntimeError, match="shared memory"):
+        next(data.train_stream(sharded))
+
+
+def test_a_loader_read_twice_gives_the_epoch_twice(sharded):
+    loader = data.make_loader(sharded, "train", train=True, num_workers=2)
+    first, second = list(loader), list(loader)
+    assert len(first) == len(second) == len(loader)
+    assert all(a["key"] == b["key"] and torch.equal(a["image"], b["image"]) for a, b in zip(first, second))
 
 
 def test_loader_processes_wait_for_slots_and_stop_when_the_consumer_does(sharded, monkeypatch):
