@@ -513,8 +513,7 @@ class ShardLoader:
                 if self.ring is not None:
                     self.ring.settle()  # the next batch is wanted: free the last one's slot once copied
         finally:
-            if self.ring is not None:
-                self.ring.close()  # no DataLoader process may be left waiting for a slot
+            self.close()  # no DataLoader process may be left waiting for a slot
             del batches  # stops the worker processes before raising
         if error:
             raise ShardError(error)

@@ -95,7 +95,7 @@ def start_local_ray(num_cpus: int | None = None) -> str:
     import ray
 
     context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port, log_to_driver=True)
+                       dashboard_port=port)
     return context.address_info["gcs_address"]
 
 
