@@ -45,8 +45,9 @@ import json
 import logging
 import math
 import random
+import re
 from collections import deque
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import BinaryIO
 
@@ -118,6 +119,9 @@ def _npy_header(size: int) -> bytes:
 
 def decode_attrs(data: bytes) -> np.ndarray:
     """Sidecar JSON -> int8 (40,), 1/0, or all -1 when the sample has no attribute data."""
+    written = _attrs_as_written(data)
+    if written is not None:
+        return written
     meta = json.loads(data)
     if not isinstance(meta, dict):
         raise ValueError("sidecar is not a JSON object")
@@ -127,6 +131,24 @@ def decode_attrs(data: bytes) -> np.ndarray:
     if not isinstance(attrs, list) or len(attrs) != len(ATTRIBUTE_NAMES) or not set(attrs) <= {0, 1}:
         raise ValueError(f"attrs must be {len(ATTRIBUTE_NAMES)} values in {{0, 1}}")
     return np.asarray(attrs, dtype=np.int8)
+
+
+_ATTRS_PREFIX = b'{"attrs":['  # how pipeline/shard.py's encode_meta starts a sidecar with attributes
+_ATTRS_END = len(_ATTRS_PREFIX) + 2 * len(ATTRIBUTE_NAMES) - 1  # the 40 comma-separated 0/1 end here
+_SIDECAR_TAIL = re.compile(rb'\](,"identity":(0|[1-9][0-9]*))?\}')  # what may follow them
+
+
+def _attrs_as_written(data: bytes) -> np.ndarray | None:
+    """The attributes of a sidecar exactly as encode_meta writes it, read without a JSON parse
+    (which costs several times a raw image's decode); None for any other text."""
+    if not data.startswith(_ATTRS_PREFIX):
+        return None
+    values, tail = data[len(_ATTRS_PREFIX) : _ATTRS_END], data[_ATTRS_END:]
+    if values[1::2] != b"," * (len(ATTRIBUTE_NAMES) - 1) or values[::2].translate(None, b"01"):
+        return None
+    if not _SIDECAR_TAIL.fullmatch(tail):
+        return None
+    return np.frombuffer(values[::2], np.int8) - np.int8(ord("0"))
 
 
 def shard_name(split: str, index: int) -> str:
@@ -265,66 +287,96 @@ class _Skips:
 
 def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
     """Samples seg.begin..seg.end of one shard, as raw member bytes."""
-    index, sample = -1, None
     try:
         with open_url(seg.url) as stream:
-            for name, read in _tar_members(stream):
-                key, _, ext = name.partition(".")
-                if sample is None or key != sample["key"]:
-                    if sample is not None and index >= seg.begin:
-                        yield _complete(sample, seg, image_ext)
-                    index += 1
-                    sample = {"key": key, "url": seg.url}
-                    if index >= seg.end:
-                        return
-                if index >= seg.begin and ext in (image_ext, META_MEMBER):
-                    sample[ext] = read()
-    except (OSError, ValueError) as e:
+            shard = stream.read()  # one read: thousands of small reads cost more than the bytes
+    except OSError as e:
         raise ShardError(f"{seg.url}: {e}") from e
+    members, damage = _tar_members(shard)
+    index, sample = -1, None
+    for name, start, size in members:
+        key, _, ext = name.partition(".")
+        if sample is None or key != sample["key"]:
+            if sample is not None and index >= seg.begin:
+                yield _complete(sample, seg, image_ext)
+            index += 1
+            sample = {"key": key, "url": seg.url}
+            if index >= seg.end:
+                return
+        if index >= seg.begin and ext in (image_ext, META_MEMBER):
+            sample[ext] = shard[start : start + size]
+    if damage:  # the samples before the damage were delivered; the one it cut short is not
+        raise ShardError(f"{seg.url}: {damage}")
     if sample is not None and index >= seg.begin:
         yield _complete(sample, seg, image_ext)
     if index + 1 < seg.end:
         raise ShardError(f"{seg.url}: ended after {index + 1} samples but the manifest lists {seg.shard_count}")
 
 
-def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, Callable[[], bytes]]]:
-    """(name, read) for each regular member of the plain ustar stream that shard.py writes.
+END_OF_ARCHIVE = bytes(512)
 
-    Python's tarfile costs more than decoding a raw image, so this reads the 512-byte headers
-    itself; `read()` returns the member's bytes, and members not read are skipped unparsed.
+
+def _tar_members(shard: bytes) -> tuple[list[tuple[str, int, int]], str | None]:
+    """(name, offset, size) of each regular member of the plain ustar archive that shard.py
+    writes, up to the first damage, and that damage in words (None when the archive is whole).
+
+    Python's tarfile costs more than decoding a raw image, so this walks the 512-byte headers
+    itself, checks all their checksums in one numpy pass, and never parses a member.
     """
-    while True:
-        header = _read_exact(stream, 512)
-        if header.count(0) == 512:  # end of archive
-            return
-        stored = int(header[148:156].split(b"\0")[0].strip() or b"0", 8)
-        if stored != sum(header[:148]) + 8 * 32 + sum(header[156:]):
-            raise ValueError("bad tar header checksum: the shard is corrupt")
-        name = header[:100].split(b"\0")[0].decode()
-        size = int(header[124:136].split(b"\0")[0].strip() or b"0", 8)
-        kind, padded, done = header[156:157], -(-size // 512) * 512, []
-        if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
-            raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py")
+    members: list[tuple[str, int, int, int]] = []  # (name, offset, size, header number)
+    headers: list[int] = []  # header offsets
+    checksums: list[bytes] = []  # their checksum fields
+    offset, damage = 0, None
+    try:
+        while True:
+            header = shard[offset : offset + 512]
+            if header == END_OF_ARCHIVE:
+                break
+            if len(header) < 512:
+                raise ValueError(f"unexpected end of data, {512 - len(header)} bytes short: the shard is truncated")
+            headers.append(offset)
+            checksums.append(header[148:156])
+            kind = header[156:157]
+            if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
+                raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py")
+            size = _octal(header[124:136])
+            start, offset = offset + 512, offset + 512 + (size + 511) // 512 * 512
+            if start + size > len(shard):
+                raise ValueError(f"unexpected end of data, {start + size - len(shard)} bytes short: "
+                                 f"the shard is truncated")
+            if kind in (b"0", b"\0"):
+                members.append((header[:100].rstrip(b"\0").decode(), start, size, len(headers) - 1))
+    except ValueError as e:
+        damage = str(e)
+    bad = _first_bad_checksum(shard, headers, checksums)
+    if bad is not None:  # nothing from a corrupt header on can be trusted, its own error included
+        members, damage = [m for m in members if m[3] < bad], "bad tar header checksum: the shard is corrupt"
+    return [m[:3] for m in members], damage
 
-        def read(size=size, padded=padded, done=done) -> bytes:
-            done.append(True)
-            return _read_exact(stream, padded)[:size]
 
-        if kind in (b"0", b"\0"):
-            yield name, read
-        if not done:
-            _read_exact(stream, padded)
+def _octal(field: bytes) -> int:
+    try:
+        return int(field.rstrip(b" \0") or b"0", 8)  # digits padded with NULs or spaces
+    except ValueError:
+        raise ValueError(f"tar header field {field!r} is not a number: the shard is corrupt") from None
 
 
-def _read_exact(stream: BinaryIO, size: int) -> bytes:
-    chunks, left = [], size
-    while left:
-        chunk = stream.read(left)
-        if not chunk:
-            raise ValueError(f"unexpected end of data, {left} bytes short: the shard is truncated")
-        chunks.append(chunk)
-        left -= len(chunk)
-    return b"".join(chunks)
+def _first_bad_checksum(shard: bytes, headers: list[int], fields: list[bytes]) -> int | None:
+    """Number of the first header whose checksum (its bytes' sum, the checksum field counted
+    as spaces) is not the one its checksum field holds, or None."""
+    if not headers:
+        return None
+    stored = []
+    for field in fields:
+        try:
+            stored.append(_octal(field))
+        except ValueError:
+            stored.append(-1)  # no number: a bad checksum
+    blocks = np.frombuffer(shard, np.uint8, count=len(shard) // 512 * 512).reshape(-1, 512)
+    rows = blocks[np.asarray(headers) // 512].astype(np.int64)  # tar headers sit on 512-byte blocks
+    sums = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32
+    bad = np.flatnonzero(sums != np.asarray(stored))
+    return int(bad[0]) if bad.size else None
 
 
 def _complete(sample: dict, seg: Segment, image_ext: str) -> dict:

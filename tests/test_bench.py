@@ -37,3 +37,14 @@ def test_replicated_shards_list_every_copy_with_a_matching_manifest_hash(tmp_pat
     keys = [k for b in data.make_loader(cfg, "train", train=False) for k in b["key"]]
     assert len(keys) >= train["count"] and len(set(keys)) == train["count"] // 3
     assert (tmp_path / "shards/manifest.sha256").read_text().split()[0] == data.manifest_hash(cfg)
+
+
+def test_reader_bench_smoke_reads_both_encodings(tmp_path):
+    from bench import reader
+
+    report = reader.main(["--smoke", "--out", str(tmp_path / "reader.json")])
+    assert json.loads((tmp_path / "reader.json").read_text())["rows"] == report["rows"]
+    assert {r["encoding"] for r in report["rows"]} == {"raw", "png"}
+    assert all(r["images_per_cpu_s"] > 0 for r in report["rows"])
+    raw, png = (next(r for r in report["rows"] if r["encoding"] == e) for e in ("raw", "png"))
+    assert png["bytes_per_image"] < raw["bytes_per_image"] and raw["bytes_per_image"] > 32 * 32 * 3

@@ -30,7 +30,7 @@ from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError
 from dfcvae.ring import BatchRing
 from pipeline.fetch import SYNTHETIC_ATTRIBUTES, draw_face, fetch, write_attrs, write_partition
-from pipeline.shard import preprocess, write_shards
+from pipeline.shard import encode_meta, preprocess, write_shards
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -329,6 +329,66 @@ def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_
     small = shard_copy.with_overrides({"loader.corrupt_tolerance": 1})
     with pytest.raises(ShardError, match="train-000001.tar"):
         list(data.make_loader(small, "train", train=False, num_workers=0))
+
+
+def _samples_readable_before(shard: bytes, cut: int) -> list[str]:
+    """Keys of the samples a reader can trust in the first `cut` bytes, by Python's tarfile: a
+    sample is known to be whole once the next sample's first member is, or the archive is."""
+    first_member_end: dict[str, int] = {}
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        for member in tar:
+            first_member_end.setdefault(member.name.split(".")[0], member.offset_data + member.size)
+    keys = list(first_member_end)
+    if cut == len(shard):
+        return keys
+    return [key for key, after in zip(keys, keys[1:]) if first_member_end[after] <= cut]
+
+
+def test_a_cut_shard_yields_exactly_its_whole_samples_then_fails(sharded, tmp_path):
+    shard = (Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes()
+    count = len(_samples_readable_before(shard, len(shard)))
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
+        last = tar.getmembers()[-1]
+    end_of_members = last.offset_data + -(-last.size // 512) * 512  # then zero blocks close the archive
+    for cut in [*sorted(random.Random(0).sample(range(end_of_members), 24)), end_of_members]:
+        path = tmp_path / f"cut-{cut}.tar"
+        path.write_bytes(shard[:cut])
+        keys = []
+        with pytest.raises(ShardError, match="the shard is truncated"):
+            for sample in data._read_segment(data.Segment(str(path), 0, count, count), "npy"):
+                keys.append(sample["key"])
+        assert keys == _samples_readable_before(shard, cut), cut
+
+
+@pytest.mark.parametrize("field", [slice(124, 136), slice(148, 156)])  # size, checksum
+def test_a_header_field_that_is_not_a_number_is_a_checksum_error(sharded, tmp_path, field):
+    shard = bytearray((Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes())
+    with tarfile.open(fileobj=io.BytesIO(bytes(shard))) as tar:
+        fourth = tar.getmembers()[3].offset  # the second sample's sidecar
+    shard[fourth + field.start : fourth + field.stop] = b"zz" * ((field.stop - field.start) // 2)
+    members, damage = data._tar_members(bytes(shard))
+    assert damage == "bad tar header checksum: the shard is corrupt"
+    assert [name for name, _, _ in members] == [m.name for m in tarfile.open(fileobj=io.BytesIO(
+        (Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes())).getmembers()[:3]]
+
+
+def test_sidecars_as_written_read_as_json_reads_them():
+    rng = random.Random(0)
+    for identity in (None, 0, 7, 10177):
+        attrs = [rng.randint(0, 1) for _ in ATTRIBUTE_NAMES]
+        written = encode_meta(attrs, identity)
+        assert data._attrs_as_written(written) is not None  # the fast path is taken
+        assert data.decode_attrs(written).tolist() == attrs
+        spaced = json.dumps({"attrs": attrs, "identity": identity}).encode()  # another writer's spacing
+        assert data._attrs_as_written(spaced) is None and data.decode_attrs(spaced).tolist() == attrs
+    assert data.decode_attrs(encode_meta(None, 3)).tolist() == [-1] * len(ATTRIBUTE_NAMES)
+    values = b",".join([b"1"] * len(ATTRIBUTE_NAMES))
+    for bad in (b'{"attrs":[' + values.replace(b"1", b"2", 1) + b"]}",  # not 0/1
+                b'{"attrs":[' + values + b"]",  # cut short
+                b'{"attrs":[' + values + b',1]}'):  # 41 values
+        assert data._attrs_as_written(bad) is None
+        with pytest.raises(ValueError):
+            data.decode_attrs(bad)
 
 
 class _Payload:

@@ -1,0 +1,106 @@
+"""Loader read speed per core: shards -> uint8 batches in one process, by encoding and image size.
+
+    python -m bench.reader                  # 64 and 128 px, raw and png
+    python -m bench.reader --smoke          # tiny sizes, checks the script runs
+
+Each row reads the train split of a synthetic shard set through `data.make_loader` with no
+DataLoader processes: tar walk, checksums, decoding, the shuffle buffer and collation, which is
+everything a loader process does per image except handing the batch over. The figure is images
+per second of CPU time, the best of `--repeats` epochs, so other jobs on the machine do not skew
+it. Prints one table and writes JSON.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+from dfcvae import data
+from dfcvae.config import Config
+from pipeline.fetch import fetch
+from pipeline.shard import write_shards
+
+
+def shard_config(root: Path, image_size: int, encoding: str, images: int) -> Config:
+    return Config().with_overrides({
+        "data.source": "synthetic",
+        "data.synthetic_count": images,
+        "data.raw_dir": str(root / "raw"),
+        "data.shards_dir": str(root / f"shards-{image_size}-{encoding}"),
+        "data.image_size": image_size,
+        "data.encoding": encoding,
+        "data.samples_per_shard": max(images // 8, 16),
+        "loader.batch_size": min(256, images // 8),
+        "loader.num_workers": 1,
+    })
+
+
+def images_per_cpu_second(cfg: Config, repeats: int) -> float:
+    best = 0.0
+    for _ in range(repeats):
+        start, images = time.process_time(), 0
+        for batch in data.make_loader(cfg, "train", train=True, num_workers=0):
+            images += len(batch["key"])
+        best = max(best, images / (time.process_time() - start))
+    return best
+
+
+def disk_per_image(cfg: Config) -> float:
+    manifest = data.read_manifest(cfg)["splits"]["train"]
+    shards = Path(cfg.data.shards_dir)
+    return sum((shards / s["name"]).stat().st_size for s in manifest["shards"]) / manifest["count"]
+
+
+def run(args: argparse.Namespace) -> dict:
+    report = {"date": time.strftime("%Y-%m-%d"), "images": args.images, "rows": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            for encoding in args.encodings:
+                cfg = shard_config(Path(tmp), size, encoding, args.images)
+                if size == args.sizes[0] and encoding == args.encodings[0]:
+                    fetch(cfg)  # the same raw faces for every row
+                write_shards(cfg)
+                row = {"image_size": size, "encoding": encoding,
+                       "images_per_cpu_s": images_per_cpu_second(cfg, args.repeats),
+                       "bytes_per_image": disk_per_image(cfg)}
+                report["rows"].append(row)
+                print(row, flush=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def format_table(report: dict) -> str:
+    lines = ["| image size | encoding | images/s per core | disk per image |", "|---|---|---:|---:|"]
+    for r in report["rows"]:
+        lines.append(f"| {r['image_size']} px | {r['encoding']} | {r['images_per_cpu_s']:,.0f} | "
+                     f"{r['bytes_per_image'] / 1024:.1f} KiB |")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--smoke", action="store_true", help="tiny run that checks the script works")
+    parser.add_argument("--out", default="outputs/bench/reader.json")
+    parser.add_argument("--images", type=int, default=4000, help="synthetic faces per shard set (train: 80%%)")
+    parser.add_argument("--repeats", type=int, default=3, help="epochs per row; the fastest counts")
+    parser.add_argument("--sizes", type=lambda s: [int(v) for v in s.split(",")], default=[64, 128])
+    parser.add_argument("--encodings", type=lambda s: s.split(","), default=list(data.IMAGE_MEMBERS))
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.images, args.repeats, args.sizes = 80, 1, [32]
+    return args
+
+
+def main(argv: list[str] | None = None) -> dict:
+    report = run(parse_args(argv))
+    print(format_table(report))
+    return report
+
+
+if __name__ == "__main__":
+    main()
