@@ -287,96 +287,126 @@ class _Skips:
 
 def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
     """Samples seg.begin..seg.end of one shard, as raw member bytes."""
+    index, sample = -1, None
     try:
         with open_url(seg.url) as stream:
-            shard = stream.read()  # one read: thousands of small reads cost more than the bytes
-    except OSError as e:
+            for name, buffer, start, size in _tar_members(stream):
+                key, _, ext = name.partition(".")
+                if sample is None or key != sample["key"]:
+                    if sample is not None and index >= seg.begin:
+                        yield _complete(sample, seg, image_ext)
+                    index += 1
+                    sample = {"key": key, "url": seg.url}
+                    if index >= seg.end:
+                        return
+                if index >= seg.begin and ext in (image_ext, META_MEMBER):
+                    sample[ext] = buffer[start : start + size]
+    except (OSError, ValueError) as e:
         raise ShardError(f"{seg.url}: {e}") from e
-    members, damage = _tar_members(shard)
-    index, sample = -1, None
-    for name, start, size in members:
-        key, _, ext = name.partition(".")
-        if sample is None or key != sample["key"]:
-            if sample is not None and index >= seg.begin:
-                yield _complete(sample, seg, image_ext)
-            index += 1
-            sample = {"key": key, "url": seg.url}
-            if index >= seg.end:
-                return
-        if index >= seg.begin and ext in (image_ext, META_MEMBER):
-            sample[ext] = shard[start : start + size]
-    if damage:  # the samples before the damage were delivered; the one it cut short is not
-        raise ShardError(f"{seg.url}: {damage}")
     if sample is not None and index >= seg.begin:
         yield _complete(sample, seg, image_ext)
     if index + 1 < seg.end:
         raise ShardError(f"{seg.url}: ended after {index + 1} samples but the manifest lists {seg.shard_count}")
 
 
+READ_BYTES = 4 << 20  # per read of a shard: hundreds of members, and a segment that ends early stops soon
 END_OF_ARCHIVE = bytes(512)
 
 
-def _tar_members(shard: bytes) -> tuple[list[tuple[str, int, int]], str | None]:
-    """(name, offset, size) of each regular member of the plain ustar archive that shard.py
-    writes, up to the first damage, and that damage in words (None when the archive is whole).
+def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]:
+    """(name, buffer, offset, size) of each regular member of the plain ustar stream that
+    shard.py writes: its bytes are buffer[offset : offset + size]. Raises ValueError, in words,
+    at the first damage, after the members before it.
 
-    Python's tarfile costs more than decoding a raw image, so this walks the 512-byte headers
-    itself, checks all their checksums in one numpy pass, and never parses a member.
+    Python's tarfile costs more than decoding a raw image, so this reads the stream in large
+    pieces, walks the 512-byte headers itself, checks each piece's header checksums in one numpy
+    pass before it hands out the piece's members, and never parses a member.
     """
+    buffer, at_end = b"", False
+    while True:
+        piece = stream.read(READ_BYTES)
+        buffer, at_end = buffer + piece, not piece
+        members, walked, damage, finished = _walk_headers(buffer, at_end)
+        for name, start, size in members:
+            yield name, buffer, start, size
+        if damage:
+            raise ValueError(damage)
+        if finished:
+            return
+        buffer = buffer[walked:]
+
+
+def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int]], int, str | None, bool]:
+    """The whole members at the start of `buffer` -> (members as (name, offset, size), bytes
+    walked, the damage in words or None, whether the archive ended). `at_end`: no more bytes
+    will come, so a member cut short is damage rather than a reason to read on."""
     members: list[tuple[str, int, int, int]] = []  # (name, offset, size, header number)
     headers: list[int] = []  # header offsets
-    checksums: list[bytes] = []  # their checksum fields
-    offset, damage = 0, None
+    offset, damage, finished = 0, None, False
     try:
         while True:
-            header = shard[offset : offset + 512]
+            header = buffer[offset : offset + 512]
             if header == END_OF_ARCHIVE:
+                finished = True
                 break
-            if len(header) < 512:
-                raise ValueError(f"unexpected end of data, {512 - len(header)} bytes short: the shard is truncated")
-            headers.append(offset)
-            checksums.append(header[148:156])
-            kind = header[156:157]
-            if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
-                raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py")
-            size = _octal(header[124:136])
-            start, offset = offset + 512, offset + 512 + (size + 511) // 512 * 512
-            if start + size > len(shard):
-                raise ValueError(f"unexpected end of data, {start + size - len(shard)} bytes short: "
-                                 f"the shard is truncated")
+            following = offset + 512  # the next header, once this one's size is known
+            if following <= len(buffer):
+                headers.append(offset)
+                kind = header[156:157]
+                if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
+                    raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with "
+                                     f"pipeline/shard.py")
+                size = _octal(header[124:136])
+                following += (size + 511) // 512 * 512
+            if following > len(buffer):  # not all here: read on (its header is still checked)
+                if at_end:
+                    raise ValueError(f"unexpected end of data, {following - len(buffer)} bytes short: "
+                                     f"the shard is truncated")
+                break
             if kind in (b"0", b"\0"):
-                members.append((header[:100].rstrip(b"\0").decode(), start, size, len(headers) - 1))
+                members.append((header[:100].split(b"\0", 1)[0].decode(), offset + 512, size, len(headers) - 1))
+            offset = following
     except ValueError as e:
-        damage = str(e)
-    bad = _first_bad_checksum(shard, headers, checksums)
+        damage, finished = str(e), True
+    bad = _first_bad_checksum(buffer, headers)
     if bad is not None:  # nothing from a corrupt header on can be trusted, its own error included
-        members, damage = [m for m in members if m[3] < bad], "bad tar header checksum: the shard is corrupt"
-    return [m[:3] for m in members], damage
+        members = [m for m in members if m[3] < bad]
+        damage, finished = "bad tar header checksum: the shard is corrupt", True
+    return [m[:3] for m in members], offset, damage, finished
 
 
 def _octal(field: bytes) -> int:
-    try:
-        return int(field.rstrip(b" \0") or b"0", 8)  # digits padded with NULs or spaces
-    except ValueError:
-        raise ValueError(f"tar header field {field!r} is not a number: the shard is corrupt") from None
+    """A tar number field: octal digits up to the first NUL, spaces around them allowed."""
+    digits = field[:-1]  # usually zero-padded digits and a NUL
+    if field[-1] != 0 or digits.strip(b"01234567"):
+        digits = field.split(b"\0", 1)[0].strip(b" ")
+        if digits.strip(b"01234567"):  # a sign, underscore or anything int() would take but tar does not
+            raise ValueError(f"tar header field {field!r} is not a number: the shard is corrupt")
+    return int(digits or b"0", 8)
 
 
-def _first_bad_checksum(shard: bytes, headers: list[int], fields: list[bytes]) -> int | None:
+def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     """Number of the first header whose checksum (its bytes' sum, the checksum field counted
     as spaces) is not the one its checksum field holds, or None."""
     if not headers:
         return None
-    stored = []
-    for field in fields:
-        try:
-            stored.append(_octal(field))
-        except ValueError:
-            stored.append(-1)  # no number: a bad checksum
-    blocks = np.frombuffer(shard, np.uint8, count=len(shard) // 512 * 512).reshape(-1, 512)
+    blocks = np.frombuffer(buffer, np.uint8, count=len(buffer) // 512 * 512).reshape(-1, 512)
     rows = blocks[np.asarray(headers) // 512].astype(np.int64)  # tar headers sit on 512-byte blocks
     sums = rows.sum(axis=1) - rows[:, 148:156].sum(axis=1) + 8 * 32
-    bad = np.flatnonzero(sums != np.asarray(stored))
-    return int(bad[0]) if bad.size else None
+    # Fields as tar writes them (6 octal digits, NUL) are compared here, all at once; others one by one.
+    written = (sums[:, None] >> np.arange(15, -1, -3)) % 8 + ord("0")
+    ok = np.all(rows[:, 148:154] == written, axis=1) & (rows[:, 154] == 0)
+    for i in np.flatnonzero(~ok):
+        if _checksum_field(rows[i, 148:156].astype(np.uint8).tobytes()) != sums[i]:
+            return int(i)
+    return None
+
+
+def _checksum_field(field: bytes) -> int:
+    try:
+        return _octal(field)
+    except ValueError:
+        return -1  # no number: a bad checksum
 
 
 def _complete(sample: dict, seg: Segment, image_ext: str) -> dict:

@@ -13,6 +13,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -402,11 +403,11 @@ class Reporter:
         if self.rank == 0:
             self.log(means, step)
             eta = (self.cfg.train.steps - step) * elapsed / steps_done
-            print(
-                f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
-                f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}",
-                flush=True,
-            )
+            # Written, not print()ed: Ray Train patches print() in its workers to log each line
+            # as well, and the driver then shows every status line twice.
+            sys.stdout.write(f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
+                             f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}\n")
+            sys.stdout.flush()
 
     def objective_metrics(self, model: DFCVAE) -> dict[str, float]:
         if not self.objective:

@@ -334,10 +334,10 @@ def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_
 def _samples_readable_before(shard: bytes, cut: int) -> list[str]:
     """Keys of the samples a reader can trust in the first `cut` bytes, by Python's tarfile: a
     sample is known to be whole once the next sample's first member is, or the archive is."""
-    first_member_end: dict[str, int] = {}
+    first_member_end: dict[str, int] = {}  # with the padding to the next header
     with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
         for member in tar:
-            first_member_end.setdefault(member.name.split(".")[0], member.offset_data + member.size)
+            first_member_end.setdefault(member.name.split(".")[0], member.offset_data + -(-member.size // 512) * 512)
     keys = list(first_member_end)
     if cut == len(shard):
         return keys
@@ -366,10 +366,61 @@ def test_a_header_field_that_is_not_a_number_is_a_checksum_error(sharded, tmp_pa
     with tarfile.open(fileobj=io.BytesIO(bytes(shard))) as tar:
         fourth = tar.getmembers()[3].offset  # the second sample's sidecar
     shard[fourth + field.start : fourth + field.stop] = b"zz" * ((field.stop - field.start) // 2)
-    members, damage = data._tar_members(bytes(shard))
-    assert damage == "bad tar header checksum: the shard is corrupt"
-    assert [name for name, _, _ in members] == [m.name for m in tarfile.open(fileobj=io.BytesIO(
-        (Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes())).getmembers()[:3]]
+    names = []
+    with pytest.raises(ValueError, match="^bad tar header checksum: the shard is corrupt$"):
+        for name, *_ in data._tar_members(io.BytesIO(bytes(shard))):
+            names.append(name)
+    with tarfile.open(Path(sharded.data.shards_dir) / "train-000000.tar") as tar:
+        assert names == [m.name for m in tar.getmembers()[:3]]
+
+
+def test_a_negative_size_with_a_valid_checksum_is_refused_not_walked(sharded):
+    shard = bytearray((Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes())
+    header = shard[512 * 0 : 512]
+    header[124:136] = b"-0000001000\0"  # int(..., 8) takes it: -512 would walk back onto this header
+    header[148:156] = b" " * 8
+    header[148:156] = b"%06o\0 " % sum(header)
+    shard[:512] = header
+    with pytest.raises(ValueError, match="is not a number"):
+        list(data._tar_members(io.BytesIO(bytes(shard))))
+
+
+class _CountingReader(io.BytesIO):
+    def __init__(self, payload: bytes):
+        super().__init__(payload)
+        self.bytes_read = 0
+
+    def read(self, size=-1):
+        out = super().read(size)
+        self.bytes_read += len(out)
+        return out
+
+
+def test_a_segment_that_ends_early_stops_reading_its_shard(sharded, monkeypatch):
+    path = Path(sharded.data.shards_dir) / "train-000000.tar"
+    stream = _CountingReader(path.read_bytes())
+    monkeypatch.setattr(data, "READ_BYTES", 4096)
+    monkeypatch.setattr(data, "open_url", lambda url: stream)
+    keys = [s["key"] for s in data._read_segment(data.Segment(str(path), 1, 3, 10), "npy")]
+    with tarfile.open(path) as tar:
+        members = tar.getmembers()
+    assert keys == [m.name.split(".")[0] for m in members[2:6:2]]
+    # up to sample 3's first member, which says sample 2 is whole, and one read more; not the shard
+    assert stream.bytes_read <= members[6].offset_data + members[6].size + 4096 < path.stat().st_size / 2
+
+
+def test_a_pipe_that_fails_midway_delivers_the_samples_it_sent(sharded, monkeypatch):
+    path = Path(sharded.data.shards_dir) / "train-000000.tar"
+    half = path.stat().st_size // 2
+    monkeypatch.setattr(data, "READ_BYTES", 2048)
+    url = f"pipe:sh -c 'head -c {half} {path}; sleep 0.3; exit 3'"
+    keys = []
+    with pytest.raises(ShardError, match="exit 3"):
+        for sample in data._read_segment(data.Segment(url, 0, 10, 10), "npy"):
+            keys.append(sample["key"])
+    with tarfile.open(path) as tar:
+        in_order = list(dict.fromkeys(m.name.split(".")[0] for m in tar))
+    assert keys and keys == in_order[: len(keys)] and len(keys) < 10
 
 
 def test_sidecars_as_written_read_as_json_reads_them():
