@@ -135,6 +135,7 @@ def decode_attrs(data: bytes) -> np.ndarray:
 
 _ATTRS_PREFIX = b'{"attrs":['  # how pipeline/shard.py's encode_meta starts a sidecar with attributes
 _ATTRS_END = len(_ATTRS_PREFIX) + 2 * len(ATTRIBUTE_NAMES) - 1  # the 40 comma-separated 0/1 end here
+_ATTRS_COMMAS = b"," * (len(ATTRIBUTE_NAMES) - 1)
 _SIDECAR_TAIL = re.compile(rb'\](,"identity":(0|[1-9][0-9]*))?\}')  # what may follow them
 
 
@@ -144,7 +145,7 @@ def _attrs_as_written(data: bytes) -> np.ndarray | None:
     if not data.startswith(_ATTRS_PREFIX):
         return None
     values, tail = data[len(_ATTRS_PREFIX) : _ATTRS_END], data[_ATTRS_END:]
-    if values[1::2] != b"," * (len(ATTRIBUTE_NAMES) - 1) or values[::2].translate(None, b"01"):
+    if values[1::2] != _ATTRS_COMMAS or values[::2].translate(None, b"01"):
         return None
     if not _SIDECAR_TAIL.fullmatch(tail):
         return None
@@ -326,28 +327,29 @@ def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]:
     while True:
         piece = stream.read(READ_BYTES)
         buffer, at_end = buffer + piece, not piece
-        members, walked, damage, finished = _walk_headers(buffer, at_end)
+        members, walked, damage, ended = _walk_headers(buffer, at_end)
         for name, start, size in members:
             yield name, buffer, start, size
         if damage:
             raise ValueError(damage)
-        if finished:
+        if ended:
             return
         buffer = buffer[walked:]
 
 
 def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int]], int, str | None, bool]:
     """The whole members at the start of `buffer` -> (members as (name, offset, size), bytes
-    walked, the damage in words or None, whether the archive ended). `at_end`: no more bytes
-    will come, so a member cut short is damage rather than a reason to read on."""
+    walked, the damage in words or None, whether the end-of-archive block was reached).
+    `at_end`: no more bytes will come, so a member cut short is damage rather than a reason to
+    read on."""
     members: list[tuple[str, int, int, int]] = []  # (name, offset, size, header number)
     headers: list[int] = []  # header offsets
-    offset, damage, finished = 0, None, False
+    offset, damage, ended = 0, None, False
     try:
         while True:
             header = buffer[offset : offset + 512]
             if header == END_OF_ARCHIVE:
-                finished = True
+                ended = True
                 break
             following = offset + 512  # the next header, once this one's size is known
             if following <= len(buffer):
@@ -367,12 +369,12 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
                 members.append((header[:100].split(b"\0", 1)[0].decode(), offset + 512, size, len(headers) - 1))
             offset = following
     except ValueError as e:
-        damage, finished = str(e), True
+        damage = str(e)
     bad = _first_bad_checksum(buffer, headers)
     if bad is not None:  # nothing from a corrupt header on can be trusted, its own error included
         members = [m for m in members if m[3] < bad]
-        damage, finished = "bad tar header checksum: the shard is corrupt", True
-    return [m[:3] for m in members], offset, damage, finished
+        damage = "bad tar header checksum: the shard is corrupt"
+    return [m[:3] for m in members], offset, damage, ended
 
 
 def _octal(field: bytes) -> int:
@@ -397,16 +399,13 @@ def _first_bad_checksum(buffer: bytes, headers: list[int]) -> int | None:
     written = (sums[:, None] >> np.arange(15, -1, -3)) % 8 + ord("0")
     ok = np.all(rows[:, 148:154] == written, axis=1) & (rows[:, 154] == 0)
     for i in np.flatnonzero(~ok):
-        if _checksum_field(rows[i, 148:156].astype(np.uint8).tobytes()) != sums[i]:
-            return int(i)
+        try:
+            if _octal(buffer[headers[i] + 148 : headers[i] + 156]) == sums[i]:
+                continue
+        except ValueError:  # no number: a bad checksum
+            pass
+        return int(i)
     return None
-
-
-def _checksum_field(field: bytes) -> int:
-    try:
-        return _octal(field)
-    except ValueError:
-        return -1  # no number: a bad checksum
 
 
 def _complete(sample: dict, seg: Segment, image_ext: str) -> dict:

@@ -376,7 +376,7 @@ def test_a_header_field_that_is_not_a_number_is_a_checksum_error(sharded, tmp_pa
 
 def test_a_negative_size_with_a_valid_checksum_is_refused_not_walked(sharded):
     shard = bytearray((Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes())
-    header = shard[512 * 0 : 512]
+    header = shard[:512]  # the first member's
     header[124:136] = b"-0000001000\0"  # int(..., 8) takes it: -512 would walk back onto this header
     header[148:156] = b" " * 8
     header[148:156] = b"%06o\0 " % sum(header)
