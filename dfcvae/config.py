@@ -12,6 +12,7 @@ and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +24,46 @@ import yaml
 
 class ConfigError(ValueError):
     """A params.yaml problem, phrased so the user knows what to edit."""
+
+
+class YamlLoader(yaml.SafeLoader):
+    """PyYAML's safe loader with YAML 1.2's numbers: PyYAML follows YAML 1.1, which reads `1e-5`
+    (no dot) and `1e5` as strings, while YAML 1.2, DVC's writer (`dvc exp run -S` writes
+    `kl_weight: 1e-05`) and people write them as numbers."""
+
+
+YamlLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"""^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
+                   |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""", re.X),
+    list("-+0123456789."),
+)
+# The resolver above would also claim integers; PyYAML tries resolvers in order, so put int first.
+YamlLoader.yaml_implicit_resolvers = {
+    first: sorted(resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
+    for first, resolvers in YamlLoader.yaml_implicit_resolvers.items()
+}
+
+
+def load_yaml(text: str) -> Any:
+    """YAML text -> plain data, numbers as YAML 1.2 reads them; ConfigError for text that is not YAML."""
+    try:
+        return yaml.load(text, Loader=YamlLoader)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"not valid YAML: {err}".replace("\n", " ")) from None
+
+
+# The released DFC-VAE's network and optimiser (houxianxu/DFC-VAE, CVAE.lua and main_cvae.lua) as
+# dotted overrides: nearest-neighbour x2 upsampling + replication padding + 3x3 conv in the
+# decoder, 4x4 stride-2 convs in the encoder, DCGAN init, latent 100, Adam lr 5e-4, beta1 0.5.
+PAPER_NETWORK: dict[str, Any] = {
+    "model.upsample": "nearest",
+    "model.encoder_kernel": 4,
+    "model.init": "dcgan",
+    "model.latent_dim": 100,
+    "optim.lr": 5e-4,
+    "optim.betas": [0.5, 0.999],
+}
 
 
 @dataclass(frozen=True)
@@ -62,6 +103,11 @@ class LoaderConfig:
 class ModelConfig:
     hidden_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     latent_dim: int = 128
+    # The three below default to the architecture of models saved before they existed, so a stored
+    # config without them loads as what it is; params.yaml chooses (PAPER_NETWORK: the paper's).
+    upsample: str = "transposed"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | transposed
+    encoder_kernel: int = 3  # 3 | 4: the encoder's stride-2 convs (4 as the paper's code)
+    init: str = "default"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
 
 
 @dataclass(frozen=True)
@@ -76,6 +122,10 @@ class LossConfig:
     kl_weight: float = 1.0  # alpha (Hou et al. 2017, eq. 4)
     perceptual_weight: float = 0.5  # beta
     pixel_weight: float = 0.0  # optional pixel MSE; 0 as in the paper
+    # none: the paper's 1/(2 C H W) ||.||^2 per layer; energy: that divided by the layer's mean
+    # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
+    feature_norm: str = "none"
+    kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
 
 
 @dataclass(frozen=True)
@@ -85,6 +135,7 @@ class OptimConfig:
     schedule: str = "exponential"  # constant | exponential | cosine
     min_lr_fraction: float = 0.1  # lr at the last step, as a fraction of lr
     grad_clip: float = 0.0  # max grad norm; 0 disables clipping
+    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; the paper's code uses (0.5, 0.999)
 
 
 @dataclass(frozen=True)
@@ -101,6 +152,9 @@ class TrainConfig:
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see train.COMPILE_MODES)
     out_dir: str = "outputs/train"
     init_from: str = ""  # checkpoint path or models:/ URI to start from
+    # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
+    # at a validation after the KL warm-up: the posterior is collapsing.
+    warn_active_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -156,6 +210,9 @@ class RegistryConfig:
     # beside the database instead; for a shared tracking server, put this on a shared filesystem.
     lock_file: str = "outputs/mlflow/registry.lock"
     lock_timeout_s: float = 600.0
+    # A model with fewer active latent dimensions (fraction, test/active_fraction) never becomes
+    # champion: its posterior collapsed, whatever its FID.
+    min_active_fraction: float = 0.1
 
 
 @dataclass(frozen=True)
@@ -190,7 +247,10 @@ class Config:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"{path} not found: run from the project root or pass the params file path.")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = load_yaml(path.read_text()) or {}
+        except ConfigError as err:
+            raise ConfigError(f"{path}: {err}") from None
         return cls.from_dict(raw, source=str(path))
 
     @classmethod

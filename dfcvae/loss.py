@@ -4,7 +4,14 @@
         (+ pixel_weight * pixel MSE, 0 by default as in the paper)
 
 KL is summed over latent dimensions and averaged over the batch; the feature
-term is per image, averaged over the batch. Reductions run in float32, so the
+term is per image, averaged over the batch. `loss.feature_norm` makes the
+feature term scale-free (the same beta means the same across backbones):
+    none    the paper's 1/(2 C_l H_l W_l) ||Phi_l(x) - Phi_l(x_hat)||^2
+    energy  that, divided by the layer's mean squared target feature on the batch,
+            1/(C_l H_l W_l) ||Phi_l(x)||^2 (a relative squared error: 1/2 for x_hat = 0)
+    unit    each position's channel vector scaled to unit length first, as LPIPS does
+            (Zhang et al. 2018, eq. 1, without its learnt weights): 1/(2 H_l W_l) sum ||.||^2 in [0, 2]
+`loss.kl_warmup_steps` ramps alpha linearly from 0: alpha * min(1, step / warmup). Reductions run in float32, so the
 loss is well defined under bf16 autocast. Target features Phi(x) are computed
 without a graph; the reconstruction's features keep theirs so gradients reach
 the decoder. Logs are detached tensors (no device sync per step) keyed `split/name`.
@@ -25,15 +32,38 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)).mean()
 
 
-def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor]) -> dict[str, Tensor]:
-    """Per layer: 1/(2 C H W) * ||Phi_l(x) - Phi_l(x_hat)||^2, averaged over the batch."""
-    return {name: 0.5 * (recon[name].float() - target[name].float()).pow(2).mean() for name in target}
+FEATURE_NORMS = ("none", "energy", "unit")
+_EPS = 1e-10
 
 
-def perceptual_term(perceptual: PerceptualNetwork, x: Tensor, recon: Tensor) -> dict[str, Tensor]:
+def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor], norm: str = "none") -> dict[str, Tensor]:
+    """Per layer {name: scalar}, averaged over the batch; maps (B, C_l, H_l, W_l); see the module docstring."""
+    if norm not in FEATURE_NORMS:
+        raise ValueError(f"loss.feature_norm {norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
+    out = {}
+    for name in target:
+        t, r = target[name].float(), recon[name].float()
+        if norm == "unit":  # (B, C, H, W) / (B, 1, H, W)
+            t = t / (t.pow(2).sum(1, keepdim=True).sqrt() + _EPS)
+            r = r / (r.pow(2).sum(1, keepdim=True).sqrt() + _EPS)
+            out[name] = 0.5 * (r - t).pow(2).sum(1).mean()
+            continue
+        distance = 0.5 * (r - t).pow(2).mean()
+        out[name] = distance / (t.pow(2).mean().detach() + _EPS) if norm == "energy" else distance
+    return out
+
+
+def perceptual_term(perceptual: PerceptualNetwork, x: Tensor, recon: Tensor, norm: str = "none") -> dict[str, Tensor]:
     with torch.no_grad():
         target = perceptual(x)
-    return feature_distances(target, perceptual(recon))
+    return feature_distances(target, perceptual(recon), norm)
+
+
+def kl_warmup(cfg: LossConfig, step: int) -> float:
+    """The fraction of alpha in force at `step` (0-based count of finished optimiser steps)."""
+    if cfg.kl_warmup_steps <= 0:
+        return 1.0
+    return min(1.0, step / cfg.kl_warmup_steps)
 
 
 def dfc_vae_loss(
@@ -44,15 +74,17 @@ def dfc_vae_loss(
     perceptual: PerceptualNetwork | None,
     cfg: LossConfig,
     split: str = "train",
+    kl_scale: float | Tensor = 1.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
+    """-> (loss, logs); kl_scale multiplies alpha (the warm-up's `kl_warmup`; a tensor under torch.compile)."""
     kl = kl_divergence(mu, logvar)
     pixel_mse = (recon.float() - x.float()).pow(2).mean()
-    loss = cfg.kl_weight * kl + cfg.pixel_weight * pixel_mse
+    loss = cfg.kl_weight * kl_scale * kl + cfg.pixel_weight * pixel_mse
     logs = {f"{split}/kl": kl.detach(), f"{split}/pixel_mse": pixel_mse.detach()}
     if cfg.perceptual_weight > 0:
         if perceptual is None:
             raise ValueError("loss.perceptual_weight > 0 needs a perceptual network.")
-        per_layer = perceptual_term(perceptual, x, recon)
+        per_layer = perceptual_term(perceptual, x, recon, cfg.feature_norm)
         feature_loss = torch.stack(list(per_layer.values())).sum()
         loss = loss + cfg.perceptual_weight * feature_loss
         logs[f"{split}/perceptual"] = feature_loss.detach()

@@ -6,7 +6,9 @@
   with a matrix square root that stays real on rank-deficient covariances.
   A FID is only comparable with one computed by the same network (`identity`) on
   the same number of images.
-- Reconstruction: pixel MSE, PSNR and SSIM, all on the [0, 1] scale.
+- Reconstruction: pixel MSE, PSNR and SSIM, all on the [0, 1] scale; the spectral
+  power at the Nyquist frequencies, the measure of a checkerboard.
+- Posterior collapse: active latent units (Burda et al. 2016).
 - The paper's attribute probe: a logistic regression per attribute on latent means.
 - Picture grids of samples, reconstructions, interpolations and attribute arithmetic.
 
@@ -301,6 +303,37 @@ def ssim(x: Tensor, y: Tensor) -> float:
     c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
     ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
     return float(ssim_map.flatten(1).mean(dim=1).mean())
+
+
+def nyquist_power(images: Tensor) -> Tensor:
+    """Per image, the power of its period-2 patterns: a checkerboard's signature.
+
+    images: (B, C, H, W) in [-1, 1], H and W even. The 2-D DFT F of each channel on the
+    [0, 1] scale, power |F(k)|^2 / (H W)^2 (by Parseval the powers sum to the mean square),
+    summed over the frequencies with k_y = H/2 or k_x = W/2 (the Nyquist row and column,
+    patterns that flip sign from one pixel to the next), averaged over channels -> (B,) float64.
+    A stride-2 transposed conv decoder puts its checkerboard exactly there; natural images
+    have little power there. Compare a model's reconstructions with the real images'.
+    """
+    if images.ndim != 4 or images.shape[-1] % 2 or images.shape[-2] % 2:
+        raise ValueError(f"need images (B, C, H, W) with even H and W, got {tuple(images.shape)}.")
+    h, w = images.shape[-2:]
+    power = torch.fft.fft2(to_unit(images).double()).abs().pow(2) / (h * w) ** 2  # (B, C, H, W)
+    nyquist = power[..., h // 2, :].sum(-1) + power[..., :, w // 2].sum(-1) - power[..., h // 2, w // 2]
+    return nyquist.mean(dim=1)
+
+
+ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
+
+
+def active_units(latent_means: Tensor, threshold: float = ACTIVE_UNIT_THRESHOLD) -> int:
+    """Active latent dimensions (Burda, Grosse and Salakhutdinov 2016, "Importance weighted
+    autoencoders", sec. 5.2): dimension u is active when Cov_x(E_q(u|x)[u]) > 0.01, the variance
+    over the data of its posterior mean. latent_means: (N, D), N >= 2 -> a count in [0, D].
+    A collapsed posterior (q(z|x) = p(z) for every x) has none."""
+    if latent_means.ndim != 2 or len(latent_means) < 2:
+        raise ValueError(f"need latent means (N, D) with N >= 2, got {tuple(latent_means.shape)}.")
+    return int((latent_means.double().var(dim=0) > threshold).sum())
 
 
 # --------------------------------------------------------------- attribute probe

@@ -8,6 +8,16 @@ module's state_dict is exactly what a checkpoint needs.
 The default shape follows PyTorch-VAE (channels 32-64-128-256-512, latent 128);
 each encoder stage halves the resolution, so any image size divisible by
 2**len(hidden_channels) works (64 and 128 px with the default).
+
+Two decoders (`model.upsample`):
+    nearest     the paper's (houxianxu/DFC-VAE, CVAE.lua): x2 nearest-neighbour upsampling,
+                replication padding 1, 3x3 conv, BatchNorm, LeakyReLU(0.2); the last stage
+                maps straight to RGB. Every output pixel sees the same kernel taps, so it
+                cannot draw the period-2 checkerboard of a stride-2 transposed conv.
+    transposed  3x3 stride-2 transposed convs (PyTorch-VAE's), then a 3x3 conv to RGB.
+                Kernel 3 over stride 2 covers output pixels unevenly (Odena et al. 2016,
+                "Deconvolution and checkerboard artifacts"). Models saved before the option
+                existed are this decoder.
 """
 
 from __future__ import annotations
@@ -18,9 +28,14 @@ from torch import Tensor, nn
 from dfcvae.config import ModelConfig
 
 
-def _down(c_in: int, c_out: int) -> nn.Sequential:
+UPSAMPLING = ("nearest", "transposed")
+ENCODER_KERNELS = (3, 4)  # stride 2, padding 1: both halve an even size exactly
+INITS = ("default", "dcgan")
+
+
+def _down(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(
-        nn.Conv2d(c_in, c_out, 3, stride=2, padding=1, bias=False),
+        nn.Conv2d(c_in, c_out, kernel, stride=2, padding=1, bias=False),
         nn.BatchNorm2d(c_out),
         nn.LeakyReLU(0.2),
     )
@@ -34,11 +49,40 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
+def _resize_conv(c_in: int, c_out: int, bias: bool = False) -> list[nn.Module]:
+    # (B, c_in, s, s) -> (B, c_out, 2s, 2s)
+    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=bias)]
+
+
+def _up_nearest(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(*_resize_conv(c_in, c_out), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+
+
+def check_architecture(cfg: ModelConfig) -> None:
+    """ValueError naming the key when model.upsample, encoder_kernel or init is not one we build."""
+    for key, value, valid in (("upsample", cfg.upsample, UPSAMPLING), ("encoder_kernel", cfg.encoder_kernel,
+                              ENCODER_KERNELS), ("init", cfg.init, INITS)):
+        if value not in valid:
+            raise ValueError(f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml.")
+
+
+def dcgan_init(module: nn.Module) -> None:
+    """DCGAN's weights_init, which the paper's code applies: conv N(0, 0.02), BatchNorm N(1, 0.02), bias 0."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(m.weight, 0.0, 0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.BatchNorm2d):
+            nn.init.normal_(m.weight, 1.0, 0.02)
+            nn.init.zeros_(m.bias)
+
+
 class Encoder(nn.Module):
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
         channels = (3, *cfg.hidden_channels)
-        self.convs = nn.Sequential(*(_down(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        self.convs = nn.Sequential(*(_down(a, b, cfg.encoder_kernel) for a, b in zip(channels[:-1], channels[1:])))
         self.bottom = bottom_size(cfg, image_size)
         flat = cfg.hidden_channels[-1] * self.bottom**2
         self.mu = nn.Linear(flat, cfg.latent_dim)
@@ -55,13 +99,16 @@ class Decoder(nn.Module):
         channels = cfg.hidden_channels[::-1]  # 512 -> 32
         self.bottom = bottom_size(cfg, image_size)
         self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
-        self.ups = nn.Sequential(*(_up(a, b) for a, b in zip(channels[:-1], channels[1:])))
-        # The last upsampling returns to full resolution, then a 3x3 conv maps to RGB.
-        self.head = nn.Sequential(
-            _up(channels[-1], channels[-1]),
-            nn.Conv2d(channels[-1], 3, 3, padding=1),
-            nn.Tanh(),
-        )
+        up = _up_nearest if cfg.upsample == "nearest" else _up
+        self.ups = nn.Sequential(*(up(a, b) for a, b in zip(channels[:-1], channels[1:])))
+        if cfg.upsample == "nearest":  # the paper's last stage: upsample, pad, 3x3 conv to RGB
+            self.head = nn.Sequential(*_resize_conv(channels[-1], 3, bias=True), nn.Tanh())
+        else:  # the last upsampling returns to full resolution, then a 3x3 conv maps to RGB
+            self.head = nn.Sequential(
+                _up(channels[-1], channels[-1]),
+                nn.Conv2d(channels[-1], 3, 3, padding=1),
+                nn.Tanh(),
+            )
 
     def forward(self, z: Tensor) -> Tensor:
         h = self.fc(z).unflatten(1, (-1, self.bottom, self.bottom))  # (B, C_last, s, s)
@@ -79,12 +126,17 @@ def bottom_size(cfg: ModelConfig, image_size: int) -> int:
 
 
 class DFCVAE(nn.Module):
+    """Raises ValueError for an image size the stages cannot halve, or an unknown architecture value."""
+
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
+        check_architecture(cfg)
         self.latent_dim = cfg.latent_dim
         self.image_size = image_size
         self.encoder = Encoder(cfg, image_size)
         self.decoder = Decoder(cfg, image_size)
+        if cfg.init == "dcgan":
+            dcgan_init(self)
 
     def encode(self, x: Tensor) -> tuple[Tensor, Tensor]:
         return self.encoder(x)

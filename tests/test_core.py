@@ -8,9 +8,10 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from dfcvae.config import Config, ConfigError, LossConfig, ModelConfig
+from dfcvae.config import PAPER_NETWORK, Config, ConfigError, LossConfig, ModelConfig, load_yaml
 from dfcvae.features import BACKBONES, PerceptualNetwork, resolve_layers
-from dfcvae.loss import dfc_vae_loss, kl_divergence
+from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup
+from dfcvae.metrics import active_units, nyquist_power
 from dfcvae.model import DFCVAE
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,9 +46,29 @@ def test_wrong_type_and_unknown_override_fail():
     assert Config().with_overrides({"loss.kl_weight": 2}).loss.kl_weight == 2.0
 
 
+@pytest.mark.parametrize("text, value", [
+    ("1e-5", 1e-5), ("1e5", 1e5), ("1.0e-3", 1e-3), ("-2E+3", -2000.0), ("1e-05", 1e-5), (".5", 0.5),
+    ("10", 10), ("1_000", 1000), ("0x10", 16), ("-.inf", float("-inf")), ("true", True), ("1e", "1e"),
+])
+def test_numbers_read_as_yaml_1_2_dvc_and_people_write_them(text, value):
+    assert load_yaml(text) == value and type(load_yaml(text)) is type(value)
+
+
+def test_exponent_numbers_in_params_and_overrides(tmp_path):
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    text = yaml.safe_dump(raw).replace("lr: 0.001", "lr: 1e-3")
+    assert "lr: 1e-3" in text
+    (tmp_path / "params.yaml").write_text(text + "\n")
+    assert Config.load(tmp_path / "params.yaml").optim.lr == 1e-3
+    from pipeline.common import parse_overrides
+
+    assert Config().with_overrides(parse_overrides(["loss.kl_weight=1e-5"])).loss.kl_weight == 1e-5
+
+
 @pytest.mark.parametrize("size", [32, 64, 128])
-def test_model_shapes_and_range(size):
-    model = DFCVAE(ModelConfig(hidden_channels=(8, 16, 32), latent_dim=8), size)
+@pytest.mark.parametrize("architecture", [{}, {"upsample": "nearest", "encoder_kernel": 4, "init": "dcgan"}])
+def test_model_shapes_and_range(size, architecture):
+    model = DFCVAE(ModelConfig(hidden_channels=(8, 16, 32), latent_dim=8, **architecture), size)
     x = torch.rand(2, 3, size, size) * 2 - 1
     recon, mu, logvar = model(x)
     assert recon.shape == x.shape and mu.shape == logvar.shape == (2, 8)
@@ -203,3 +224,85 @@ def test_plain_vae_needs_no_perceptual_network():
     cfg = LossConfig(kl_weight=1.0, perceptual_weight=0.0, pixel_weight=1.0)
     loss, logs = dfc_vae_loss(x, x.clone(), torch.zeros(2, 8), torch.zeros(2, 8), None, cfg)
     assert loss.item() == 0.0 and "train/perceptual" not in logs
+
+
+def test_paper_network_has_no_transposed_conv_and_dcgan_init():
+    cfg = Config().with_overrides(PAPER_NETWORK)
+    assert cfg.optim.betas == (0.5, 0.999) and cfg.model.latent_dim == 100
+    torch.manual_seed(0)
+    model = DFCVAE(cfg.model, 64)
+    assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
+    assert sum(isinstance(m, torch.nn.Upsample) and m.mode == "nearest" for m in model.modules()) == 5
+    assert all(m.kernel_size == (4, 4) for m in model.encoder.convs.modules() if isinstance(m, torch.nn.Conv2d))
+    weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
+    assert abs(float(weights.std()) - 0.02) < 0.002 and abs(float(weights.mean())) < 0.002
+    with pytest.raises(ValueError, match="model.upsample 'bilinear' is not one of nearest, transposed"):
+        DFCVAE(ModelConfig(upsample="bilinear"), 64)
+
+
+def test_nearest_decoder_draws_no_checkerboard_at_init():
+    """Untrained, the transposed decoder's samples already carry period-2 power; the nearest one's do not
+    (as a share of the samples' variance: the scale of an untrained decoder's output is arbitrary)."""
+    share = {}
+    for upsample in ("transposed", "nearest"):
+        torch.manual_seed(0)
+        model = DFCVAE(ModelConfig(hidden_channels=(16, 32, 64), latent_dim=8, upsample=upsample), 64).eval()
+        samples = model.sample(8, torch.Generator().manual_seed(0))
+        variance = ((samples + 1) / 2).double().var(dim=(2, 3)).mean(dim=1)  # (B,), the [0, 1] scale
+        share[upsample] = float((nyquist_power(samples) / variance).mean())
+    assert share["nearest"] < share["transposed"] / 10
+
+
+def test_nyquist_power_is_the_power_of_period_2_patterns():
+    flat = torch.zeros(2, 3, 16, 16)
+    assert torch.equal(nyquist_power(flat), torch.zeros(2, dtype=torch.float64))
+    i, j = torch.meshgrid(torch.arange(16), torch.arange(16), indexing="ij")
+    for pattern in ((-1.0) ** (i + j), (-1.0) ** j, (-1.0) ** i):  # checkerboard, columns, rows
+        a = 0.2  # amplitude on the [0, 1] scale
+        x = (0.5 + a * pattern).expand(1, 3, 16, 16) * 2 - 1  # to [-1, 1]
+        torch.testing.assert_close(nyquist_power(x), torch.tensor([a**2], dtype=torch.float64))
+    smooth = torch.sin(i / 16 * 2 * torch.pi).float().expand(1, 3, 16, 16)  # one period: no Nyquist power
+    assert float(nyquist_power(smooth)) < 1e-12
+    with pytest.raises(ValueError, match="even H and W"):
+        nyquist_power(torch.zeros(1, 3, 15, 16))
+
+
+def test_active_units_follow_burda_et_al():
+    mu = torch.zeros(100, 4)
+    mu[:, 0] = torch.randn(100)  # variance ~1: active
+    mu[:, 1] = 0.05 * torch.randn(100)  # variance ~0.0025: inactive
+    mu[:, 2] = 3.0  # constant: inactive
+    mu[:, 3] = 0.2 * torch.randn(100)  # variance ~0.04: active
+    assert active_units(mu) == 2
+    with pytest.raises(ValueError, match="N >= 2"):
+        active_units(torch.zeros(1, 4))
+
+
+def test_energy_and_unit_feature_terms_are_scale_free():
+    torch.manual_seed(0)
+    target = {"a": torch.rand(2, 8, 4, 4), "b": torch.rand(2, 16, 2, 2)}
+    recon = {k: v + 0.1 * torch.randn_like(v) for k, v in target.items()}
+    scaled = lambda d, c: {k: c * v for k, v in d.items()}  # noqa: E731
+    for norm in ("energy", "unit"):
+        base = feature_distances(target, recon, norm)
+        for name, value in feature_distances(scaled(target, 57.0), scaled(recon, 57.0), norm).items():
+            torch.testing.assert_close(value, base[name])
+        assert all(float(v) == 0 for v in feature_distances(target, target, norm).values())
+    none = feature_distances(target, recon)
+    for name, value in feature_distances(scaled(target, 2.0), scaled(recon, 2.0)).items():
+        torch.testing.assert_close(value, 4 * none[name])
+    zero = {k: torch.zeros_like(v) for k, v in target.items()}
+    assert all(abs(float(v) - 0.5) < 1e-6 for v in feature_distances(target, zero, "energy").values())
+    with pytest.raises(ValueError, match="loss.feature_norm 'l1'"):
+        feature_distances(target, recon, "l1")
+
+
+def test_kl_warmup_ramps_alpha_linearly_then_holds():
+    cfg = LossConfig(kl_warmup_steps=4)
+    assert [kl_warmup(cfg, s) for s in (0, 1, 2, 4, 9)] == [0.0, 0.25, 0.5, 1.0, 1.0]
+    assert kl_warmup(LossConfig(), 0) == 1.0
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mu, logvar = torch.ones(2, 8), torch.zeros(2, 8)
+    full, logs = dfc_vae_loss(x, x, mu, logvar, None, LossConfig(perceptual_weight=0.0))
+    half, _ = dfc_vae_loss(x, x, mu, logvar, None, LossConfig(perceptual_weight=0.0), kl_scale=0.5)
+    torch.testing.assert_close(half, 0.5 * full)
