@@ -14,6 +14,11 @@ statistics are loaded once per process, on first use.
     test/fid_sum                        the two added (eval.objective picks one of the three)
     test/fid_images                     images per FID set: FIDs compare only at the same count
                                         and Inception network (`test/fid_inception`)
+    test/active_units, active_fraction  latent dimensions whose mean varies over the test images
+                                        (var > 0.01, Burda et al. 2016): near 0 is a collapsed posterior
+    test/nyquist_power, _real, _ratio   power of period-2 patterns (metrics.nyquist_power) in the
+                                        reconstructions, the real images, and their ratio: > 1 is
+                                        a checkerboard the model adds
     test/probe_accuracy_mean            the paper's attribute probe on latent means (fit on up to
     test/probe_baseline_mean            eval.probe_train_samples train images), majority baseline;
     test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
@@ -117,25 +122,6 @@ def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, C
     model = DFCVAE(cfg.model, cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
-
-
-def config_from_weights(weights: dict[str, Tensor]) -> Config:
-    """The architecture a DFCVAE state_dict was built with, on the default Config."""
-    convs = sorted(
-        (int(k.split(".")[2]), v)
-        for k, v in weights.items()
-        if k.startswith("encoder.convs.") and k.endswith(".0.weight")
-    )
-    if not convs or "encoder.mu.weight" not in weights:
-        raise ValueError("these weights are not a DFCVAE state_dict: no encoder.convs.*.0.weight or encoder.mu.weight.")
-    channels = [int(v.shape[0]) for _, v in convs]  # (C_out, C_in, 3, 3) per stage
-    latent_dim, flat = weights["encoder.mu.weight"].shape  # (latent, C_last * s * s)
-    bottom = math.isqrt(int(flat) // channels[-1])
-    return Config().with_overrides({
-        "model.hidden_channels": channels,
-        "model.latent_dim": int(latent_dim),
-        "data.image_size": bottom * 2 ** len(channels),
-    })
 
 
 @contextlib.contextmanager
@@ -450,7 +436,7 @@ def measure_test_split(
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:
         raise ValueError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
-    sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance"], 0.0)
+    sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance", "nyquist_power", "nyquist_power_real"], 0.0)
     real, recon = FeatureMoments(), FeatureMoments()
     latents, attrs, pool = [], [], []
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
@@ -462,6 +448,8 @@ def measure_test_split(
                 sums[name] += metric(x, x_hat) * len(x)  # batch means -> per-image sums
             distance = sum(feature_distances(reference(x), reference(x_hat)).values())
             sums["reference_distance"] += float(distance) * len(x)
+            sums["nyquist_power"] += float(metrics.nyquist_power(x_hat).sum())
+            sums["nyquist_power_real"] += float(metrics.nyquist_power(x).sum())
             real.add(inception(images))
             recon.add(inception(x_hat))
             latents.append(mu.float().cpu())
@@ -505,6 +493,7 @@ def evaluate(
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
     numbers["test/fid_images"] = test.count
+    numbers |= collapse_and_checkerboard(test)
     numbers |= probe_metrics(probe)
     write_outputs(
         out_dir,
@@ -526,6 +515,15 @@ def evaluate(
     if logger is not None:
         log_to_run(logger, numbers, inception.identity, out_dir, step)
     return {**numbers, "test/fid_inception": inception.identity}
+
+
+def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:
+    """Active latent units over the test latent means, and the reconstructions' Nyquist power
+    against the real images' (test/nyquist_ratio > 1: the model adds a checkerboard)."""
+    units = metrics.active_units(test.latents)
+    ratio = test.means["nyquist_power"] / max(test.means["nyquist_power_real"], 1e-30)
+    return {"test/active_units": units, "test/active_fraction": units / test.latents.shape[1],
+            "test/nyquist_ratio": ratio}
 
 
 def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:

@@ -72,6 +72,7 @@ CHALLENGER = "challenger"
 CHECKPOINT_ARTIFACT = "checkpoint"
 PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
 MODES = ("reconstruct", "encode", "sample")
+ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
 EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
 
@@ -133,6 +134,11 @@ def input_example(state: dict, n: int = 2) -> np.ndarray:
 
 def load_registered_weights(uri: str) -> dict[str, torch.Tensor]:
     """The VAE state_dict of a registered model, e.g. `models:/dfcvae@champion`."""
+    return load_registered_state(uri)["model"]
+
+
+def load_registered_state(uri: str) -> dict[str, Any]:
+    """The checkpoint a registered model bundles: {"model": state_dict, "config": dict, "step": int}."""
     from dfcvae.train import load_checkpoint
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -141,7 +147,7 @@ def load_registered_weights(uri: str) -> dict[str, torch.Tensor]:
         artifact = pyfunc.get("artifacts", {}).get(CHECKPOINT_ARTIFACT)
         if artifact is None:
             raise ValueError(f"{uri} is not a dfcvae model: it has no '{CHECKPOINT_ARTIFACT}' artifact.")
-        return load_checkpoint(local / artifact["path"])["model"]
+        return load_checkpoint(local / artifact["path"])
 
 
 # ---------------------------------------------------------------- registration
@@ -159,7 +165,7 @@ class Registration:
     challenger_objective: float  # this version's
     champion_objective: float | None  # the champion's it was compared with; None: no champion
     previous_champion_version: int | None
-    champion_version: int  # after this registration
+    champion_version: int | None  # after this registration; None: still no champion
     run_id: str
 
 
@@ -294,7 +300,10 @@ def register_model(
         "git_commit": tracking.git_commit(),
         "weights_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
         "step": str(state.get("step", "unknown")),
+        "min_active_fraction": repr(cfg.registry.min_active_fraction),
     }
+    if isinstance(metrics.get(ACTIVE_FRACTION), (int, float)):
+        tags["active_fraction"] = repr(float(metrics[ACTIVE_FRACTION]))
     try:
         model_uri = log_model(state, model_path, metrics_path, grids, run_id)
         with exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
@@ -371,7 +380,7 @@ def register_if_better(
         challenger_objective=value,
         champion_objective=champion_value,
         previous_champion_version=int(champion.version) if champion else None,
-        champion_version=version if decision == "promoted" else int(champion.version),
+        champion_version=version if decision == "promoted" else (int(champion.version) if champion else None),
         run_id=run_id,
     )
 
@@ -384,8 +393,26 @@ def current_champion(client: MlflowClient, name: str):
 
 
 def decide(champion, tags: dict[str, str], version: int) -> tuple[str, str, float | None]:
-    """-> (decision, the description sentence, the champion's objective or None)."""
+    """-> (decision, the description sentence, the champion's objective or None).
+
+    A version whose posterior collapsed (active latent fraction under registry.min_active_fraction,
+    or not measured) is never promoted, whatever its objective: its reconstructions ignore the input.
+    """
     name, value = tags["objective"], float(tags["objective_value"])
+    champion_value = float(champion.tags["objective_value"]) if champion and "objective_value" in champion.tags else None
+    stays = f"champion stays v{champion.version}" if champion else "no champion yet"
+    floor = float(tags["min_active_fraction"])
+    if "active_fraction" not in tags:
+        return "kept", (
+            f"kept: v{version}'s evaluation has no {ACTIVE_FRACTION}, so posterior collapse cannot be ruled out; "
+            f"re-run the evaluate stage; {stays}."
+        ), champion_value
+    active = float(tags["active_fraction"])
+    if active < floor:
+        return "kept", (
+            f"kept: posterior collapse: only {active:.1%} of v{version}'s latent dimensions are active "
+            f"(registry.min_active_fraction {floor:.1%}); lower loss.kl_weight and retrain; {stays}."
+        ), champion_value
     if champion is None:
         return "promoted", f"promoted: no champion yet; {name} {value!r}; champion -> v{version}.", None
     theirs = champion.tags

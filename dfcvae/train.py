@@ -27,7 +27,8 @@ from torch import Tensor, nn
 from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.features import PerceptualNetwork
-from dfcvae.loss import dfc_vae_loss, feature_distances
+from dfcvae.loss import dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.metrics import active_units
 from dfcvae.model import DFCVAE
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -101,7 +102,8 @@ def lr_factor(cfg: Config) -> Callable[[int], float]:
 
 def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, fused=runtime.on_gpu
+        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+        fused=runtime.on_gpu,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
     return optimizer, scheduler
@@ -132,12 +134,16 @@ def make_train_step(
     cfg: Config,
     runtime: Runtime,
 ) -> Callable[[Tensor], dict[str, Tensor]]:
-    """x in [-1, 1] (B, 3, H, W) on the device -> detached logs; one optimiser update."""
+    """x in [-1, 1] (B, 3, H, W) on the device -> detached logs; one optimiser update.
 
-    def forward_loss(x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+    The KL warm-up's factor follows the scheduler's step count, which checkpoints carry, so a
+    resumed run weighs KL exactly as the uninterrupted one.
+    """
+
+    def forward_loss(x: Tensor, kl_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with runtime.autocast():
             recon, mu, logvar = model(x)
-            return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss)
+            return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, kl_scale=kl_scale)
 
     compute, graphed = compiled(forward_loss, cfg, runtime)
 
@@ -145,7 +151,10 @@ def make_train_step(
         optimizer.zero_grad(set_to_none=True)
         if graphed:
             torch.compiler.cudagraph_mark_step_begin()
-        loss, logs = compute(x)
+        kl_scale: float | Tensor = 1.0
+        if cfg.loss.kl_warmup_steps > 0:  # a tensor, so torch.compile does not specialise on each value
+            kl_scale = torch.tensor(kl_warmup(cfg.loss, scheduler.last_epoch), device=x.device)
+        loss, logs = compute(x, kl_scale)
         if graphed:  # graph outputs are overwritten by the next replay; the logs outlive it
             logs = {k: v.clone() for k, v in logs.items()}
         loss.backward()
@@ -167,17 +176,22 @@ def validate(
     cfg: Config,
     runtime: Runtime,
 ) -> dict[str, float]:
-    """Loss parts, pixel MSE and the fixed-layer distance on fixed val batches (latent means)."""
+    """Loss parts, pixel MSE and the fixed-layer distance on fixed val batches (latent means),
+    and the active latent units over all of them (`metrics.active_units`)."""
     model.eval()
     totals: dict[str, float] = {}
+    means = []
     for x in batches:
         with runtime.autocast():
             mu, logvar = model.encode(x)
+            means.append(mu.float())
             recon = model.decode(mu)
             _, logs = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, split="val")
             logs["val/reference_distance"] = sum(feature_distances(reference(x), reference(recon)).values())
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
+    units = active_units(torch.cat(means))
+    totals |= {"val/active_units": float(units), "val/active_fraction": units / model.latent_dim}
     model.train()
     return totals
 
@@ -355,6 +369,7 @@ class Reporter:
         self.last_loss: Tensor | None = None
         self.latest: dict[str, float] = {}
         self.objective = loop_config.get("objective")
+        self.warned_collapse = False
         self.logger = None
         self.rows: list[dict[str, float]] = []
         if rank == 0:
@@ -384,6 +399,7 @@ class Reporter:
             values.update(self.objective_metrics(unwrap(model)))
             self.latest.update(values)
             self.log(values, step)
+            self.check_collapse(step, values["val/active_fraction"])
         if self.rank == 0 and self.logger and (step % cfg.grid_every == 0 or step == cfg.steps):
             self.log_grids(unwrap(model), step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
@@ -408,6 +424,22 @@ class Reporter:
             sys.stdout.write(f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
                              f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}\n")
             sys.stdout.flush()
+
+    def check_collapse(self, step: int, fraction: float) -> None:
+        """Once per run: a loud warning when too few latent units are active after the KL warm-up."""
+        limit = self.cfg.train.warn_active_fraction
+        if self.warned_collapse or step < self.cfg.loss.kl_warmup_steps or fraction >= limit:
+            return
+        self.warned_collapse = True
+        bar = "!" * 78
+        sys.stdout.write(
+            f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
+            f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code; lower "
+            f"loss.kl_weight (now {self.cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n"
+        )
+        sys.stdout.flush()
+        if self.logger:
+            self.logger.client.set_tag(self.logger.run_id, "warning.posterior_collapse", f"step {step}: {fraction:.3f}")
 
     def objective_metrics(self, model: DFCVAE) -> dict[str, float]:
         if not self.objective:

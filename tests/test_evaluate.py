@@ -28,7 +28,6 @@ from dfcvae.evaluate import (
     RECON_COLS,
     SAMPLE_COLS,
     SAMPLE_ROWS,
-    config_from_weights,
     evaluate,
     grid_size,
     load_model,
@@ -198,10 +197,6 @@ def test_load_model_from_model_pt_its_folder_and_bare_weights(cfg: Config, model
         loaded, loaded_cfg = load_model(source, "cpu")
         assert not loaded.training and loaded_cfg == cfg
         torch.testing.assert_close(loaded.reconstruct(x), model.reconstruct(x), rtol=0, atol=0)
-    inferred = config_from_weights(model.state_dict())
-    assert inferred.model == cfg.model and inferred.data.image_size == SIZE
-    with pytest.raises(ValueError, match="not a DFCVAE state_dict"):
-        config_from_weights({"weight": torch.zeros(1)})
 
 
 def test_evaluate_stage_uses_the_trained_architecture_and_logs_to_the_run(

@@ -12,6 +12,7 @@ import os
 import signal
 import subprocess
 import sys
+import tarfile
 import textwrap
 import time
 import urllib.request
@@ -28,6 +29,7 @@ from PIL import Image
 from tests.conftest import assert_loopback_only, tiny_config
 from dfcvae import tracking
 from dfcvae.config import Config
+from dfcvae.evaluate import model_from_state
 from dfcvae.model import DFCVAE
 from dfcvae.registry import (
     CHALLENGER,
@@ -41,6 +43,10 @@ from pipeline import register as register_stage
 from pipeline.common import free_port
 
 ROOT = Path(__file__).resolve().parents[1]
+# Written by the code before model.upsample existed (tests/data/README.md): a registered model's
+# files as MLflow downloads them, and what that model predicted then.
+LEGACY_MODEL = ROOT / "tests" / "data" / "legacy_registered_model.tar.gz"
+LEGACY_PREDICTIONS = ROOT / "tests" / "data" / "legacy_predictions.pt"
 GRIDS = ("samples", "reconstructions", "interpolations", "attribute_arithmetic")
 
 
@@ -54,7 +60,8 @@ def cfg(tmp_path, monkeypatch) -> Config:
     return tiny_config(tmp_path)
 
 
-def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "FINISHED") -> str:
+def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "FINISHED",
+                  active_fraction: float | None = 1.0) -> str:
     """What the train and evaluate stages leave behind, at cfg's paths; returns the run id."""
     train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +69,10 @@ def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "F
     torch.manual_seed(seed)
     model = DFCVAE(cfg.model, cfg.data.image_size)
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 7}, train_dir / "model.pt")
-    (eval_dir / "metrics.json").write_text(json.dumps({cfg.eval.objective: objective, "test/fid_samples": 1.0}))
+    metrics = {cfg.eval.objective: objective, "test/fid_samples": 1.0}
+    if active_fraction is not None:
+        metrics["test/active_fraction"] = active_fraction
+    (eval_dir / "metrics.json").write_text(json.dumps(metrics))
     for i, name in enumerate(GRIDS):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(eval_dir / f"{name}.png")
     uri = tracking.setup(cfg.mlflow)
@@ -134,6 +144,25 @@ def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
     result = register(other)
     assert result.decision == "kept" and "not evaluated like" in result.reason
     assert aliases(cfg) == {CHAMPION: 3, CHALLENGER: 4}
+
+
+def test_a_collapsed_model_is_never_promoted_and_the_record_says_why(cfg):
+    write_outputs(cfg, seed=1, objective=10.0, active_fraction=0.0)  # the first version: no champion yet
+    first = register(cfg)
+    assert first.decision == "kept" and "posterior collapse" in first.reason and "0.0%" in first.reason
+    assert CHAMPION not in aliases(cfg)
+    write_outputs(cfg, seed=2, objective=20.0, active_fraction=0.75)
+    assert register(cfg).decision == "promoted"
+    floor = cfg.registry.min_active_fraction
+    write_outputs(cfg, seed=3, objective=1.0, active_fraction=floor / 2)  # far better FID, collapsed
+    collapsed = register(cfg)
+    assert collapsed.decision == "kept" and collapsed.champion_version == 2
+    assert f"registry.min_active_fraction {floor:.1%}" in collapsed.reason
+    version = MlflowClient().get_model_version(cfg.registry.model_name, str(collapsed.version))
+    assert version.description == collapsed.reason and version.tags["decision"] == "kept"
+    write_outputs(cfg, seed=4, objective=1.0, active_fraction=None)  # evaluated before the measure existed
+    assert "cannot be ruled out" in register(cfg).reason
+    assert aliases(cfg)[CHAMPION] == 2
 
 
 CONCURRENT = textwrap.dedent("""
@@ -329,3 +358,21 @@ def test_failed_runs_and_non_finite_metrics_are_refused(cfg):
     with pytest.raises(RegistrationError, match="is FAILED, not FINISHED"):
         register(cfg)
     assert MlflowClient().search_registered_models() == []
+
+
+def test_models_saved_before_the_decoder_option_load_as_transposed_and_predict_the_same(tmp_path):
+    with tarfile.open(LEGACY_MODEL) as tar:
+        tar.extractall(tmp_path, filter="data")
+    expected = torch.load(LEGACY_PREDICTIONS, weights_only=True)
+    x = expected["x"]
+    state = load_checkpoint(tmp_path / "model" / "artifacts" / "model.pt")
+    assert "upsample" not in state["config"]["model"]
+    model, cfg = model_from_state(state, "cpu")
+    assert (cfg.model.upsample, cfg.model.encoder_kernel, cfg.model.init) == ("transposed", 3, "default")
+    with torch.no_grad():
+        torch.testing.assert_close(model.reconstruct(x), expected["reconstruct"], rtol=0, atol=0)
+        torch.testing.assert_close(model.encode(x)[0], expected["encode"], rtol=0, atol=0)
+        torch.testing.assert_close(model.sample(4, torch.Generator().manual_seed(0)), expected["sample"], rtol=0, atol=0)
+    served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
+    np.testing.assert_array_equal(served.predict(x.numpy()), expected["reconstruct"].numpy())
+    np.testing.assert_array_equal(served.predict(x.numpy(), params={"mode": "encode"}), expected["encode"].numpy())
