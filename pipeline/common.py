@@ -10,9 +10,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import yaml
 
-from dfcvae.config import Config, ConfigError
+from dfcvae.config import Config, ConfigError, load_yaml
 
 # "0" keeps a Ray cluster on this machine, bound to 127.0.0.1 (`ray start` needs it too).
 SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
@@ -42,7 +41,7 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ConfigError(f"--set {pair!r}: expected KEY=VALUE, e.g. --set train.steps=100.")
-        overrides[key.strip()] = yaml.safe_load(value)
+        overrides[key.strip()] = load_yaml(value)
     return overrides
 
 

@@ -16,17 +16,16 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 
 from dfcvae import tracking
-from dfcvae.config import Config
+from dfcvae.config import Config, load_yaml
 
 PROFILE = Path(__file__).with_name("demo.yaml")
 
 
 def profile_overrides(path: Path = PROFILE, params: Path = Path("params.yaml")) -> list[str]:
     """The profile as `-S` arguments, validated against the config first (a typo fails here)."""
-    overrides = yaml.safe_load(path.read_text())
+    overrides = load_yaml(path.read_text())
     Config.load(params).with_overrides(overrides)
     args = []
     for key, value in overrides.items():

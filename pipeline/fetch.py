@@ -47,6 +47,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError
+from pipeline.common import parse_config
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
 MARGIN = 40  # synthetic faces are drawn on a larger canvas, rotated, then cropped
@@ -562,8 +563,8 @@ def _reset(raw: Path, inputs: Path | None) -> None:
     (raw / IMAGE_DIR).mkdir(parents=True)
 
 
-def main() -> None:
-    cfg = Config.load()
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     try:
         info = fetch(cfg)
     except DataError as e:

@@ -45,6 +45,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError, shard_name
+from pipeline.common import parse_config
 
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
 CHECK_CHUNK = 256  # images per task in the check pass
@@ -324,8 +325,8 @@ def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], c
     return splits
 
 
-def main() -> None:
-    cfg = Config.load()
+def main(argv: list[str] | None = None) -> None:
+    cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     try:
         manifest = write_shards(cfg)
     except DataError as e:
