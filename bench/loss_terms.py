@@ -23,42 +23,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 
 import torch
 
-from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.evaluate import tuning_objective
 from dfcvae.features import PerceptualNetwork, resolve_layers
 from dfcvae.loss import FEATURE_NORMS, feature_distances, kl_divergence
 from dfcvae.metrics import active_units, nyquist_power, psnr
 from dfcvae.model import DFCVAE
-from dfcvae.train import (Runtime, build_model, build_optimizer, build_perceptual, fixed_val_batches,
-                          make_train_step, seed_step)
+from dfcvae.train import Runtime, build_model, fixed_val_batches, seed_step, train_in_process
 from pipeline.common import parse_config
 
 BACKBONES = (("mobilenet_v2", "imagenet"), ("vgg19_bn", "random"), ("vgg19", "random"))
 PRESETS = ("vae123", "vae345")
-
-
-def short_run(cfg: Config, steps: int, runtime: Runtime) -> DFCVAE:
-    """The params' recipe for `steps` steps, in process: the training step Ray Train runs."""
-    seed_step(cfg.train.seed, 0, -1)
-    model = build_model(cfg, runtime)
-    optimizer, scheduler = build_optimizer(model, cfg, runtime)
-    step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
-    start = time.perf_counter()
-    for step, batch in data.train_stream(cfg, device=runtime.device):
-        if step >= steps:
-            break
-        generator = seed_step(cfg.train.seed, 0, step)
-        logs = step_fn(data.prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
-        if (step + 1) % max(steps // 5, 1) == 0:
-            print(f"  step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} kl {float(logs['train/kl']):.2f} "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -96,7 +75,7 @@ def table(cfg: Config, steps: int) -> list[dict]:
     seed_step(cfg.train.seed, 0, -1)
     models = {"init": build_model(cfg, runtime).eval()}
     print(f"short run: {steps} steps of the params' recipe", flush=True)
-    models["trained"] = short_run(cfg, steps, runtime)
+    models["trained"] = train_in_process(cfg, steps, runtime, progress=True)
     rows = []
     for backbone, weights in BACKBONES:
         for preset in PRESETS:
@@ -132,7 +111,7 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     if args.recipe:
         runtime = Runtime(torch.device("cpu"))
-        model = short_run(cfg, args.steps, runtime)
+        model = train_in_process(cfg, args.steps, runtime, progress=True)
         results = quality(model, fixed_val_batches(cfg, runtime)) | tuning_objective(model, cfg, runtime.device)
         print(json.dumps(results, indent=2))
         return

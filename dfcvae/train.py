@@ -196,6 +196,27 @@ def validate(
     return totals
 
 
+def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool = False) -> DFCVAE:
+    """`steps` steps of cfg's recipe in this process, rank 0 of 1, without Ray, validation or
+    checkpoints: the step and data stream the worker loop runs, for benchmarks and tests.
+    -> the VAE in eval mode."""
+    seed_step(cfg.train.seed, 0, -1)
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
+    start = time.perf_counter()
+    for step, batch in data.train_stream(cfg, device=runtime.device):
+        if step >= steps:
+            break
+        generator = seed_step(cfg.train.seed, 0, step)
+        logs = step_fn(data.prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
+        if progress and (step + 1) % max(steps // 5, 1) == 0:
+            sys.stdout.write(f"[train] step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} "
+                             f"kl {float(logs['train/kl']):.2f} ({time.perf_counter() - start:.0f} s)\n")
+            sys.stdout.flush()
+    return model.eval()
+
+
 # ---------------------------------------------------------------- checkpoints
 
 
@@ -427,16 +448,11 @@ class Reporter:
 
     def check_collapse(self, step: int, fraction: float) -> None:
         """Once per run: a loud warning when too few latent units are active after the KL warm-up."""
-        limit = self.cfg.train.warn_active_fraction
-        if self.warned_collapse or step < self.cfg.loss.kl_warmup_steps or fraction >= limit:
+        message = None if self.warned_collapse else collapse_warning(self.cfg, step, fraction)
+        if message is None:
             return
         self.warned_collapse = True
-        bar = "!" * 78
-        sys.stdout.write(
-            f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
-            f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code; lower "
-            f"loss.kl_weight (now {self.cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n"
-        )
+        sys.stdout.write(message)
         sys.stdout.flush()
         if self.logger:
             self.logger.client.set_tag(self.logger.run_id, "warning.posterior_collapse", f"step {step}: {fraction:.3f}")
@@ -498,6 +514,18 @@ class Reporter:
     def finish(self, model, optimizer, scheduler) -> None:
         if self.logger:
             self.logger.metrics({"train/samples_seen": self.cfg.train.steps * self.images_per_step}, self.cfg.train.steps)
+
+
+def collapse_warning(cfg: Config, step: int, fraction: float) -> str | None:
+    """The banner for a validation at `step` with `fraction` of the latent dimensions active, or
+    None: after the KL warm-up, under train.warn_active_fraction is a collapsing posterior."""
+    limit = cfg.train.warn_active_fraction
+    if step < cfg.loss.kl_warmup_steps or fraction >= limit:
+        return None
+    bar = "!" * 78
+    return (f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
+            f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code: lower "
+            f"loss.kl_weight (now {cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n")
 
 
 def load_previous_rows(start_step: int) -> list[dict[str, float]]:

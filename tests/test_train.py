@@ -104,7 +104,9 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
 
 
 def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
-    base = run_cfg.with_overrides({"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4})
+    # The KL warm-up spans the interruption at step 4: its factor must continue, not restart.
+    base = run_cfg.with_overrides({"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4,
+                                   "loss.kl_warmup_steps": 6})
     full = base.with_overrides({"train.steps": 8, "train.out_dir": str(tmp_path / "full")})
     train(full)
     halfway = _checkpoint_at(full, step=4)
