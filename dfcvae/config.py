@@ -22,7 +22,12 @@ from typing import Any
 import yaml
 
 
-class ConfigError(ValueError):
+class UserError(Exception):
+    """A mistake in what the user gave (params, data, a model to register), in one sentence that
+    says what is wrong and what to do. The commands print it without a traceback."""
+
+
+class ConfigError(UserError, ValueError):
     """A params.yaml problem, phrased so the user knows what to edit."""
 
 

@@ -56,7 +56,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from dfcvae.config import Config
+from dfcvae.config import Config, UserError
 from dfcvae.ring import BatchRing
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ FORMAT_VERSION = 1
 PREFETCH = 2  # batches each DataLoader process reads ahead
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """A data problem, phrased so the user knows what to fix."""
 
 

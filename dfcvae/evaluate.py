@@ -98,16 +98,14 @@ def load_model(path_or_uri: str | Path, device: torch.device | str) -> tuple[DFC
     """A trained VAE in eval mode on `device`, and the config it was trained with.
 
     Accepts the train stage's model.pt, a checkpoint file or directory (model.pt or
-    checkpoint.pt inside), or a registered model `models:/<name>@<alias>`. A registered
-    model carries only weights here: its Config holds the architecture (model section,
-    data.image_size) read off the weight shapes, and defaults elsewhere.
+    checkpoint.pt inside), or a registered model `models:/<name>@<alias>`. The architecture
+    comes from the config stored with the weights, whichever the source.
     """
     source = str(path_or_uri)
     if source.startswith("models:/"):
-        from dfcvae.registry import load_registered_weights
+        from dfcvae.registry import load_registered_state
 
-        weights = load_registered_weights(source)
-        return model_from_state({"model": weights, "config": config_from_weights(weights).to_dict()}, device)
+        return model_from_state(load_registered_state(source), device)
     from dfcvae.train import load_checkpoint
 
     path = Path(source)

@@ -60,7 +60,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from dfcvae.config import Config
+from dfcvae.config import Config, UserError
 from dfcvae.model import DFCVAE
 
 # This module is imported wherever the pyfunc is loaded (a serving container): the training
@@ -77,7 +77,7 @@ ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active lat
 EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
 
 
-class RegistrationError(ValueError):
+class RegistrationError(UserError, ValueError):
     """Registration refused: the run, its metrics or its weights are not fit to serve."""
 
 

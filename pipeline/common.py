@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import socket
@@ -11,10 +12,28 @@ from pathlib import Path
 from typing import Any
 
 
-from dfcvae.config import Config, ConfigError, load_yaml
+from dfcvae.config import Config, ConfigError, UserError, load_yaml
 
 # "0" keeps a Ray cluster on this machine, bound to 127.0.0.1 (`ray start` needs it too).
 SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
+
+
+def command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
+    """Decorates a command's main(): a user's mistake (UserError, a missing file) ends the process
+    with one line, `<name>: <what is wrong and what to do>`, exit status 1, no traceback.
+    Anything else is a bug and keeps its traceback."""
+
+    def wrap(main: Callable[..., None]) -> Callable[..., None]:
+        @functools.wraps(main)
+        def run(*args, **kwargs) -> None:
+            try:
+                main(*args, **kwargs)
+            except (UserError, FileNotFoundError) as err:
+                raise SystemExit(f"{name}: {err}") from None
+
+        return run
+
+    return wrap
 
 
 def parse_config(

@@ -34,7 +34,6 @@ Outputs (--out-dir):
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from dataclasses import dataclass
@@ -47,9 +46,9 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from dfcvae import data, evaluate, tracking
-from dfcvae.config import Config, ConfigError
+from dfcvae.config import Config
 from dfcvae.train import load_checkpoint
-from pipeline.common import best_overrides, parse_config, write_json
+from pipeline.common import best_overrides, command, parse_config, write_json
 
 VARIANTS = ("plain_vae", "dfc_vae")  # row order of the pictures and the table
 LABELS = {"plain_vae": "plain VAE", "dfc_vae": "DFC-VAE"}
@@ -66,12 +65,15 @@ TABLE = (  # comparison.json key, table label, format
     ("ssim", "SSIM (higher is better)", "{:.3f}"),
     ("mse", "MSE, [0, 1] scale (lower is better)", "{:.4f}"),
     ("reference_distance", "reference feature distance (lower is better)", "{:.3f}"),
+    ("nyquist_ratio", "Nyquist power, reconstructions / real (over 1: a checkerboard)", "{:.2f}"),
+    ("active_fraction", "active latent dimensions (Burda et al.)", "{:.0%}"),
     ("probe_accuracy_mean", "attribute probe accuracy (higher is better)", "{:.3f}"),
     ("probe_baseline_mean", "majority-class baseline", "{:.3f}"),
     ("steps", "training steps", "{:d}"),
     ("kl_weight", "loss.kl_weight", "{:.3g}"),
     ("perceptual_weight", "loss.perceptual_weight", "{:.3g}"),
     ("pixel_weight", "loss.pixel_weight", "{:.3g}"),
+    ("feature_norm", "loss.feature_norm", "{}"),
     ("train_seconds", "training wall time, s", "{:.0f}"),
 )
 
@@ -141,7 +143,8 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     run = tracking.RunLogger(uri, run_id).client.get_run(run_id)
     row = {key: float(numbers[f"test/{key}"]) for key in
            ("fid_samples", "fid_recon", "fid_sum", "psnr", "ssim", "mse", "reference_distance")}
-    row |= {key: _maybe(numbers, f"test/{key}") for key in ("probe_accuracy_mean", "probe_baseline_mean")}
+    row |= {key: _maybe(numbers, f"test/{key}")
+            for key in ("probe_accuracy_mean", "probe_baseline_mean", "active_fraction", "nyquist_ratio")}
     row |= {
         "fid_inception": numbers["test/fid_inception"],
         "fid_images": int(numbers["test/fid_images"]),
@@ -149,6 +152,7 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
         "kl_weight": loss.kl_weight,
         "perceptual_weight": loss.perceptual_weight,
         "pixel_weight": loss.pixel_weight,
+        "feature_norm": loss.feature_norm,
         "perceptual": {"backbone": cfg.perceptual.backbone, "layers": list(cfg.perceptual.layers)},
         "tuned_overrides": variant.tuned,
         "mlflow_run_id": run_id,
@@ -328,14 +332,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out-dir", default="outputs/compare", help="default: outputs/compare")
 
 
+@command("compare")
 def main(argv: list[str] | None = None) -> None:
-    try:
-        cfg, args = parse_config(__doc__.splitlines()[0], argv, add_arguments)
-        if args.steps is not None:
-            cfg = cfg.with_overrides({"train.steps": args.steps})
-        compare(cfg, Path(args.out_dir), args.plain_kl_weight)
-    except (ConfigError, FileNotFoundError) as err:
-        raise SystemExit(f"compare: {err}") from None
+    cfg, args = parse_config(__doc__.splitlines()[0], argv, add_arguments)
+    if args.steps is not None:
+        cfg = cfg.with_overrides({"train.steps": args.steps})
+    compare(cfg, Path(args.out_dir), args.plain_kl_weight)
     print(Path(args.out_dir, "comparison.md").read_text(), end="")
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from dfcvae import tracking
 from dfcvae.config import Config, load_yaml
+from pipeline.common import command
 
 PROFILE = Path(__file__).with_name("demo.yaml")
 
@@ -51,6 +52,7 @@ def run(cmd: list[str]) -> None:
     subprocess.run(cmd, check=True)
 
 
+@command("demo")
 def main(argv: list[str] | None = None) -> None:
     extra = argv if argv is not None else sys.argv[1:]  # further -S overrides, e.g. -S train.steps=100
     # Experiments are git commits under refs/exps: give them an author on machines without one.

@@ -21,7 +21,7 @@ from dfcvae import tracking
 from dfcvae.config import Config
 from dfcvae.evaluate import evaluate, model_from_state
 from dfcvae.train import load_checkpoint
-from pipeline.common import parse_config
+from pipeline.common import command, parse_config
 
 SUMMARY = ("test/fid_recon", "test/fid_samples", "test/fid_sum", "test/fid_images", "test/fid_inception",
            "test/psnr", "test/ssim", "test/active_fraction", "test/nyquist_ratio", "test/probe_accuracy_mean",
@@ -55,6 +55,7 @@ def run(cfg: Config) -> dict[str, Any]:
     return evaluate(model, cfg, device, logger=run_logger(cfg), step=int(state.get("step", 0)))
 
 
+@command("evaluate")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     results = run(cfg)

@@ -36,7 +36,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +46,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError
-from pipeline.common import parse_config
+from pipeline.common import command, parse_config
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
 MARGIN = 40  # synthetic faces are drawn on a larger canvas, rotated, then cropped
@@ -563,12 +562,10 @@ def _reset(raw: Path, inputs: Path | None) -> None:
     (raw / IMAGE_DIR).mkdir(parents=True)
 
 
+@command("fetch")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
-    try:
-        info = fetch(cfg)
-    except DataError as e:
-        sys.exit(f"fetch: {e}")
+    info = fetch(cfg)
     print(f"fetch: {info['source']} {info.get('counts')} -> {cfg.data.raw_dir}")
 
 

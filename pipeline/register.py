@@ -18,7 +18,7 @@ from pathlib import Path
 from dfcvae import tracking
 from dfcvae.config import Config
 from dfcvae.registry import Registration, register_model
-from pipeline.common import parse_config, write_json
+from pipeline.common import command, parse_config, write_json
 
 
 def register(cfg: Config) -> Registration:
@@ -31,6 +31,7 @@ def register(cfg: Config) -> Registration:
     return result
 
 
+@command("register")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     print(register(cfg).reason)

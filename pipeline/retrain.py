@@ -16,6 +16,7 @@ import argparse
 import json
 import subprocess
 import sys
+from pipeline.common import command
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -55,6 +56,7 @@ def retrain(push: bool) -> bool:
     return True
 
 
+@command("retrain")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--push", action="store_true", help="push outputs to the DVC remote and dvc.lock to git")

@@ -29,6 +29,7 @@ from dfcvae.evaluate import evaluation_mode, load_model
 from dfcvae.model import DFCVAE
 from pipeline.fetch import FOLDER_SUFFIXES
 from pipeline.shard import Rejected, load_rgb, preprocess
+from pipeline.common import command
 
 log = logging.getLogger(__name__)
 RECON_COLS = 8
@@ -73,6 +74,7 @@ def reconstruction_pictures(model: DFCVAE, images: torch.Tensor, cols: int) -> t
     return torch.cat(rows)
 
 
+@command("sample")
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="model.pt, checkpoint dir, or models:/<name>@<alias>")

@@ -33,7 +33,6 @@ import multiprocessing
 import os
 import random
 import shutil
-import sys
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError, shard_name
-from pipeline.common import parse_config
+from pipeline.common import command, parse_config
 
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
 CHECK_CHUNK = 256  # images per task in the check pass
@@ -325,12 +324,10 @@ def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], c
     return splits
 
 
+@command("shard")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
-    try:
-        manifest = write_shards(cfg)
-    except DataError as e:
-        sys.exit(f"shard: {e}")
+    manifest = write_shards(cfg)
     counts = {split: manifest["splits"][split]["count"] for split in SPLITS}
     print(f"shard: {counts} ({manifest['source']}) -> {cfg.data.shards_dir}")
 

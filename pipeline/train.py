@@ -16,7 +16,7 @@ from pathlib import Path
 from dfcvae import data, tracking
 from dfcvae.config import Config
 from dfcvae.train import absolute_paths, export_outputs, make_trainer
-from pipeline.common import init_ray, parse_config, with_best_overrides, write_json
+from pipeline.common import command, init_ray, parse_config, with_best_overrides, write_json
 
 
 def run_name(cfg: Config) -> str:
@@ -51,6 +51,7 @@ def train(cfg: Config) -> dict[str, float]:
         raise
 
 
+@command("train")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     metrics = train(with_best_overrides(cfg))

@@ -24,7 +24,7 @@ from dfcvae import data, tracking
 from dfcvae import tune as search
 from dfcvae.config import Config
 from dfcvae.train import absolute_paths
-from pipeline.common import init_ray, parse_config, write_json
+from pipeline.common import command, init_ray, parse_config, write_json
 
 
 def tune(cfg: Config) -> dict[str, Any]:
@@ -82,6 +82,7 @@ def search_run(cfg: Config, path: Path, uri: str) -> str:
     return run_id
 
 
+@command("tune")
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     print(json.dumps(tune(cfg), indent=2))

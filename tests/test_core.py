@@ -1,6 +1,8 @@
 """Invariants of the config, the VAE, the frozen perceptual network and the loss."""
 
 import copy
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -63,6 +65,16 @@ def test_exponent_numbers_in_params_and_overrides(tmp_path):
     from pipeline.common import parse_overrides
 
     assert Config().with_overrides(parse_overrides(["loss.kl_weight=1e-5"])).loss.kl_weight == 1e-5
+
+
+@pytest.mark.parametrize("stage, override, message", [
+    ("train", "loss.kl_weight=high", "train: overrides: loss.kl_weight: expected a number, got 'high'."),
+    ("fetch", "data.source=flickr", "fetch: data.source: 'flickr' is not one of ['celeba', 'folder', 'synthetic']; pick one."),
+])
+def test_a_config_mistake_is_one_line_without_traceback(stage, override, message):
+    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--set", override], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stderr.strip().splitlines() == [message], result.stderr
 
 
 @pytest.mark.parametrize("size", [32, 64, 128])
