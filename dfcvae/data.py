@@ -82,6 +82,20 @@ class DataError(UserError, RuntimeError):
     """A data problem, phrased so the user knows what to fix."""
 
 
+MIN_SPLIT_IMAGES = 1  # an empty split fails late: training's validation, every tuning trial, evaluation
+
+
+def check_split_counts(counts: dict[str, int], what: str) -> None:
+    """DataError naming the splits with fewer than MIN_SPLIT_IMAGES images, with the numbers."""
+    short = [split for split, n in counts.items() if n < MIN_SPLIT_IMAGES]
+    if short:
+        raise DataError(
+            f"{what} gives {', '.join(f'{s} {n}' for s, n in counts.items())} images: {' and '.join(short)} "
+            f"{'is' if len(short) == 1 else 'are'} empty; training validates on val and evaluation measures on "
+            "test, so every split needs images: add images or change data.split_fractions."
+        )
+
+
 class ShardError(DataError):
     """A shard that cannot be read; the message names the shard."""
 

@@ -190,8 +190,10 @@ def validate(
             logs["val/reference_distance"] = sum(feature_distances(reference(x), reference(recon)).values())
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
-    units = active_units(torch.cat(means))
-    totals |= {"val/active_units": float(units), "val/active_fraction": units / model.latent_dim}
+    means = torch.cat(means)
+    if len(means) >= 2:  # a variance over the data needs two images
+        units = active_units(means)
+        totals |= {"val/active_units": float(units), "val/active_fraction": units / model.latent_dim}
     model.train()
     return totals
 
@@ -420,7 +422,8 @@ class Reporter:
             values.update(self.objective_metrics(unwrap(model)))
             self.latest.update(values)
             self.log(values, step)
-            self.check_collapse(step, values["val/active_fraction"])
+            if "val/active_fraction" in values:
+                self.check_collapse(step, values["val/active_fraction"])
         if self.rank == 0 and self.logger and (step % cfg.grid_every == 0 or step == cfg.steps):
             self.log_grids(unwrap(model), step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -37,6 +37,7 @@ import os
 import random
 import shutil
 import zipfile
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +46,7 @@ from PIL import Image, ImageDraw, ImageFilter
 from tqdm import tqdm
 
 from dfcvae.config import Config
-from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError
+from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
 from pipeline.common import command, parse_config
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
@@ -183,11 +184,23 @@ def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tu
 
 
 def _image_members(images: Path) -> dict[str, str]:
-    """file name -> its name in the folder or zip."""
+    """file name -> its name in the folder or zip; DataError for a zip that is not one."""
     if images.is_dir():
         return {name: name for name in os.listdir(images)}
-    with zipfile.ZipFile(images) as z:
+    with open_zip(images) as z:
         return {Path(n).name: n for n in z.namelist() if n.lower().endswith(".jpg")}
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip, or DataError saying what the file is instead (a quota page, a cut download)."""
+    try:
+        return zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError) as err:
+        head = path.read_bytes()[:512].lstrip().lower() if path.is_file() else b""
+        what = ("an HTML page (Google Drive's quota or virus-scan notice), not the zip" if head.startswith(
+            (b"<!doctype html", b"<html")) else f"not a readable zip ({err}); the download was probably cut short")
+        raise DataError(f"{path} ({path.stat().st_size if path.is_file() else 0:,} bytes) is {what}: "
+                        f"delete it and {_celeba_help(path.parent)}.") from None
 
 
 def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
@@ -196,9 +209,13 @@ def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
             shutil.copyfile(images / name, dest / name)
         return
     members = _image_members(images)
-    with zipfile.ZipFile(images) as z:
+    with open_zip(images) as z:
         for name in tqdm(names, desc="fetch: unzip", unit="img", mininterval=1):
-            (dest / name).write_bytes(z.read(members[name]))
+            try:
+                (dest / name).write_bytes(z.read(members[name]))
+            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
+                raise DataError(f"{images}: member {members[name]} cannot be read ({err}); the zip is damaged: "
+                                f"delete it and {_celeba_help(images.parent)}.") from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -461,8 +478,9 @@ def _synthetic_chunk(task: tuple[Path, int, list[int]]) -> list[list[int]]:
 def make_synthetic(cfg: Config, raw: Path, workers: int) -> dict:
     d = cfg.data
     n = d.synthetic_count
-    if n < 3:
-        raise DataError(f"data.synthetic_count={n}: need at least 3 images (one per split).")
+    counts = _split_counts(n, d.split_fractions)
+    check_split_counts(dict(zip(SPLITS, counts)),
+                       f"data.synthetic_count={n} with data.split_fractions={list(d.split_fractions)}")
     indices = list(range(1, n + 1))
     chunks = [indices[k : k + 64] for k in range(0, n, 64)]
     attrs: dict[str, list[int]] = {}
@@ -471,7 +489,6 @@ def make_synthetic(cfg: Config, raw: Path, workers: int) -> dict:
         for chunk, rows in zip(chunks, pool.imap(_synthetic_chunk, [(raw / IMAGE_DIR, d.seed, c) for c in chunks])):
             attrs.update({f"{i:06d}.jpg": row for i, row in zip(chunk, rows)})
             bar.update(len(chunk))
-    counts = _split_counts(n, d.split_fractions)
     partition = {f"{i:06d}.jpg": 0 if i <= counts[0] else 1 if i <= counts[0] + counts[1] else 2 for i in indices}
     write_partition(raw, partition)  # consecutive id ranges, as CelebA's partition
     write_attrs(raw, attrs)
@@ -496,14 +513,39 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
 # source: folder
 
 
+# An ImageFolder-style layout: these top-level folder names are the splits, honoured as they are.
+SPLIT_FOLDERS = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
+
+
+def is_metadata(rel: Path) -> bool:
+    """Hidden files and folders, macOS's AppleDouble `._name` twins and `__MACOSX/`: not images."""
+    return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
+
+
+def folder_images(root: Path) -> list[Path]:
+    """The image files under root, sorted, metadata left out."""
+    return sorted(p for p in root.rglob("*")
+                  if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES and not is_metadata(p.relative_to(root)))
+
+
+def folder_split(root: Path, files: list[Path]) -> str:
+    """"folders" when every image lies under a top-level train/, val/ (valid/, validation/) or test/
+    folder, with train and test present; otherwise "hash"."""
+    tops = {p.relative_to(root).parts[0].lower() if len(p.relative_to(root).parts) > 1 else "" for p in files}
+    if tops <= set(SPLIT_FOLDERS) and {"train", "test"} <= tops:
+        return "folders"
+    return "hash"
+
+
 def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
     d = cfg.data
     root = Path(d.folder_dir)
     if not d.folder_dir or not root.is_dir():
         raise DataError(f"data.folder_dir={d.folder_dir!r} is not a folder: set it to the folder of your images.")
-    files = sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES)
+    files = folder_images(root)
     if not files:
         raise DataError(f"no {'/'.join(sorted(FOLDER_SUFFIXES))} files under {root}: put your images there.")
+    split_by = folder_split(root, files)
     width = max(6, len(str(len(files))))
     partition, sources = {}, []
     for i, path in enumerate(tqdm(files, desc="fetch: copy", unit="img", mininterval=1), start=1):
@@ -511,12 +553,19 @@ def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
         suffix = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
         name = f"{i:0{width}d}{suffix}"
         shutil.copyfile(path, raw / IMAGE_DIR / name)
-        partition[name] = _hash_split(d.seed, rel, d.split_fractions)
+        if split_by == "folders":
+            partition[name] = SPLIT_FOLDERS[rel.split("/")[0].lower()]
+        else:
+            partition[name] = _hash_split(d.seed, rel, d.split_fractions)
         sources.append(f"{name} {rel}\n")
+    counts = [sum(p == k for p in partition.values()) for k in range(3)]
+    how = ("the folder's own train/val/test folders" if split_by == "folders"
+           else f"data.split_fractions={list(d.split_fractions)}")
+    check_split_counts(dict(zip(SPLITS, counts)), f"{len(files)} images in {root}, split by {how}")
     write_partition(raw, partition)
     (raw / "list_source_files.txt").write_text("".join(sources))
-    counts = [sum(p == k for p in partition.values()) for k in range(3)]
-    return {"source": "folder", "folder_dir": d.folder_dir, "count": len(files), "counts": dict(zip(SPLITS, counts))}
+    return {"source": "folder", "folder_dir": d.folder_dir, "count": len(files), "counts": dict(zip(SPLITS, counts)),
+            "split": split_by}
 
 
 def _hash_split(seed: int, rel: str, fractions: tuple[float, float, float]) -> int:

@@ -43,7 +43,8 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dfcvae.config import Config
-from dfcvae.data import ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError, shard_name
+from dfcvae.data import (ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError,
+                         check_split_counts, shard_name)
 from pipeline.common import command, parse_config
 
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
@@ -84,10 +85,15 @@ def load_rgb(path: Path, crop_size: int, max_pixels: int) -> tuple[Image.Image, 
         raise Rejected("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Rejected(f"truncated or corrupt: {e}") from None
-    img = ImageOps.exif_transpose(img)
+    note = ""
+    try:
+        img = ImageOps.exif_transpose(img)
+    except Exception as e:  # EXIF that is not valid TIFF (SyntaxError), bad tags: the pixels are still fine
+        note = f"EXIF unreadable ({type(e).__name__}: {e}), orientation left as stored"
     if min(img.size) < crop_size:
         raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop_size}")
-    return _to_rgb(img)
+    rgb, conversion = _to_rgb(img)
+    return rgb, "; ".join(n for n in (note, conversion) if n)
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
@@ -246,7 +252,7 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     workers = workers or len(os.sched_getaffinity(0))
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         outcomes = _check_all(pool, image_dir, images, cfg)
-        report = _report(images, outcomes)
+        report = _report(images, outcomes, _read_sources(raw_dir / "list_source_files.txt"))
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         counts = report["counts"]
         if counts["rejected"] > d.max_reject_fraction * counts["in"]:
@@ -256,6 +262,8 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
                 "then fix or remove those images (or raise the fraction)."
             )
         accepted = [im for im, (outcome, _) in zip(images, outcomes) if outcome != "rejected"]
+        check_split_counts({s: sum(im.split == s for im in accepted) for s in SPLITS},
+                           f"after {counts['rejected']} rejections (report.json), {len(accepted)} usable raw images")
         splits = _write_all(pool, image_dir, out_dir, accepted, cfg)
     manifest = {
         "format": FORMAT_VERSION,
@@ -291,13 +299,23 @@ def _check_all(pool, image_dir: Path, images: list[RawImage], cfg: Config) -> li
     return outcomes
 
 
-def _report(images: list[RawImage], outcomes: list[tuple[str, str]]) -> dict:
+def _read_sources(path: Path) -> dict[str, str]:
+    """raw file name -> the user's original path (data.source: folder); {} for other sources."""
+    if not path.is_file():
+        return {}
+    return dict(line.split(" ", 1) for line in path.read_text().splitlines() if line.strip())
+
+
+def _report(images: list[RawImage], outcomes: list[tuple[str, str]], sources: dict[str, str]) -> dict:
     counts = {"in": len(images), "written": 0, "converted": 0, "rejected": 0}
     listed: dict[str, list] = {"converted": [], "rejected": []}
     for image, (outcome, note) in zip(images, outcomes):
         counts["rejected" if outcome == "rejected" else "written"] += 1
         if outcome != "written":
-            listed[outcome].append({"file": image.file, "split": image.split, "reason": note})
+            entry = {"file": image.file, "split": image.split, "reason": note}
+            if image.file in sources:
+                entry["source"] = sources[image.file]  # the user's own file
+            listed[outcome].append(entry)
     counts["converted"] = len(listed["converted"])
     return {"counts": counts, **listed}
 

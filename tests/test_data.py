@@ -510,7 +510,18 @@ BAD_IMAGES = {  # relative path -> (make the file bytes, outcome, a substring of
     "bad/tiny.png": (lambda: _png(_face(size=(1, 1))), "rejected", "too small: 1x1"),
     "bad/huge.png": (lambda: _png(_face(size=(400, 400))), "rejected", "too large: 400x400"),
     "bad/sixteen_bit.png": (lambda: _png(Image.new("I;16", (178, 218), 1000)), "rejected", "unsupported pixel mode"),
+    # Pixels fine, EXIF block not TIFF: written, the metadata ignored.
+    "bad/broken_exif.png": (lambda: _png_with_exif(_face(seed=10), b"Exif\x00\x00not-tiff"), "converted",
+                            "EXIF unreadable (SyntaxError"),
 }
+# Not images: hidden files, macOS's AppleDouble twins and __MACOSX/ are left out, never rejected.
+METADATA_FILES = ("good/._a.jpg", "good/.DS_Store.png", "__MACOSX/good/._b.JPEG", ".thumbs/c.png")
+
+
+def _png_with_exif(img: Image.Image, exif: bytes) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="PNG", exif=exif)
+    return out.getvalue()
 
 
 def _folder_config(tmp_path: Path, **overrides) -> Config:
@@ -519,6 +530,9 @@ def _folder_config(tmp_path: Path, **overrides) -> Config:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(make())
     (folder / "notes.txt").write_text("not listed: only jpg/jpeg/png/webp are images")
+    for rel in METADATA_FILES:
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        (folder / rel).write_bytes(b"\x00\x05\x16\x07AppleDouble metadata, not an image")
     return make_config(tmp_path, {
         "data.source": "folder",
         "data.folder_dir": str(folder),
@@ -539,7 +553,9 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     outcome = {source_file: ("written", "") for source_file in source}
     for kind in ("converted", "rejected"):
         for entry in report[kind]:
-            outcome[next(rel for rel, name in source.items() if name == entry["file"])] = (kind, entry["reason"])
+            rel = next(rel for rel, name in source.items() if name == entry["file"])
+            assert entry["source"] == rel  # every entry names the user's own file
+            outcome[rel] = (kind, entry["reason"])
     for rel, (_, expected, reason) in BAD_IMAGES.items():
         assert outcome[rel][0] == expected, rel
         assert reason in outcome[rel][1], (rel, outcome[rel])
@@ -549,6 +565,7 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     assert counts["converted"] == sum(v[1] == "converted" for v in BAD_IMAGES.values())
     assert counts["written"] == sum(manifest["splits"][s]["count"] for s in data.SPLITS)
     assert manifest["source"] == "folder" and manifest["synthetic"] is False and manifest["attributes"] == []
+    assert manifest["dataset"]["split"] == "hash" and not set(METADATA_FILES) & set(source)
     batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
     assert (batch["attrs"] == -1).all()  # folder data has no attributes
 
@@ -556,9 +573,43 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
 def test_too_many_rejects_fail_the_stage_after_writing_the_report(tmp_path):
     cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.2})
     fetch(cfg, workers=2)
-    with pytest.raises(DataError, match=r"6 of 13 raw images were rejected.*report\.json"):
+    with pytest.raises(DataError, match=r"6 of 14 raw images were rejected.*report\.json"):
         write_shards(cfg, workers=2)
     assert len(json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())["rejected"]) == 6
+
+
+def test_a_folder_already_split_keeps_its_split_and_the_manifest_says_so(tmp_path):
+    folder = tmp_path / "images"
+    layout = {"train": 6, "valid": 2, "test": 3}
+    for split, n in layout.items():
+        (folder / split / "cats").mkdir(parents=True)
+        for i in range(n):
+            (folder / split / "cats" / f"{i}.png").write_bytes(_png(_face(seed=i)))
+    cfg = make_config(tmp_path, {"data.source": "folder", "data.folder_dir": str(folder)})
+    info = fetch(cfg, workers=2)
+    assert info["split"] == "folders" and info["counts"] == {"train": 6, "val": 2, "test": 3}
+    raw = Path(cfg.data.raw_dir)
+    source = dict(line.split() for line in (raw / "list_source_files.txt").read_text().splitlines())
+    partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
+    for name, rel in source.items():  # every test image stays in test, and so on
+        assert int(partition[name]) == {"train": 0, "valid": 1, "test": 2}[rel.split("/")[0]]
+    assert write_shards(cfg, workers=2)["dataset"]["split"] == "folders"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"data.split_fractions": [0.9, 0.0, 0.1]},
+     r"data.synthetic_count=33 with data.split_fractions=\[0.9, 0.0, 0.1\] gives train 30, val 0, test 3 images: "
+     r"val is empty; .*add images or change data.split_fractions"),
+    ({"data.source": "folder"}, r"3 images in .* gives train \d, val \d, test \d images: \w+( and \w+)? (is|are) empty"),
+])
+def test_an_empty_split_is_refused_at_fetch_with_the_numbers(tmp_path, overrides, message):
+    folder = tmp_path / "three"
+    folder.mkdir()
+    for i in range(3):
+        (folder / f"{i}.png").write_bytes(_png(_face(seed=i)))
+    cfg = make_config(tmp_path, {"data.folder_dir": str(folder), **overrides})
+    with pytest.raises(DataError, match=message):
+        fetch(cfg, workers=2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -645,6 +696,20 @@ def test_celeba_layouts(tmp_path, layout):
     assert sorted(keys) == sorted(partition)
     for key, row in zip(keys, rows):
         assert row == [int(v == 1) for v in raw_attrs[key]]
+
+
+@pytest.mark.parametrize("content, says", [
+    (b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title>", "an HTML page"),
+    (b"PK\x03\x04" + b"\x00" * 100, "not a readable zip"),
+])
+def test_a_celeba_zip_that_is_not_a_zip_gets_the_fetch_advice(tmp_path, content, says):
+    _celeba_lookalike(tmp_path / "celeba", "drive-zip")
+    (tmp_path / "celeba" / "Img" / "img_align_celeba.zip").write_bytes(content)
+    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
+                                 "data.download": False, "data.celeba_counts": [4, 1, 1]})
+    with pytest.raises(DataError, match=rf"img_align_celeba.zip \(\d+ bytes\) is {says}.*delete it and put "
+                                        r"img_align_celeba/ \(or img_align_celeba.zip\)"):
+        fetch(cfg)
 
 
 def test_celeba_with_wrong_counts_is_refused(tmp_path):
