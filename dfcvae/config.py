@@ -82,7 +82,9 @@ class DataConfig:
     synthetic_count: int = 2000
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test
     seed: int = 0
-    crop_size: int = 148  # centre crop before resizing, as PyTorch-VAE
+    # Centre crop before resizing: pixels (148 is PyTorch-VAE's for CelebA's aligned 178x218 faces),
+    # "square" (the centre square of each image's shorter side), or "auto": square for a folder, else 148.
+    crop_size: int | str = "auto"
     image_size: int = 64
     encoding: str = "raw"  # raw | png
     samples_per_shard: int = 1000

@@ -28,7 +28,7 @@ from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode, load_model
 from dfcvae.model import DFCVAE
 from pipeline.fetch import FOLDER_SUFFIXES
-from pipeline.shard import Rejected, load_rgb, preprocess
+from pipeline.shard import Rejected, load_rgb, preprocess, resolve_crop
 from pipeline.common import command
 
 log = logging.getLogger(__name__)
@@ -54,7 +54,8 @@ def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
         except Rejected as err:
             log.warning("skipping %s: %s", path, err)
             continue
-        array = preprocess(img, min(cfg.data.crop_size, *img.size), cfg.data.image_size)  # (S, S, 3)
+        crop = resolve_crop(cfg.data.crop_size, cfg.data.source)  # as the model's training shards were cut
+        array = preprocess(img, crop if crop == "square" else min(crop, *img.size), cfg.data.image_size)  # (S, S, 3)
         images.append(torch.tensor(array).permute(2, 0, 1))  # a copy: PIL arrays are read-only
     if not images:
         raise FileNotFoundError(f"no readable .jpg/.jpeg/.png/.webp images under {folder}.")

@@ -9,15 +9,20 @@
     manifest.sha256      sha256 of manifest.json
     report.json          every converted and rejected raw image, with the reason
 
-Preprocessing: centre crop of data.crop_size pixels, then resize to data.image_size
-(bilinear with antialiasing, as torchvision's Resize on PIL images in PyTorch-VAE).
+Preprocessing: a centre crop (data.crop_size: pixels, "square" = the centre square of the
+shorter side, "auto" = square for a folder of your images and CELEBA_CROP px for CelebA's
+aligned faces), then resize to data.image_size (bilinear with antialiasing, as torchvision's
+Resize on PIL images in PyTorch-VAE). The manifest records the crop; a pixel crop that keeps
+under a quarter of an image's area is counted there and warned about (a fixed 148 px crop of
+a 1024 px photograph keeps 2% of it).
 
 Raw images are checked first, in parallel over all cores. Outcomes, each recorded in report.json:
-    written     RGB, at least data.crop_size on each side
+    written     RGB, at least the crop on each side
     converted   grayscale, palette, CMYK, 1-bit, YCbCr or fully opaque alpha -> RGB, then written
     rejected    missing file, not an image, truncated or corrupt, transparent pixels (no
                 background is safe to assume), 16-bit or float pixels, a side shorter than
-                data.crop_size, more than data.max_image_pixels pixels (decompression bombs)
+                a pixel crop (or, for "square", than data.image_size), more than
+                data.max_image_pixels pixels (decompression bombs)
 Images in = images written + images rejected. More than data.max_reject_fraction rejected fails
 the stage (after writing report.json). The accepted images of each split are written in a
 seeded order (data.seed), so shards are mixtures and the loader only needs a local shuffle.
@@ -33,6 +38,7 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import tarfile
 import warnings
 from dataclasses import dataclass
@@ -65,8 +71,29 @@ class RawImage:
     identity: int | None
 
 
-def load_rgb(path: Path, crop_size: int, max_pixels: int) -> tuple[Image.Image, str]:
-    """An RGB image from a raw file and a note on any conversion ("" if none); raises Rejected."""
+CELEBA_CROP = 148  # PyTorch-VAE's centre crop of CelebA's aligned 178x218 faces
+SMALL_CROP = 0.25  # a crop keeping less of an image's area than this is warned about
+
+
+def resolve_crop(crop_size: int | str, source: str) -> int | str:
+    """data.crop_size -> pixels, or "square"; DataError for anything else."""
+    if crop_size == "auto":
+        return "square" if source == "folder" else CELEBA_CROP
+    if crop_size == "square" or (isinstance(crop_size, int) and crop_size >= 1):
+        return crop_size
+    raise DataError(f"data.crop_size={crop_size!r}: use a number of pixels, square (the centre square of the "
+                    "shorter side) or auto.")
+
+
+def crop_side(img: Image.Image, crop: int | str) -> int:
+    return min(img.size) if crop == "square" else crop
+
+
+def load_rgb(path: Path, crop: int | str, max_pixels: int, image_size: int = 1) -> tuple[Image.Image, str]:
+    """An RGB image from a raw file and a note on any conversion ("" if none); raises Rejected.
+
+    crop: pixels or "square" (resolve_crop); a square crop must hold image_size pixels, so no
+    image is upscaled."""
     if not path.is_file():
         raise Rejected("file missing")
     try:
@@ -90,8 +117,10 @@ def load_rgb(path: Path, crop_size: int, max_pixels: int) -> tuple[Image.Image, 
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # EXIF that is not valid TIFF (SyntaxError), bad tags: the pixels are still fine
         note = f"EXIF unreadable ({type(e).__name__}: {e}), orientation left as stored"
-    if min(img.size) < crop_size:
-        raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop_size}")
+    if crop == "square" and min(img.size) < image_size:
+        raise Rejected(f"too small: {img.width}x{img.height} is under data.image_size={image_size}")
+    if min(img.size) < crop_side(img, crop):
+        raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop}")
     rgb, conversion = _to_rgb(img)
     return rgb, "; ".join(n for n in (note, conversion) if n)
 
@@ -110,10 +139,11 @@ def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     return img.convert("RGB"), f"{mode} -> RGB"
 
 
-def preprocess(img: Image.Image, crop_size: int, image_size: int) -> np.ndarray:
-    """Centre crop to crop_size, resize to image_size -> (image_size, image_size, 3) uint8."""
-    left, top = (img.width - crop_size) // 2, (img.height - crop_size) // 2
-    img = img.crop((left, top, left + crop_size, top + crop_size))
+def preprocess(img: Image.Image, crop: int | str, image_size: int) -> np.ndarray:
+    """Centre crop (pixels or "square"), resize to image_size -> (image_size, image_size, 3) uint8."""
+    side = crop_side(img, crop)
+    left, top = (img.width - side) // 2, (img.height - side) // 2
+    img = img.crop((left, top, left + side, top + side))
     img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
     return np.asarray(img, dtype=np.uint8)
 
@@ -181,29 +211,31 @@ def _read_pairs(path: Path) -> dict[str, int]:
 # Workers (module-level so multiprocessing can run them)
 
 
-def _check(task: tuple[Path, list[str], int, int]) -> list[tuple[str, str]]:
-    """-> [(outcome, note)] per file: ("written" | "converted" | "rejected", reason or conversion)."""
-    image_dir, files, crop_size, max_pixels = task
+def _check(task: tuple[Path, list[str], int | str, int, int]) -> list[tuple[str, str, float]]:
+    """-> [(outcome, note, area kept)] per file: ("written" | "converted" | "rejected", reason or
+    conversion, the fraction of the image's area the crop keeps (1.0 for a rejected image))."""
+    image_dir, files, crop, max_pixels, image_size = task
     out = []
     for name in files:
         try:
-            _, note = load_rgb(image_dir / name, crop_size, max_pixels)
-            out.append(("converted", note) if note else ("written", ""))
+            img, note = load_rgb(image_dir / name, crop, max_pixels, image_size)
+            kept = crop_side(img, crop) ** 2 / (img.width * img.height)
+            out.append(("converted", note, kept) if note else ("written", "", kept))
         except Rejected as e:
-            out.append(("rejected", str(e)))
+            out.append(("rejected", str(e), 1.0))
     return out
 
 
 def _write_shard(task: tuple[Path, Path, str, list[RawImage], int, int, int, str]) -> dict:
-    image_dir, out_dir, name, images, crop_size, image_size, max_pixels, encoding = task
+    image_dir, out_dir, name, images, crop, image_size, max_pixels, encoding = task
     tmp = out_dir / (name + ".tmp")
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for image in images:
             try:
-                rgb, _ = load_rgb(image_dir / image.file, crop_size, max_pixels)
+                rgb, _ = load_rgb(image_dir / image.file, crop, max_pixels, image_size)
             except Rejected as e:
                 raise DataError(f"{image.file} changed while sharding ({e}): re-run the stage.") from None
-            ext, data = encode_image(preprocess(rgb, crop_size, image_size), encoding)
+            ext, data = encode_image(preprocess(rgb, crop, image_size), encoding)
             _add_member(tar, f"{image.id}.{ext}", data)
             _add_member(tar, f"{image.id}.{META_MEMBER}", encode_meta(image.attrs, image.identity))
     tmp.rename(out_dir / name)
@@ -239,20 +271,22 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     d = cfg.data
     if d.encoding not in IMAGE_MEMBERS:
         raise DataError(f"data.encoding: {d.encoding!r} is not one of {sorted(IMAGE_MEMBERS)}; pick one.")
-    if min(d.crop_size, d.image_size, d.samples_per_shard) < 1:
-        raise DataError("data.crop_size, data.image_size and data.samples_per_shard must be positive.")
+    if min(d.image_size, d.samples_per_shard) < 1:
+        raise DataError("data.image_size and data.samples_per_shard must be positive.")
     raw_dir, out_dir = Path(d.raw_dir), Path(d.shards_dir)
     if out_dir.resolve() == raw_dir.resolve() or out_dir.resolve() in raw_dir.resolve().parents:
         raise DataError(f"data.shards_dir={out_dir} holds data.raw_dir and would erase it: give it its own folder.")
     info, images = read_raw(raw_dir)
+    crop = resolve_crop(d.crop_size, info["source"])
     image_dir = raw_dir / "img_align_celeba"
     if out_dir.exists():
         shutil.rmtree(out_dir)
     out_dir.mkdir(parents=True)
     workers = workers or len(os.sched_getaffinity(0))
     with multiprocessing.get_context("fork").Pool(workers) as pool:
-        outcomes = _check_all(pool, image_dir, images, cfg)
+        outcomes = _check_all(pool, image_dir, images, crop, cfg)
         report = _report(images, outcomes, _read_sources(raw_dir / "list_source_files.txt"))
+        small = warn_small_crops(outcomes, crop)
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         counts = report["counts"]
         if counts["rejected"] > d.max_reject_fraction * counts["in"]:
@@ -261,10 +295,10 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
                 f"data.max_reject_fraction={d.max_reject_fraction}: see {out_dir / 'report.json'} for why, "
                 "then fix or remove those images (or raise the fraction)."
             )
-        accepted = [im for im, (outcome, _) in zip(images, outcomes) if outcome != "rejected"]
+        accepted = [im for im, (outcome, _, _) in zip(images, outcomes) if outcome != "rejected"]
         check_split_counts({s: sum(im.split == s for im in accepted) for s in SPLITS},
                            f"after {counts['rejected']} rejections (report.json), {len(accepted)} usable raw images")
-        splits = _write_all(pool, image_dir, out_dir, accepted, cfg)
+        splits = _write_all(pool, image_dir, out_dir, accepted, crop, cfg)
     manifest = {
         "format": FORMAT_VERSION,
         "source": info["source"],
@@ -273,6 +307,8 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
         "attributes": list(ATTRIBUTE_NAMES) if any(im.attrs for im in images) else [],
         "preprocessing": {
             "crop_size": d.crop_size,
+            "crop": crop if crop == "square" else f"{crop} px",
+            "images_with_crop_under_quarter_area": small,
             "image_size": d.image_size,
             "resize": "bilinear, antialiased",
             "encoding": d.encoding,
@@ -287,9 +323,20 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     return manifest
 
 
-def _check_all(pool, image_dir: Path, images: list[RawImage], cfg: Config) -> list[tuple[str, str]]:
+def warn_small_crops(outcomes: list[tuple[str, str, float]], crop: int | str) -> int:
+    """How many usable images the crop keeps under SMALL_CROP of; a warning names them and the fix."""
+    small = [kept for outcome, _, kept in outcomes if outcome != "rejected" and kept < SMALL_CROP]
+    if small:
+        print(f"shard: WARNING: data.crop_size={crop} keeps under {SMALL_CROP:.0%} of the area of {len(small)} of "
+              f"{len(outcomes)} images (as little as {min(small):.1%}): the model sees only their centres. For "
+              "photographs of any size set data.crop_size: square (or auto).", file=sys.stderr, flush=True)
+    return len(small)
+
+
+def _check_all(pool, image_dir: Path, images: list[RawImage], crop: int | str,
+               cfg: Config) -> list[tuple[str, str, float]]:
     files = [im.file for im in images]
-    tasks = [(image_dir, files[i : i + CHECK_CHUNK], cfg.data.crop_size, cfg.data.max_image_pixels)
+    tasks = [(image_dir, files[i : i + CHECK_CHUNK], crop, cfg.data.max_image_pixels, cfg.data.image_size)
              for i in range(0, len(files), CHECK_CHUNK)]
     outcomes = []
     with tqdm(total=len(files), desc="shard: check", unit="img", mininterval=1) as bar:
@@ -306,10 +353,10 @@ def _read_sources(path: Path) -> dict[str, str]:
     return dict(line.split(" ", 1) for line in path.read_text().splitlines() if line.strip())
 
 
-def _report(images: list[RawImage], outcomes: list[tuple[str, str]], sources: dict[str, str]) -> dict:
+def _report(images: list[RawImage], outcomes: list[tuple[str, str, float]], sources: dict[str, str]) -> dict:
     counts = {"in": len(images), "written": 0, "converted": 0, "rejected": 0}
     listed: dict[str, list] = {"converted": [], "rejected": []}
-    for image, (outcome, note) in zip(images, outcomes):
+    for image, (outcome, note, _) in zip(images, outcomes):
         counts["rejected" if outcome == "rejected" else "written"] += 1
         if outcome != "written":
             entry = {"file": image.file, "split": image.split, "reason": note}
@@ -320,7 +367,7 @@ def _report(images: list[RawImage], outcomes: list[tuple[str, str]], sources: di
     return {"counts": counts, **listed}
 
 
-def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], cfg: Config) -> dict:
+def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], crop: int | str, cfg: Config) -> dict:
     d = cfg.data
     tasks = []
     for split in SPLITS:
@@ -328,7 +375,7 @@ def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], c
         random.Random(f"{d.seed}:{split}").shuffle(ids)  # shards are mixtures; sorted input -> same order
         for k, start in enumerate(range(0, len(ids), d.samples_per_shard)):
             chunk = ids[start : start + d.samples_per_shard]
-            tasks.append((image_dir, out_dir, shard_name(split, k), chunk, d.crop_size, d.image_size,
+            tasks.append((image_dir, out_dir, shard_name(split, k), chunk, crop, d.image_size,
                           d.max_image_pixels, d.encoding))
     results = {}
     with tqdm(total=len(accepted), desc="shard: write", unit="img", mininterval=1) as bar:

@@ -596,6 +596,32 @@ def test_a_folder_already_split_keeps_its_split_and_the_manifest_says_so(tmp_pat
     assert write_shards(cfg, workers=2)["dataset"]["split"] == "folders"
 
 
+def test_a_pixel_crop_of_large_photos_is_warned_about_and_auto_keeps_the_centre_square(tmp_path, capfd):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for i in range(6):  # 600x400 photographs: a 148 px crop keeps 9% of each
+        (folder / f"{i}.jpg").write_bytes(_jpeg(_face(size=(600, 400), seed=i)))
+    (folder / "small.png").write_bytes(_png(_face(size=(40, 30))))  # under data.image_size: never upscaled
+    cfg = make_config(tmp_path, {"data.source": "folder", "data.folder_dir": str(folder), "data.crop_size": 148,
+                                 "data.split_fractions": [0.34, 0.33, 0.33], "data.max_reject_fraction": 0.5})
+    fetch(cfg, workers=2)
+    manifest = write_shards(cfg, workers=2)
+    assert manifest["preprocessing"]["crop"] == "148 px"
+    assert manifest["preprocessing"]["images_with_crop_under_quarter_area"] == 6
+    assert "data.crop_size=148 keeps under 25% of the area of 6 of 7 images (as little as 9.1%)" in capfd.readouterr().err
+    square = cfg.with_overrides({"data.crop_size": "auto", "data.shards_dir": str(tmp_path / "square")})
+    manifest = write_shards(square, workers=2)
+    assert manifest["preprocessing"]["crop"] == "square"
+    assert manifest["preprocessing"]["images_with_crop_under_quarter_area"] == 0 and manifest["raw"]["rejected"] == 1
+    report = json.loads((Path(square.data.shards_dir) / "report.json").read_text())
+    assert report["rejected"][0]["reason"] == "too small: 40x30 is under data.image_size=32"
+    assert "WARNING" not in capfd.readouterr().err
+    # The centre square of the shorter side, resized: a 600x400 image keeps its middle 400x400.
+    img = Image.open(folder / "0.jpg").convert("RGB")
+    expected = np.asarray(img.crop((100, 0, 500, 400)).resize((32, 32), Image.Resampling.BILINEAR, reducing_gap=None))
+    assert np.array_equal(preprocess(img, "square", 32), expected)
+
+
 @pytest.mark.parametrize("overrides, message", [
     ({"data.split_fractions": [0.9, 0.0, 0.1]},
      r"data.synthetic_count=33 with data.split_fractions=\[0.9, 0.0, 0.1\] gives train 30, val 0, test 3 images: "
