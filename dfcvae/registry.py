@@ -56,6 +56,7 @@ from typing import Any
 import mlflow
 import numpy as np
 import torch
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
@@ -72,6 +73,7 @@ CHALLENGER = "challenger"
 CHECKPOINT_ARTIFACT = "checkpoint"
 PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
 MODES = ("reconstruct", "encode", "sample")
+INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
 ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
 EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
@@ -100,17 +102,29 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         params = {**PREDICT_PARAMS, **(params or {})}
         mode = params["mode"]
         if mode not in MODES:
-            raise ValueError(f"params.mode {mode!r} is not one of {MODES}.")
+            raise bad_input(f"params.mode {mode!r} is not one of {MODES}.")
         if mode == "sample":
             generator = torch.Generator().manual_seed(int(params["seed"]))
             return self.model.sample(int(params["n"]), generator).float().cpu().numpy()
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)  # (B, 3, H, W)
         size = self.model.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            raise ValueError(f"expected images of shape (B, 3, {size}, {size}) in [-1, 1], got {tuple(x.shape)}.")
+            raise bad_input(f"expected images of shape (B, 3, {size}, {size}) in [-1, 1], got {tuple(x.shape)}.")
+        if not torch.isfinite(x).all():
+            raise bad_input("the images hold NaN or infinite values: send finite pixels in [-1, 1].")
+        low, high = float(x.min()), float(x.max())
+        if low < -1 - INPUT_SLACK or high > 1 + INPUT_SLACK:
+            hint = " (8-bit pixels? send x / 127.5 - 1)" if high > 2 else " (send 2 x - 1 for [0, 1] pixels)"
+            raise bad_input(f"the images range over [{low:.3g}, {high:.3g}], not [-1, 1]{hint}.")
         with torch.no_grad():
             out = self.model.encode(x)[0] if mode == "encode" else self.model.reconstruct(x)
         return out.float().cpu().numpy()
+
+
+def bad_input(message: str) -> MlflowException:
+    """A caller's mistake: MLflow's server answers 400 with this message (any other exception
+    becomes its generic "unexpected error")."""
+    return MlflowException.invalid_parameter_value(message)
 
 
 def model_signature(example: np.ndarray) -> ModelSignature:

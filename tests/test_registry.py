@@ -15,6 +15,7 @@ import sys
 import tarfile
 import textwrap
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -310,6 +311,15 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
             with urllib.request.urlopen(request, timeout=30) as response:
                 predictions = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
             assert predictions.shape == shape and np.abs(predictions).max() <= 1
+        # 8-bit pixels where [-1, 1] is expected: refused in a sentence, not reconstructed as noise.
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": (x * 127.5 + 127.5).tolist()}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=30)
+        assert refused.value.code == 400
+        assert "not [-1, 1] (8-bit pixels? send x / 127.5 - 1)" in json.loads(refused.value.read())["message"]
     finally:
         stop(server)
 
