@@ -41,13 +41,10 @@ upload) runs outside the lock.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import math
 import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -246,29 +243,6 @@ def lock_path(cfg: Config, uri: str) -> Path:
     return Path(cfg.registry.lock_file)
 
 
-@contextlib.contextmanager
-def exclusive_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """An inter-process lock (flock); released by the kernel if the holder dies."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"registry lock {path} still held after {timeout_s:.0f} s: another registration is "
-                        "running or hung; wait, or raise registry.lock_timeout_s."
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def register_model(
     cfg: Config,
     model_path: str | Path,
@@ -320,7 +294,7 @@ def register_model(
         tags["active_fraction"] = repr(float(metrics[ACTIVE_FRACTION]))
     try:
         model_uri = log_model(state, model_path, metrics_path, grids, run_id)
-        with exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
+        with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
             result = register_if_better(client, cfg.registry.model_name, model_uri, run_id, tags)
     except BaseException:
         if new_run:

@@ -9,12 +9,15 @@ that does not start.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import subprocess
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,12 +60,27 @@ def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
         ) from err
 
 
+SETUP_LOCK_TIMEOUT_S = 300.0
+
+
 def setup(cfg: MlflowConfig) -> str:
-    """Point MLflow at the tracking store, create the experiment, return the URI."""
+    """Point MLflow at the tracking store, create the experiment, return the URI.
+
+    A new SQLite store is created by whichever process opens it first, running MLflow's schema
+    migrations; two at once collide ("table ... already exists"). Processes on one machine
+    (tune trials, stages, several retrains) therefore open it under a lock beside the database.
+    """
     uri = tracking_uri(cfg)
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
-        Path(uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+        db = Path(uri.removeprefix("sqlite:///"))
+        db.parent.mkdir(parents=True, exist_ok=True)
+        with exclusive_lock(db.with_name(db.name + ".setup.lock"), SETUP_LOCK_TIMEOUT_S):
+            return _create_experiment(cfg, uri)
+    return _create_experiment(cfg, uri)
+
+
+def _create_experiment(cfg: MlflowConfig, uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
         location = None if "://" in cfg.local_artifacts or not uri.startswith("sqlite") else Path(cfg.local_artifacts).resolve().as_uri()
@@ -72,6 +90,29 @@ def setup(cfg: MlflowConfig) -> str:
             pass  # created concurrently by another process
     mlflow.set_experiment(cfg.experiment)
     return uri
+
+
+@contextlib.contextmanager
+def exclusive_lock(path: Path, timeout_s: float) -> Iterator[None]:
+    """An inter-process lock (flock); released by the kernel if the holder dies."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as handle:
+        deadline = time.monotonic() + timeout_s
+        while True:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(
+                        f"lock {path} still held after {timeout_s:.0f} s: another process (a registration, "
+                        "a store being created) is running or hung; wait for it, then run again."
+                    ) from None
+                time.sleep(0.05)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def training_run(cfg: Config) -> tuple[str, str] | None:

@@ -16,11 +16,22 @@ import argparse
 import json
 import subprocess
 import sys
+from dfcvae.config import UserError
 from pipeline.common import command
 
 
 def dvc(*args: str, capture: bool = False) -> str:
-    result = subprocess.run(["dvc", *args], check=True, text=True, capture_output=capture)
+    """Run `dvc ARGS`; -> its stdout when capture. A failure is a UserError carrying DVC's own reason
+    (another `dvc repro` holding the lock, not a DVC repository, ...)."""
+    result = subprocess.run([sys.executable, "-m", "dvc", *args], text=True, stdout=subprocess.PIPE if capture else None,
+                            stderr=subprocess.PIPE)
+    if not capture and result.stderr:
+        sys.stderr.write(result.stderr)
+    if result.returncode != 0:
+        lines = [line.strip() for line in result.stderr.splitlines() if line.strip() and not line.startswith("+")]
+        reason = next((line.removeprefix("ERROR: ") for line in reversed(lines) if line.startswith("ERROR")),
+                      lines[-1] if lines else f"exit status {result.returncode}")
+        raise UserError(f"`dvc {' '.join(args)}` failed: {reason}")
     return result.stdout if capture else ""
 
 

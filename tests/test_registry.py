@@ -184,6 +184,35 @@ CONCURRENT = textwrap.dedent("""
 """)
 
 
+FIRST_USE = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    from dfcvae import tracking
+    from dfcvae.config import MlflowConfig
+    ready, go = Path(sys.argv[1]), Path(sys.argv[2])
+    ready.touch()
+    while not go.exists():
+        time.sleep(0.01)
+    tracking.setup(MlflowConfig(experiment="first-use", local_db=sys.argv[3], local_artifacts=sys.argv[4]))
+    print("ok")
+""")
+
+
+def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    db, artifacts, go = tmp_path / "new" / "mlflow.db", tmp_path / "artifacts", tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(tmp_path / f"ready{i}"), str(go), str(db),
+                               str(artifacts)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for i in range(4)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    results = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in results]
+    assert MlflowClient(f"sqlite:///{db}").get_experiment_by_name("first-use") is not None
+
+
 def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champion(cfg, tmp_path):
     write_outputs(cfg, seed=1, objective=10.0)
     register(cfg)
