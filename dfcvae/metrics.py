@@ -215,6 +215,9 @@ def frechet_distance(
             f"Fréchet distance needs means (D,) and covariances (D, D) of one D, got "
             f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
         )
+    if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
+        raise ValueError("FID of non-finite features: the images hold NaN or infinite values "
+                         "(a diverged model?); there is no distance to measure.")
     eigvals, eigvecs = np.linalg.eigh((sigma1 + sigma1.T) / 2.0)
     keep = eigvals > _rounding_level(eigvals)
     scaled = eigvecs[:, keep] * np.sqrt(eigvals[keep])  # V W^1/2, (D, rank)

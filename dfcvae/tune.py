@@ -292,12 +292,16 @@ def close_trial_runs(rows: list[dict[str, Any]], mlflow_uri: str) -> None:
 
 
 def best_trial(rows: list[dict[str, Any]]) -> dict[str, Any]:
-    """The trial with the lowest finite objective (ties: the smaller trial id)."""
-    scored = [row for row in rows if math.isfinite(row["objective"])]
+    """Among the trials that completed the full budget (tune.steps) without error and with a
+    finite objective, the lowest (ties: the smaller trial id). A trial that errored, or that
+    ASHA stopped early, reported its objective after fewer steps: not comparable, never picked."""
+    scored = [row for row in rows if row["status"] == "completed" and math.isfinite(row["objective"])]
     if not scored:
+        counts = {status: sum(row["status"] == status for row in rows) for status in ("completed", "stopped", "error")}
         raise RuntimeError(
-            f"none of the {len(rows)} trials reported a finite {OBJECTIVE}; see the trial errors "
-            "in the results table and the trial folders' error.txt."
+            f"no trial completed tune.steps with a finite {OBJECTIVE} ({counts['completed']} completed, "
+            f"{counts['stopped']} stopped early, {counts['error']} errored of {len(rows)}); see the results table "
+            "and the trial folders' error.txt, then narrow tune.space (a smaller optim.lr, say)."
         )
     return min(scored, key=lambda row: (row["objective"], row["trial_id"]))
 

@@ -112,6 +112,14 @@ def test_frechet_distance_is_real_and_finite_on_rank_deficient_covariances() -> 
     assert metrics.frechet_distance(mu1, s1, mu1, s1) == pytest.approx(0.0, abs=1e-8 * np.trace(s1))
 
 
+def test_fid_of_non_finite_features_says_so_instead_of_a_linear_algebra_error() -> None:
+    mu, sigma = np.zeros(4), np.eye(4)
+    bad = sigma.copy()
+    bad[0, 0] = np.nan
+    with pytest.raises(ValueError, match="FID of non-finite features"):
+        metrics.frechet_distance(mu, sigma, mu, bad)
+
+
 def test_frechet_distance_matches_the_low_rank_closed_form() -> None:
     # For covariances of centred samples A1 (n1, D), A2 (n2, D):
     # tr (S1 S2)^1/2 = nuclear norm of A1 A2^T / sqrt((n1 - 1)(n2 - 1)).

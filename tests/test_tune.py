@@ -169,11 +169,12 @@ def test_best_overrides_name_the_trial_with_the_best_objective(search):
             last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
             finals[last["trial_id"]] = last
     assert len(finals) == 3
-    winner = min(finals.values(), key=lambda r: r[tuning.OBJECTIVE])
+    full = [r for r in finals.values() if r["step"] >= cfg.tune.steps]  # stopped trials are not comparable
+    winner = min(full, key=lambda r: r[tuning.OBJECTIVE])
     assert written["trial_id"] == winner["trial_id"] and written["metric"] == tuning.OBJECTIVE
     assert math.isclose(written["objective"], winner[tuning.OBJECTIVE])
     assert written["overrides"] == {key: winner["config"][key] for key in cfg.tune.space}
-    assert written["objective"] == min(float(row["objective"]) for row in _results(cfg))
+    assert written["objective"] == min(float(row["objective"]) for row in _results(cfg) if row["status"] == "completed")
     # The train stage takes them over params.yaml; with tuning off, params.yaml alone.
     final = with_best_overrides(cfg)
     assert final.loss.kl_weight == winner["config"]["loss.kl_weight"]
@@ -183,6 +184,19 @@ def test_best_overrides_name_the_trial_with_the_best_objective(search):
     )
     off = cfg.with_overrides({"tune.enabled": False})
     assert with_best_overrides(off) == off
+
+
+def test_only_a_trial_that_completed_the_budget_with_a_finite_objective_can_win():
+    def row(trial_id, objective, status):
+        return {"trial_id": trial_id, "objective": objective, "status": status, "steps": 4 if status == "completed" else 1}
+
+    rows = [row("a", 100.0, "error"),  # reported once, then raised: its early number is lowest
+            row("b", 150.0, "stopped"),  # stopped by ASHA after fewer steps
+            row("c", float("nan"), "completed"),
+            row("d", 400.0, "completed"), row("e", 300.0, "completed")]
+    assert tuning.best_trial(rows)["trial_id"] == "e"
+    with pytest.raises(RuntimeError, match=r"no trial completed tune.steps .* \(0 completed, 1 stopped early, 1 errored of 2\)"):
+        tuning.best_trial(rows[:2])
 
 
 def test_killed_search_resumes_without_rerunning_a_finished_trial(search):
