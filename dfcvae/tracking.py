@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -138,10 +139,19 @@ def git_commit() -> str:
         return "unknown"
 
 
+def code_digest() -> str:
+    """sha256 over the dfcvae package's Python files (names and bytes): the code a run executes."""
+    digest = hashlib.sha256()
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()
+
+
 def run_tags(cfg: Config, manifest: dict[str, Any] | None, manifest_hash: str | None) -> dict[str, str]:
     source = (manifest or {}).get("source", "unknown")
     return {
         "git_commit": git_commit(),
+        "code_sha256": code_digest(),
         "data.source": source,
         "data.synthetic": str(source == "synthetic").lower(),
         "data.manifest_hash": manifest_hash or "unknown",

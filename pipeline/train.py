@@ -19,17 +19,19 @@ from dfcvae.train import absolute_paths, export_outputs, make_trainer
 from pipeline.common import command, init_ray, parse_config, with_best_overrides, write_json
 
 
-def run_name(cfg: Config) -> str:
-    """Stable per config, so a rerun after an interruption resumes from Ray's checkpoints."""
-    digest = hashlib.sha256(json.dumps(cfg.to_dict(), sort_keys=True).encode()).hexdigest()[:10]
-    return f"train-{digest}"
+def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
+    """The run's identity: its config, its data (the shards' manifest hash) and its code (the
+    dfcvae package's digest). A rerun after an interruption has the same name and resumes from
+    Ray's checkpoints under scaling.storage_dir; new data or new code is a new run from step 0."""
+    identity = {"config": cfg.to_dict(), "manifest_hash": manifest_hash, "code": code}
+    return f"train-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
 def train(cfg: Config) -> dict[str, float]:
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
-    manifest = data.read_manifest(cfg)
-    tags = tracking.run_tags(cfg, manifest, data.manifest_hash(cfg))
+    manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)
+    tags = tracking.run_tags(cfg, manifest, manifest_hash)
     run_id = tracking.start_run(cfg, "train", tags)
     logger = tracking.RunLogger(uri, run_id)
     out_dir = Path(cfg.train.out_dir)
@@ -37,7 +39,8 @@ def train(cfg: Config) -> dict[str, float]:
     try:
         init_ray(cfg)
         loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
-        result = make_trainer(cfg, loop_config, run_name(cfg)).fit()
+        name = run_name(cfg, manifest_hash, tracking.code_digest())
+        result = make_trainer(cfg, loop_config, name).fit()
         with result.checkpoint.as_directory() as checkpoint_dir:
             metrics = export_outputs(Path(checkpoint_dir), out_dir)
         write_json(metrics, out_dir / "metrics.json")

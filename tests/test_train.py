@@ -209,3 +209,13 @@ def test_nonfinite_weights_are_never_checkpointed():
         model.decoder.fc.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError):
         checkpoint_payload(model, optimizer, scheduler, 1, cfg, 10)
+
+
+def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
+    from pipeline.train import run_name
+
+    name = run_name(synthetic_cfg, "manifest-a", "code-a")
+    assert run_name(synthetic_cfg, "manifest-a", "code-a") == name  # an interrupted run finds its checkpoints
+    assert run_name(synthetic_cfg, "manifest-b", "code-a") != name  # new images: train from step 0
+    assert run_name(synthetic_cfg, "manifest-a", "code-b") != name  # new code
+    assert run_name(synthetic_cfg.with_overrides({"train.steps": 7}), "manifest-a", "code-a") != name
