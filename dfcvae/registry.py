@@ -26,9 +26,11 @@ config (model artifacts), plus the data manifest hash, git commit and objective 
 tags). Every new version gets alias `challenger`; `champion` moves to it only if its
 objective (`eval.objective`, lower is better) beats the current champion's on the same
 evaluation, or there is no champion. "The same evaluation" is `evaluation_key`: the eval
-settings that change the objective's value plus the data manifest hash; a champion
-evaluated differently is never compared and keeps its alias. The decision and both numbers
-go into the version's description and the returned `Registration`.
+settings that change the objective's value plus the data manifest hash. A champion evaluated
+differently (the data grew, say) is evaluated again on the challenger's evaluation first, and
+the two compared on that. A model whose posterior collapsed (active latent fraction under
+registry.min_active_fraction) is never promoted. The decision and both numbers go into the
+version's description and the returned `Registration`.
 
 **Concurrency.** MLflow has no compare-and-set for aliases, so the version creation, the
 champion comparison and the alias moves run under one exclusive file lock (`fcntl.flock`):
@@ -41,13 +43,15 @@ upload) runs outside the lock.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import mlflow
@@ -295,7 +299,8 @@ def register_model(
     try:
         model_uri = log_model(state, model_path, metrics_path, grids, run_id)
         with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
-            result = register_if_better(client, cfg.registry.model_name, model_uri, run_id, tags)
+            result = register_if_better(client, cfg.registry.model_name, model_uri, run_id, tags,
+                                        reevaluate=functools.partial(objective_on, cfg))
     except BaseException:
         if new_run:
             client.set_terminated(run_id, "FAILED")
@@ -303,6 +308,18 @@ def register_model(
     if new_run:
         client.set_terminated(run_id, "FINISHED")
     return result
+
+
+def objective_on(cfg: Config, uri: str) -> float:
+    """A registered model's eval.objective on cfg's evaluation (its test data and settings),
+    the full evaluation run into a temporary folder."""
+    from dfcvae.evaluate import evaluate, load_model
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model, _ = load_model(uri, device)
+    with tempfile.TemporaryDirectory() as tmp:
+        numbers = evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)
+    return float(numbers[f"test/{cfg.eval.objective}"])
 
 
 def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Path], run_id: str) -> str:
@@ -347,14 +364,31 @@ def _requirements() -> list[str]:
 
 
 def register_if_better(
-    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str]
+    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str],
+    reevaluate: Callable[[str], float] | None = None,
 ) -> Registration:
-    """Create the version, set `challenger`, and move `champion` if it wins. Call under the lock."""
+    """Create the version, set `challenger`, and move `champion` if it wins. Call under the lock.
+
+    reevaluate: models:/ URI -> the objective on this registration's evaluation. When the
+    champion was evaluated differently (other data: new images change the manifest hash; other
+    eval settings), it is evaluated again like the challenger and compared on that number, so
+    the champion can move as the data grows. Without it, such a champion stays.
+    """
     version = int(mlflow.register_model(model_uri, name, tags=tags).version)
     client.set_registered_model_alias(name, CHALLENGER, str(version))
     champion = current_champion(client, name)
     value = float(tags["objective_value"])
+    note = ""
+    if champion is not None and reevaluate is not None and champion.tags.get("eval_key") != tags["eval_key"]:
+        before = champion.tags.get("objective_value", "none")
+        again = reevaluate(f"models:/{name}/{champion.version}")
+        champion = SimpleNamespace(version=champion.version, tags={
+            **champion.tags, "objective": tags["objective"], "eval_key": tags["eval_key"], "objective_value": repr(again)})
+        note = (f" (champion v{champion.version} evaluated again like v{version}: {tags['objective']} {again!r}; "
+                f"{before} on its own evaluation)")
+        client.set_model_version_tag(name, str(version), "champion_reevaluated", repr(again))
     decision, reason, champion_value = decide(champion, tags, version)
+    reason = reason.removesuffix(".") + note + "." if note else reason
     if decision == "promoted":
         client.set_registered_model_alias(name, CHAMPION, str(version))
     client.set_model_version_tag(name, str(version), "decision", decision)

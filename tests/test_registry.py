@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import signal
 import subprocess
@@ -139,12 +140,30 @@ def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
     attached = {p.name for p in Path(downloaded).rglob("*")}
     assert {f"{g}.png" for g in GRIDS} | {"metrics.json", "config.json", "model.pt"} <= attached
 
-    # A better number from a different evaluation is not comparable: the champion stays.
-    other = cfg.with_overrides({"eval.num_samples": cfg.eval.num_samples + 1})
-    write_outputs(other, seed=4, objective=1.0)
-    result = register(other)
-    assert result.decision == "kept" and "not evaluated like" in result.reason
-    assert aliases(cfg) == {CHAMPION: 3, CHALLENGER: 4}
+
+def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
+    from pipeline.shard import write_shards
+
+    old = cfg.with_overrides({"data.raw_dir": synthetic_cfg.data.raw_dir, "data.shards_dir": synthetic_cfg.data.shards_dir,
+                              "eval.num_samples": 8, "eval.probe_train_samples": 16})
+    write_outputs(old, seed=1, objective=10.0)
+    assert register(old).decision == "promoted"
+    # New shards (another order seed: a new manifest hash, as new images give): a new evaluation.
+    new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
+    write_shards(new, workers=2)
+    write_outputs(new, seed=2, objective=1e9)
+    worse = register(new)
+    again = float(MlflowClient().get_model_version(new.registry.model_name, "2").tags["champion_reevaluated"])
+    assert math.isfinite(again) and again > 0 and again != 10.0
+    assert worse.decision == "kept" and worse.champion_objective == again
+    assert f"champion v1 evaluated again like v2: {new.eval.objective} {again!r}; 10.0 on its own" in worse.reason
+    write_outputs(new, seed=3, objective=again / 2)
+    better = register(new)  # compared with the champion's number on this evaluation, not its old one
+    assert better.decision == "promoted" and better.champion_objective == again
+    assert aliases(new) == {CHAMPION: 3, CHALLENGER: 3}
+    write_outputs(new, seed=4, objective=again)  # evaluated like champion v3: compared directly
+    same = register(new)
+    assert same.decision == "kept" and same.champion_objective == again / 2 and "evaluated again" not in same.reason
 
 
 def test_a_collapsed_model_is_never_promoted_and_the_record_says_why(cfg):
