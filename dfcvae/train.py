@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from dfcvae import data
-from dfcvae.config import Config
+from dfcvae.config import Config, UserError
 from dfcvae.features import PerceptualNetwork
 from dfcvae.loss import dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.metrics import active_units
@@ -35,8 +35,9 @@ CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.csv"
 
 
-class NonFiniteLossError(FloatingPointError):
-    pass
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or the weights stopped being finite: the same config fails the same way again,
+    so the run stops instead of retrying."""
 
 
 # ---------------------------------------------------------------- device, seeds
@@ -591,11 +592,39 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], name: str, callbacks:
         run_config=RunConfig(
             name=name,
             storage_path=scaling.storage_dir,
-            failure_config=FailureConfig(max_failures=scaling.max_failures),
+            failure_config=FailureConfig(max_failures=0),  # retried by fit(), which knows what a retry can fix
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[report_log_callback(Path(cfg.train.out_dir) / "reports.jsonl"), *callbacks],
         ),
     )
+
+
+def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = ()):
+    """Run the trainer; after a failure a retry can fix (a lost worker or node), run it again
+    under the same name, up to scaling.max_failures times (-1: no limit): Ray Train finds the
+    run's checkpoints under scaling.storage_dir and the workers resume from the latest.
+    A failure that repeats on every attempt (NonFiniteLossError, another UserError: a bad
+    config or bad data) is raised at once, as the workers raised it.
+    """
+    from ray.train import TrainingFailedError
+
+    limit = cfg.scaling.max_failures
+    attempt = 1
+    while True:
+        try:
+            return make_trainer(cfg, loop_config, name, callbacks).fit()
+        except TrainingFailedError as err:
+            failures = list(getattr(err, "worker_failures", {}).values())
+            deterministic = [f for f in failures if isinstance(f, UserError)]
+            if deterministic:
+                raise deterministic[0] from None
+            if 0 <= limit < attempt:
+                raise
+            sys.stdout.write(f"[train] attempt {attempt} failed ({type(err).__name__}: {str(err)[:300]}); "
+                             f"restarting from the latest checkpoint ({attempt} of "
+                             f"{'unlimited' if limit < 0 else limit} retries)\n")
+            sys.stdout.flush()
+            attempt += 1
 
 
 def export_outputs(checkpoint_dir: Path, out_dir: Path) -> dict[str, float]:

@@ -44,7 +44,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 from dfcvae import data, tracking
 from dfcvae.config import Config, ConfigError
 from dfcvae.features import resolve_layers
-from dfcvae.train import make_trainer
+from dfcvae.train import fit
 
 OBJECTIVE = "val/objective"  # dfcvae.evaluate.tuning_objective; lower is better
 DONE_FILE = "search_done.json"  # in the experiment folder once the search has finished
@@ -178,7 +178,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], experiment: str, mlf
     loop_config = {"config": cfg.to_dict(), "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "objective": True}
     logger = tracking.RunLogger(mlflow_uri, run_id)
     try:
-        make_trainer(cfg, loop_config, "train", callbacks=(TuneReportCallback(),)).fit()
+        fit(cfg, loop_config, "train", callbacks=(TuneReportCallback(),))
     except BaseException:
         logger.finish("FAILED")
         raise

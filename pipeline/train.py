@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dfcvae import data, tracking
 from dfcvae.config import Config
-from dfcvae.train import absolute_paths, export_outputs, make_trainer
+from dfcvae.train import absolute_paths, export_outputs, fit
 from pipeline.common import command, init_ray, parse_config, with_best_overrides, write_json
 
 
@@ -40,7 +40,7 @@ def train(cfg: Config) -> dict[str, float]:
         init_ray(cfg)
         loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
         name = run_name(cfg, manifest_hash, tracking.code_digest())
-        result = make_trainer(cfg, loop_config, name).fit()
+        result = fit(cfg, loop_config, name)
         with result.checkpoint.as_directory() as checkpoint_dir:
             metrics = export_outputs(Path(checkpoint_dir), out_dir)
         write_json(metrics, out_dir / "metrics.json")

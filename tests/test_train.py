@@ -166,13 +166,13 @@ def _is_train_worker(process: psutil.Process) -> bool:
         return False
 
 
-def test_nonfinite_loss_stops_the_run_without_a_checkpoint(ray_cluster, run_cfg):
-    import ray.train
-
-    cfg = run_cfg.with_overrides({"loss.kl_weight": float("inf"), "train.checkpoint_every": 1})
-    with pytest.raises(ray.train.TrainingFailedError, match="not finite|non-finite"):
+def test_nonfinite_loss_stops_the_run_at_once_without_a_checkpoint_or_a_retry(ray_cluster, run_cfg, capfd):
+    cfg = run_cfg.with_overrides({"loss.kl_weight": float("inf"), "train.checkpoint_every": 1,
+                                  "scaling.max_failures": 2})
+    with pytest.raises(NonFiniteLossError, match="not finite at step 1|non-finite training loss at step 1"):
         train(cfg)
     assert not list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt"))
+    assert "restarting from the latest checkpoint" not in capfd.readouterr().out  # one attempt, not three
 
 
 def test_checkpoint_with_pickle_payload_is_refused(tmp_path):
