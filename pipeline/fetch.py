@@ -595,8 +595,44 @@ def fetch(cfg: Config, workers: int | None = None) -> dict:
     inputs = {"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source)
     _reset(raw, Path(inputs) if inputs else None)
     info = SOURCES[d.source](cfg, raw, workers or len(os.sched_getaffinity(0)))
+    digest = source_digest(cfg)  # after a download, too
     (raw / "dataset.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    if digest is not None:
+        (raw / INVENTORY_FILE).write_text(json.dumps({"source": d.source, "sha256": digest}) + "\n")
     return info
+
+
+INVENTORY_FILE = "source_inventory.json"  # in data.raw_dir; not part of the manifest
+
+
+def source_digest(cfg: Config) -> str | None:
+    """sha256 over (path, size, mtime) of every file of data.celeba_dir or the images of
+    data.folder_dir: DVC does not track those folders (they may lie outside the repository), so
+    `pipeline.retrain` compares this with what the last fetch read. None for synthetic data, or
+    when the folder does not exist."""
+    d = cfg.data
+    root = Path({"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source) or "")
+    if d.source == "synthetic" or not str(root) or not root.is_dir():
+        return None
+    files = folder_images(root) if d.source == "folder" else sorted(p for p in root.rglob("*") if p.is_file())
+    digest = hashlib.sha256()
+    for path in files:
+        stat = path.stat()
+        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
+def inputs_changed(cfg: Config) -> str | None:
+    """A sentence saying that data.celeba_dir or data.folder_dir changed since the last fetch, or None."""
+    current = source_digest(cfg)
+    recorded_file = Path(cfg.data.raw_dir) / INVENTORY_FILE
+    if current is None or not recorded_file.is_file():
+        return None
+    recorded = json.loads(recorded_file.read_text())
+    if recorded == {"source": cfg.data.source, "sha256": current}:
+        return None
+    where = "data.folder_dir" if cfg.data.source == "folder" else "data.celeba_dir"
+    return f"files in {where} ({getattr(cfg.data, where.split('.')[1])}) were added, removed or changed since the last fetch"
 
 
 def _reset(raw: Path, inputs: Path | None) -> None:

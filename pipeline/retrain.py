@@ -3,7 +3,9 @@
     python -m pipeline.retrain [--push]
 
 1. `dvc pull` when a DVC remote is configured (new data and cache from other machines);
-2. `dvc status`: when data, params and code all match dvc.lock, stop and say so;
+2. `dvc status`: when data, params and code all match dvc.lock, and the files of
+   data.folder_dir or data.celeba_dir are those the last fetch read (which DVC does not track:
+   they may lie outside the repository), stop and say so; new files there run fetch again;
 3. `dvc repro`: only the affected stages run; the register stage logs a challenger
    and moves `champion` only if it wins on the same evaluation;
 4. with --push: `dvc push`, then commit dvc.lock and push it with git.
@@ -16,8 +18,10 @@ import argparse
 import json
 import subprocess
 import sys
-from dfcvae.config import UserError
+from pathlib import Path
+from dfcvae.config import Config, UserError
 from pipeline.common import command
+from pipeline.fetch import inputs_changed
 
 
 def dvc(*args: str, capture: bool = False) -> str:
@@ -48,14 +52,19 @@ def git(*args: str) -> None:
     subprocess.run(["git", *args], check=True)
 
 
-def retrain(push: bool) -> bool:
+def retrain(push: bool, params: Path = Path("params.yaml")) -> bool:
     """Return True when something was retrained."""
     if has_remote():
         dvc("pull", "--allow-missing")
+    new_images = inputs_changed(Config.load(params)) if params.is_file() else None
     stale = stale_stages()
-    if not stale:
+    if not stale and not new_images:
         print("retrain: nothing changed (data, params and code match dvc.lock); nothing to do.")
         return False
+    if new_images:  # DVC does not track the source folder itself: fetch again, then the rest follows
+        print(f"retrain: {new_images}; fetching them again.", flush=True)
+        dvc("repro", "--force", "--single-item", "fetch")
+        stale = sorted(set(stale) | set(stale_stages()) | {"fetch"})
     print(f"retrain: changed: {', '.join(stale)}; reproducing the affected stages.", flush=True)
     dvc("repro")
     if push:

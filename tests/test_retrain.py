@@ -36,3 +36,35 @@ def test_while_another_dvc_process_holds_the_repository_retrain_gives_dvcs_reaso
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("retrain: `dvc status --json` failed: Unable to acquire lock. Most likely another DVC "
                            "process is running"), last
+
+
+def test_new_images_in_the_source_folder_are_fetched_again_and_no_change_is_nothing_to_do(tmp_path):
+    """The real fetch stage of dvc.yaml in a fresh repo, on a folder of images outside it."""
+    import yaml
+    from PIL import Image
+
+    photos, repo = tmp_path / "photos", tmp_path / "repo"
+    photos.mkdir()
+    for i in range(6):
+        Image.new("RGB", (160, 160), (40 * i, 90, 200)).save(photos / f"{i}.png")
+    stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
+    repo.mkdir()
+    (repo / "dvc.yaml").write_text(yaml.safe_dump({"stages": {"fetch": stages["fetch"]}}, sort_keys=False))
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["data"].update(source="folder", folder_dir=str(photos), split_fractions=[0.34, 0.33, 0.33])
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    for name in stages["fetch"]["deps"]:  # the stage's code, as its deps name it
+        (repo / name).parent.mkdir(parents=True, exist_ok=True)
+        (repo / name).write_bytes((ROOT / name).read_bytes())
+    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
+                [sys.executable, "-m", "dvc", "repro", "-q"]):
+        subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    assert "nothing to do" in retrain(repo).stdout
+
+    Image.new("RGB", (160, 160), (0, 0, 0)).save(photos / "added.png")
+    result = retrain(repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"files in data.folder_dir ({photos}) were added, removed or changed since the last fetch" in result.stdout
+    assert len(list((repo / "data/raw/img_align_celeba").iterdir())) == 7
+    again = retrain(repo)
+    assert "nothing to do" in again.stdout, again.stdout + again.stderr
