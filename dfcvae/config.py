@@ -12,6 +12,7 @@ and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import types
 import typing
@@ -290,6 +291,20 @@ class Config:
         return Config.from_dict(raw, source="overrides")
 
 
+def _number(value: Any) -> int | float | None:
+    """An int or float as written: a YAML number, or a string holding one (a quoted "1e-3");
+    None for anything else (booleans are not numbers here)."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, (int, float)):
+        return value
+    if isinstance(value, str):
+        parsed = load_yaml(value.strip()) if value.strip() else None
+        if isinstance(parsed, (int, float)) and not isinstance(parsed, bool):
+            return parsed
+    return None
+
+
 def _plain(value: Any) -> Any:
     if isinstance(value, dict):
         return {k: _plain(v) for k, v in value.items()}
@@ -350,13 +365,15 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected true or false, got {value!r}.")
         return value
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
+        number = _number(value)
+        if number is None or not math.isfinite(number) or number != int(number):
             raise ConfigError(f"{where}: expected an integer, got {value!r}.")
-        return value
+        return int(number)  # 1e3 and "20000" are integers as people write them
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        number = _number(value)
+        if number is None:
             raise ConfigError(f"{where}: expected a number, got {value!r}.")
-        return float(value)
+        return float(number)
     if hint is str:
         if not isinstance(value, str):
             raise ConfigError(f"{where}: expected a string, got {value!r}.")

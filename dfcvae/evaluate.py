@@ -62,7 +62,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dfcvae import data, metrics
-from dfcvae.config import Config
+from dfcvae.config import Config, ConfigError
 from dfcvae.features import resolve_layers
 from dfcvae.model import DFCVAE
 
@@ -228,7 +228,7 @@ def prior_moments(
 
 def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:
     if name not in OBJECTIVES:
-        raise ValueError(f"eval.objective '{name}' is not one of {', '.join(OBJECTIVES)}.")
+        raise ConfigError(f"eval.objective '{name}' is not one of {', '.join(OBJECTIVES)}.")
     return OBJECTIVES[name](fid_recon, fid_samples)
 
 
@@ -285,7 +285,7 @@ def _val_reference(cfg: Config, inception: metrics.InceptionFeatures) -> tuple[T
 def attribute_columns(names: tuple[str, ...] | list[str]) -> list[int]:
     unknown = [n for n in names if n not in data.ATTRIBUTE_NAMES]
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"unknown attribute {unknown[0]!r} in eval settings; CelebA's names are: {', '.join(data.ATTRIBUTE_NAMES)}."
         )
     return [data.ATTRIBUTE_NAMES.index(n) for n in names]
@@ -433,7 +433,7 @@ def measure_test_split(
     reference = build_reference(cfg, Runtime(torch.device(device)))
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:
-        raise ValueError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
+        raise ConfigError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
     sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance", "nyquist_power", "nyquist_power_real"], 0.0)
     real, recon = FeatureMoments(), FeatureMoments()
     latents, attrs, pool = [], [], []

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, vgg
 
-from dfcvae.config import PerceptualConfig
+from dfcvae.config import ConfigError, PerceptualConfig
 from dfcvae.weights import load_file_state_dict, load_imagenet_state_dict
 
 log = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ BACKBONES: dict[str, Backbone] = {
 
 def backbone_spec(name: str) -> Backbone:
     if name not in BACKBONES:
-        raise ValueError(f"unknown perceptual backbone '{name}'; choose one of {', '.join(BACKBONES)}.")
+        raise ConfigError(f"unknown perceptual backbone '{name}'; choose one of {', '.join(BACKBONES)}.")
     return BACKBONES[name]
 
 
@@ -96,12 +96,12 @@ def resolve_layers(backbone: str, layers: Sequence[str]) -> tuple[str, ...]:
     valid = spec.layer_names(spec.build())
     for name in layers:
         if name not in valid:
-            raise ValueError(
+            raise ConfigError(
                 f"unknown layer '{name}' for {backbone}; valid names are presets "
                 f"{', '.join(spec.presets)} or layers {', '.join(valid)}."
             )
     if len(set(layers)) != len(layers):
-        raise ValueError(f"layer list {list(layers)} names a layer twice.")
+        raise ConfigError(f"layer list {list(layers)} names a layer twice.")
     return tuple(layers)
 
 

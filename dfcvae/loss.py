@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from dfcvae.config import LossConfig
+from dfcvae.config import ConfigError, LossConfig
 from dfcvae.features import PerceptualNetwork
 
 
@@ -39,7 +39,7 @@ _EPS = 1e-10
 def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor], norm: str = "none") -> dict[str, Tensor]:
     """Per layer {name: scalar}, averaged over the batch; maps (B, C_l, H_l, W_l); see the module docstring."""
     if norm not in FEATURE_NORMS:
-        raise ValueError(f"loss.feature_norm {norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
+        raise ConfigError(f"loss.feature_norm {norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
     out = {}
     for name in target:
         t, r = target[name].float(), recon[name].float()
@@ -83,7 +83,7 @@ def dfc_vae_loss(
     logs = {f"{split}/kl": kl.detach(), f"{split}/pixel_mse": pixel_mse.detach()}
     if cfg.perceptual_weight > 0:
         if perceptual is None:
-            raise ValueError("loss.perceptual_weight > 0 needs a perceptual network.")
+            raise ConfigError("loss.perceptual_weight > 0 needs a perceptual network.")
         per_layer = perceptual_term(perceptual, x, recon, cfg.feature_norm)
         feature_loss = torch.stack(list(per_layer.values())).sum()
         loss = loss + cfg.perceptual_weight * feature_loss

@@ -25,7 +25,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from dfcvae.config import ModelConfig
+from dfcvae.config import ConfigError, ModelConfig
 
 
 UPSAMPLING = ("nearest", "transposed")
@@ -63,7 +63,7 @@ def check_architecture(cfg: ModelConfig) -> None:
     for key, value, valid in (("upsample", cfg.upsample, UPSAMPLING), ("encoder_kernel", cfg.encoder_kernel,
                               ENCODER_KERNELS), ("init", cfg.init, INITS)):
         if value not in valid:
-            raise ValueError(f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml.")
+            raise ConfigError(f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml.")
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -118,7 +118,7 @@ class Decoder(nn.Module):
 def bottom_size(cfg: ModelConfig, image_size: int) -> int:
     factor = 2 ** len(cfg.hidden_channels)
     if image_size % factor:
-        raise ValueError(
+        raise ConfigError(
             f"image size {image_size} is not divisible by 2**{len(cfg.hidden_channels)} = {factor}: "
             f"choose data.image_size as a multiple of {factor} or use fewer model.hidden_channels."
         )

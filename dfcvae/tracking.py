@@ -26,7 +26,7 @@ import mlflow
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 
-from dfcvae.config import Config, MlflowConfig
+from dfcvae.config import Config, ConfigError, MlflowConfig
 
 # Bounded retries: the client's default backoff can wait minutes on a dead server.
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
@@ -124,7 +124,7 @@ def training_run(cfg: Config) -> tuple[str, str] | None:
     run = json.loads(run_file.read_text())
     uri = tracking_uri(cfg.mlflow)
     if run["tracking_uri"] != uri:
-        raise ValueError(
+        raise ConfigError(
             f"{run_file} names a run in {run['tracking_uri']}, but the tracking URI is now {uri}: "
             "set MLFLOW_TRACKING_URI to the store that training used."
         )

@@ -25,9 +25,9 @@ import torch
 from torch import Tensor, nn
 
 from dfcvae import data
-from dfcvae.config import Config, UserError
-from dfcvae.features import PerceptualNetwork
-from dfcvae.loss import dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.config import Config, ConfigError, UserError
+from dfcvae.features import PerceptualNetwork, resolve_layers
+from dfcvae.loss import FEATURE_NORMS, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.metrics import active_units
 from dfcvae.model import DFCVAE
 
@@ -89,6 +89,20 @@ def build_reference(cfg: Config, runtime: Runtime) -> PerceptualNetwork:
     return net.to(runtime.device, memory_format=runtime.memory_format)
 
 
+def check_config(cfg: Config) -> None:
+    """What would otherwise fail inside the Ray workers, checked in the driver in a second:
+    ConfigError naming the key (architecture, image size, layers, feature norm, schedule)."""
+    with torch.device("meta"):  # shapes only, no memory
+        DFCVAE(cfg.model, cfg.data.image_size)
+    if cfg.loss.perceptual_weight > 0:
+        resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
+    if cfg.loss.feature_norm not in FEATURE_NORMS:
+        raise ConfigError(f"loss.feature_norm {cfg.loss.feature_norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
+    lr_factor(cfg)
+    if cfg.train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
+
+
 def lr_factor(cfg: Config) -> Callable[[int], float]:
     steps, floor = max(cfg.train.steps, 1), cfg.optim.min_lr_fraction
     schedules = {
@@ -97,7 +111,7 @@ def lr_factor(cfg: Config) -> Callable[[int], float]:
         "cosine": lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
     }
     if cfg.optim.schedule not in schedules:
-        raise ValueError(f"optim.schedule '{cfg.optim.schedule}' is not one of {', '.join(schedules)}.")
+        raise ConfigError(f"optim.schedule '{cfg.optim.schedule}' is not one of {', '.join(schedules)}.")
     return schedules[cfg.optim.schedule]
 
 
@@ -121,7 +135,7 @@ def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, boo
     """fn under torch.compile when train.compile and on GPU; -> (callable, uses CUDA graphs)."""
     mode = cfg.train.compile_mode
     if mode not in COMPILE_MODES:
-        raise ValueError(f"train.compile_mode '{mode}' is not one of {', '.join(COMPILE_MODES)}.")
+        raise ConfigError(f"train.compile_mode '{mode}' is not one of {', '.join(COMPILE_MODES)}.")
     if not (cfg.train.compile and runtime.on_gpu):
         return fn, False
     return torch.compile(fn, mode=mode), COMPILE_MODES[mode]

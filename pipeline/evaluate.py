@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from dfcvae import tracking
-from dfcvae.config import Config
+from dfcvae.config import Config, ConfigError
 from dfcvae.evaluate import evaluate, model_from_state
 from dfcvae.train import load_checkpoint
 from pipeline.common import command, parse_config
@@ -31,7 +31,7 @@ SUMMARY = ("test/fid_recon", "test/fid_samples", "test/fid_sum", "test/fid_image
 def evaluation_config(params: Config, trained: Config) -> Config:
     """params.yaml with the model section it was trained with; the image sizes must agree."""
     if trained.data.image_size != params.data.image_size:
-        raise ValueError(
+        raise ConfigError(
             f"the model was trained on {trained.data.image_size} px images but data.image_size is "
             f"{params.data.image_size}: evaluate with the params it was trained with, or retrain."
         )

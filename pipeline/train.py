@@ -15,7 +15,7 @@ from pathlib import Path
 
 from dfcvae import data, tracking
 from dfcvae.config import Config
-from dfcvae.train import absolute_paths, export_outputs, fit
+from dfcvae.train import absolute_paths, check_config, export_outputs, fit
 from pipeline.common import command, init_ray, parse_config, with_best_overrides, write_json
 
 
@@ -28,6 +28,7 @@ def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
 
 
 def train(cfg: Config) -> dict[str, float]:
+    check_config(cfg)
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
     manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)

@@ -67,13 +67,29 @@ def test_exponent_numbers_in_params_and_overrides(tmp_path):
     assert Config().with_overrides(parse_overrides(["loss.kl_weight=1e-5"])).loss.kl_weight == 1e-5
 
 
+@pytest.mark.parametrize("value, expected", [(1e3, 1000), ("20000", 20000), (7, 7)])
+def test_integers_may_be_written_as_numbers_people_write(value, expected):
+    steps = Config().with_overrides({"train.steps": value}).train.steps
+    assert steps == expected and type(steps) is int
+
+
+@pytest.mark.parametrize("value", [1.5, "abc", float("inf"), True, None])
+def test_what_is_not_an_integer_is_refused(value):
+    with pytest.raises(ConfigError, match="train.steps: expected an integer"):
+        Config().with_overrides({"train.steps": value})
+
+
 @pytest.mark.parametrize("stage, override, message", [
     ("train", "loss.kl_weight=high", "train: overrides: loss.kl_weight: expected a number, got 'high'."),
+    ("train", "data.image_size=65", "train: image size 65 is not divisible by 2**5 = 32: choose data.image_size as "
+                                    "a multiple of 32 or use fewer model.hidden_channels."),
+    ("train", "model.upsample=bilinear", "train: model.upsample 'bilinear' is not one of nearest, transposed; fix it "
+                                         "in params.yaml."),
     ("fetch", "data.source=flickr", "fetch: data.source: 'flickr' is not one of ['celeba', 'folder', 'synthetic']; pick one."),
 ])
 def test_a_config_mistake_is_one_line_without_traceback(stage, override, message):
-    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--set", override], cwd=ROOT,
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--set", override, "--set", "tune.enabled=false"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [message], result.stderr
 
 
