@@ -56,7 +56,9 @@ def load_yaml(text: str) -> Any:
     try:
         return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as err:
-        raise ConfigError(f"not valid YAML: {err}".replace("\n", " ")) from None
+        mark = getattr(err, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err}); fix it there.") from None
 
 
 # The released DFC-VAE's network and optimiser (houxianxu/DFC-VAE, CVAE.lua and main_cvae.lua) as
