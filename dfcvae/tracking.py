@@ -33,9 +33,18 @@ os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
 os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
 
 
+def store_path(path: str) -> Path:
+    """mlflow.local_db / local_artifacts as an absolute path. A relative one is relative to the
+    DVC repository: `dvc exp run --temp` and queued experiments run the stages in a temporary
+    copy that is deleted afterwards, and set DVC_ROOT to the user's repository, whose store is
+    the one to track and register into. Without DVC, the working directory."""
+    base = Path(os.environ.get("DVC_ROOT") or ".")
+    return (base / path).resolve()
+
+
 def tracking_uri(cfg: MlflowConfig) -> str:
     uri = os.environ.get("MLFLOW_TRACKING_URI", "")
-    return uri or f"sqlite:///{Path(cfg.local_db).resolve()}"
+    return uri or f"sqlite:///{store_path(cfg.local_db)}"
 
 
 def ui_command(cfg: MlflowConfig, port: int = 5000) -> list[str]:
@@ -84,7 +93,7 @@ def setup(cfg: MlflowConfig) -> str:
 def _create_experiment(cfg: MlflowConfig, uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        location = None if "://" in cfg.local_artifacts or not uri.startswith("sqlite") else Path(cfg.local_artifacts).resolve().as_uri()
+        location = None if "://" in cfg.local_artifacts or not uri.startswith("sqlite") else store_path(cfg.local_artifacts).as_uri()
         try:
             mlflow.create_experiment(cfg.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from dfcvae import data
+from dfcvae import data, tracking
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.features import PerceptualNetwork, resolve_layers
 from dfcvae.loss import FEATURE_NORMS, dfc_vae_loss, feature_distances, kl_warmup
@@ -411,11 +411,9 @@ class Reporter:
         self.logger = None
         self.rows: list[dict[str, float]] = []
         if rank == 0:
-            from dfcvae.tracking import RunLogger
-
             self.rows = load_previous_rows(start_step)
             run_id = loop_config.get("mlflow_run_id")
-            self.logger = RunLogger(loop_config["mlflow_uri"], run_id) if run_id else None
+            self.logger = tracking.RunLogger(loop_config["mlflow_uri"], run_id) if run_id else None
             self.reference = build_reference(cfg, runtime)
             self.val_batches = fixed_val_batches(cfg, runtime)
             self.fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
@@ -564,11 +562,15 @@ def format_seconds(seconds: float) -> str:
 
 
 def absolute_paths(cfg: Config) -> Config:
-    """Local relative paths made absolute: Ray workers do not share the driver's cwd."""
+    """Local relative paths made absolute: Ray workers do not share the driver's cwd. The MLflow
+    store's are the user's repository's (tracking.store_path), even from a DVC temp workspace."""
     keys = ("data.shards_dir", "data.raw_dir", "scaling.storage_dir", "train.out_dir", "tune.out_dir",
-            "eval.out_dir", "mlflow.local_db", "mlflow.local_artifacts")
+            "eval.out_dir")
     flat = cfg.flat()
-    return cfg.with_overrides({k: str(Path(flat[k]).resolve()) for k in keys if flat[k] and "://" not in flat[k]})
+    paths = {k: str(Path(flat[k]).resolve()) for k in keys if flat[k] and "://" not in flat[k]}
+    paths |= {k: str(tracking.store_path(flat[k])) for k in ("mlflow.local_db", "mlflow.local_artifacts")
+              if flat[k] and "://" not in flat[k]}
+    return cfg.with_overrides(paths)
 
 
 def report_log_callback(path: Path):

@@ -217,6 +217,23 @@ FIRST_USE = textwrap.dedent("""
 """)
 
 
+def test_a_dvc_temp_workspace_tracks_into_the_users_store(tmp_path, monkeypatch):
+    """`dvc exp run --temp` runs the stages in a copy it deletes; DVC_ROOT names the user's repository."""
+    from dfcvae.train import absolute_paths
+
+    user, temp = tmp_path / "repo", tmp_path / "repo" / ".dvc" / "tmp" / "exps" / "tmp123"
+    temp.mkdir(parents=True)
+    monkeypatch.chdir(temp)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.setenv("DVC_ROOT", str(user))
+    cfg = Config.load(ROOT / "params.yaml")
+    assert tracking.tracking_uri(cfg.mlflow) == f"sqlite:///{user / 'outputs/mlflow/mlflow.db'}"
+    assert absolute_paths(cfg).mlflow.local_artifacts == str(user / "outputs/mlflow/artifacts")
+    assert absolute_paths(cfg).train.out_dir == str(temp / "outputs/train")  # outputs stay the workspace's
+    monkeypatch.delenv("DVC_ROOT")
+    assert tracking.tracking_uri(cfg.mlflow) == f"sqlite:///{temp / 'outputs/mlflow/mlflow.db'}"
+
+
 def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     db, artifacts, go = tmp_path / "new" / "mlflow.db", tmp_path / "artifacts", tmp_path / "go"
