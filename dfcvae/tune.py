@@ -115,8 +115,10 @@ def parse_space(cfg: Config) -> dict[str, Any]:
             space[key] = DISTRIBUTIONS[kind if tune_cfg.search_alg == "random" else "grid"](args)
         except ValueError as err:
             raise ConfigError(f"{where}: {kind} {err}.") from None
-        # A range's two ends (as floats: a range samples floats), or every listed value.
-        for value in ([float(a) for a in args] if kind in ("loguniform", "uniform") else args):
+        # A range's two ends and a value between them that is not a whole number (a range samples
+        # floats, which an integer field refuses), or every listed value.
+        ranged = kind in ("loguniform", "uniform")
+        for value in ([float(args[0]), float(args[1]), float(args[0]) + 0.5] if ranged else args):
             check_override(cfg, key, value)
     return space
 
