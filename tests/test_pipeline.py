@@ -120,6 +120,18 @@ def test_loss_weight_change_reruns_from_tune_not_fetch_or_shard(repo):
     assert _stale(repo) == set()
 
 
+def test_the_files_that_describe_a_model_come_back_with_it_from_dvcs_cache(repo):
+    """What `dvc exp apply` and `dvc pull` restore: run.json, metrics and registration.json with model.pt."""
+    names = ("outputs/train/model.pt", "outputs/train/run.json", "outputs/train/metrics.json",
+             "outputs/eval/metrics.json", "outputs/register/registration.json")
+    before = {name: (repo / name).read_bytes() for name in names}
+    for name in names:
+        (repo / name).unlink()
+    _run(["dvc", "checkout"], repo)
+    assert {name: (repo / name).read_bytes() for name in names} == before
+    assert _stale(repo) == set()
+
+
 def test_retrain_is_idle_without_change_then_resumes_interrupted_run_on_new_data(repo):
     assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], repo)
     first = _registration(repo)
