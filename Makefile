@@ -29,8 +29,12 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	source $(VENV)/bin/activate && python -m pipeline.demo
 
+LINTED := dfcvae pipeline bench tests
+
+# ruff (configured in pyproject.toml) first: a lint or format finding fails in seconds, not after the suite.
 test: setup
-	source $(VENV)/bin/activate && python -m pytest -q -ra -n 2 --dist loadfile
+	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
+		&& python -m pytest -q -ra -n 2 --dist loadfile
 
 bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput

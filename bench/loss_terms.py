@@ -83,21 +83,34 @@ def table(cfg: Config, steps: int) -> list[dict]:
             for when, model in models.items():
                 values = terms(model, batches, net)
                 layers = resolve_layers(backbone, [preset])
-                rows.append({"backbone": backbone, "weights": weights, "preset": preset, "when": when,
-                             "kl": values["kl"], "pixel_mse": values["pixel_mse"],
-                             **{norm: sum(values[f"{norm}/{layer}"] for layer in layers) for norm in FEATURE_NORMS},
-                             "layers": {layer: {norm: values[f"{norm}/{layer}"] for norm in FEATURE_NORMS}
-                                        for layer in layers}})
+                rows.append(
+                    {
+                        "backbone": backbone,
+                        "weights": weights,
+                        "preset": preset,
+                        "when": when,
+                        "kl": values["kl"],
+                        "pixel_mse": values["pixel_mse"],
+                        **{norm: sum(values[f"{norm}/{layer}"] for layer in layers) for norm in FEATURE_NORMS},
+                        "layers": {
+                            layer: {norm: values[f"{norm}/{layer}"] for norm in FEATURE_NORMS} for layer in layers
+                        },
+                    }
+                )
     return rows
 
 
 def markdown(rows: list[dict]) -> str:
-    lines = ["| backbone (weights) | preset | VAE | KL | pixel MSE | feature: none | energy | unit | none / KL |",
-             "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        "| backbone (weights) | preset | VAE | KL | pixel MSE | feature: none | energy | unit | none / KL |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
-        lines.append(f"| {r['backbone']} ({r['weights']}) | {r['preset']} | {r['when']} | {r['kl']:.3g} | "
-                     f"{r['pixel_mse']:.3g} | {r['none']:.3g} | {r['energy']:.3g} | {r['unit']:.3g} | "
-                     f"{r['none'] / max(r['kl'], 1e-12):.3g} |")
+        lines.append(
+            f"| {r['backbone']} ({r['weights']}) | {r['preset']} | {r['when']} | {r['kl']:.3g} | "
+            f"{r['pixel_mse']:.3g} | {r['none']:.3g} | {r['energy']:.3g} | {r['unit']:.3g} | "
+            f"{r['none'] / max(r['kl'], 1e-12):.3g} |"
+        )
     return "\n".join(lines)
 
 

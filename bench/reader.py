@@ -25,17 +25,19 @@ from pipeline.shard import write_shards
 
 
 def shard_config(root: Path, image_size: int, encoding: str, images: int) -> Config:
-    return Config().with_overrides({
-        "data.source": "synthetic",
-        "data.synthetic_count": images,
-        "data.raw_dir": str(root / "raw"),
-        "data.shards_dir": str(root / f"shards-{image_size}-{encoding}"),
-        "data.image_size": image_size,
-        "data.encoding": encoding,
-        "data.samples_per_shard": max(images // 8, 16),
-        "loader.batch_size": min(256, images // 8),
-        "loader.num_workers": 1,
-    })
+    return Config().with_overrides(
+        {
+            "data.source": "synthetic",
+            "data.synthetic_count": images,
+            "data.raw_dir": str(root / "raw"),
+            "data.shards_dir": str(root / f"shards-{image_size}-{encoding}"),
+            "data.image_size": image_size,
+            "data.encoding": encoding,
+            "data.samples_per_shard": max(images // 8, 16),
+            "loader.batch_size": min(256, images // 8),
+            "loader.num_workers": 1,
+        }
+    )
 
 
 def images_per_cpu_second(cfg: Config, repeats: int) -> float:
@@ -63,9 +65,12 @@ def run(args: argparse.Namespace) -> dict:
                 if size == args.sizes[0] and encoding == args.encodings[0]:
                     fetch(cfg)  # the same raw faces for every row
                 write_shards(cfg)
-                row = {"image_size": size, "encoding": encoding,
-                       "images_per_cpu_s": images_per_cpu_second(cfg, args.repeats),
-                       "bytes_per_image": disk_per_image(cfg)}
+                row = {
+                    "image_size": size,
+                    "encoding": encoding,
+                    "images_per_cpu_s": images_per_cpu_second(cfg, args.repeats),
+                    "bytes_per_image": disk_per_image(cfg),
+                }
                 report["rows"].append(row)
                 print(row, flush=True)
     out = Path(args.out)
@@ -77,8 +82,10 @@ def run(args: argparse.Namespace) -> dict:
 def format_table(report: dict) -> str:
     lines = ["| image size | encoding | images/s per core | disk per image |", "|---|---|---:|---:|"]
     for r in report["rows"]:
-        lines.append(f"| {r['image_size']} px | {r['encoding']} | {r['images_per_cpu_s']:,.0f} | "
-                     f"{r['bytes_per_image'] / 1024:.1f} KiB |")
+        lines.append(
+            f"| {r['image_size']} px | {r['encoding']} | {r['images_per_cpu_s']:,.0f} | "
+            f"{r['bytes_per_image'] / 1024:.1f} KiB |"
+        )
     return "\n".join(lines)
 
 

@@ -22,6 +22,7 @@ weigh as much as they do in real training. `--profile` writes the top GPU kernel
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
@@ -50,8 +51,14 @@ LAYER_SETS = {
 }
 
 
-def bench_config(args: argparse.Namespace, layers: tuple[str, ...], batch: int, shards_dir: str = "",
-                 mode: str = "default", loader_workers: int | None = None) -> Config:
+def bench_config(
+    args: argparse.Namespace,
+    layers: tuple[str, ...],
+    batch: int,
+    shards_dir: str = "",
+    mode: str = "default",
+    loader_workers: int | None = None,
+) -> Config:
     overrides = {
         "perceptual.backbone": "vgg19_bn",
         "perceptual.layers": list(layers),
@@ -120,7 +127,9 @@ def profile_step(args, runtime: Runtime, layers, batch: int, mode: str, out: Pat
     time_steps(lambda: step(x), args.warmup, 1, runtime.device)
     with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
         time_steps(lambda: step(x), 0, 5, runtime.device)
-    table = prof.key_averages().table(sort_by="self_device_time_total" if runtime.on_gpu else "self_cpu_time_total", row_limit=30)
+    table = prof.key_averages().table(
+        sort_by="self_device_time_total" if runtime.on_gpu else "self_cpu_time_total", row_limit=30
+    )
     out.write_text(f"{layers} batch {batch} compile mode {mode}, 5 steps\n{table}\n")
 
 
@@ -181,14 +190,16 @@ def make_shards(args, root: Path) -> str:
     from pipeline.fetch import fetch
     from pipeline.shard import write_shards
 
-    cfg = Config().with_overrides({
-        "data.source": "synthetic",
-        "data.synthetic_count": args.unique_images,
-        "data.raw_dir": str(root / "raw"),
-        "data.shards_dir": str(root / "shards"),
-        "data.image_size": args.image_size,
-        "data.samples_per_shard": max(args.unique_images // 32, 16),
-    })
+    cfg = Config().with_overrides(
+        {
+            "data.source": "synthetic",
+            "data.synthetic_count": args.unique_images,
+            "data.raw_dir": str(root / "raw"),
+            "data.shards_dir": str(root / "shards"),
+            "data.image_size": args.image_size,
+            "data.samples_per_shard": max(args.unique_images // 32, 16),
+        }
+    )
     fetch(cfg)
     write_shards(cfg)
     replicate_train_shards(Path(cfg.data.shards_dir), args.shard_images * cfg.data.split_fractions[0])
@@ -276,8 +287,14 @@ class Report:
 
     def __init__(self, args: argparse.Namespace, device_name: str):
         self.args, self.start = args, time.perf_counter()
-        self.data = {"device": device_name, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__,
-                     "compile": args.compile, "image_size": args.image_size, "rows": []}
+        self.data = {
+            "device": device_name,
+            "date": time.strftime("%Y-%m-%d"),
+            "torch": torch.__version__,
+            "compile": args.compile,
+            "image_size": args.image_size,
+            "rows": [],
+        }
 
     def add(self, setup: str, layers: str, batch: int, measure: Callable[[], dict], **extra) -> dict:
         elapsed = time.perf_counter() - self.start
@@ -295,8 +312,11 @@ class Report:
 
     def fastest_mode(self, layers: str, batch: int) -> str:
         """The compile mode whose step row for (layers, batch) measured fastest: end to end uses it."""
-        rows = [r for r in self.data["rows"] if r["setup"] == "dfcvae train step" and r["layers"] == layers
-                and r["batch"] == batch and "error" not in r]
+        rows = [
+            r
+            for r in self.data["rows"]
+            if r["setup"] == "dfcvae train step" and r["layers"] == layers and r["batch"] == batch and "error" not in r
+        ]
         return max(rows, key=lambda r: r["images_per_s"])["compile_mode"] if rows else self.args.compile_modes[0]
 
     def save(self) -> None:
@@ -313,41 +333,73 @@ def run(args: argparse.Namespace) -> dict:
     report = Report(args, torch.cuda.get_device_name() if runtime.on_gpu else "cpu")
     reference = "reference (PyTorch-VAE recipe, fp32)"
     for batch in args.reference_batches:
-        report.add(reference, "vgg19_bn 14/24/34/43", batch, lambda: measure_reference(args, runtime.device, batch))
+        report.add(
+            reference, "vgg19_bn 14/24/34/43", batch, functools.partial(measure_reference, args, runtime.device, batch)
+        )
     for mode in args.compile_modes:
         for name, layers in LAYER_SETS.items():
             for batch in args.batches:
-                report.add("dfcvae train step", name, batch,
-                           lambda: measure_project(args, runtime, layers, batch, mode), compile_mode=mode)
+                report.add(
+                    "dfcvae train step",
+                    name,
+                    batch,
+                    functools.partial(measure_project, args, runtime, layers, batch, mode),
+                    compile_mode=mode,
+                )
     if args.profile:
-        guarded(lambda: profile_step(args, runtime, LAYER_SETS["vae123"], args.batches[-1], args.compile_modes[-1],
-                                     Path(args.out).with_suffix(".profile.txt")) or {})
+        guarded(
+            lambda: (
+                profile_step(
+                    args,
+                    runtime,
+                    LAYER_SETS["vae123"],
+                    args.batches[-1],
+                    args.compile_modes[-1],
+                    Path(args.out).with_suffix(".profile.txt"),
+                )
+                or {}
+            )
+        )
     with tempfile.TemporaryDirectory() as tmp:
         shards_dir = make_shards(args, Path(tmp))
         batch = args.batches[-1]
         for workers in args.loader_workers:
-            report.add("data path (shards -> device)", "-", batch,
-                       lambda: measure_data_path(args, runtime, shards_dir, batch, workers), loader_workers=workers)
+            report.add(
+                "data path (shards -> device)",
+                "-",
+                batch,
+                functools.partial(measure_data_path, args, runtime, shards_dir, batch, workers),
+                loader_workers=workers,
+            )
         for name, layers in LAYER_SETS.items():
             mode = report.fastest_mode(name, batch)
             for workers in args.loader_workers:
-                report.add("end to end from shards", name, batch,
-                           lambda: measure_end_to_end(args, runtime, shards_dir, layers, batch, mode, workers),
-                           loader_workers=workers, compile_mode=mode)
+                report.add(
+                    "end to end from shards",
+                    name,
+                    batch,
+                    functools.partial(measure_end_to_end, args, runtime, shards_dir, layers, batch, mode, workers),
+                    loader_workers=workers,
+                    compile_mode=mode,
+                )
     return report.data
 
 
 def format_table(report: dict) -> str:
-    lines = [f"device: {report['device']}, {report['date']}, torch {report['torch']}, "
-             f"{report['image_size']} px, compile={report['compile']}",
-             "| setup | layers | batch | compile mode | loader workers | img/s | GFLOP/img | of bf16 peak |",
-             "|---|---|---|---|---:|---:|---:|---:|"]
+    lines = [
+        f"device: {report['device']}, {report['date']}, torch {report['torch']}, "
+        f"{report['image_size']} px, compile={report['compile']}",
+        "| setup | layers | batch | compile mode | loader workers | img/s | GFLOP/img | of bf16 peak |",
+        "|---|---|---|---|---:|---:|---:|---:|",
+    ]
     for r in report["rows"]:
         gflop = f"{r['flops_per_image'] / 1e9:.2f}" if "flops_per_image" in r else ""
         frac = f"{r['peak_fraction']:.0%}" if "peak_fraction" in r else ""
         ips = f"{r['images_per_s']:,.0f}" if "error" not in r else f"failed: {r['error'][:60]}"
-        lines.append(f"| {r['setup']} | {r['layers']} | {r['batch']} | {r.get('compile_mode', '')} | "
-                     f"{r.get('loader_workers', '')} | {ips} | {gflop} | {frac} |")
+        lines.append(
+            f"| {r['setup']} | {r['layers']} | {r['batch']} | {r.get('compile_mode', '')} | "
+            f"{r.get('loader_workers', '')} | {ips} | {gflop} | {frac} |"
+        )
     return "\n".join(lines)
 
 
@@ -360,9 +412,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--smoke", action="store_true", help="tiny CPU-sized run that checks the script works")
     parser.add_argument("--out", default="outputs/bench/throughput.json")
     parser.add_argument("--no-compile", dest="compile", action="store_false")
-    parser.add_argument("--compile-modes",
-                        help="torch.compile modes to measure the step under, comma-separated; end to end "
-                             "uses the fastest")
+    parser.add_argument(
+        "--compile-modes",
+        help="torch.compile modes to measure the step under, comma-separated; end to end uses the fastest",
+    )
     parser.add_argument("--batches", type=int_list, help="step batch sizes, comma-separated")
     parser.add_argument("--loader-workers", type=int_list, help="data path worker counts; the last is used end to end")
     parser.add_argument("--epochs", type=int, help="epochs read by the data and end-to-end rows")
@@ -372,14 +425,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--peak-tflops", type=float, default=790.0, help="sustained bf16 rate of the card")
     args = parser.parse_args(argv)
     if args.smoke:  # CPU: no compilation, so one mode; two copies of a small shard set
-        defaults = {"batches": [4, 8], "loader_workers": [2], "epochs": 1, "shard_images": 96,
-                    "compile_modes": "default"}
+        defaults = {
+            "batches": [4, 8],
+            "loader_workers": [2],
+            "epochs": 1,
+            "shard_images": 96,
+            "compile_modes": "default",
+        }
         args.reference_batches, args.image_size, args.warmup, args.iters, args.unique_images = [4], 32, 1, 2, 48
         args.compile = False
     else:
-        defaults = {"batches": [64, 256, 1024], "loader_workers": [8, 16], "epochs": 2, "shard_images": 200_000,
-                    "compile_modes": "default,reduce-overhead"}
-        args.reference_batches, args.image_size, args.warmup, args.iters, args.unique_images = [256, 1024], 64, 3, 20, 20_000
+        defaults = {
+            "batches": [64, 256, 1024],
+            "loader_workers": [8, 16],
+            "epochs": 2,
+            "shard_images": 200_000,
+            "compile_modes": "default,reduce-overhead",
+        }
+        args.reference_batches, args.image_size, args.warmup, args.iters, args.unique_images = (
+            [256, 1024],
+            64,
+            3,
+            20,
+            20_000,
+        )
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)

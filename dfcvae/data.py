@@ -63,13 +63,46 @@ log = logging.getLogger(__name__)
 
 # CelebA's list_attr_celeba.txt columns, in the official order.
 ATTRIBUTE_NAMES: tuple[str, ...] = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Attractive", "Bags_Under_Eyes", "Bald", "Bangs",
-    "Big_Lips", "Big_Nose", "Black_Hair", "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows",
-    "Chubby", "Double_Chin", "Eyeglasses", "Goatee", "Gray_Hair", "Heavy_Makeup", "High_Cheekbones",
-    "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Oval_Face", "Pale_Skin",
-    "Pointy_Nose", "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Straight_Hair",
-    "Wavy_Hair", "Wearing_Earrings", "Wearing_Hat", "Wearing_Lipstick", "Wearing_Necklace",
-    "Wearing_Necktie", "Young",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Attractive",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Lips",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Double_Chin",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "High_Cheekbones",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Oval_Face",
+    "Pale_Skin",
+    "Pointy_Nose",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Straight_Hair",
+    "Wavy_Hair",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Wearing_Necklace",
+    "Wearing_Necktie",
+    "Young",
 )
 SPLITS: tuple[str, ...] = ("train", "val", "test")  # partition 0, 1, 2 in list_eval_partition.txt
 IMAGE_MEMBERS = {"raw": "npy", "png": "png"}  # data.encoding -> tar member extension
@@ -370,14 +403,16 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
                 headers.append(offset)
                 kind = header[156:157]
                 if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
-                    raise ValueError(f"unsupported tar record type {kind!r}: re-create the shard with "
-                                     f"pipeline/shard.py")
+                    raise ValueError(
+                        f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py"
+                    )
                 size = _octal(header[124:136])
                 following += (size + 511) // 512 * 512
             if following > len(buffer):  # not all here: read on (its header is still checked)
                 if at_end:
-                    raise ValueError(f"unexpected end of data, {following - len(buffer)} bytes short: "
-                                     f"the shard is truncated")
+                    raise ValueError(
+                        f"unexpected end of data, {following - len(buffer)} bytes short: the shard is truncated"
+                    )
                 break
             if kind in (b"0", b"\0"):
                 members.append((header[:100].split(b"\0", 1)[0].decode(), offset + 512, size, len(headers) - 1))
@@ -466,8 +501,19 @@ class _Stream:
 class _EpochDataset(IterableDataset):
     """Yields the rank's batches skip_batches.. in order, split over DataLoader processes."""
 
-    def __init__(self, streams: list[_Stream], *, n_batches: int, skip_batches: int, batch_size: int,
-                 image_size: int, image_ext: str, shuffle_buffer: int, tolerance: int, ring: BatchRing | None):
+    def __init__(
+        self,
+        streams: list[_Stream],
+        *,
+        n_batches: int,
+        skip_batches: int,
+        batch_size: int,
+        image_size: int,
+        image_ext: str,
+        shuffle_buffer: int,
+        tolerance: int,
+        ring: BatchRing | None,
+    ):
         self.streams = streams
         self.n_batches = n_batches
         self.skip_batches = skip_batches
@@ -555,8 +601,9 @@ class ShardLoader:
     stays valid after its slot is reused.
     """
 
-    def __init__(self, loader: DataLoader, n_batches: int, tolerance: int, ring: BatchRing | None,
-                 device: torch.device | None):
+    def __init__(
+        self, loader: DataLoader, n_batches: int, tolerance: int, ring: BatchRing | None, device: torch.device | None
+    ):
         self.loader = loader
         self.n_batches = n_batches
         self.tolerance = tolerance
@@ -600,9 +647,11 @@ class ShardLoader:
                     self.skipped += count
                     self.skipped_by_shard[url] = self.skipped_by_shard.get(url, 0) + count
                 if self.skipped > self.tolerance:  # each process checks its own; this is the rank's total
-                    error = (f"corrupt shards {sorted(self.skipped_by_shard)}: {self.skipped} samples skipped, "
-                             f"more than loader.corrupt_tolerance={self.tolerance}; re-create them with "
-                             f"`dvc repro shard`.")
+                    error = (
+                        f"corrupt shards {sorted(self.skipped_by_shard)}: {self.skipped} samples skipped, "
+                        f"more than loader.corrupt_tolerance={self.tolerance}; re-create them with "
+                        f"`dvc repro shard`."
+                    )
                     break
                 yield self._receive(batch)
                 if self.ring is not None:
@@ -678,8 +727,11 @@ def make_loader(
     # Processes hand batches over through shared slots, one more than can be in flight at once:
     # PREFETCH per process, the batch being copied and the one the consumer holds.
     slots = PREFETCH * workers + 2
-    ring = BatchRing(slots, batch_size, image_size, len(ATTRIBUTE_NAMES), first=skip_batches,
-                     alive=rings_alive) if workers else None
+    ring = (
+        BatchRing(slots, batch_size, image_size, len(ATTRIBUTE_NAMES), first=skip_batches, alive=rings_alive)
+        if workers
+        else None
+    )
     device = torch.device(device) if device is not None else None
     dataset = _EpochDataset(
         plan,
@@ -704,8 +756,9 @@ def make_loader(
     return ShardLoader(loader, n_batches - skip_batches, cfg.loader.corrupt_tolerance, ring, device)
 
 
-def train_stream(cfg: Config, *, rank: int = 0, world_size: int = 1, start: int = 0,
-                 device: torch.device | str | None = None) -> Iterator[tuple[int, dict]]:
+def train_stream(
+    cfg: Config, *, rank: int = 0, world_size: int = 1, start: int = 0, device: torch.device | str | None = None
+) -> Iterator[tuple[int, dict]]:
     """(step, batch) for steps start, start + 1, ... across epochs, endless; step k is batch
     k mod batches_per_epoch of epoch k // batches_per_epoch, as make_loader defines them, with
     images on `device`.

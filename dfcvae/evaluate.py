@@ -340,9 +340,7 @@ def principal_direction(latents: Tensor) -> Tensor:
     return (2.0 * std * vh[0]).to(latents.dtype)
 
 
-def arithmetic_directions(
-    names: tuple[str, ...], train_latents: Tensor, train_attrs: Tensor
-) -> dict[str, Tensor]:
+def arithmetic_directions(names: tuple[str, ...], train_latents: Tensor, train_attrs: Tensor) -> dict[str, Tensor]:
     """name -> attribute vector for the named attributes labelled with both classes in train."""
     vectors = {}
     for name, col in zip(names, attribute_columns(names)):
@@ -373,7 +371,8 @@ def write_pictures(
     if not directions:
         log.warning(
             "none of eval.arithmetic_attributes %s is labelled in the data: attribute_arithmetic.png "
-            "follows the latent means' first principal component instead.", list(cfg.eval.arithmetic_attributes)
+            "follows the latent means' first principal component instead.",
+            list(cfg.eval.arithmetic_attributes),
         )
         directions = {PRINCIPAL_DIRECTION: principal_direction(train[0])}
     blocks = []
@@ -503,8 +502,11 @@ def evaluate(
             "fid_prior_samples": test.count,
             "seed": cfg.eval.seed,
             "objective": cfg.eval.objective,
-            "reference": {"backbone": cfg.eval.reference_backbone, "weights": cfg.eval.reference_weights,
-                          "layers": list(resolve_layers(cfg.eval.reference_backbone, cfg.eval.reference_layers))},
+            "reference": {
+                "backbone": cfg.eval.reference_backbone,
+                "weights": cfg.eval.reference_weights,
+                "layers": list(resolve_layers(cfg.eval.reference_backbone, cfg.eval.reference_layers)),
+            },
             "probe_train_images": len(train[0]),
             "probe_skipped": probe["skipped"],
             "pictures": layout,
@@ -520,8 +522,11 @@ def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:
     against the real images' (test/nyquist_ratio > 1: the model adds a checkerboard)."""
     units = metrics.active_units(test.latents)
     ratio = test.means["nyquist_power"] / max(test.means["nyquist_power_real"], 1e-30)
-    return {"test/active_units": units, "test/active_fraction": units / test.latents.shape[1],
-            "test/nyquist_ratio": ratio}
+    return {
+        "test/active_units": units,
+        "test/active_fraction": units / test.latents.shape[1],
+        "test/nyquist_ratio": ratio,
+    }
 
 
 def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:

@@ -195,9 +195,7 @@ def _rounding_level(eigvals: NDArray[np.float64]) -> float:
     return float(max(eigvals.max(initial=0.0), 0.0) * len(eigvals) * np.finfo(np.float64).eps)
 
 
-def frechet_distance(
-    mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike
-) -> float:
+def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), in float64.
 
     tr (S1 S2)^1/2 = tr (S1^1/2 S2 S1^1/2)^1/2. With S1 = V W V^T (eigh, eigenvalues
@@ -216,8 +214,10 @@ def frechet_distance(
             f"{mu1.shape}, {sigma1.shape}, {mu2.shape}, {sigma2.shape}."
         )
     if not all(np.isfinite(a).all() for a in (mu1, sigma1, mu2, sigma2)):
-        raise ValueError("FID of non-finite features: the images hold NaN or infinite values "
-                         "(a diverged model?); there is no distance to measure.")
+        raise ValueError(
+            "FID of non-finite features: the images hold NaN or infinite values "
+            "(a diverged model?); there is no distance to measure."
+        )
     eigvals, eigvecs = np.linalg.eigh((sigma1 + sigma1.T) / 2.0)
     keep = eigvals > _rounding_level(eigvals)
     scaled = eigvecs[:, keep] * np.sqrt(eigvals[keep])  # V W^1/2, (D, rank)
@@ -440,9 +440,7 @@ def _latent_means(model: LatentModel, images: Tensor) -> Tensor:
     return mu  # (B, latent_dim)
 
 
-def sample_grid(
-    model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None
-) -> tuple[Tensor, int]:
+def sample_grid(model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None) -> tuple[Tensor, int]:
     """Decodings of n draws z ~ N(0, I) from `generator`.
 
     Grid: ceil(n / cols) rows x cols, cols = nrow or ceil(sqrt(n)).
@@ -464,9 +462,7 @@ def reconstruction_grid(model: LatentModel, images: Tensor) -> tuple[Tensor, int
     return torch.cat([images.cpu().float(), recon.cpu()]), len(images)
 
 
-def interpolation_grid(
-    model: LatentModel, pairs_a: Tensor, pairs_b: Tensor, steps: int
-) -> tuple[Tensor, int]:
+def interpolation_grid(model: LatentModel, pairs_a: Tensor, pairs_b: Tensor, steps: int) -> tuple[Tensor, int]:
     """Decodings along the straight line between the latent means of a[i] and b[i].
 
     Grid: P rows x `steps` cols; row i goes from decode(mu(a[i])) at t = 0 to

@@ -27,7 +27,6 @@ from torch import Tensor, nn
 
 from dfcvae.config import ConfigError, ModelConfig
 
-
 UPSAMPLING = ("nearest", "transposed")
 ENCODER_KERNELS = (3, 4)  # stride 2, padding 1: both halve an even size exactly
 INITS = ("default", "dcgan")
@@ -60,10 +59,15 @@ def _up_nearest(c_in: int, c_out: int) -> nn.Sequential:
 
 def check_architecture(cfg: ModelConfig) -> None:
     """ValueError naming the key when model.upsample, encoder_kernel or init is not one we build."""
-    for key, value, valid in (("upsample", cfg.upsample, UPSAMPLING), ("encoder_kernel", cfg.encoder_kernel,
-                              ENCODER_KERNELS), ("init", cfg.init, INITS)):
+    for key, value, valid in (
+        ("upsample", cfg.upsample, UPSAMPLING),
+        ("encoder_kernel", cfg.encoder_kernel, ENCODER_KERNELS),
+        ("init", cfg.init, INITS),
+    ):
         if value not in valid:
-            raise ConfigError(f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml.")
+            raise ConfigError(
+                f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml."
+            )
 
 
 def dcgan_init(module: nn.Module) -> None:

@@ -131,11 +131,13 @@ def bad_input(message: str) -> MlflowException:
 def model_signature(example: np.ndarray) -> ModelSignature:
     """Images in, images out (the default mode), any batch size, with the predict params."""
     image = TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), name=None)
-    params = ParamSchema([
-        ParamSpec("mode", "string", PREDICT_PARAMS["mode"]),
-        ParamSpec("n", "long", PREDICT_PARAMS["n"]),
-        ParamSpec("seed", "long", PREDICT_PARAMS["seed"]),
-    ])
+    params = ParamSchema(
+        [
+            ParamSpec("mode", "string", PREDICT_PARAMS["mode"]),
+            ParamSpec("n", "long", PREDICT_PARAMS["n"]),
+            ParamSpec("seed", "long", PREDICT_PARAMS["seed"]),
+        ]
+    )
     return ModelSignature(inputs=Schema([image]), outputs=Schema([image]), params=params)
 
 
@@ -299,8 +301,14 @@ def register_model(
     try:
         model_uri = log_model(state, model_path, metrics_path, grids, run_id)
         with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
-            result = register_if_better(client, cfg.registry.model_name, model_uri, run_id, tags,
-                                        reevaluate=functools.partial(objective_on, cfg))
+            result = register_if_better(
+                client,
+                cfg.registry.model_name,
+                model_uri,
+                run_id,
+                tags,
+                reevaluate=functools.partial(objective_on, cfg),
+            )
     except BaseException:
         if new_run:
             client.set_terminated(run_id, "FAILED")
@@ -364,7 +372,11 @@ def _requirements() -> list[str]:
 
 
 def register_if_better(
-    client: MlflowClient, name: str, model_uri: str, run_id: str, tags: dict[str, str],
+    client: MlflowClient,
+    name: str,
+    model_uri: str,
+    run_id: str,
+    tags: dict[str, str],
     reevaluate: Callable[[str], float] | None = None,
 ) -> Registration:
     """Create the version, set `challenger`, and move `champion` if it wins. Call under the lock.
@@ -382,10 +394,19 @@ def register_if_better(
     if champion is not None and reevaluate is not None and champion.tags.get("eval_key") != tags["eval_key"]:
         before = champion.tags.get("objective_value", "none")
         again = reevaluate(f"models:/{name}/{champion.version}")
-        champion = SimpleNamespace(version=champion.version, tags={
-            **champion.tags, "objective": tags["objective"], "eval_key": tags["eval_key"], "objective_value": repr(again)})
-        note = (f" (champion v{champion.version} evaluated again like v{version}: {tags['objective']} {again!r}; "
-                f"{before} on its own evaluation)")
+        champion = SimpleNamespace(
+            version=champion.version,
+            tags={
+                **champion.tags,
+                "objective": tags["objective"],
+                "eval_key": tags["eval_key"],
+                "objective_value": repr(again),
+            },
+        )
+        note = (
+            f" (champion v{champion.version} evaluated again like v{version}: {tags['objective']} {again!r}; "
+            f"{before} on its own evaluation)"
+        )
         client.set_model_version_tag(name, str(version), "champion_reevaluated", repr(again))
     decision, reason, champion_value = decide(champion, tags, version)
     reason = reason.removesuffix(".") + note + "." if note else reason
@@ -421,20 +442,30 @@ def decide(champion, tags: dict[str, str], version: int) -> tuple[str, str, floa
     or not measured) is never promoted, whatever its objective: its reconstructions ignore the input.
     """
     name, value = tags["objective"], float(tags["objective_value"])
-    champion_value = float(champion.tags["objective_value"]) if champion and "objective_value" in champion.tags else None
+    champion_value = (
+        float(champion.tags["objective_value"]) if champion and "objective_value" in champion.tags else None
+    )
     stays = f"champion stays v{champion.version}" if champion else "no champion yet"
     floor = float(tags["min_active_fraction"])
     if "active_fraction" not in tags:
-        return "kept", (
-            f"kept: v{version}'s evaluation has no {ACTIVE_FRACTION}, so posterior collapse cannot be ruled out; "
-            f"re-run the evaluate stage; {stays}."
-        ), champion_value
+        return (
+            "kept",
+            (
+                f"kept: v{version}'s evaluation has no {ACTIVE_FRACTION}, so posterior collapse cannot be ruled out; "
+                f"re-run the evaluate stage; {stays}."
+            ),
+            champion_value,
+        )
     active = float(tags["active_fraction"])
     if active < floor:
-        return "kept", (
-            f"kept: posterior collapse: only {active:.1%} of v{version}'s latent dimensions are active "
-            f"(registry.min_active_fraction {floor:.1%}); lower loss.kl_weight and retrain; {stays}."
-        ), champion_value
+        return (
+            "kept",
+            (
+                f"kept: posterior collapse: only {active:.1%} of v{version}'s latent dimensions are active "
+                f"(registry.min_active_fraction {floor:.1%}); lower loss.kl_weight and retrain; {stays}."
+            ),
+            champion_value,
+        )
     if champion is None:
         return "promoted", f"promoted: no champion yet; {name} {value!r}; champion -> v{version}.", None
     theirs = champion.tags
@@ -449,11 +480,19 @@ def decide(champion, tags: dict[str, str], version: int) -> tuple[str, str, floa
         return "kept", reason, champion_value
     champion_value = float(theirs["objective_value"])
     if value < champion_value:
-        return "promoted", (
-            f"promoted: {name} {value!r} beats champion v{champion.version}'s {champion_value!r} "
-            f"(lower is better); champion -> v{version}."
-        ), champion_value
-    return "kept", (
-        f"kept: {name} {value!r} does not beat champion v{champion.version}'s {champion_value!r} "
-        f"(lower is better); champion stays v{champion.version}."
-    ), champion_value
+        return (
+            "promoted",
+            (
+                f"promoted: {name} {value!r} beats champion v{champion.version}'s {champion_value!r} "
+                f"(lower is better); champion -> v{version}."
+            ),
+            champion_value,
+        )
+    return (
+        "kept",
+        (
+            f"kept: {name} {value!r} does not beat champion v{champion.version}'s {champion_value!r} "
+            f"(lower is better); champion stays v{champion.version}."
+        ),
+        champion_value,
+    )

@@ -62,8 +62,7 @@ def check_shared_memory(needed: int) -> None:
 class BatchRing:
     """S slots of (batch, H, W, 3) uint8 images and (batch, attrs) int8 rows in shared memory."""
 
-    def __init__(self, slots: int, batch_size: int, image_size: int, attrs: int, first: int = 0,
-                 alive: int = 1):
+    def __init__(self, slots: int, batch_size: int, image_size: int, attrs: int, first: int = 0, alive: int = 1):
         """alive: how many rings of this size may be in shared memory at once; checked up front."""
         self.slots, self.first = slots, first
         image_bytes = slots * batch_size * image_size * image_size * 3
@@ -168,8 +167,10 @@ class BatchRing:
         self._locked = int(error) == 0
         if not self._locked:  # still correct: copies from pageable memory are staged, not async
             _clear_cuda_error()
-            log.warning("cudaHostRegister failed (%s): host-to-device copies of batches will be slower",
-                        cudart.cudaGetErrorString(error))
+            log.warning(
+                "cudaHostRegister failed (%s): host-to-device copies of batches will be slower",
+                cudart.cudaGetErrorString(error),
+            )
 
 
 def _clear_cuda_error() -> None:
@@ -179,6 +180,8 @@ def _clear_cuda_error() -> None:
     with open("/proc/self/maps") as maps:
         paths = {line.split()[-1] for line in maps if "libcudart" in line}
     if not paths:
-        raise RuntimeError("a CUDA call on the loader's batch slots failed, and the CUDA runtime library "
-                           "to reset the error in was not found; set loader.num_workers: 0 to avoid the slots.")
+        raise RuntimeError(
+            "a CUDA call on the loader's batch slots failed, and the CUDA runtime library "
+            "to reset the error in was not found; set loader.num_workers: 0 to avoid the slots."
+        )
     ctypes.CDLL(paths.pop()).cudaGetLastError()

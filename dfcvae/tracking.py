@@ -52,8 +52,18 @@ def ui_command(cfg: MlflowConfig, port: int = 5000) -> list[str]:
 
     One worker process: it serves one person, and starts in a quarter of the default four's time.
     """
-    return ["mlflow", "ui", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-            "--backend-store-uri", f"sqlite:///{cfg.local_db}"]
+    return [
+        "mlflow",
+        "ui",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        "--backend-store-uri",
+        f"sqlite:///{cfg.local_db}",
+    ]
 
 
 def check_reachable(uri: str, timeout_s: float = 5.0) -> None:
@@ -93,7 +103,11 @@ def setup(cfg: MlflowConfig) -> str:
 def _create_experiment(cfg: MlflowConfig, uri: str) -> str:
     mlflow.set_tracking_uri(uri)
     if mlflow.get_experiment_by_name(cfg.experiment) is None:
-        location = None if "://" in cfg.local_artifacts or not uri.startswith("sqlite") else store_path(cfg.local_artifacts).as_uri()
+        location = (
+            None
+            if "://" in cfg.local_artifacts or not uri.startswith("sqlite")
+            else store_path(cfg.local_artifacts).as_uri()
+        )
         try:
             mlflow.create_experiment(cfg.experiment, artifact_location=location)
         except mlflow.exceptions.MlflowException:

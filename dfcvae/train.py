@@ -117,7 +117,10 @@ def lr_factor(cfg: Config) -> Callable[[int], float]:
 
 def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
     optimizer = torch.optim.Adam(
-        model.parameters(), lr=cfg.optim.lr, betas=cfg.optim.betas, weight_decay=cfg.optim.weight_decay,
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
         fused=runtime.on_gpu,
     )
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
@@ -228,8 +231,10 @@ def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool =
         generator = seed_step(cfg.train.seed, 0, step)
         logs = step_fn(data.prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
         if progress and (step + 1) % max(steps // 5, 1) == 0:
-            sys.stdout.write(f"[train] step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} "
-                             f"kl {float(logs['train/kl']):.2f} ({time.perf_counter() - start:.0f} s)\n")
+            sys.stdout.write(
+                f"[train] step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} "
+                f"kl {float(logs['train/kl']):.2f} ({time.perf_counter() - start:.0f} s)\n"
+            )
             sys.stdout.flush()
     return model.eval()
 
@@ -330,8 +335,9 @@ def read_log(path: Path) -> list[dict[str, float]]:
 # ---------------------------------------------------------------- the worker loop
 
 
-def batches_from(cfg: Config, rank: int, world: int, start_step: int,
-                 device: torch.device) -> Iterator[tuple[int, Tensor]]:
+def batches_from(
+    cfg: Config, rank: int, world: int, start_step: int, device: torch.device
+) -> Iterator[tuple[int, Tensor]]:
     """(step, uint8 images on `device`) from start_step on, across epochs; the position follows from the step."""
     for step, batch in data.train_stream(cfg, rank=rank, world_size=world, start=start_step, device=device):
         yield step, batch["image"]
@@ -416,7 +422,9 @@ class Reporter:
             self.logger = tracking.RunLogger(loop_config["mlflow_uri"], run_id) if run_id else None
             self.reference = build_reference(cfg, runtime)
             self.val_batches = fixed_val_batches(cfg, runtime)
-            self.fixed_z = torch.randn(64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed))
+            self.fixed_z = torch.randn(
+                64, cfg.model.latent_dim, generator=torch.Generator().manual_seed(cfg.train.seed)
+            )
 
     def after_step(self, step: int, logs: dict[str, Tensor], model, optimizer, scheduler) -> None:
         # Checked one step late so the host never waits on the device inside a step.
@@ -458,8 +466,10 @@ class Reporter:
             eta = (self.cfg.train.steps - step) * elapsed / steps_done
             # Written, not print()ed: Ray Train patches print() in its workers to log each line
             # as well, and the driver then shows every status line twice.
-            sys.stdout.write(f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
-                             f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}\n")
+            sys.stdout.write(
+                f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
+                f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}\n"
+            )
             sys.stdout.flush()
 
     def check_collapse(self, step: int, fraction: float) -> None:
@@ -529,7 +539,9 @@ class Reporter:
 
     def finish(self, model, optimizer, scheduler) -> None:
         if self.logger:
-            self.logger.metrics({"train/samples_seen": self.cfg.train.steps * self.images_per_step}, self.cfg.train.steps)
+            self.logger.metrics(
+                {"train/samples_seen": self.cfg.train.steps * self.images_per_step}, self.cfg.train.steps
+            )
 
 
 def collapse_warning(cfg: Config, step: int, fraction: float) -> str | None:
@@ -539,9 +551,11 @@ def collapse_warning(cfg: Config, step: int, fraction: float) -> str | None:
     if step < cfg.loss.kl_warmup_steps or fraction >= limit:
         return None
     bar = "!" * 78
-    return (f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
-            f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code: lower "
-            f"loss.kl_weight (now {cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n")
+    return (
+        f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
+        f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code: lower "
+        f"loss.kl_weight (now {cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n"
+    )
 
 
 def load_previous_rows(start_step: int) -> list[dict[str, float]]:
@@ -555,7 +569,9 @@ def load_previous_rows(start_step: int) -> list[dict[str, float]]:
 
 def format_seconds(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 # ---------------------------------------------------------------- the driver
@@ -564,12 +580,14 @@ def format_seconds(seconds: float) -> str:
 def absolute_paths(cfg: Config) -> Config:
     """Local relative paths made absolute: Ray workers do not share the driver's cwd. The MLflow
     store's are the user's repository's (tracking.store_path), even from a DVC temp workspace."""
-    keys = ("data.shards_dir", "data.raw_dir", "scaling.storage_dir", "train.out_dir", "tune.out_dir",
-            "eval.out_dir")
+    keys = ("data.shards_dir", "data.raw_dir", "scaling.storage_dir", "train.out_dir", "tune.out_dir", "eval.out_dir")
     flat = cfg.flat()
     paths = {k: str(Path(flat[k]).resolve()) for k in keys if flat[k] and "://" not in flat[k]}
-    paths |= {k: str(tracking.store_path(flat[k])) for k in ("mlflow.local_db", "mlflow.local_artifacts")
-              if flat[k] and "://" not in flat[k]}
+    paths |= {
+        k: str(tracking.store_path(flat[k]))
+        for k in ("mlflow.local_db", "mlflow.local_artifacts")
+        if flat[k] and "://" not in flat[k]
+    }
     return cfg.with_overrides(paths)
 
 
@@ -636,9 +654,11 @@ def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = 
                 raise deterministic[0] from None
             if 0 <= limit < attempt:
                 raise
-            sys.stdout.write(f"[train] attempt {attempt} failed ({type(err).__name__}: {str(err)[:300]}); "
-                             f"restarting from the latest checkpoint ({attempt} of "
-                             f"{'unlimited' if limit < 0 else limit} retries)\n")
+            sys.stdout.write(
+                f"[train] attempt {attempt} failed ({type(err).__name__}: {str(err)[:300]}); "
+                f"restarting from the latest checkpoint ({attempt} of "
+                f"{'unlimited' if limit < 0 else limit} retries)\n"
+            )
             sys.stdout.flush()
             attempt += 1
 

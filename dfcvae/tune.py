@@ -82,8 +82,14 @@ DISTRIBUTIONS: dict[str, Callable[[Any], Any]] = {  # params.yaml name -> Ray Tu
 # random: ranges and choices sampled num_samples times (grid keys crossed with them, as Tune does);
 # grid: every key enumerated (choice lists too), num_samples repeats; a range is an error.
 SEARCH_ALGS = ("random", "grid")
-FIXED_KEYS = ("train.steps", "train.checkpoint_every", "train.val_every", "train.grid_every",
-              "train.out_dir", "scaling.storage_dir")  # set per trial by trial_config
+FIXED_KEYS = (
+    "train.steps",
+    "train.checkpoint_every",
+    "train.val_every",
+    "train.grid_every",
+    "train.out_dir",
+    "scaling.storage_dir",
+)  # set per trial by trial_config
 
 
 # ---------------------------------------------------------------- the space
@@ -118,7 +124,7 @@ def parse_space(cfg: Config) -> dict[str, Any]:
         # A range's two ends and a value between them that is not a whole number (a range samples
         # floats, which an integer field refuses), or every listed value.
         ranged = kind in ("loguniform", "uniform")
-        for value in ([float(args[0]), float(args[1]), float(args[0]) + 0.5] if ranged else args):
+        for value in [float(args[0]), float(args[1]), float(args[0]) + 0.5] if ranged else args:
             check_override(cfg, key, value)
     return space
 
@@ -144,15 +150,17 @@ def searched_keys(cfg: Config) -> list[str]:
 def trial_config(base: Config, overrides: dict[str, Any], trial_dir: Path) -> Config:
     """The base config with a trial's values, its length and report interval, its own folders."""
     tune_cfg = base.tune
-    return base.with_overrides({
-        **overrides,
-        "train.steps": tune_cfg.steps,
-        "train.checkpoint_every": tune_cfg.report_every,
-        "train.val_every": tune_cfg.report_every,
-        "train.grid_every": tune_cfg.report_every,
-        "train.out_dir": str(trial_dir / "train"),
-        "scaling.storage_dir": str(trial_dir / "ray"),
-    })
+    return base.with_overrides(
+        {
+            **overrides,
+            "train.steps": tune_cfg.steps,
+            "train.checkpoint_every": tune_cfg.report_every,
+            "train.val_every": tune_cfg.report_every,
+            "train.grid_every": tune_cfg.report_every,
+            "train.out_dir": str(trial_dir / "train"),
+            "scaling.storage_dir": str(trial_dir / "ray"),
+        }
+    )
 
 
 def experiment_name(cfg: Config) -> str:
@@ -217,14 +225,19 @@ def make_tuner(cfg: Config, space: dict[str, Any], trainable, path: Path):
         return tune.Tuner.restore(str(path), trainable=trainable, resume_unfinished=True, restart_errored=True)
     tune_cfg = cfg.tune
     scheduler = ASHAScheduler(
-        time_attr="step", max_t=tune_cfg.steps, grace_period=tune_cfg.grace_period,
+        time_attr="step",
+        max_t=tune_cfg.steps,
+        grace_period=tune_cfg.grace_period,
         reduction_factor=tune_cfg.reduction_factor,
     )
     return tune.Tuner(
         trainable,
         param_space=space,
         tune_config=tune.TuneConfig(
-            metric=OBJECTIVE, mode="min", scheduler=scheduler, num_samples=tune_cfg.num_samples,
+            metric=OBJECTIVE,
+            mode="min",
+            scheduler=scheduler,
+            num_samples=tune_cfg.num_samples,
             # The generator limits concurrency itself (Tune ignores max_concurrent_trials for it).
             search_alg=BasicVariantGenerator(max_concurrent=tune_cfg.max_concurrent, random_state=cfg.train.seed),
             trial_dirname_creator=trial_dirname,
@@ -373,8 +386,13 @@ def plot_results(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path:
             for status, marker in (("completed", "o"), ("stopped", "x")):
                 points = [r for r in chosen if r["status"] == status]
                 if points:
-                    ax.scatter([float(r.get(key, base[key])) for r in points], [r["objective"] for r in points],
-                               color=f"C{i}", marker=marker, label=label)
+                    ax.scatter(
+                        [float(r.get(key, base[key])) for r in points],
+                        [r["objective"] for r in points],
+                        color=f"C{i}",
+                        marker=marker,
+                        label=label,
+                    )
                     label = None  # one legend entry per layer set
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap over a decade or two

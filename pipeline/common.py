@@ -11,7 +11,6 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-
 from dfcvae.config import Config, ConfigError, UserError, load_yaml
 
 # "0" keeps a Ray cluster on this machine, bound to 127.0.0.1 (`ray start` needs it too).
@@ -45,7 +44,10 @@ def parse_config(
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
     parser.add_argument(
-        "--set", action="append", default=[], metavar="KEY=VALUE",
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
         help="override a params key, e.g. --set loss.kl_weight=0.5 (value parsed as YAML)",
     )
     if add_arguments is not None:
@@ -112,8 +114,9 @@ def start_local_ray(num_cpus: int | None = None) -> str:
     loopback_only_ray()
     import ray
 
-    context = ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                       dashboard_port=port)
+    context = ray.init(
+        address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+    )
     return context.address_info["gcs_address"]
 
 

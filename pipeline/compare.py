@@ -94,19 +94,29 @@ def variants(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> list[
     """Both variants, each with its own train, Ray and eval folders under out_dir."""
     tuned = best_overrides(cfg)
     dfc = cfg.with_overrides(tuned) if tuned else cfg
-    plain = dfc.with_overrides({
-        "loss.perceptual_weight": 0.0,
-        "loss.pixel_weight": 1.0,
-        "loss.kl_weight": plain_kl_weight(cfg) if plain_kl is None else plain_kl,
-    })
+    plain = dfc.with_overrides(
+        {
+            "loss.perceptual_weight": 0.0,
+            "loss.pixel_weight": 1.0,
+            "loss.kl_weight": plain_kl_weight(cfg) if plain_kl is None else plain_kl,
+        }
+    )
     out = []
     for name, variant_cfg, applied in (("plain_vae", plain, None), ("dfc_vae", dfc, tuned)):
         where = out_dir / name
-        out.append(Variant(name, variant_cfg.with_overrides({
-            "train.out_dir": str(where / "train"),
-            "scaling.storage_dir": str(where / "ray"),
-            "eval.out_dir": str(where / "eval"),
-        }), applied))
+        out.append(
+            Variant(
+                name,
+                variant_cfg.with_overrides(
+                    {
+                        "train.out_dir": str(where / "train"),
+                        "scaling.storage_dir": str(where / "ray"),
+                        "eval.out_dir": str(where / "eval"),
+                    }
+                ),
+                applied,
+            )
+        )
     return out
 
 
@@ -129,8 +139,10 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     from pipeline.train import train
 
     cfg, loss = variant.cfg, variant.cfg.loss
-    status(f"{index}/{total} {variant.name}: training {cfg.train.steps} steps (kl_weight {loss.kl_weight:.3g}, "
-           f"perceptual_weight {loss.perceptual_weight:.3g}, pixel_weight {loss.pixel_weight:.3g})")
+    status(
+        f"{index}/{total} {variant.name}: training {cfg.train.steps} steps (kl_weight {loss.kl_weight:.3g}, "
+        f"perceptual_weight {loss.perceptual_weight:.3g}, pixel_weight {loss.pixel_weight:.3g})"
+    )
     start = time.perf_counter()
     trained = train(cfg)
     train_seconds = time.perf_counter() - start
@@ -141,10 +153,14 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     numbers = run_evaluation(cfg)
     eval_seconds = time.perf_counter() - start
     run = tracking.RunLogger(uri, run_id).client.get_run(run_id)
-    row = {key: float(numbers[f"test/{key}"]) for key in
-           ("fid_samples", "fid_recon", "fid_sum", "psnr", "ssim", "mse", "reference_distance")}
-    row |= {key: _maybe(numbers, f"test/{key}")
-            for key in ("probe_accuracy_mean", "probe_baseline_mean", "active_fraction", "nyquist_ratio")}
+    row = {
+        key: float(numbers[f"test/{key}"])
+        for key in ("fid_samples", "fid_recon", "fid_sum", "psnr", "ssim", "mse", "reference_distance")
+    }
+    row |= {
+        key: _maybe(numbers, f"test/{key}")
+        for key in ("probe_accuracy_mean", "probe_baseline_mean", "active_fraction", "nyquist_ratio")
+    }
     row |= {
         "fid_inception": numbers["test/fid_inception"],
         "fid_images": int(numbers["test/fid_images"]),
@@ -161,8 +177,10 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
         "eval_seconds": round(eval_seconds, 1),
         "eval_dir": cfg.eval.out_dir,
     }
-    status(f"{index}/{total} {variant.name}: FID samples {row['fid_samples']:.1f}, recon {row['fid_recon']:.1f}, "
-           f"PSNR {row['psnr']:.2f} dB ({eval_seconds / 60:.1f} min)")
+    status(
+        f"{index}/{total} {variant.name}: FID samples {row['fid_samples']:.1f}, recon {row['fid_recon']:.1f}, "
+        f"PSNR {row['psnr']:.2f} dB ({eval_seconds / 60:.1f} min)"
+    )
     return row
 
 
@@ -275,8 +293,13 @@ def samples_figure(models: dict, seed: int) -> Image.Image:
     x = 0
     for name, panel in zip(VARIANTS, panels):
         figure.paste(panel, (x, LABEL_HEIGHT))
-        draw.text((x + panel.width // 2, LABEL_HEIGHT // 2), f"{LABELS[name]}: prior samples", fill="black",
-                  font=font, anchor="mm")
+        draw.text(
+            (x + panel.width // 2, LABEL_HEIGHT // 2),
+            f"{LABELS[name]}: prior samples",
+            fill="black",
+            font=font,
+            anchor="mm",
+        )
         x += panel.width + PANEL_GAP
     return figure
 
@@ -287,8 +310,10 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def write_pictures(cfg: Config, model_dirs: dict[str, Path], out_dir: Path) -> dict[str, list[int]]:
     """reconstructions.png and samples.png from each variant's model.pt; -> {file: [width, height]}."""
-    models = {name: evaluate.model_from_state(load_checkpoint(path / "model.pt"), "cpu")[0]
-              for name, path in model_dirs.items()}
+    models = {
+        name: evaluate.model_from_state(load_checkpoint(path / "model.pt"), "cpu")[0]
+        for name, path in model_dirs.items()
+    }
     images, _ = evaluate.read_split(cfg, "test", RECON_COLS)
     x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (C, 3, S, S) in [-1, 1]
     figures = {
@@ -315,7 +340,9 @@ def compare(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> dict[s
     rows = {v.name: train_and_evaluate(v, i, len(chosen)) for i, v in enumerate(chosen, 1)}
     identities = {(row["fid_inception"], row["fid_images"]) for row in rows.values()}
     if len(identities) != 1:
-        raise RuntimeError(f"the variants' FIDs used different networks or counts {sorted(identities)}; not comparable.")
+        raise RuntimeError(
+            f"the variants' FIDs used different networks or counts {sorted(identities)}; not comparable."
+        )
     result = comparison(cfg, rows)
     result["pictures"] = write_pictures(cfg, {v.name: Path(v.cfg.train.out_dir) for v in chosen}, out_dir)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
@@ -327,8 +354,12 @@ def compare(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> dict[s
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--steps", type=int, default=None, help="training steps per variant (default: train.steps)")
-    parser.add_argument("--plain-kl-weight", type=float, default=None,
-                        help="the plain VAE's loss.kl_weight (default: 1/(3 H W), the sum-of-squares ELBO)")
+    parser.add_argument(
+        "--plain-kl-weight",
+        type=float,
+        default=None,
+        help="the plain VAE's loss.kl_weight (default: 1/(3 H W), the sum-of-squares ELBO)",
+    )
     parser.add_argument("--out-dir", default="outputs/compare", help="default: outputs/compare")
 
 

@@ -16,7 +16,6 @@ import sys
 import time
 from pathlib import Path
 
-
 from dfcvae import tracking
 from dfcvae.config import Config, load_yaml
 from pipeline.common import command

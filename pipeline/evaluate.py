@@ -23,9 +23,19 @@ from dfcvae.evaluate import evaluate, model_from_state
 from dfcvae.train import load_checkpoint
 from pipeline.common import command, parse_config
 
-SUMMARY = ("test/fid_recon", "test/fid_samples", "test/fid_sum", "test/fid_images", "test/fid_inception",
-           "test/psnr", "test/ssim", "test/active_fraction", "test/nyquist_ratio", "test/probe_accuracy_mean",
-           "test/probe_baseline_mean")
+SUMMARY = (
+    "test/fid_recon",
+    "test/fid_samples",
+    "test/fid_sum",
+    "test/fid_images",
+    "test/fid_inception",
+    "test/psnr",
+    "test/ssim",
+    "test/active_fraction",
+    "test/nyquist_ratio",
+    "test/probe_accuracy_mean",
+    "test/probe_baseline_mean",
+)
 
 
 def evaluation_config(params: Config, trained: Config) -> Config:

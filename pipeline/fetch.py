@@ -149,12 +149,16 @@ def fetch_celeba(cfg: Config, raw: Path, workers: int) -> dict:
         try:
             download_celeba(root)
         except Exception as e:  # network, quota or checksum: all end in the same advice
-            raise DataError(f"CelebA is not in {root} and the download failed ({type(e).__name__}: {e}); "
-                            f"{_celeba_help(root)} and run again.") from e
+            raise DataError(
+                f"CelebA is not in {root} and the download failed ({type(e).__name__}: {e}); "
+                f"{_celeba_help(root)} and run again."
+            ) from e
         files, missing = find_celeba(root)
     if files is None:
-        raise DataError(f"CelebA not found in {root} (missing {', '.join(missing)}): {_celeba_help(root)}, "
-                        "or set data.download: true.")
+        raise DataError(
+            f"CelebA not found in {root} (missing {', '.join(missing)}): {_celeba_help(root)}, "
+            "or set data.download: true."
+        )
     partition, attrs = read_partition(files.partition), read_attrs(files.attrs)
     _check_celeba(files, partition, attrs, cfg.data.celeba_counts)
     _copy_celeba_images(files.images, raw / IMAGE_DIR, sorted(partition))
@@ -169,8 +173,10 @@ def fetch_celeba(cfg: Config, raw: Path, workers: int) -> dict:
 def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tuple[int, ...]) -> None:
     counts = tuple(sum(p == k for p in partition.values()) for k in range(3))
     if counts != tuple(expected):
-        raise DataError(f"{files.partition} lists {counts} train/val/test images, not {tuple(expected)}: "
-                        "point data.celeba_dir at the full CelebA (or set data.celeba_counts for a deliberate subset).")
+        raise DataError(
+            f"{files.partition} lists {counts} train/val/test images, not {tuple(expected)}: "
+            "point data.celeba_dir at the full CelebA (or set data.celeba_counts for a deliberate subset)."
+        )
     if set(attrs) != set(partition):
         raise DataError(f"{files.attrs} and {files.partition} list different images: use the official files.")
     bad = next((name for name, row in attrs.items() if len(row) != 40 or not set(row) <= {1, -1}), None)
@@ -179,8 +185,10 @@ def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tu
     available = set(_image_members(files.images))
     absent = sorted(set(partition) - available)
     if absent:
-        raise DataError(f"{len(absent)} images listed in {files.partition} are not in {files.images} "
-                        f"(first: {absent[0]}): complete or replace the image folder.")
+        raise DataError(
+            f"{len(absent)} images listed in {files.partition} are not in {files.images} "
+            f"(first: {absent[0]}): complete or replace the image folder."
+        )
 
 
 def _image_members(images: Path) -> dict[str, str]:
@@ -197,10 +205,15 @@ def open_zip(path: Path) -> zipfile.ZipFile:
         return zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
         head = path.read_bytes()[:512].lstrip().lower() if path.is_file() else b""
-        what = ("an HTML page (Google Drive's quota or virus-scan notice), not the zip" if head.startswith(
-            (b"<!doctype html", b"<html")) else f"not a readable zip ({err}); the download was probably cut short")
-        raise DataError(f"{path} ({path.stat().st_size if path.is_file() else 0:,} bytes) is {what}: "
-                        f"delete it and {_celeba_help(path.parent)}.") from None
+        what = (
+            "an HTML page (Google Drive's quota or virus-scan notice), not the zip"
+            if head.startswith((b"<!doctype html", b"<html"))
+            else f"not a readable zip ({err}); the download was probably cut short"
+        )
+        raise DataError(
+            f"{path} ({path.stat().st_size if path.is_file() else 0:,} bytes) is {what}: "
+            f"delete it and {_celeba_help(path.parent)}."
+        ) from None
 
 
 def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
@@ -214,8 +227,10 @@ def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
             try:
                 (dest / name).write_bytes(z.read(members[name]))
             except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                raise DataError(f"{images}: member {members[name]} cannot be read ({err}); the zip is damaged: "
-                                f"delete it and {_celeba_help(images.parent)}.") from None
+                raise DataError(
+                    f"{images}: member {members[name]} cannot be read ({err}); the zip is damaged: "
+                    f"delete it and {_celeba_help(images.parent)}."
+                ) from None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,14 +238,44 @@ def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
 
 # Drawn so that these are true exactly when the attribute is 1; every other column is -1.
 SYNTHETIC_ATTRIBUTES = (
-    "5_o_Clock_Shadow", "Arched_Eyebrows", "Bags_Under_Eyes", "Bald", "Bangs", "Big_Nose", "Black_Hair",
-    "Blond_Hair", "Blurry", "Brown_Hair", "Bushy_Eyebrows", "Chubby", "Eyeglasses", "Goatee", "Gray_Hair",
-    "Heavy_Makeup", "Male", "Mouth_Slightly_Open", "Mustache", "Narrow_Eyes", "No_Beard", "Pale_Skin",
-    "Receding_Hairline", "Rosy_Cheeks", "Sideburns", "Smiling", "Wearing_Earrings", "Wearing_Hat",
-    "Wearing_Lipstick", "Young",
+    "5_o_Clock_Shadow",
+    "Arched_Eyebrows",
+    "Bags_Under_Eyes",
+    "Bald",
+    "Bangs",
+    "Big_Nose",
+    "Black_Hair",
+    "Blond_Hair",
+    "Blurry",
+    "Brown_Hair",
+    "Bushy_Eyebrows",
+    "Chubby",
+    "Eyeglasses",
+    "Goatee",
+    "Gray_Hair",
+    "Heavy_Makeup",
+    "Male",
+    "Mouth_Slightly_Open",
+    "Mustache",
+    "Narrow_Eyes",
+    "No_Beard",
+    "Pale_Skin",
+    "Receding_Hairline",
+    "Rosy_Cheeks",
+    "Sideburns",
+    "Smiling",
+    "Wearing_Earrings",
+    "Wearing_Hat",
+    "Wearing_Lipstick",
+    "Young",
 )
-HAIR = {"Black_Hair": (25, 20, 18), "Brown_Hair": (105, 65, 35), "Blond_Hair": (225, 190, 110),
-        "Gray_Hair": (170, 170, 172), "red": (150, 60, 30)}
+HAIR = {
+    "Black_Hair": (25, 20, 18),
+    "Brown_Hair": (105, 65, 35),
+    "Blond_Hair": (225, 190, 110),
+    "Gray_Hair": (170, 170, 172),
+    "red": (150, 60, 30),
+}
 SKIN = [(235, 200, 170), (215, 170, 135), (190, 140, 100), (150, 100, 65), (105, 70, 45)]
 PALE = (248, 228, 218)
 
@@ -479,13 +524,16 @@ def make_synthetic(cfg: Config, raw: Path, workers: int) -> dict:
     d = cfg.data
     n = d.synthetic_count
     counts = _split_counts(n, d.split_fractions)
-    check_split_counts(dict(zip(SPLITS, counts)),
-                       f"data.synthetic_count={n} with data.split_fractions={list(d.split_fractions)}")
+    check_split_counts(
+        dict(zip(SPLITS, counts)), f"data.synthetic_count={n} with data.split_fractions={list(d.split_fractions)}"
+    )
     indices = list(range(1, n + 1))
     chunks = [indices[k : k + 64] for k in range(0, n, 64)]
     attrs: dict[str, list[int]] = {}
-    with multiprocessing.get_context("fork").Pool(workers) as pool, \
-            tqdm(total=n, desc="fetch: draw", unit="img", mininterval=1) as bar:
+    with (
+        multiprocessing.get_context("fork").Pool(workers) as pool,
+        tqdm(total=n, desc="fetch: draw", unit="img", mininterval=1) as bar,
+    ):
         for chunk, rows in zip(chunks, pool.imap(_synthetic_chunk, [(raw / IMAGE_DIR, d.seed, c) for c in chunks])):
             attrs.update({f"{i:06d}.jpg": row for i, row in zip(chunk, rows)})
             bar.update(len(chunk))
@@ -524,12 +572,15 @@ def is_metadata(rel: Path) -> bool:
 
 def folder_images(root: Path) -> list[Path]:
     """The image files under root, sorted, metadata left out."""
-    return sorted(p for p in root.rglob("*")
-                  if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES and not is_metadata(p.relative_to(root)))
+    return sorted(
+        p
+        for p in root.rglob("*")
+        if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES and not is_metadata(p.relative_to(root))
+    )
 
 
 def folder_split(root: Path, files: list[Path]) -> str:
-    """"folders" when every image lies under a top-level train/, val/ (valid/, validation/) or test/
+    """ "folders" when every image lies under a top-level train/, val/ (valid/, validation/) or test/
     folder, with train and test present; otherwise "hash"."""
     tops = {p.relative_to(root).parts[0].lower() if len(p.relative_to(root).parts) > 1 else "" for p in files}
     if tops <= set(SPLIT_FOLDERS) and {"train", "test"} <= tops:
@@ -559,13 +610,21 @@ def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
             partition[name] = _hash_split(d.seed, rel, d.split_fractions)
         sources.append(f"{name} {rel}\n")
     counts = [sum(p == k for p in partition.values()) for k in range(3)]
-    how = ("the folder's own train/val/test folders" if split_by == "folders"
-           else f"data.split_fractions={list(d.split_fractions)}")
+    how = (
+        "the folder's own train/val/test folders"
+        if split_by == "folders"
+        else f"data.split_fractions={list(d.split_fractions)}"
+    )
     check_split_counts(dict(zip(SPLITS, counts)), f"{len(files)} images in {root}, split by {how}")
     write_partition(raw, partition)
     (raw / "list_source_files.txt").write_text("".join(sources))
-    return {"source": "folder", "folder_dir": d.folder_dir, "count": len(files), "counts": dict(zip(SPLITS, counts)),
-            "split": split_by}
+    return {
+        "source": "folder",
+        "folder_dir": d.folder_dir,
+        "count": len(files),
+        "counts": dict(zip(SPLITS, counts)),
+        "split": split_by,
+    }
 
 
 def _hash_split(seed: int, rel: str, fractions: tuple[float, float, float]) -> int:
@@ -631,8 +690,8 @@ def inputs_changed(cfg: Config) -> str | None:
     recorded = json.loads(recorded_file.read_text())
     if recorded == {"source": cfg.data.source, "sha256": current}:
         return None
-    where = "data.folder_dir" if cfg.data.source == "folder" else "data.celeba_dir"
-    return f"files in {where} ({getattr(cfg.data, where.split('.')[1])}) were added, removed or changed since the last fetch"
+    key = "folder_dir" if cfg.data.source == "folder" else "celeba_dir"
+    return f"files in data.{key} ({getattr(cfg.data, key)}) were added, removed or changed since the last fetch"
 
 
 def _reset(raw: Path, inputs: Path | None) -> None:
@@ -640,8 +699,10 @@ def _reset(raw: Path, inputs: Path | None) -> None:
     target = raw.resolve()
     keep = [Path.cwd().resolve()] + ([inputs.resolve()] if inputs else [])
     if any(target == k or target in k.parents for k in keep):
-        raise DataError(f"data.raw_dir={raw} holds the project or the input data and would be erased: "
-                        "give it a folder of its own, such as data/raw.")
+        raise DataError(
+            f"data.raw_dir={raw} holds the project or the input data and would be erased: "
+            "give it a folder of its own, such as data/raw."
+        )
     if raw.exists():
         shutil.rmtree(raw)
     (raw / IMAGE_DIR).mkdir(parents=True)

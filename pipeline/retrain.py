@@ -19,6 +19,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+
 from dfcvae.config import Config, UserError
 from pipeline.common import command
 from pipeline.fetch import inputs_changed
@@ -27,14 +28,20 @@ from pipeline.fetch import inputs_changed
 def dvc(*args: str, capture: bool = False) -> str:
     """Run `dvc ARGS`; -> its stdout when capture. A failure is a UserError carrying DVC's own reason
     (another `dvc repro` holding the lock, not a DVC repository, ...)."""
-    result = subprocess.run([sys.executable, "-m", "dvc", *args], text=True, stdout=subprocess.PIPE if capture else None,
-                            stderr=subprocess.PIPE)
+    result = subprocess.run(
+        [sys.executable, "-m", "dvc", *args],
+        text=True,
+        stdout=subprocess.PIPE if capture else None,
+        stderr=subprocess.PIPE,
+    )
     if not capture and result.stderr:
         sys.stderr.write(result.stderr)
     if result.returncode != 0:
         lines = [line.strip() for line in result.stderr.splitlines() if line.strip() and not line.startswith("+")]
-        reason = next((line.removeprefix("ERROR: ") for line in reversed(lines) if line.startswith("ERROR")),
-                      lines[-1] if lines else f"exit status {result.returncode}")
+        reason = next(
+            (line.removeprefix("ERROR: ") for line in reversed(lines) if line.startswith("ERROR")),
+            lines[-1] if lines else f"exit status {result.returncode}",
+        )
         raise UserError(f"`dvc {' '.join(args)}` failed: {reason}")
     return result.stdout if capture else ""
 

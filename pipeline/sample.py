@@ -27,9 +27,9 @@ from dfcvae.config import Config
 from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode, load_model
 from dfcvae.model import DFCVAE
+from pipeline.common import command
 from pipeline.fetch import FOLDER_SUFFIXES
 from pipeline.shard import Rejected, load_rgb, preprocess, resolve_crop
-from pipeline.common import command
 
 log = logging.getLogger(__name__)
 RECON_COLS = 8

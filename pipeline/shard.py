@@ -49,8 +49,16 @@ from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dfcvae.config import Config
-from dfcvae.data import (ATTRIBUTE_NAMES, FORMAT_VERSION, IMAGE_MEMBERS, META_MEMBER, SPLITS, DataError,
-                         check_split_counts, shard_name)
+from dfcvae.data import (
+    ATTRIBUTE_NAMES,
+    FORMAT_VERSION,
+    IMAGE_MEMBERS,
+    META_MEMBER,
+    SPLITS,
+    DataError,
+    check_split_counts,
+    shard_name,
+)
 from pipeline.common import command, parse_config
 
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
@@ -81,8 +89,9 @@ def resolve_crop(crop_size: int | str, source: str) -> int | str:
         return "square" if source == "folder" else CELEBA_CROP
     if crop_size == "square" or (isinstance(crop_size, int) and crop_size >= 1):
         return crop_size
-    raise DataError(f"data.crop_size={crop_size!r}: use a number of pixels, square (the centre square of the "
-                    "shorter side) or auto.")
+    raise DataError(
+        f"data.crop_size={crop_size!r}: use a number of pixels, square (the centre square of the shorter side) or auto."
+    )
 
 
 def crop_side(img: Image.Image, crop: int | str) -> int:
@@ -182,8 +191,10 @@ def read_raw(raw_dir: Path) -> tuple[dict, list[RawImage]]:
     attrs = _read_attr_file(raw_dir / "list_attr_celeba.txt")
     identity = _read_pairs(raw_dir / "identity_CelebA.txt")
     if attrs is not None and set(attrs) != set(partition):
-        raise DataError(f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: "
-                        "re-run `dvc repro fetch`.")
+        raise DataError(
+            f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: "
+            "re-run `dvc repro fetch`."
+        )
     images = [
         RawImage(Path(name).stem, name, split, attrs[name] if attrs else None, identity.get(name))
         for name, split in sorted(partition.items())
@@ -296,8 +307,10 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
                 "then fix or remove those images (or raise the fraction)."
             )
         accepted = [im for im, (outcome, _, _) in zip(images, outcomes) if outcome != "rejected"]
-        check_split_counts({s: sum(im.split == s for im in accepted) for s in SPLITS},
-                           f"after {counts['rejected']} rejections (report.json), {len(accepted)} usable raw images")
+        check_split_counts(
+            {s: sum(im.split == s for im in accepted) for s in SPLITS},
+            f"after {counts['rejected']} rejections (report.json), {len(accepted)} usable raw images",
+        )
         splits = _write_all(pool, image_dir, out_dir, accepted, crop, cfg)
     manifest = {
         "format": FORMAT_VERSION,
@@ -327,17 +340,24 @@ def warn_small_crops(outcomes: list[tuple[str, str, float]], crop: int | str) ->
     """How many usable images the crop keeps under SMALL_CROP of; a warning names them and the fix."""
     small = [kept for outcome, _, kept in outcomes if outcome != "rejected" and kept < SMALL_CROP]
     if small:
-        print(f"shard: WARNING: data.crop_size={crop} keeps under {SMALL_CROP:.0%} of the area of {len(small)} of "
-              f"{len(outcomes)} images (as little as {min(small):.1%}): the model sees only their centres. For "
-              "photographs of any size set data.crop_size: square (or auto).", file=sys.stderr, flush=True)
+        print(
+            f"shard: WARNING: data.crop_size={crop} keeps under {SMALL_CROP:.0%} of the area of {len(small)} of "
+            f"{len(outcomes)} images (as little as {min(small):.1%}): the model sees only their centres. For "
+            "photographs of any size set data.crop_size: square (or auto).",
+            file=sys.stderr,
+            flush=True,
+        )
     return len(small)
 
 
-def _check_all(pool, image_dir: Path, images: list[RawImage], crop: int | str,
-               cfg: Config) -> list[tuple[str, str, float]]:
+def _check_all(
+    pool, image_dir: Path, images: list[RawImage], crop: int | str, cfg: Config
+) -> list[tuple[str, str, float]]:
     files = [im.file for im in images]
-    tasks = [(image_dir, files[i : i + CHECK_CHUNK], crop, cfg.data.max_image_pixels, cfg.data.image_size)
-             for i in range(0, len(files), CHECK_CHUNK)]
+    tasks = [
+        (image_dir, files[i : i + CHECK_CHUNK], crop, cfg.data.max_image_pixels, cfg.data.image_size)
+        for i in range(0, len(files), CHECK_CHUNK)
+    ]
     outcomes = []
     with tqdm(total=len(files), desc="shard: check", unit="img", mininterval=1) as bar:
         for chunk in pool.imap(_check, tasks):
@@ -375,8 +395,9 @@ def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], c
         random.Random(f"{d.seed}:{split}").shuffle(ids)  # shards are mixtures; sorted input -> same order
         for k, start in enumerate(range(0, len(ids), d.samples_per_shard)):
             chunk = ids[start : start + d.samples_per_shard]
-            tasks.append((image_dir, out_dir, shard_name(split, k), chunk, crop, d.image_size,
-                          d.max_image_pixels, d.encoding))
+            tasks.append(
+                (image_dir, out_dir, shard_name(split, k), chunk, crop, d.image_size, d.max_image_pixels, d.encoding)
+            )
     results = {}
     with tqdm(total=len(accepted), desc="shard: write", unit="img", mininterval=1) as bar:
         for result in pool.imap_unordered(_write_shard, tasks):

@@ -35,8 +35,15 @@ TINY = {
 
 # `make test` runs the files on two workers (pytest-xdist, --dist loadfile), each file whole on
 # one worker. They start longest first, so that both workers finish at about the same time.
-LONGEST_FIRST = ("test_pipeline.py", "test_tune.py", "test_train.py", "test_compare.py", "test_job.py",
-                 "test_registry.py", "test_evaluate.py")
+LONGEST_FIRST = (
+    "test_pipeline.py",
+    "test_tune.py",
+    "test_train.py",
+    "test_compare.py",
+    "test_job.py",
+    "test_registry.py",
+    "test_evaluate.py",
+)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -111,8 +118,11 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     found = []
     for proc in (root, *root.children(recursive=True)):
         try:
-            found += [(c.laddr.ip, c.laddr.port, proc.name())
-                      for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+            found += [
+                (c.laddr.ip, c.laddr.port, proc.name())
+                for c in proc.net_connections(kind="tcp")
+                if c.status == psutil.CONN_LISTEN
+            ]
         except psutil.NoSuchProcess:
             continue
     return found

@@ -13,8 +13,12 @@ def test_bench_smoke_writes_table_and_json(tmp_path):
     saved = json.loads((tmp_path / "bench.json").read_text())
     assert saved["rows"] == report["rows"] and saved["device"] == "cpu"
     setups = {r["setup"] for r in report["rows"]}
-    assert {"reference (PyTorch-VAE recipe, fp32)", "dfcvae train step", "data path (shards -> device)",
-            "end to end from shards"} <= setups
+    assert {
+        "reference (PyTorch-VAE recipe, fp32)",
+        "dfcvae train step",
+        "data path (shards -> device)",
+        "end to end from shards",
+    } <= setups
     assert all("error" not in r and r["images_per_s"] > 0 for r in report["rows"]), report["rows"]
     assert all(r["flops_per_image"] > 0 for r in report["rows"] if r["setup"] == "dfcvae train step")
     assert "| setup |" in format_table(report)
@@ -29,8 +33,9 @@ def test_replicated_shards_list_every_copy_with_a_matching_manifest_hash(tmp_pat
 
     args = parse_args(["--smoke", "--shard-images", "144"])  # 48 unique faces, train split 3 times over
     shards_dir = make_shards(args, tmp_path)
-    cfg = Config().with_overrides({"data.shards_dir": shards_dir, "data.image_size": 32, "loader.batch_size": 4,
-                                   "loader.num_workers": 1})
+    cfg = Config().with_overrides(
+        {"data.shards_dir": shards_dir, "data.image_size": 32, "loader.batch_size": 4, "loader.num_workers": 1}
+    )
     manifest = data.read_manifest(cfg)
     train = manifest["splits"]["train"]
     assert len(train["shards"]) == 3 * len([s for s in train["shards"] if "-r" not in s["name"]])

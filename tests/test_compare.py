@@ -26,16 +26,29 @@ def compared(ray_cluster, synthetic_cfg: Config, tmp_path_factory) -> tuple[Conf
     root = tmp_path_factory.mktemp("compare")
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
-        cfg = synthetic_cfg.with_overrides({
-            "scaling.num_workers": 1, "scaling.cpus_per_worker": 0.5, "scaling.max_failures": 0,
-            "train.steps": STEPS, "train.log_every": 2, "train.val_every": STEPS, "train.val_batches": 1,
-            "train.checkpoint_every": STEPS, "train.grid_every": STEPS, "loader.num_workers": 1,
-            "mlflow.local_artifacts": str(root / "artifacts"),
-            "eval.num_samples": 8, "eval.batch_size": 8, "eval.probe_train_samples": 32,
-        })
+        cfg = synthetic_cfg.with_overrides(
+            {
+                "scaling.num_workers": 1,
+                "scaling.cpus_per_worker": 0.5,
+                "scaling.max_failures": 0,
+                "train.steps": STEPS,
+                "train.log_every": 2,
+                "train.val_every": STEPS,
+                "train.val_batches": 1,
+                "train.checkpoint_every": STEPS,
+                "train.grid_every": STEPS,
+                "loader.num_workers": 1,
+                "mlflow.local_artifacts": str(root / "artifacts"),
+                "eval.num_samples": 8,
+                "eval.batch_size": 8,
+                "eval.probe_train_samples": 32,
+            }
+        )
         result = compare(cfg, root / "out")
-        runs = {name: mlflow.tracking.MlflowClient().get_run(row["mlflow_run_id"])
-                for name, row in result["variants"].items()}
+        runs = {
+            name: mlflow.tracking.MlflowClient().get_run(row["mlflow_run_id"])
+            for name, row in result["variants"].items()
+        }
     return cfg, {"result": result, "runs": runs}, root / "out"
 
 

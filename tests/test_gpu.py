@@ -89,8 +89,9 @@ def test_loader_copies_page_locked_slots_to_the_device(tmp_path):
     from bench.throughput import make_shards, parse_args
 
     shards = make_shards(parse_args(["--smoke"]), tmp_path)  # 48 faces at 32 px, train split twice
-    cfg = Config().with_overrides({"data.shards_dir": shards, "data.image_size": 32, "loader.batch_size": 4,
-                                   "loader.num_workers": 2})
+    cfg = Config().with_overrides(
+        {"data.shards_dir": shards, "data.image_size": 32, "loader.batch_size": 4, "loader.num_workers": 2}
+    )
     host = [b["image"] for b in data.make_loader(cfg, "train", train=False, num_workers=0)]
     loader = data.make_loader(cfg, "train", train=False, device="cuda")
     on_device, locked = [], []

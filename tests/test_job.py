@@ -23,14 +23,35 @@ pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 @pytest.fixture()
 def ray_head(tmp_path):
     """A head node in its own process group (`--block`), so the test can stop exactly it."""
-    env = {**os.environ, "RAY_AUTH_MODE": "token", SINGLE_MACHINE_RAY: "0",  # as README's `ray start`
-           "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    env = {
+        **os.environ,
+        "RAY_AUTH_MODE": "token",
+        SINGLE_MACHINE_RAY: "0",  # as README's `ray start`
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
     dashboard = free_port()
-    cmd = ["ray", "start", "--head", "--block", "--num-cpus", "2", "--disable-usage-stats",
-           "--port", str(free_port()), "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
-           "--ray-client-server-port", str(free_port()), "--node-ip-address", "127.0.0.1",
-           # The job API reaches the agent on this port; its default (52365) may be another cluster's.
-           "--dashboard-agent-listen-port", str(free_port())]
+    cmd = [
+        "ray",
+        "start",
+        "--head",
+        "--block",
+        "--num-cpus",
+        "2",
+        "--disable-usage-stats",
+        "--port",
+        str(free_port()),
+        "--dashboard-host",
+        "127.0.0.1",
+        "--dashboard-port",
+        str(dashboard),
+        "--ray-client-server-port",
+        str(free_port()),
+        "--node-ip-address",
+        "127.0.0.1",
+        # The job API reaches the agent on this port; its default (52365) may be another cluster's.
+        "--dashboard-agent-listen-port",
+        str(free_port()),
+    ]
     log = (tmp_path / "ray-head.log").open("w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
@@ -77,21 +98,53 @@ def test_ray_job_submit_runs_training_steps(ray_head, synthetic_cfg, tmp_path):
     assert refused.value.code in (401, 403)
     out = tmp_path / "job"
     overrides = {
-        "data.shards_dir": synthetic_cfg.data.shards_dir, "data.source": "synthetic", "data.image_size": 32,
-        "train.out_dir": out / "train", "scaling.storage_dir": out / "ray",
-        "mlflow.local_db": out / "mlflow.db", "mlflow.local_artifacts": out / "artifacts",
-        "model.hidden_channels": "[8,16]", "model.latent_dim": 8,
-        "perceptual.backbone": "mobilenet_v2", "eval.reference_backbone": "mobilenet_v2",
-        "scaling.use_gpu": "false", "scaling.num_workers": 1, "scaling.cpus_per_worker": 0.5,
-        "loader.batch_size": 8, "loader.num_workers": 1, "tune.enabled": "false", "train.compile": "false",
-        "train.steps": 4, "train.checkpoint_every": 2, "train.val_every": 2, "train.val_batches": 1,
-        "train.log_every": 2, "train.grid_every": 4,
+        "data.shards_dir": synthetic_cfg.data.shards_dir,
+        "data.source": "synthetic",
+        "data.image_size": 32,
+        "train.out_dir": out / "train",
+        "scaling.storage_dir": out / "ray",
+        "mlflow.local_db": out / "mlflow.db",
+        "mlflow.local_artifacts": out / "artifacts",
+        "model.hidden_channels": "[8,16]",
+        "model.latent_dim": 8,
+        "perceptual.backbone": "mobilenet_v2",
+        "eval.reference_backbone": "mobilenet_v2",
+        "scaling.use_gpu": "false",
+        "scaling.num_workers": 1,
+        "scaling.cpus_per_worker": 0.5,
+        "loader.batch_size": 8,
+        "loader.num_workers": 1,
+        "tune.enabled": "false",
+        "train.compile": "false",
+        "train.steps": 4,
+        "train.checkpoint_every": 2,
+        "train.val_every": 2,
+        "train.val_batches": 1,
+        "train.log_every": 2,
+        "train.grid_every": 4,
     }
     sets = [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
-    cmd = ["ray", "job", "submit", "--address", address, "--working-dir", str(ROOT), "--",
-           "python", "-m", "pipeline.train", *sets]
-    result = subprocess.run(cmd, env={k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"},
-                            capture_output=True, text=True, timeout=540)
+    cmd = [
+        "ray",
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(ROOT),
+        "--",
+        "python",
+        "-m",
+        "pipeline.train",
+        *sets,
+    ]
+    result = subprocess.run(
+        cmd,
+        env={k: v for k, v in env.items() if k != "MLFLOW_TRACKING_URI"},
+        capture_output=True,
+        text=True,
+        timeout=540,
+    )
     head_log = (tmp_path / "ray-head.log").read_text()[-2000:]
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:] + "\nhead:\n" + head_log
     assert "succeeded" in result.stdout + result.stderr

@@ -153,9 +153,7 @@ def test_feature_statistics_rejects_a_single_sample() -> None:
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_inception_features_on_gpu_match_cpu(
-    inception: metrics.InceptionFeatures, real_features: np.ndarray
-) -> None:
+def test_inception_features_on_gpu_match_cpu(inception: metrics.InceptionFeatures, real_features: np.ndarray) -> None:
     on_gpu = metrics.InceptionFeatures(device="cuda", batch_size=4)(smooth_images(N_FID))
     np.testing.assert_allclose(on_gpu, real_features, rtol=1e-3, atol=1e-3)
     assert metrics.fid(on_gpu, real_features) < 1e-2

@@ -43,8 +43,9 @@ SMALL = {
 def _env() -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
     env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.update(GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t",
-               GIT_COMMITTER_EMAIL="t@localhost")
+    env.update(
+        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost"
+    )
     return env
 
 
@@ -58,8 +59,9 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
 def repo(tmp_path_factory) -> Path:
     """A fresh git repo holding the project's files, after the (small) demo ran in it."""
     root = tmp_path_factory.mktemp("pipeline") / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in listed:
         if (ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -98,8 +100,9 @@ def test_demo_ends_with_champion_with_grids_and_clean_status(repo):
     for picture in ("samples", "reconstructions", "interpolations", "attribute_arithmetic"):
         assert (repo / "outputs/eval" / f"{picture}.png").stat().st_size > 0
     # The committed params.yaml is the real job; the demo's values are in the workspace only.
-    committed = yaml.safe_load(subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True,
-                                              text=True, check=True).stdout)
+    committed = yaml.safe_load(
+        subprocess.run(["git", "show", "HEAD:params.yaml"], cwd=repo, capture_output=True, text=True, check=True).stdout
+    )
     assert committed["data"]["source"] == "celeba" and _params(repo)["data"]["source"] == "synthetic"
 
 
@@ -122,8 +125,13 @@ def test_loss_weight_change_reruns_from_tune_not_fetch_or_shard(repo):
 
 def test_the_files_that_describe_a_model_come_back_with_it_from_dvcs_cache(repo):
     """What `dvc exp apply` and `dvc pull` restore: run.json, metrics and registration.json with model.pt."""
-    names = ("outputs/train/model.pt", "outputs/train/run.json", "outputs/train/metrics.json",
-             "outputs/eval/metrics.json", "outputs/register/registration.json")
+    names = (
+        "outputs/train/model.pt",
+        "outputs/train/run.json",
+        "outputs/train/metrics.json",
+        "outputs/eval/metrics.json",
+        "outputs/register/registration.json",
+    )
     before = {name: (repo / name).read_bytes() for name in names}
     for name in names:
         (repo / name).unlink()
@@ -159,8 +167,14 @@ def _kill_repro_during_train(repo: Path) -> None:
     """Start `dvc repro`, SIGKILL it once tune is done and train has written a checkpoint."""
     tune_before = _lock_entries(repo, ("tune",))["tune"]
     runs_before = set((repo / "outputs/ray").glob("train-*"))
-    proc = subprocess.Popen(["dvc", "repro"], cwd=repo, env=_env(), start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        ["dvc", "repro"],
+        cwd=repo,
+        env=_env(),
+        start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     deadline = time.time() + 900
     try:
         while time.time() < deadline:
@@ -197,17 +211,27 @@ def folder_repo(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
         added.append(held / path.name)
         path.rename(added[-1])
     root = base / "repo"
-    listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True,
-                            text=True, check=True).stdout.split()
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
     for name in listed:
         if (ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)
     profile = yaml.safe_load((ROOT / "pipeline/demo.yaml").read_text())
     params = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in {**profile, **SMALL, "data.source": "folder", "data.folder_dir": str(photos),
-                       "data.image_size": 32, "model.hidden_channels": [8, 16], "model.latent_dim": 8,
-                       "tune.enabled": False, "eval.num_samples": 16, "eval.val_subset": 8}.items():
+    for key, value in {
+        **profile,
+        **SMALL,
+        "data.source": "folder",
+        "data.folder_dir": str(photos),
+        "data.image_size": 32,
+        "model.hidden_channels": [8, 16],
+        "model.latent_dim": 8,
+        "tune.enabled": False,
+        "eval.num_samples": 16,
+        "eval.val_subset": 8,
+    }.items():
         section, _, field = key.partition(".")
         params[section][field] = value
     (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
@@ -230,8 +254,11 @@ def test_retrain_on_new_images_trains_anew_reevaluates_the_champion_then_idles(f
     out = _run([sys.executable, "-m", "pipeline.retrain"], root, timeout=1200)
     assert "were added, removed or changed since the last fetch" in out
     new_manifest = json.loads((root / "data/shards/manifest.json").read_text())
-    assert sum(s["count"] for s in new_manifest["splits"].values()) == 100 > sum(
-        s["count"] for s in manifest["splits"].values())
+    assert (
+        sum(s["count"] for s in new_manifest["splits"].values())
+        == 100
+        > sum(s["count"] for s in manifest["splits"].values())
+    )
     # A new run on the new data, all its steps: not the old run resumed.
     steps = _params(root)["train"]["steps"]
     reports = [json.loads(line) for line in (root / "outputs/train/reports.jsonl").read_text().splitlines()]

@@ -28,7 +28,6 @@ import yaml
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from tests.conftest import assert_loopback_only, tiny_config
 from dfcvae import tracking
 from dfcvae.config import Config
 from dfcvae.evaluate import model_from_state
@@ -43,6 +42,7 @@ from dfcvae.registry import (
 from dfcvae.train import load_checkpoint
 from pipeline import register as register_stage
 from pipeline.common import free_port
+from tests.conftest import assert_loopback_only, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written by the code before model.upsample existed (tests/data/README.md): a registered model's
@@ -62,8 +62,9 @@ def cfg(tmp_path, monkeypatch) -> Config:
     return tiny_config(tmp_path)
 
 
-def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "FINISHED",
-                  active_fraction: float | None = 1.0) -> str:
+def write_outputs(
+    cfg: Config, seed: int, objective: float, run_status: str = "FINISHED", active_fraction: float | None = 1.0
+) -> str:
     """What the train and evaluate stages leave behind, at cfg's paths; returns the run id."""
     train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
@@ -86,7 +87,10 @@ def write_outputs(cfg: Config, seed: int, objective: float, run_status: str = "F
 
 def register(cfg: Config):
     return register_model(
-        cfg, Path(cfg.train.out_dir) / "model.pt", Path(cfg.eval.out_dir) / "metrics.json", Path(cfg.eval.out_dir),
+        cfg,
+        Path(cfg.train.out_dir) / "model.pt",
+        Path(cfg.eval.out_dir) / "metrics.json",
+        Path(cfg.eval.out_dir),
         run_id=json.loads((Path(cfg.train.out_dir) / "run.json").read_text())["run_id"],
     )
 
@@ -144,8 +148,14 @@ def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
 def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
     from pipeline.shard import write_shards
 
-    old = cfg.with_overrides({"data.raw_dir": synthetic_cfg.data.raw_dir, "data.shards_dir": synthetic_cfg.data.shards_dir,
-                              "eval.num_samples": 8, "eval.probe_train_samples": 16})
+    old = cfg.with_overrides(
+        {
+            "data.raw_dir": synthetic_cfg.data.raw_dir,
+            "data.shards_dir": synthetic_cfg.data.shards_dir,
+            "eval.num_samples": 8,
+            "eval.probe_train_samples": 16,
+        }
+    )
     write_outputs(old, seed=1, objective=10.0)
     assert register(old).decision == "promoted"
     # New shards (another order seed: a new manifest hash, as new images give): a new evaluation.
@@ -237,9 +247,17 @@ def test_a_dvc_temp_workspace_tracks_into_the_users_store(tmp_path, monkeypatch)
 def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     db, artifacts, go = tmp_path / "new" / "mlflow.db", tmp_path / "artifacts", tmp_path / "go"
-    procs = [subprocess.Popen([sys.executable, "-c", FIRST_USE, str(tmp_path / f"ready{i}"), str(go), str(db),
-                               str(artifacts)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                              text=True) for i in range(4)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", FIRST_USE, str(tmp_path / f"ready{i}"), str(go), str(db), str(artifacts)],
+            cwd=ROOT,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
         time.sleep(0.05)
@@ -260,7 +278,8 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
         (tmp_path / f"{key}.json").write_text(json.dumps(sub.to_dict()))
         procs[key] = subprocess.Popen(
             [sys.executable, "-c", CONCURRENT, str(tmp_path / f"{key}.json"), str(tmp_path / f"{key}.ready"), str(go)],
-            stdout=subprocess.PIPE, text=True,
+            stdout=subprocess.PIPE,
+            text=True,
         )
     deadline = time.monotonic() + 120
     while not all((tmp_path / f"{key}.ready").exists() for key in procs) and time.monotonic() < deadline:
@@ -319,7 +338,11 @@ def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_pa
     env = {**os.environ, "TORCH_HOME": str(tmp_path / "empty_torch_home")}
     proc = subprocess.run(
         [sys.executable, "-c", FRESH, f"models:/{name}@{CHAMPION}", str(tmp_path / "x.npy"), str(tmp_path / "out.npz")],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert not json.loads(proc.stdout.strip().splitlines()[-1])["model_file"].startswith(str(ROOT))  # the shipped copy
@@ -335,7 +358,11 @@ def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_pa
 
 def start_server(command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen(
-        command, cwd=cwd, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+        command,
+        cwd=cwd,
+        stdout=log.open("w"),
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
         # MLflow execs `uvicorn` by name: it must be this interpreter's, venv activated or not.
         env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"},
     )
@@ -358,8 +385,23 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
     _, name = registered(cfg, seed=6, objective=3.0)
     port, log = free_port(), tmp_path / "serve.log"
     server = start_server(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{name}@{CHAMPION}",
-         "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)], log, tmp_path,
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "models",
+            "serve",
+            "-m",
+            f"models:/{name}@{CHAMPION}",
+            "--env-manager",
+            "local",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        log,
+        tmp_path,
     )
     try:
         wait_until_answering(server, f"http://127.0.0.1:{port}/ping", log)
@@ -370,7 +412,8 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
             ({"inputs": x[:1].tolist(), "params": {"mode": "sample", "n": 4}}, (4, 3, 32, 32)),
         ):
             request = urllib.request.Request(
-                f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps(body).encode(),
                 headers={"Content-Type": "application/json"},
             )
             with urllib.request.urlopen(request, timeout=30) as response:
@@ -378,7 +421,8 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
             assert predictions.shape == shape and np.abs(predictions).max() <= 1
         # 8-bit pixels where [-1, 1] is expected: refused in a sentence, not reconstructed as noise.
         request = urllib.request.Request(
-            f"http://127.0.0.1:{port}/invocations", data=json.dumps({"inputs": (x * 127.5 + 127.5).tolist()}).encode(),
+            f"http://127.0.0.1:{port}/invocations",
+            data=json.dumps({"inputs": (x * 127.5 + 127.5).tolist()}).encode(),
             headers={"Content-Type": "application/json"},
         )
         with pytest.raises(urllib.error.HTTPError) as refused:
@@ -447,7 +491,9 @@ def test_models_saved_before_the_decoder_option_load_as_transposed_and_predict_t
     with torch.no_grad():
         torch.testing.assert_close(model.reconstruct(x), expected["reconstruct"], rtol=0, atol=0)
         torch.testing.assert_close(model.encode(x)[0], expected["encode"], rtol=0, atol=0)
-        torch.testing.assert_close(model.sample(4, torch.Generator().manual_seed(0)), expected["sample"], rtol=0, atol=0)
+        torch.testing.assert_close(
+            model.sample(4, torch.Generator().manual_seed(0)), expected["sample"], rtol=0, atol=0
+        )
     served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     np.testing.assert_array_equal(served.predict(x.numpy()), expected["reconstruct"].numpy())
     np.testing.assert_array_equal(served.predict(x.numpy(), params={"mode": "encode"}), expected["encode"].numpy())

@@ -9,16 +9,25 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def retrain(cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "pipeline.retrain"], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, "PYTHONPATH": str(ROOT)})
+    return subprocess.run(
+        [sys.executable, "-m", "pipeline.retrain"],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
 
 
 def test_outside_a_dvc_repository_retrain_says_so(tmp_path):
     result = retrain(tmp_path)
     assert result.returncode == 1
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1].startswith(
-        "retrain: `dvc status --json` failed: you are not inside of a DVC repository")
+    assert (
+        result.stderr.strip()
+        .splitlines()[-1]
+        .startswith("retrain: `dvc status --json` failed: you are not inside of a DVC repository")
+    )
 
 
 def test_while_another_dvc_process_holds_the_repository_retrain_gives_dvcs_reason(tmp_path):
@@ -34,8 +43,9 @@ def test_while_another_dvc_process_holds_the_repository_retrain_gives_dvcs_reaso
         lock.unlock()
     assert result.returncode == 1 and "Traceback" not in result.stderr
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("retrain: `dvc status --json` failed: Unable to acquire lock. Most likely another DVC "
-                           "process is running"), last
+    assert last.startswith(
+        "retrain: `dvc status --json` failed: Unable to acquire lock. Most likely another DVC process is running"
+    ), last
 
 
 def test_new_images_in_the_source_folder_are_fetched_again_and_no_change_is_nothing_to_do(tmp_path):
@@ -56,8 +66,11 @@ def test_new_images_in_the_source_folder_are_fetched_again_and_no_change_is_noth
     for name in stages["fetch"]["deps"]:  # the stage's code, as its deps name it
         (repo / name).parent.mkdir(parents=True, exist_ok=True)
         (repo / name).write_bytes((ROOT / name).read_bytes())
-    for cmd in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"],
-                [sys.executable, "-m", "dvc", "repro", "-q"]):
+    for cmd in (
+        ["git", "init", "-q"],
+        [sys.executable, "-m", "dvc", "init", "-q"],
+        [sys.executable, "-m", "dvc", "repro", "-q"],
+    ):
         subprocess.run(cmd, cwd=repo, check=True, capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)})
     assert "nothing to do" in retrain(repo).stdout
 

@@ -38,13 +38,24 @@ pytestmark = pytest.mark.timeout(600)
 def run_cfg(synthetic_cfg: Config, tmp_path: Path, monkeypatch) -> Config:
     """A tiny 2-worker CPU run writing everything under tmp_path."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    return synthetic_cfg.with_overrides({
-        "scaling.num_workers": 2, "scaling.use_gpu": False, "scaling.cpus_per_worker": 0.5,
-        "scaling.max_failures": 0, "scaling.storage_dir": str(tmp_path / "ray"),
-        "train.out_dir": str(tmp_path / "train"), "train.steps": 6, "train.log_every": 2,
-        "train.val_every": 3, "train.val_batches": 1, "train.checkpoint_every": 3, "train.grid_every": 6,
-        "loader.num_workers": 1, "mlflow.local_artifacts": str(tmp_path / "artifacts"),
-    })
+    return synthetic_cfg.with_overrides(
+        {
+            "scaling.num_workers": 2,
+            "scaling.use_gpu": False,
+            "scaling.cpus_per_worker": 0.5,
+            "scaling.max_failures": 0,
+            "scaling.storage_dir": str(tmp_path / "ray"),
+            "train.out_dir": str(tmp_path / "train"),
+            "train.steps": 6,
+            "train.log_every": 2,
+            "train.val_every": 3,
+            "train.val_batches": 1,
+            "train.checkpoint_every": 3,
+            "train.grid_every": 6,
+            "loader.num_workers": 1,
+            "mlflow.local_artifacts": str(tmp_path / "artifacts"),
+        }
+    )
 
 
 def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
@@ -83,7 +94,9 @@ def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg)
     assert run.data.tags["data.synthetic"] == "true" and run.data.tags["perceptual.backbone"] == "mobilenet_v2"
     assert len(client.get_metric_history(run_id, "train/loss")) == 3
     assert len(client.get_metric_history(run_id, "val/reference_distance")) == 2
-    grids = [a.path for folder in ("grids/samples", "grids/reconstructions") for a in client.list_artifacts(run_id, folder)]
+    grids = [
+        a.path for folder in ("grids/samples", "grids/reconstructions") for a in client.list_artifacts(run_id, folder)
+    ]
     assert sorted(Path(p).name for p in grids) == ["reconstructions_step0000006.png", "samples_step0000006.png"]
     assert (out / "log.csv").read_text().startswith("step,")
 
@@ -105,15 +118,20 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
 
 def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     # The KL warm-up spans the interruption at step 4: its factor must continue, not restart.
-    base = run_cfg.with_overrides({"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4,
-                                   "loss.kl_warmup_steps": 6})
+    base = run_cfg.with_overrides(
+        {"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4, "loss.kl_warmup_steps": 6}
+    )
     full = base.with_overrides({"train.steps": 8, "train.out_dir": str(tmp_path / "full")})
     train(full)
     halfway = _checkpoint_at(full, step=4)
-    resumed = base.with_overrides({
-        "train.steps": 8, "train.out_dir": str(tmp_path / "resumed"), "train.init_from": halfway,
-        "scaling.storage_dir": str(tmp_path / "ray-resumed"),
-    })
+    resumed = base.with_overrides(
+        {
+            "train.steps": 8,
+            "train.out_dir": str(tmp_path / "resumed"),
+            "train.init_from": halfway,
+            "scaling.storage_dir": str(tmp_path / "ray-resumed"),
+        }
+    )
     metrics = train(resumed)
     assert metrics["step"] == 8 and metrics["samples_seen"] == 8 * base.global_batch_size
     a = load_checkpoint(tmp_path / "full" / "model.pt")["model"]
@@ -124,17 +142,27 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
 
 def _checkpoint_at(cfg: Config, step: int) -> str:
     """The folder of the run's checkpoint written at `step`."""
-    found = [path.parent for path in Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")
-             if load_checkpoint(path.parent)["step"] == step]
+    found = [
+        path.parent
+        for path in Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")
+        if load_checkpoint(path.parent)["step"] == step
+    ]
     assert len(found) == 1, f"expected one checkpoint at step {step}, found {found}"
     return str(found[0])
 
 
 def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
-    cfg = run_cfg.with_overrides({
-        "scaling.num_workers": 1, "scaling.max_failures": 1, "train.steps": 300, "train.checkpoint_every": 20,
-        "train.log_every": 20, "train.val_every": 1000, "train.grid_every": 1000,
-    })
+    cfg = run_cfg.with_overrides(
+        {
+            "scaling.num_workers": 1,
+            "scaling.max_failures": 1,
+            "train.steps": 300,
+            "train.checkpoint_every": 20,
+            "train.log_every": 20,
+            "train.val_every": 1000,
+            "train.grid_every": 1000,
+        }
+    )
     killed: list[int] = []
     killer = threading.Thread(target=_kill_a_worker_after_first_checkpoint, args=(cfg, killed), daemon=True)
     killer.start()
@@ -167,8 +195,9 @@ def _is_train_worker(process: psutil.Process) -> bool:
 
 
 def test_nonfinite_loss_stops_the_run_at_once_without_a_checkpoint_or_a_retry(ray_cluster, run_cfg, capfd):
-    cfg = run_cfg.with_overrides({"loss.kl_weight": float("inf"), "train.checkpoint_every": 1,
-                                  "scaling.max_failures": 2})
+    cfg = run_cfg.with_overrides(
+        {"loss.kl_weight": float("inf"), "train.checkpoint_every": 1, "scaling.max_failures": 2}
+    )
     with pytest.raises(NonFiniteLossError, match="not finite at step 1|non-finite training loss at step 1"):
         train(cfg)
     assert not list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt"))

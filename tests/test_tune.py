@@ -51,10 +51,15 @@ SEARCH = {
 
 
 def search_config(base: Config, root: Path, **overrides) -> Config:
-    return base.with_overrides({
-        **SEARCH, "tune.out_dir": str(root / "tune"), "mlflow.local_db": str(root / "mlflow.db"),
-        "mlflow.local_artifacts": str(root / "artifacts"), **overrides,
-    })
+    return base.with_overrides(
+        {
+            **SEARCH,
+            "tune.out_dir": str(root / "tune"),
+            "mlflow.local_db": str(root / "mlflow.db"),
+            "mlflow.local_artifacts": str(root / "artifacts"),
+            **overrides,
+        }
+    )
 
 
 def tracking_uri(root: Path) -> str:
@@ -141,7 +146,10 @@ def test_search_runs_asha_trials_with_a_nested_mlflow_run_each(search):
     assert len(parents) == 1 and parents[0].info.status == "FINISHED"  # the restored search kept its run
     parent = parents[0].info.run_id
     assert sorted(a.path for a in client.list_artifacts(parent, "tune")) == [
-        "tune/best_overrides.json", "tune/objective.png", "tune/results.csv"]
+        "tune/best_overrides.json",
+        "tune/objective.png",
+        "tune/results.csv",
+    ]
     children = client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent}'")
     assert sorted(run.data.tags["tune.trial_id"] for run in children) == sorted(row["trial_id"] for row in rows)
     by_trial = {row["trial_id"]: row for row in rows}
@@ -179,7 +187,8 @@ def test_best_overrides_name_the_trial_with_the_best_objective(search):
     final = with_best_overrides(cfg)
     assert final.loss.kl_weight == winner["config"]["loss.kl_weight"]
     assert final.perceptual.layers == tuple(
-        [winner["config"]["perceptual.layers"]] if isinstance(winner["config"]["perceptual.layers"], str)
+        [winner["config"]["perceptual.layers"]]
+        if isinstance(winner["config"]["perceptual.layers"], str)
         else winner["config"]["perceptual.layers"]
     )
     off = cfg.with_overrides({"tune.enabled": False})
@@ -188,14 +197,24 @@ def test_best_overrides_name_the_trial_with_the_best_objective(search):
 
 def test_only_a_trial_that_completed_the_budget_with_a_finite_objective_can_win():
     def row(trial_id, objective, status):
-        return {"trial_id": trial_id, "objective": objective, "status": status, "steps": 4 if status == "completed" else 1}
+        return {
+            "trial_id": trial_id,
+            "objective": objective,
+            "status": status,
+            "steps": 4 if status == "completed" else 1,
+        }
 
-    rows = [row("a", 100.0, "error"),  # reported once, then raised: its early number is lowest
-            row("b", 150.0, "stopped"),  # stopped by ASHA after fewer steps
-            row("c", float("nan"), "completed"),
-            row("d", 400.0, "completed"), row("e", 300.0, "completed")]
+    rows = [
+        row("a", 100.0, "error"),  # reported once, then raised: its early number is lowest
+        row("b", 150.0, "stopped"),  # stopped by ASHA after fewer steps
+        row("c", float("nan"), "completed"),
+        row("d", 400.0, "completed"),
+        row("e", 300.0, "completed"),
+    ]
     assert tuning.best_trial(rows)["trial_id"] == "e"
-    with pytest.raises(RuntimeError, match=r"no trial completed tune.steps .* \(0 completed, 1 stopped early, 1 errored of 2\)"):
+    with pytest.raises(
+        RuntimeError, match=r"no trial completed tune.steps .* \(0 completed, 1 stopped early, 1 errored of 2\)"
+    ):
         tuning.best_trial(rows[:2])
 
 
