@@ -168,6 +168,9 @@ class TrainConfig:
     # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
     # at a validation after the KL warm-up: the posterior is collapsing.
     warn_active_fraction: float = 0.1
+    # Exponential moving average of the VAE's weights and BatchNorm statistics, 0 = off. When on,
+    # validation, the tuning objective, the grids, model.pt and so the registered model are the EMA's.
+    ema_decay: float = 0.0
 
 
 @dataclass(frozen=True)

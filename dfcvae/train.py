@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dfcvae import data, tracking
 from dfcvae.config import Config, ConfigError, UserError
@@ -99,6 +100,8 @@ def check_config(cfg: Config) -> None:
     if cfg.loss.feature_norm not in FEATURE_NORMS:
         raise ConfigError(f"loss.feature_norm {cfg.loss.feature_norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
     lr_factor(cfg)
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
     if cfg.train.compile_mode not in COMPILE_MODES:
         raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
 
@@ -144,6 +147,26 @@ def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, boo
     return torch.compile(fn, mode=mode), COMPILE_MODES[mode]
 
 
+def build_ema(cfg: Config, model: nn.Module, state: dict | None = None) -> AveragedModel | None:
+    """torch's AveragedModel with EMA averaging (train.ema_decay) of the VAE's parameters and
+    buffers, or None when off; restored from a checkpoint's "ema" entry when it has one, so a
+    resumed run averages exactly as the uninterrupted one."""
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
+    if cfg.train.ema_decay == 0:
+        return None
+    ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    if state is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(int(state["ema_updates"]))
+    return ema
+
+
+def evaluated_model(model: nn.Module, ema: AveragedModel | None) -> DFCVAE:
+    """The VAE that validation, grids and model.pt show: the EMA's when it is on."""
+    return ema.module if ema is not None else unwrap(model)
+
+
 def make_train_step(
     model: nn.Module,
     perceptual: PerceptualNetwork | None,
@@ -151,8 +174,10 @@ def make_train_step(
     scheduler: torch.optim.lr_scheduler.LRScheduler,
     cfg: Config,
     runtime: Runtime,
+    ema: AveragedModel | None = None,
 ) -> Callable[[Tensor], dict[str, Tensor]]:
-    """x in [-1, 1] (B, 3, H, W) on the device -> detached logs; one optimiser update.
+    """x in [-1, 1] (B, 3, H, W) on the device -> detached logs; one optimiser update (and one
+    EMA update when ema is given).
 
     The KL warm-up's factor follows the scheduler's step count, which checkpoints carry, so a
     resumed run weighs KL exactly as the uninterrupted one.
@@ -180,6 +205,8 @@ def make_train_step(
             logs["train/grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
         return logs
 
     return step
@@ -223,7 +250,8 @@ def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool =
     seed_step(cfg.train.seed, 0, -1)
     model = build_model(cfg, runtime)
     optimizer, scheduler = build_optimizer(model, cfg, runtime)
-    step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
+    ema = build_ema(cfg, model)
+    step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime, ema)
     start = time.perf_counter()
     for step, batch in data.train_stream(cfg, device=runtime.device):
         if step >= steps:
@@ -236,7 +264,7 @@ def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool =
                 f"kl {float(logs['train/kl']):.2f} ({time.perf_counter() - start:.0f} s)\n"
             )
             sys.stdout.flush()
-    return model.eval()
+    return evaluated_model(model, ema).eval()
 
 
 # ---------------------------------------------------------------- checkpoints
@@ -259,12 +287,21 @@ def all_finite(state: dict[str, Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
 
 
-def checkpoint_payload(model, optimizer, scheduler, step: int, cfg: Config, batches_per_epoch: int) -> dict:
+def checkpoint_payload(
+    model, optimizer, scheduler, step: int, cfg: Config, batches_per_epoch: int, ema: AveragedModel | None = None
+) -> dict:
     state = {k: v.detach().cpu() for k, v in unwrap(model).state_dict().items()}
     if not all_finite(state):
         raise NonFiniteLossError(f"model weights are not finite at step {step}; no checkpoint written.")
+    averaged = {}
+    if ema is not None:  # the EMA's weights and update count: part of the exact-resume contract
+        averaged = {
+            "ema": {k: v.detach().cpu() for k, v in ema.module.state_dict().items()},
+            "ema_updates": int(ema.n_averaged),
+        }
     return {
         "model": state,
+        **averaged,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
         "scaler": {},  # bf16 autocast needs no loss scaling
@@ -369,11 +406,12 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
     model = build_model(cfg, runtime)
     optimizer, scheduler = build_optimizer(model, cfg, runtime)
-    start = resume(cfg, model, optimizer, scheduler)
+    start, state = resume(cfg, model, optimizer, scheduler)
+    ema = build_ema(cfg, model, state)
     model = ray.train.torch.prepare_model(model, move_to_device=False)
     perceptual = build_perceptual(cfg, runtime)
-    step_fn = make_train_step(model, perceptual, optimizer, scheduler, cfg, runtime)
-    reporter = Reporter(cfg, loop_config, rank, world, runtime, perceptual, start)
+    step_fn = make_train_step(model, perceptual, optimizer, scheduler, cfg, runtime, ema)
+    reporter = Reporter(cfg, loop_config, rank, world, runtime, perceptual, start, ema)
 
     for step, images in batches_from(cfg, rank, world, start, runtime.device):
         if step >= cfg.train.steps:
@@ -384,26 +422,27 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     reporter.finish(model, optimizer, scheduler)
 
 
-def resume(cfg: Config, model: DFCVAE, optimizer, scheduler) -> int:
-    """Load Ray's latest checkpoint (after a failure) or train.init_from; return the start step."""
+def resume(cfg: Config, model: DFCVAE, optimizer, scheduler) -> tuple[int, dict | None]:
+    """Load Ray's latest checkpoint (after a failure) or train.init_from; -> (start step, the state)."""
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
     state = load_checkpoint(Path(checkpoint.path)) if checkpoint else init_state(cfg)
     if state is None:
-        return 0
+        return 0, None
     model.load_state_dict(state["model"])
     if "optimizer" in state:
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-    return int(state["step"])
+    return int(state["step"]), state
 
 
 class Reporter:
     """Logging, validation, grids, checkpoints and Ray reports at their intervals."""
 
-    def __init__(self, cfg, loop_config, rank, world, runtime, perceptual, start_step):
+    def __init__(self, cfg, loop_config, rank, world, runtime, perceptual, start_step, ema=None):
         self.cfg, self.rank, self.world, self.runtime = cfg, rank, world, runtime
+        self.ema = ema  # when on, what validation, grids and checkpoints' "ema" show
         self.perceptual = perceptual
         self.start_step = start_step
         self.per_epoch = data.batches_per_epoch(cfg, "train", world)
@@ -439,14 +478,15 @@ class Reporter:
         if step % cfg.log_every == 0 or step == cfg.steps:
             self.log_train(step, optimizer)
         if self.rank == 0 and (step % cfg.val_every == 0 or step == cfg.steps):
-            values = validate(unwrap(model), self.perceptual, self.reference, self.val_batches, self.cfg, self.runtime)
-            values.update(self.objective_metrics(unwrap(model)))
+            shown = evaluated_model(model, self.ema)
+            values = validate(shown, self.perceptual, self.reference, self.val_batches, self.cfg, self.runtime)
+            values.update(self.objective_metrics(shown))
             self.latest.update(values)
             self.log(values, step)
             if "val/active_fraction" in values:
                 self.check_collapse(step, values["val/active_fraction"])
         if self.rank == 0 and self.logger and (step % cfg.grid_every == 0 or step == cfg.steps):
-            self.log_grids(unwrap(model), step)
+            self.log_grids(evaluated_model(model, self.ema), step)
         if step % cfg.checkpoint_every == 0 or step == cfg.steps:
             self.report(step, model, optimizer, scheduler)
 
@@ -531,7 +571,7 @@ class Reporter:
         if self.rank != 0:
             ray.train.report(metrics)
             return
-        payload = checkpoint_payload(model, optimizer, scheduler, step, self.cfg, self.per_epoch)
+        payload = checkpoint_payload(model, optimizer, scheduler, step, self.cfg, self.per_epoch, self.ema)
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(payload, Path(tmp))
             write_log(self.rows, Path(tmp) / LOG_FILE)
@@ -668,7 +708,8 @@ def export_outputs(checkpoint_dir: Path, out_dir: Path) -> dict[str, float]:
     state = load_checkpoint(checkpoint_dir)
     rows = read_log(checkpoint_dir / LOG_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
-    final = {"model": state["model"], "config": state["config"], "step": state["step"]}
+    # With train.ema_decay on, the EMA's weights are the model: evaluated, registered, served.
+    final = {"model": state.get("ema", state["model"]), "config": state["config"], "step": state["step"]}
     save_checkpoint(final, out_dir)
     os.replace(out_dir / CHECKPOINT_FILE, out_dir / "model.pt")
     write_log(rows, out_dir / LOG_FILE)

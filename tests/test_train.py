@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from dfcvae.config import Config
+from dfcvae.config import Config, ConfigError
 from dfcvae.features import PerceptualNetwork
 from dfcvae.train import (
     NonFiniteLossError,
@@ -117,9 +117,16 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
 
 
 def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
-    # The KL warm-up spans the interruption at step 4: its factor must continue, not restart.
+    # The KL warm-up spans the interruption at step 4: its factor must continue, not restart. The
+    # EMA of the weights is on: model.pt holds it, and it must continue too.
     base = run_cfg.with_overrides(
-        {"scaling.num_workers": 1, "optim.schedule": "constant", "train.checkpoint_every": 4, "loss.kl_warmup_steps": 6}
+        {
+            "scaling.num_workers": 1,
+            "optim.schedule": "constant",
+            "train.checkpoint_every": 4,
+            "loss.kl_warmup_steps": 6,
+            "train.ema_decay": 0.9,
+        }
     )
     full = base.with_overrides({"train.steps": 8, "train.out_dir": str(tmp_path / "full")})
     train(full)
@@ -138,6 +145,30 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     b = load_checkpoint(tmp_path / "resumed" / "model.pt")["model"]
     for key in a:
         torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+    # model.pt is the EMA: the final checkpoint's "ema", not its raw weights.
+    final = load_checkpoint(_checkpoint_at(full, step=8))
+    assert final["ema_updates"] == 8 and state_digest(a) == state_digest(final["ema"]) != state_digest(final["model"])
+
+
+def test_ema_follows_the_weights_with_its_decay():
+    from dfcvae.train import build_ema
+
+    cfg = Config().with_overrides(
+        {"model.hidden_channels": [8, 16], "model.latent_dim": 8, "data.image_size": 32, "train.ema_decay": 0.9}
+    )
+    model = build_model(cfg, Runtime(torch.device("cpu")))
+    ema = build_ema(cfg, model)
+    first = {k: v.clone() for k, v in model.state_dict().items()}
+    ema.update_parameters(model)  # the first update copies
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update_parameters(model)
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(ema.module.state_dict()[name], 0.9 * first[name] + 0.1 * p)
+    assert build_ema(cfg.with_overrides({"train.ema_decay": 0.0}), model) is None
+    with pytest.raises(ConfigError, match=r"train.ema_decay 1.0 must be in \[0, 1\)"):
+        build_ema(cfg.with_overrides({"train.ema_decay": 1.0}), model)
 
 
 def _checkpoint_at(cfg: Config, step: int) -> str:
