@@ -55,10 +55,8 @@ def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
     return result.stdout + result.stderr
 
 
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory) -> Path:
-    """A fresh git repo holding the project's files, after the (small) demo ran in it."""
-    root = tmp_path_factory.mktemp("pipeline") / "repo"
+def copy_project(root: Path) -> None:
+    """The project's files (tracked, and untracked but not ignored) into root."""
     listed = subprocess.run(
         ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
     ).stdout.split()
@@ -66,6 +64,13 @@ def repo(tmp_path_factory) -> Path:
         if (ROOT / name).is_file():
             (root / name).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(ROOT / name, root / name)
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory) -> Path:
+    """A fresh git repo holding the project's files, after the (small) demo ran in it."""
+    root = tmp_path_factory.mktemp("pipeline") / "repo"
+    copy_project(root)
     _run(["git", "init", "-q"], root)
     _run(["git", "add", "-A"], root)
     _run(["git", "commit", "-qm", "project"], root)
@@ -211,13 +216,7 @@ def folder_repo(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
         added.append(held / path.name)
         path.rename(added[-1])
     root = base / "repo"
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in listed:
-        if (ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
+    copy_project(root)
     profile = yaml.safe_load((ROOT / "pipeline/demo.yaml").read_text())
     params = yaml.safe_load((root / "params.yaml").read_text())
     for key, value in {
