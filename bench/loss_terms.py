@@ -28,12 +28,13 @@ from pathlib import Path
 import torch
 
 from dfcvae.config import Config
+from dfcvae.device import Runtime
 from dfcvae.evaluate import tuning_objective
 from dfcvae.features import PerceptualNetwork, resolve_layers
 from dfcvae.loss import FEATURE_NORMS, feature_distances, kl_divergence
 from dfcvae.metrics import active_units, nyquist_power, psnr
 from dfcvae.model import DFCVAE
-from dfcvae.train import Runtime, build_model, fixed_val_batches, seed_step, train_in_process
+from dfcvae.train import build_model, fixed_val_batches, seed_step, train_in_process
 from pipeline.common import parse_config
 
 BACKBONES = (("mobilenet_v2", "imagenet"), ("vgg19_bn", "random"), ("vgg19", "random"))

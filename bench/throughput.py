@@ -39,8 +39,9 @@ from torchvision.models import vgg19_bn
 
 from dfcvae import data
 from dfcvae.config import Config
+from dfcvae.device import Runtime
 from dfcvae.model import DFCVAE
-from dfcvae.train import Runtime, build_model, build_optimizer, build_perceptual, make_train_step, seed_step
+from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 
 # PyTorch-VAE's DFCVAE feature_layers (indices into vgg19_bn.features) and the named
 # layers at the same depths: conv3_1 -> relu3_1, bn3_4 -> relu3_4, bn4_3 -> relu4_3, conv5_2 -> relu5_2.

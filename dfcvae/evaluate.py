@@ -63,7 +63,9 @@ from tqdm import tqdm
 
 from dfcvae import data, metrics
 from dfcvae.config import Config, ConfigError
-from dfcvae.features import resolve_layers
+from dfcvae.device import Runtime
+from dfcvae.features import build_reference, resolve_layers
+from dfcvae.loss import feature_distances
 from dfcvae.model import DFCVAE
 
 log = logging.getLogger(__name__)
@@ -92,34 +94,6 @@ _VAL_REFERENCE: dict[tuple, tuple[Tensor, tuple[NDArray, NDArray]]] = {}
 
 
 # ---------------------------------------------------------------- models
-
-
-def load_model(path_or_uri: str | Path, device: torch.device | str) -> tuple[DFCVAE, Config]:
-    """A trained VAE in eval mode on `device`, and the config it was trained with.
-
-    Accepts the train stage's model.pt, a checkpoint file or directory (model.pt or
-    checkpoint.pt inside), or a registered model `models:/<name>@<alias>`. The architecture
-    comes from the config stored with the weights, whichever the source.
-    """
-    source = str(path_or_uri)
-    if source.startswith("models:/"):
-        from dfcvae.registry import load_registered_state
-
-        return model_from_state(load_registered_state(source), device)
-    from dfcvae.train import load_checkpoint
-
-    path = Path(source)
-    if path.is_dir() and (path / "model.pt").is_file():
-        path = path / "model.pt"
-    return model_from_state(load_checkpoint(path), device)
-
-
-def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, Config]:
-    """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, Config)."""
-    cfg = Config.from_dict(state["config"])
-    model = DFCVAE(cfg.model, cfg.data.image_size)
-    model.load_state_dict(state["model"])
-    return model.to(device).eval(), cfg
 
 
 @contextlib.contextmanager
@@ -426,9 +400,6 @@ def measure_test_split(
     model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures
 ) -> Measurements:
     """Reconstruction metrics, Inception moments and latent means over the first eval.num_samples test images."""
-    from dfcvae.loss import feature_distances
-    from dfcvae.train import Runtime, build_reference
-
     reference = build_reference(cfg, Runtime(torch.device(device)))
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:

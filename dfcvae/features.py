@@ -22,7 +22,8 @@ import torch
 from torch import Tensor, nn
 from torchvision.models import mobilenet_v2, vgg
 
-from dfcvae.config import ConfigError, PerceptualConfig
+from dfcvae.config import Config, ConfigError, PerceptualConfig
+from dfcvae.device import Runtime
 from dfcvae.weights import load_file_state_dict, load_imagenet_state_dict
 
 log = logging.getLogger(__name__)
@@ -166,3 +167,10 @@ class PerceptualNetwork(nn.Module):
             "perceptual.layers": ",".join(self.layers),
             "perceptual.weights": self.weights,
         }
+
+
+def build_reference(cfg: Config, runtime: Runtime) -> PerceptualNetwork:
+    """The fixed-layer network of validation and evaluation (eval.reference_*): the same for every
+    model, whatever it trains with."""
+    net = PerceptualNetwork(cfg.eval.reference_backbone, cfg.eval.reference_layers, cfg.eval.reference_weights)
+    return net.to(runtime.device, memory_format=runtime.memory_format)

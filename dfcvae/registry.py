@@ -62,6 +62,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, all_finite, load_checkpoint, load_model
 from dfcvae.config import Config, UserError
 from dfcvae.model import DFCVAE
 
@@ -71,7 +72,6 @@ from dfcvae.model import DFCVAE
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-CHECKPOINT_ARTIFACT = "checkpoint"
 PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
 MODES = ("reconstruct", "encode", "sample")
 INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
@@ -91,7 +91,7 @@ class VAEModel(mlflow.pyfunc.PythonModel):
     """DFC-VAE behind MLflow's pyfunc interface; see the module docstring for `predict`."""
 
     def load_context(self, context) -> None:
-        state = torch.load(context.artifacts[CHECKPOINT_ARTIFACT], map_location="cpu", weights_only=True)
+        state = torch.load(context.artifacts[REGISTERED_ARTIFACT], map_location="cpu", weights_only=True)
         cfg = Config.from_dict(state["config"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = DFCVAE(cfg.model, cfg.data.image_size)
@@ -147,24 +147,6 @@ def input_example(state: dict, n: int = 2) -> np.ndarray:
     model = DFCVAE(cfg.model, cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.eval().sample(n, torch.Generator().manual_seed(0)).numpy()  # (n, 3, H, W)
-
-
-def load_registered_weights(uri: str) -> dict[str, torch.Tensor]:
-    """The VAE state_dict of a registered model, e.g. `models:/dfcvae@champion`."""
-    return load_registered_state(uri)["model"]
-
-
-def load_registered_state(uri: str) -> dict[str, Any]:
-    """The checkpoint a registered model bundles: {"model": state_dict, "config": dict, "step": int}."""
-    from dfcvae.train import load_checkpoint
-
-    with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        pyfunc = Model.load(local).flavors.get("python_function", {})
-        artifact = pyfunc.get("artifacts", {}).get(CHECKPOINT_ARTIFACT)
-        if artifact is None:
-            raise ValueError(f"{uri} is not a dfcvae model: it has no '{CHECKPOINT_ARTIFACT}' artifact.")
-        return load_checkpoint(local / artifact["path"])
 
 
 # ---------------------------------------------------------------- registration
@@ -264,7 +246,6 @@ def register_model(
     `cfg` supplies the registry, eval, data and mlflow sections, as the evaluate stage used them.
     """
     from dfcvae import tracking
-    from dfcvae.train import all_finite, load_checkpoint
 
     model_path, metrics_path, grids_dir = Path(model_path), Path(metrics_path), Path(grids_dir)
     objective = cfg.eval.objective
@@ -321,7 +302,7 @@ def register_model(
 def objective_on(cfg: Config, uri: str) -> float:
     """A registered model's eval.objective on cfg's evaluation (its test data and settings),
     the full evaluation run into a temporary folder."""
-    from dfcvae.evaluate import evaluate, load_model
+    from dfcvae.evaluate import evaluate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(uri, device)
@@ -338,7 +319,7 @@ def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Pat
         config_path.write_text(json.dumps(state["config"], indent=2, sort_keys=True) + "\n")
         # Attachments ride along as pyfunc artifacts: whoever downloads the version gets them.
         artifacts = {
-            CHECKPOINT_ARTIFACT: str(model_path),
+            REGISTERED_ARTIFACT: str(model_path),
             "config": str(config_path),
             "metrics": str(metrics_path),
             **{f"grid_{grid.stem}": str(grid) for grid in grids},

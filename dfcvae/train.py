@@ -17,7 +17,6 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -26,13 +25,15 @@ from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from dfcvae import data, tracking
+from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, all_finite, load_checkpoint, load_registered, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
-from dfcvae.features import PerceptualNetwork, resolve_layers
+from dfcvae.device import Runtime
+from dfcvae.evaluate import tuning_objective
+from dfcvae.features import PerceptualNetwork, build_reference, resolve_layers
 from dfcvae.loss import FEATURE_NORMS, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.metrics import active_units
 from dfcvae.model import DFCVAE
 
-CHECKPOINT_FILE = "checkpoint.pt"
 LOG_FILE = "log.csv"
 
 
@@ -42,24 +43,6 @@ class NonFiniteLossError(UserError, FloatingPointError):
 
 
 # ---------------------------------------------------------------- device, seeds
-
-
-@dataclass(frozen=True)
-class Runtime:
-    """What the hardware allows: bf16 autocast, channels_last, fused Adam on GPU only."""
-
-    device: torch.device
-
-    @property
-    def on_gpu(self) -> bool:
-        return self.device.type == "cuda"
-
-    @property
-    def memory_format(self) -> torch.memory_format:
-        return torch.channels_last if self.on_gpu else torch.contiguous_format
-
-    def autocast(self):
-        return torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.on_gpu)
 
 
 def seed_step(seed: int, rank: int, step: int) -> torch.Generator:
@@ -81,12 +64,6 @@ def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
     if cfg.loss.perceptual_weight == 0:
         return None
     net = PerceptualNetwork.from_config(cfg.perceptual)
-    return net.to(runtime.device, memory_format=runtime.memory_format)
-
-
-def build_reference(cfg: Config, runtime: Runtime) -> PerceptualNetwork:
-    """The fixed-layer network for validation: the same whatever the model trains with."""
-    net = PerceptualNetwork(cfg.eval.reference_backbone, cfg.eval.reference_layers, cfg.eval.reference_weights)
     return net.to(runtime.device, memory_format=runtime.memory_format)
 
 
@@ -283,10 +260,6 @@ def state_digest(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
-def all_finite(state: dict[str, Tensor]) -> bool:
-    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
-
-
 def checkpoint_payload(
     model, optimizer, scheduler, step: int, cfg: Config, batches_per_epoch: int, ema: AveragedModel | None = None
 ) -> dict:
@@ -314,43 +287,13 @@ def checkpoint_payload(
     }
 
 
-def save_checkpoint(payload: dict, directory: Path) -> Path:
-    """Write atomically: a crash mid-write leaves no half file under the final name."""
-    directory.mkdir(parents=True, exist_ok=True)
-    target = directory / CHECKPOINT_FILE
-    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
-        torch.save(payload, handle)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, target)
-    return target
-
-
-def load_checkpoint(path: str | Path) -> dict:
-    """Plain-data checkpoints only: anything needing pickle code execution is refused."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / CHECKPOINT_FILE
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint directory or {CHECKPOINT_FILE}.")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
-        raise ValueError(
-            f"refusing to load {path}: it is not a plain-data checkpoint ({type(err).__name__}); "
-            "only files written by dfcvae load."
-        ) from err
-
-
 def init_state(cfg: Config) -> dict | None:
     """A checkpoint to resume from (train.init_from): a path, or a models:/ URI (weights only)."""
     source = cfg.train.init_from
     if not source:
         return None
-    if source.startswith("models:/"):
-        from dfcvae.registry import load_registered_weights
-
-        return {"model": load_registered_weights(source), "step": 0}
+    if source.startswith("models:/"):  # weights only: a registered model starts a new run
+        return {"model": load_registered(source)["model"], "step": 0}
     return load_checkpoint(source)
 
 
@@ -526,8 +469,6 @@ class Reporter:
     def objective_metrics(self, model: DFCVAE) -> dict[str, float]:
         if not self.objective:
             return {}
-        from dfcvae.evaluate import tuning_objective
-
         return tuning_objective(model, self.cfg, self.runtime.device)
 
     def log(self, values: dict[str, float], step: int) -> None:
@@ -711,7 +652,7 @@ def export_outputs(checkpoint_dir: Path, out_dir: Path) -> dict[str, float]:
     # With train.ema_decay on, the EMA's weights are the model: evaluated, registered, served.
     final = {"model": state.get("ema", state["model"]), "config": state["config"], "step": state["step"]}
     save_checkpoint(final, out_dir)
-    os.replace(out_dir / CHECKPOINT_FILE, out_dir / "model.pt")
+    os.replace(out_dir / CHECKPOINT_FILE, out_dir / MODEL_FILE)
     write_log(rows, out_dir / LOG_FILE)
     metrics: dict[str, float] = {"step": state["step"], "samples_seen": state["samples_seen"]}
     for row in rows:

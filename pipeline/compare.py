@@ -46,8 +46,8 @@ from torch import Tensor
 from torchvision.utils import make_grid
 
 from dfcvae import data, evaluate, tracking
+from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config
-from dfcvae.train import load_checkpoint
 from pipeline.common import best_overrides, command, parse_config, write_json
 
 VARIANTS = ("plain_vae", "dfc_vae")  # row order of the pictures and the table
@@ -310,10 +310,7 @@ def _device(model: torch.nn.Module) -> torch.device:
 
 def write_pictures(cfg: Config, model_dirs: dict[str, Path], out_dir: Path) -> dict[str, list[int]]:
     """reconstructions.png and samples.png from each variant's model.pt; -> {file: [width, height]}."""
-    models = {
-        name: evaluate.model_from_state(load_checkpoint(path / "model.pt"), "cpu")[0]
-        for name, path in model_dirs.items()
-    }
+    models = {name: model_from_state(load_checkpoint(path / "model.pt"), "cpu")[0] for name, path in model_dirs.items()}
     images, _ = evaluate.read_split(cfg, "test", RECON_COLS)
     x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (C, 3, S, S) in [-1, 1]
     figures = {

@@ -18,9 +18,9 @@ from typing import Any
 import torch
 
 from dfcvae import tracking
+from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state
 from dfcvae.config import Config, ConfigError
-from dfcvae.evaluate import evaluate, model_from_state
-from dfcvae.train import load_checkpoint
+from dfcvae.evaluate import evaluate
 from pipeline.common import command, parse_config
 
 SUMMARY = (
@@ -55,7 +55,7 @@ def run_logger(cfg: Config) -> tracking.RunLogger | None:
 
 
 def run(cfg: Config) -> dict[str, Any]:
-    model_path = Path(cfg.train.out_dir) / "model.pt"
+    model_path = Path(cfg.train.out_dir) / MODEL_FILE
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found: run the train stage first.")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -23,9 +23,10 @@ from pathlib import Path
 import torch
 
 from dfcvae import metrics
+from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
-from dfcvae.evaluate import evaluation_mode, load_model
+from dfcvae.evaluate import evaluation_mode
 from dfcvae.model import DFCVAE
 from pipeline.common import command
 from pipeline.fetch import FOLDER_SUFFIXES

@@ -18,7 +18,9 @@ import torch
 from PIL import Image
 
 from dfcvae import data, tracking
+from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
+from dfcvae.device import Runtime
 from dfcvae.evaluate import (
     ARITHMETIC_ROWS,
     ARITHMETIC_STRENGTHS,
@@ -30,13 +32,12 @@ from dfcvae.evaluate import (
     SAMPLE_ROWS,
     evaluate,
     grid_size,
-    load_model,
     read_split,
     run_probe,
     tuning_objective,
 )
 from dfcvae.model import DFCVAE
-from dfcvae.train import Runtime, build_model, build_optimizer, build_perceptual, make_train_step, seed_step
+from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_thread")]

@@ -6,9 +6,10 @@ import torch
 
 from dfcvae import data
 from dfcvae.config import Config
+from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
 from dfcvae.loss import dfc_vae_loss
-from dfcvae.train import Runtime, build_model, build_optimizer, build_perceptual, make_train_step
+from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -5,8 +5,9 @@ from pathlib import Path
 import torch
 
 from dfcvae.config import Config
+from dfcvae.device import Runtime
 from dfcvae.metrics import active_units, nyquist_power
-from dfcvae.train import Runtime, collapse_warning, fixed_val_batches, train_in_process
+from dfcvae.train import collapse_warning, fixed_val_batches, train_in_process
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150

@@ -29,17 +29,15 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dfcvae import tracking
+from dfcvae.checkpoint import load_checkpoint, load_registered, model_from_state
 from dfcvae.config import Config
-from dfcvae.evaluate import model_from_state
 from dfcvae.model import DFCVAE
 from dfcvae.registry import (
     CHALLENGER,
     CHAMPION,
     RegistrationError,
-    load_registered_weights,
     register_model,
 )
-from dfcvae.train import load_checkpoint
 from pipeline import register as register_stage
 from pipeline.common import free_port
 from tests.conftest import assert_loopback_only, tiny_config
@@ -352,7 +350,7 @@ def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_pa
     np.testing.assert_allclose(out["recon"], model.reconstruct(x).numpy(), atol=1e-5)
     np.testing.assert_allclose(out["mu"], model.encode(x)[0].detach().numpy(), atol=1e-5)
     np.testing.assert_allclose(out["samples"], model.sample(5, torch.Generator().manual_seed(3)).numpy(), atol=1e-5)
-    for key, value in load_registered_weights(f"models:/{name}@{CHAMPION}").items():
+    for key, value in load_registered(f"models:/{name}@{CHAMPION}")["model"].items():
         assert torch.equal(value, state["model"][key])
 
 

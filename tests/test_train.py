@@ -14,17 +14,16 @@ import psutil
 import pytest
 import torch
 
+from dfcvae.checkpoint import load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError
+from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
 from dfcvae.train import (
     NonFiniteLossError,
-    Runtime,
     build_model,
     build_optimizer,
     build_perceptual,
-    load_checkpoint,
     make_train_step,
-    save_checkpoint,
     seed_step,
     state_digest,
 )

@@ -1,0 +1,102 @@
+"""Checkpoints: save, load and resolve VAE weights together with the config they were trained with.
+
+A checkpoint is plain data, `{"model": state_dict, "config": Config.to_dict(), "step": int, ...}`
+(training checkpoints add the optimiser, scheduler and EMA state), so it loads with
+`torch.load(weights_only=True)` and never runs pickled code. One function turns any source into
+a model: `load_model` takes the train stage's model.pt, a checkpoint file or folder, or a
+registered model `models:/<name>@<alias>` (whose files bundle the same checkpoint as the pyfunc
+artifact REGISTERED_ARTIFACT), and builds the architecture from the stored config, as DiT's
+`find_model` and nanoGPT's checkpoints do, never from the weights' shapes.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dfcvae.config import Config
+from dfcvae.model import DFCVAE
+
+CHECKPOINT_FILE = "checkpoint.pt"  # in a training checkpoint's folder
+MODEL_FILE = "model.pt"  # the train stage's output
+REGISTERED_ARTIFACT = "checkpoint"  # the pyfunc artifact holding a registered model's checkpoint
+
+
+def all_finite(state: dict[str, Tensor]) -> bool:
+    return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def save_checkpoint(payload: dict, directory: Path) -> Path:
+    """Write directory/CHECKPOINT_FILE atomically: a crash mid-write leaves no half file under the final name."""
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / CHECKPOINT_FILE
+    with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
+        torch.save(payload, handle)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(handle.name, target)
+    return target
+
+
+def load_checkpoint(path: str | Path) -> dict:
+    """A checkpoint file, or a folder holding CHECKPOINT_FILE. Raises FileNotFoundError when absent,
+    ValueError for anything that is not plain data (pickled code is never run)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / CHECKPOINT_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint directory or {CHECKPOINT_FILE}.")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:
+        raise ValueError(
+            f"refusing to load {path}: it is not a plain-data checkpoint ({type(err).__name__}); "
+            "only files written by dfcvae load."
+        ) from err
+
+
+def load_registered(uri: str) -> dict[str, Any]:
+    """The checkpoint a registered model bundles, e.g. `models:/dfcvae@champion` (MLflow download)."""
+    import mlflow
+    from mlflow.models import Model
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        pyfunc = Model.load(local).flavors.get("python_function", {})
+        artifact = pyfunc.get("artifacts", {}).get(REGISTERED_ARTIFACT)
+        if artifact is None:
+            raise ValueError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
+        return load_checkpoint(local / artifact["path"])
+
+
+def load_state(source: str | Path) -> dict[str, Any]:
+    """Any source -> its checkpoint: a `models:/` URI, model.pt, a checkpoint file, or a folder
+    holding model.pt or CHECKPOINT_FILE."""
+    source = str(source)
+    if source.startswith("models:/"):
+        return load_registered(source)
+    path = Path(source)
+    if path.is_dir() and (path / MODEL_FILE).is_file():
+        path = path / MODEL_FILE
+    return load_checkpoint(path)
+
+
+def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, Config]:
+    """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, its Config).
+    A config stored before an architecture field existed loads with that field's default, which is
+    the architecture of such models (dfcvae.config.ModelConfig)."""
+    cfg = Config.from_dict(state["config"])
+    model = DFCVAE(cfg.model, cfg.data.image_size)
+    model.load_state_dict(state["model"])
+    return model.to(device).eval(), cfg
+
+
+def load_model(source: str | Path, device: torch.device | str) -> tuple[DFCVAE, Config]:
+    """A trained VAE in eval mode on `device` and the config it was trained with, from any source
+    `load_state` takes."""
+    return model_from_state(load_state(source), device)

@@ -1,0 +1,91 @@
+"""The import contract: dfcvae's modules form layers without cycles, and dfcvae never imports pipeline.
+
+Imports inside functions count too: one placed there to dodge a cycle is still a cycle.
+"""
+
+import ast
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# Lower layers never import higher ones (docs: ../shared/STYLE.md's layering).
+LAYERS = (
+    {"config", "device", "ring", "weights", "metrics"},
+    {"model", "features", "loss", "data", "tracking"},
+    {"checkpoint"},
+    {"evaluate"},
+    {"train"},
+    {"tune", "registry"},
+)
+
+
+def imports(path: Path) -> set[str]:
+    """Project modules imported anywhere in the file, as dotted names (dfcvae.x, pipeline.y)."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {alias.name for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found |= {f"{node.module}.{alias.name}" for alias in node.names}
+    return {name for name in found if name.split(".")[0] in ("dfcvae", "pipeline")}
+
+
+def graph() -> dict[str, set[str]]:
+    """dfcvae module -> the dfcvae modules it imports."""
+    modules = {p.stem for p in (ROOT / "dfcvae").glob("*.py") if p.stem != "__init__"}
+    return {
+        name: {
+            part.split(".")[1]
+            for part in imports(ROOT / "dfcvae" / f"{name}.py")
+            if part.startswith("dfcvae.") and part.split(".")[1] in modules
+        }
+        - {name}
+        for name in modules
+    }
+
+
+def find_cycle(edges: dict[str, set[str]]) -> list[str] | None:
+    state: dict[str, int] = {}
+    path: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        path.append(node)
+        for nxt in sorted(edges[node]):
+            if state.get(nxt) == 1:
+                return path[path.index(nxt) :] + [nxt]
+            if nxt not in state and (cycle := visit(nxt)):
+                return cycle
+        state[node] = 2
+        path.pop()
+        return None
+
+    for node in sorted(edges):
+        if node not in state and (cycle := visit(node)):
+            return cycle
+    return None
+
+
+def test_dfcvae_modules_import_each_other_without_cycles():
+    assert find_cycle(graph()) is None, f"import cycle: {' -> '.join(find_cycle(graph()))}"
+
+
+def test_every_module_sits_in_a_layer_and_imports_only_its_own_or_lower_layers():
+    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
+    edges = graph()
+    assert set(edges) == set(layer), f"place these modules in LAYERS: {sorted(set(edges) ^ set(layer))}"
+    upward = sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets if layer[b] > layer[a])
+    assert not upward, f"imports that point up the layers: {upward}"
+
+
+def test_dfcvae_never_imports_pipeline():
+    offenders = {
+        p.name: sorted(n for n in imports(p) if n.startswith("pipeline")) for p in (ROOT / "dfcvae").glob("*.py")
+    }
+    assert not {k: v for k, v in offenders.items() if v}
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
