@@ -5,8 +5,9 @@ The one module that talks to the registry.
 **The served model.** `VAEModel` is an `mlflow.pyfunc.PythonModel`; the logged model ships
 the `dfcvae` package as code and the train stage's plain-data checkpoint as an artifact,
 so `mlflow.pyfunc.load_model("models:/<name>@champion")` works wherever torch and mlflow
-are installed. Loading builds only `DFCVAE` from `dfcvae.model`: no perceptual network,
-no VGG or ImageNet weights. A PythonModel, not MLflow 3's torch.export flavour, whose
+are installed. Loading builds only `DFCVAE`, from the `model.py` bundled with that version
+(`bundled_model_class`: two versions loaded in one process each run their own network code):
+no perceptual network, no VGG or ImageNet weights. A PythonModel, not MLflow 3's torch.export flavour, whose
 exported graph would fix the batch size to the input example's.
 
 `predict(model_input, params)`:
@@ -45,8 +46,10 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import json
 import math
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -74,6 +77,7 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
 MODES = ("reconstruct", "encode", "sample")
+BUNDLED_PACKAGE = Path(__file__).resolve().parent  # the dfcvae package, shipped with every registered model
 INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
 ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
@@ -91,10 +95,11 @@ class VAEModel(mlflow.pyfunc.PythonModel):
     """DFC-VAE behind MLflow's pyfunc interface; see the module docstring for `predict`."""
 
     def load_context(self, context) -> None:
-        state = torch.load(context.artifacts[REGISTERED_ARTIFACT], map_location="cpu", weights_only=True)
+        checkpoint = Path(context.artifacts[REGISTERED_ARTIFACT])
+        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
         cfg = Config.from_dict(state["config"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = DFCVAE(cfg.model, cfg.data.image_size)
+        self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
 
@@ -120,6 +125,23 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         with torch.no_grad():
             out = self.model.encode(x)[0] if mode == "encode" else self.model.reconstruct(x)
         return out.float().cpu().numpy()
+
+
+def bundled_model_class(model_dir: Path) -> type[DFCVAE]:
+    """DFCVAE as the code this model was registered with defines it (<model_dir>/code/dfcvae/model.py),
+    loaded under a module name of its own. Python imports `dfcvae` once per process, so without
+    this two versions loaded side by side would both run whichever version's package came first.
+    The importable dfcvae.model when the files bundle no code."""
+    source = model_dir / "code" / "dfcvae" / "model.py"
+    if not source.is_file():
+        return DFCVAE
+    name = f"_dfcvae_registered_{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, source)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name].DFCVAE
 
 
 def bad_input(message: str) -> MlflowException:
@@ -331,7 +353,7 @@ def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Pat
             run_id=run_id,
             python_model=VAEModel(),
             artifacts=artifacts,
-            code_paths=[str(Path(__file__).resolve().parent)],  # the dfcvae package
+            code_paths=[str(BUNDLED_PACKAGE)],
             signature=model_signature(example),
             input_example=(example, PREDICT_PARAMS),
             pip_requirements=_requirements(),

@@ -495,3 +495,30 @@ def test_models_saved_before_the_decoder_option_load_as_transposed_and_predict_t
     served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
     np.testing.assert_array_equal(served.predict(x.numpy()), expected["reconstruct"].numpy())
     np.testing.assert_array_equal(served.predict(x.numpy(), params={"mode": "encode"}), expected["encode"].numpy())
+
+
+def test_two_versions_loaded_in_one_process_each_run_their_own_code(cfg, tmp_path, monkeypatch):
+    """v2 is registered with a dfcvae package whose decoder output is halved: loaded beside v1 (in
+    either order), each version's predictions come from its own bundled network code."""
+    import shutil
+
+    from dfcvae import registry
+
+    write_outputs(cfg, seed=1, objective=10.0)
+    assert register(cfg).version == 1
+    changed = tmp_path / "changed" / "dfcvae"
+    shutil.copytree(registry.BUNDLED_PACKAGE, changed, ignore=shutil.ignore_patterns("__pycache__"))
+    model_py = changed / "model.py"
+    text = model_py.read_text()
+    assert "        return self.decoder(z)\n" in text
+    model_py.write_text(text.replace("        return self.decoder(z)\n", "        return 0.5 * self.decoder(z)\n"))
+    monkeypatch.setattr(registry, "BUNDLED_PACKAGE", changed)
+    write_outputs(cfg, seed=1, objective=20.0)  # the same weights
+    assert register(cfg).version == 2
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)
+    name = cfg.registry.model_name
+    for order in ((1, 2), (2, 1)):
+        loaded = {v: mlflow.pyfunc.load_model(f"models:/{name}/{v}") for v in order}
+        one, two = loaded[1].predict(x), loaded[2].predict(x)
+        np.testing.assert_allclose(two, 0.5 * one, rtol=1e-5, atol=1e-6)
+        assert np.abs(one).max() > 1e-3  # not all zeros: the halving is visible
