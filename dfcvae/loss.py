@@ -1,7 +1,7 @@
 """The DFC-VAE objective (Hou et al. 2017, eq. 3-4) -> (loss, logs).
 
     L = alpha * KL + beta * sum_l 1 / (2 C_l H_l W_l) * ||Phi_l(x) - Phi_l(x_hat)||^2
-        (+ pixel_weight * pixel MSE, 0 by default as in the paper)
+        (+ pixel_weight * pixel MSE: none in the paper; params.yaml uses 1, docs/quality.md says why)
 
 KL is summed over latent dimensions and averaged over the batch; the feature
 term is per image, averaged over the batch. `loss.feature_norm` makes the
@@ -11,8 +11,8 @@ feature term scale-free (the same beta means the same across backbones):
             1/(C_l H_l W_l) ||Phi_l(x)||^2 (a relative squared error: 1/2 for x_hat = 0)
     unit    each position's channel vector scaled to unit length first, as LPIPS does
             (Zhang et al. 2018, eq. 1, without its learnt weights): 1/(2 H_l W_l) sum ||.||^2 in [0, 2]
-`loss.kl_warmup_steps` ramps alpha linearly from 0: alpha * min(1, step / warmup). Reductions run in float32, so the
-loss is well defined under bf16 autocast. Target features Phi(x) are computed
+`loss.kl_warmup_steps` ramps alpha linearly from 0: alpha * min(1, step / warmup).
+Reductions run in float32, so the loss is well defined under bf16 autocast. Target features Phi(x) are computed
 without a graph; the reconstruction's features keep theirs so gradients reach
 the decoder. Logs are detached tensors (no device sync per step) keyed `split/name`.
 """
