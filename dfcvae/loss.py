@@ -36,10 +36,14 @@ FEATURE_NORMS = ("none", "energy", "unit")
 _EPS = 1e-10
 
 
-def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor], norm: str = "none") -> dict[str, Tensor]:
-    """Per layer {name: scalar}, averaged over the batch; maps (B, C_l, H_l, W_l); see the module docstring."""
+def check_feature_norm(norm: str) -> None:
     if norm not in FEATURE_NORMS:
         raise ConfigError(f"loss.feature_norm {norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
+
+
+def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor], norm: str = "none") -> dict[str, Tensor]:
+    """Per layer {name: scalar}, averaged over the batch; maps (B, C_l, H_l, W_l); see the module docstring."""
+    check_feature_norm(norm)
     out = {}
     for name in target:
         t, r = target[name].float(), recon[name].float()

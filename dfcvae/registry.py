@@ -96,7 +96,7 @@ class VAEModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         checkpoint = Path(context.artifacts[REGISTERED_ARTIFACT])
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = load_checkpoint(checkpoint)
         cfg = Config.from_dict(state["config"])
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)

@@ -30,7 +30,7 @@ from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
 from dfcvae.evaluate import tuning_objective
 from dfcvae.features import PerceptualNetwork, build_reference, resolve_layers
-from dfcvae.loss import FEATURE_NORMS, dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.loss import check_feature_norm, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.metrics import active_units
 from dfcvae.model import DFCVAE
 
@@ -74,13 +74,10 @@ def check_config(cfg: Config) -> None:
         DFCVAE(cfg.model, cfg.data.image_size)
     if cfg.loss.perceptual_weight > 0:
         resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
-    if cfg.loss.feature_norm not in FEATURE_NORMS:
-        raise ConfigError(f"loss.feature_norm {cfg.loss.feature_norm!r} is not one of {', '.join(FEATURE_NORMS)}.")
+    check_feature_norm(cfg.loss.feature_norm)
     lr_factor(cfg)
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
-    if cfg.train.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
+    check_ema_decay(cfg)
+    check_compile_mode(cfg)
 
 
 def lr_factor(cfg: Config) -> Callable[[int], float]:
@@ -114,23 +111,31 @@ def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
 COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
 
 
+def check_compile_mode(cfg: Config) -> str:
+    if cfg.train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
+    return cfg.train.compile_mode
+
+
 def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, bool]:
     """fn under torch.compile when train.compile and on GPU; -> (callable, uses CUDA graphs)."""
-    mode = cfg.train.compile_mode
-    if mode not in COMPILE_MODES:
-        raise ConfigError(f"train.compile_mode '{mode}' is not one of {', '.join(COMPILE_MODES)}.")
+    mode = check_compile_mode(cfg)
     if not (cfg.train.compile and runtime.on_gpu):
         return fn, False
     return torch.compile(fn, mode=mode), COMPILE_MODES[mode]
+
+
+def check_ema_decay(cfg: Config) -> float:
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
+    return cfg.train.ema_decay
 
 
 def build_ema(cfg: Config, model: nn.Module, state: dict | None = None) -> AveragedModel | None:
     """torch's AveragedModel with EMA averaging (train.ema_decay) of the VAE's parameters and
     buffers, or None when off; restored from a checkpoint's "ema" entry when it has one, so a
     resumed run averages exactly as the uninterrupted one."""
-    if not 0 <= cfg.train.ema_decay < 1:
-        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
-    if cfg.train.ema_decay == 0:
+    if check_ema_decay(cfg) == 0:
         return None
     ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
     if state is not None and "ema" in state:

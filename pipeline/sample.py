@@ -29,7 +29,7 @@ from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode
 from dfcvae.model import DFCVAE
 from pipeline.common import command
-from pipeline.fetch import FOLDER_SUFFIXES
+from pipeline.fetch import folder_images
 from pipeline.shard import Rejected, load_rgb, preprocess, resolve_crop
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
     """The first `limit` readable images under `folder`, prepared as the shards: uint8 (N, 3, S, S)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--reconstruct {folder} is not a folder of images.")
-    paths = sorted(p for p in folder.rglob("*") if p.suffix.lower() in FOLDER_SUFFIXES and p.is_file())
+    paths = folder_images(folder)  # as fetch lists a folder: hidden and macOS metadata files left out
     images = []
     for path in paths:
         if len(images) == limit:

@@ -737,10 +737,9 @@ def _celeba_lookalike(root: Path, layout: str) -> dict[str, list[int]]:
     return attrs
 
 
-@pytest.mark.parametrize("layout", ["official-txt", "kaggle-csv", "drive-zip"])
-def test_celeba_layouts(tmp_path, layout):
-    attrs = _celeba_lookalike(tmp_path / "celeba", layout)
-    cfg = make_config(
+def _lookalike_config(tmp_path: Path) -> Config:
+    """Fetch from tmp_path/celeba, where _celeba_lookalike put its 4/1/1 images, without downloading."""
+    return make_config(
         tmp_path,
         {
             "data.source": "celeba",
@@ -749,6 +748,12 @@ def test_celeba_layouts(tmp_path, layout):
             "data.celeba_counts": [4, 1, 1],
         },
     )
+
+
+@pytest.mark.parametrize("layout", ["official-txt", "kaggle-csv", "drive-zip"])
+def test_celeba_layouts(tmp_path, layout):
+    attrs = _celeba_lookalike(tmp_path / "celeba", layout)
+    cfg = _lookalike_config(tmp_path)
     info = fetch(cfg)
     assert info == {"source": "celeba", "counts": {"train": 4, "val": 1, "test": 1}}
     raw = Path(cfg.data.raw_dir)
@@ -778,15 +783,7 @@ def test_celeba_layouts(tmp_path, layout):
 def test_a_celeba_zip_that_is_not_a_zip_gets_the_fetch_advice(tmp_path, content, says):
     _celeba_lookalike(tmp_path / "celeba", "drive-zip")
     (tmp_path / "celeba" / "Img" / "img_align_celeba.zip").write_bytes(content)
-    cfg = make_config(
-        tmp_path,
-        {
-            "data.source": "celeba",
-            "data.celeba_dir": str(tmp_path / "celeba"),
-            "data.download": False,
-            "data.celeba_counts": [4, 1, 1],
-        },
-    )
+    cfg = _lookalike_config(tmp_path)
     with pytest.raises(
         DataError,
         match=rf"img_align_celeba.zip \(\d+ bytes\) is {says}.*delete it and put "
