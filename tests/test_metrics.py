@@ -10,6 +10,8 @@ import torch.nn.functional as F
 from PIL import Image
 from threadpoolctl import threadpool_limits
 from torch import nn
+from torchmetrics.functional.image import structural_similarity_index_measure
+from torchmetrics.image.fid import _compute_fid
 
 from dfcvae import metrics
 
@@ -146,6 +148,29 @@ def test_frechet_distance_matches_closed_form_and_scipy() -> None:
     assert metrics.frechet_distance(mu, s1, mu, s2) == pytest.approx(textbook, rel=1e-6)
 
 
+def inception_like_features(n: int, d: int, seed: int) -> np.ndarray:
+    """(n, d) non-negative, correlated features of mean ~0.4, like Inception's post-ReLU pool features."""
+    basis = np.random.default_rng(123).normal(size=(64, d)) / 8
+    return np.maximum(np.random.default_rng(seed).normal(size=(n, 64)) @ basis + 0.3, 0.0)
+
+
+def test_frechet_distance_stays_exact_where_torchmetrics_fid_goes_negative() -> None:
+    # The demo's case: ~120 test images in 2048-d, covariances of rank <= 119. Against a copy shifted
+    # by `shift`, with the same covariance, the exact distance is ||shift||^2.
+    mu, sigma = metrics.feature_statistics(inception_like_features(120, 2048, seed=0))
+    shift = np.full(2048, 0.01 / np.sqrt(2048))
+    exact = float(shift @ shift)  # 1e-4
+    assert metrics.frechet_distance(mu, sigma, mu + shift, sigma) == pytest.approx(exact, abs=1e-8)
+    # torchmetrics 1.9.0's FID maths: the square roots of eig(S1 S2) over its ~1930 null directions,
+    # rounding noise, add up to a trace too large, so the distance comes out too small.
+    library = {
+        dtype: float(_compute_fid(*(torch.from_numpy(a).to(dtype) for a in (mu, sigma, mu + shift, sigma))))
+        for dtype in (torch.float64, torch.float32)
+    }
+    assert library[torch.float64] < 0 and abs(library[torch.float64] - exact) > 1e-4, library  # measured -4.3e-4
+    assert library[torch.float32] < -1.0, library  # measured -6.4
+
+
 def test_feature_statistics_rejects_a_single_sample() -> None:
     with pytest.raises(ValueError, match="N >= 2"):
         metrics.feature_statistics(np.zeros((1, 4)))
@@ -186,6 +211,45 @@ def test_psnr_is_minus_ten_log_mse_on_the_unit_scale() -> None:
     y = torch.full((1, 3, 16, 16), 0.2)  # 0.1 apart on [0, 1]
     assert metrics.mse(x, y) == pytest.approx(0.01)
     assert metrics.psnr(x, y) == pytest.approx(20.0)
+
+
+# The values the previous hand-written PSNR and SSIM (commit 0282c04: float64, mean of per-image
+# values, PSNR capped at 100 dB, SSIM over valid 11x11 Gaussian windows) gave for these seeded pairs.
+HAND_WRITTEN = {  # name: (psnr, ssim)
+    "two_images": (10.82717719428739, 0.05853068840040667),
+    "noise_0.05": (32.01380046810947, 0.9294019082220547),
+    "noise_0.2": (20.13434446473876, 0.5212796533791753),
+    "uniform_noise": (7.773892047166149, 0.010433792791100734),
+}
+
+
+def seeded_pair(name: str) -> tuple[torch.Tensor, torch.Tensor]:
+    x = smooth_images(4)
+    if name == "two_images":
+        return x, smooth_images(4, seed=1)
+    if name == "noise_0.05":
+        return x, noised(x, 0.05, seed=1)
+    if name == "noise_0.2":
+        return x, noised(x, 0.2, seed=2)
+    uniform = [torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(s)) * 2 - 1 for s in (7, 8)]
+    return uniform[0], uniform[1]
+
+
+@pytest.mark.parametrize("name", sorted(HAND_WRITTEN))
+def test_torchmetrics_psnr_and_ssim_give_the_hand_written_values(name: str) -> None:
+    x, y = seeded_pair(name)
+    psnr, ssim = HAND_WRITTEN[name]
+    # torchmetrics converts to dB with a float32 10 / ln 10: ~5e-8 relative.
+    assert metrics.psnr(x, y) == pytest.approx(psnr, rel=1e-6)
+    assert metrics.ssim(x, y) == pytest.approx(ssim, rel=1e-9)
+
+
+def test_ssim_leaves_out_the_mirrored_borders_that_torchmetrics_averages_in() -> None:
+    x, y = seeded_pair("noise_0.2")
+    unit = metrics.to_unit(x).double(), metrics.to_unit(y).double()
+    library_default = float(structural_similarity_index_measure(*unit, data_range=1.0))
+    assert library_default == pytest.approx(0.4955, abs=1e-4)
+    assert metrics.ssim(x, y) == pytest.approx(0.5213, abs=1e-4)
 
 
 # --------------------------------------------------------------- attribute probe
