@@ -29,12 +29,13 @@ import torch
 
 from dfcvae.config import Config
 from dfcvae.device import Runtime
-from dfcvae.evaluate import tuning_objective
+from dfcvae.evaluate import Evaluator
 from dfcvae.features import PerceptualNetwork, resolve_layers
 from dfcvae.loss import FEATURE_NORMS, feature_distances, kl_divergence
 from dfcvae.metrics import active_units, nyquist_power, psnr
 from dfcvae.model import DFCVAE
-from dfcvae.train import build_model, fixed_val_batches, seed_step, train_in_process
+from dfcvae.step import build_model, seed_step, train_in_process
+from dfcvae.worker import fixed_val_batches
 from pipeline.common import parse_config
 
 BACKBONES = (("mobilenet_v2", "imagenet"), ("vgg19_bn", "random"), ("vgg19", "random"))
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.recipe:
         runtime = Runtime(torch.device("cpu"))
         model = train_in_process(cfg, args.steps, runtime, progress=True)
-        results = quality(model, fixed_val_batches(cfg, runtime)) | tuning_objective(model, cfg, runtime.device)
+        results = quality(model, fixed_val_batches(cfg, runtime)) | Evaluator()(model, cfg, runtime.device)
         print(json.dumps(results, indent=2))
         return
     rows = table(cfg, args.steps)

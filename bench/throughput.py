@@ -3,7 +3,7 @@
     python -m bench.throughput                  # GPU: the full table
     python -m bench.throughput --smoke          # CPU: tiny sizes, checks the script runs
 
-Measures, in one process: the project's training step (dfcvae.train.make_train_step,
+Measures, in one process: the project's training step (dfcvae.step.make_train_step,
 not a copy) at several batch sizes for two layer sets; a faithful reimplementation
 of the reference recipe (fp32, the whole vgg19_bn.features run twice per step with
 graph, its BatchNorm in training mode, layers 14/24/34/43); end-to-end training
@@ -41,7 +41,7 @@ from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.device import Runtime
 from dfcvae.model import DFCVAE
-from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
+from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 
 # PyTorch-VAE's DFCVAE feature_layers (indices into vgg19_bn.features) and the named
 # layers at the same depths: conv3_1 -> relu3_1, bn3_4 -> relu3_4, bn4_3 -> relu4_3, conv5_2 -> relu5_2.

@@ -90,7 +90,7 @@ def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, C
     """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, its Config).
     A config stored before an architecture field existed loads with that field's default, which is
     the architecture of such models (dfcvae.config.ModelConfig)."""
-    cfg = Config.from_dict(state["config"])
+    cfg = Config.from_stored(state["config"])
     model = DFCVAE(cfg.model, cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg

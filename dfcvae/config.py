@@ -7,7 +7,12 @@ values are properties and are never written back. `to_dict()`/`from_dict()`
 round-trip through plain data, which is how config crosses the Ray boundary
 and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
 (Ray Tune trials, the best trial's result) through the same validation.
-"""
+
+The dataclass defaults are params.yaml's values (tests/test_core.py keeps them
+equal), so `Config()` in a benchmark or a test is the real job, never a third
+configuration. A config stored with a model is read by `from_stored()`, which
+gives keys added since it was written their old meaning (STORED_BEFORE_FIELD).
+docs/config.md says how to add a key."""
 
 from __future__ import annotations
 
@@ -77,12 +82,32 @@ PAPER_NETWORK: dict[str, Any] = {
 }
 
 
+# The search around the measured balance (docs/quality.md): alpha by 10x each way.
+SEARCH_SPACE: dict[str, Any] = {
+    "loss.kl_weight": {"loguniform": [0.0003, 0.03]},
+    "loss.perceptual_weight": {"loguniform": [0.1, 10.0]},
+    "loss.pixel_weight": {"choice": [0.0, 0.3, 1.0, 3.0]},
+    "perceptual.layers": {"choice": ["vae123", "vae345"]},
+}
+
+# What a stored config (a model.pt, a registered model) written before a key existed meant by its
+# absence: the behaviour of the code of that time. `Config.from_stored` fills these in, so an old
+# model loads as the network it is; any other missing key takes today's default.
+STORED_BEFORE_FIELD: dict[str, Any] = {
+    "model.upsample": "transposed",
+    "model.encoder_kernel": 3,
+    "model.init": "default",
+    "loss.feature_norm": "none",
+    "optim.betas": [0.9, 0.999],
+}
+
+
 @dataclass(frozen=True)
 class DataConfig:
     source: str = "celeba"  # celeba | synthetic | folder
     celeba_dir: str = "data/celeba"  # where CelebA is looked for (folder, zip, txt or csv)
     folder_dir: str = ""  # source=folder: the user's image tree
-    download: bool = False  # source=celeba: try torchvision's downloader when missing
+    download: bool = True  # source=celeba: try torchvision's downloader when missing
     raw_dir: str = "data/raw"  # fetch output, CelebA's official layout
     shards_dir: str = "data/shards"  # shard output: <split>-NNNNNN.tar + manifest.json
     synthetic_count: int = 2000
@@ -93,7 +118,7 @@ class DataConfig:
     crop_size: int | str = "auto"
     image_size: int = 64
     encoding: str = "raw"  # raw | png
-    samples_per_shard: int = 1000
+    samples_per_shard: int = 2000
     max_reject_fraction: float = 0.01  # shard fails if more raw images are unusable
     max_image_pixels: int = 50_000_000  # larger raw images are rejected (decompression bombs)
     celeba_counts: tuple[int, int, int] = (162770, 19867, 19962)  # train/val/test images fetch expects
@@ -105,9 +130,9 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class LoaderConfig:
-    batch_size: int = 64  # per worker; global batch = batch_size * scaling.num_workers
+    batch_size: int = 256  # per worker; global batch = batch_size * scaling.num_workers
     num_workers: int = 4  # DataLoader processes per training worker
-    shuffle_buffer: int = 1000
+    shuffle_buffer: int = 5000
     corrupt_tolerance: int = 0  # samples that may be skipped from corrupt shards; 0 = fail
     shard_url: str = ""  # e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"; "" = data.shards_dir/{name}
 
@@ -116,11 +141,11 @@ class LoaderConfig:
 class ModelConfig:
     hidden_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     latent_dim: int = 128
-    # The three below default to the architecture of models saved before they existed, so a stored
-    # config without them loads as what it is; params.yaml chooses (PAPER_NETWORK: the paper's).
-    upsample: str = "transposed"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | transposed
-    encoder_kernel: int = 3  # 3 | 4: the encoder's stride-2 convs (4 as the paper's code)
-    init: str = "default"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
+    # The paper's network (PAPER_NETWORK); a stored config without these keys is the older
+    # transposed one (STORED_BEFORE_FIELD).
+    upsample: str = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | transposed
+    encoder_kernel: int = 4  # 3 | 4: the encoder's stride-2 convs (4 as the paper's code)
+    init: str = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
 
 
 @dataclass(frozen=True)
@@ -132,23 +157,23 @@ class PerceptualConfig:
 
 @dataclass(frozen=True)
 class LossConfig:
-    kl_weight: float = 1.0  # alpha (Hou et al. 2017, eq. 4)
-    perceptual_weight: float = 0.5  # beta
-    pixel_weight: float = 0.0  # optional pixel MSE; 0 as in the paper
+    kl_weight: float = 0.003  # alpha (Hou et al. 2017, eq. 4)
+    perceptual_weight: float = 1.0  # beta
+    pixel_weight: float = 1.0  # pixel MSE beside the features; 0 as in the paper
     # none: the paper's 1/(2 C H W) ||.||^2 per layer; energy: that divided by the layer's mean
     # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
-    feature_norm: str = "none"
+    feature_norm: str = "energy"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
 
 
 @dataclass(frozen=True)
 class OptimConfig:
-    lr: float = 5e-4  # for the global batch
+    lr: float = 1e-3  # for the global batch
     weight_decay: float = 0.0
     schedule: str = "exponential"  # constant | exponential | cosine
     min_lr_fraction: float = 0.1  # lr at the last step, as a fraction of lr
     grad_clip: float = 0.0  # max grad norm; 0 disables clipping
-    betas: tuple[float, float] = (0.9, 0.999)  # Adam's; the paper's code uses (0.5, 0.999)
+    betas: tuple[float, float] = (0.5, 0.999)  # Adam's; the paper's code uses (0.5, 0.999)
 
 
 @dataclass(frozen=True)
@@ -161,7 +186,7 @@ class TrainConfig:
     checkpoint_every: int = 1000
     keep_checkpoints: int = 3
     grid_every: int = 2000
-    compile: bool = False  # torch.compile on GPU
+    compile: bool = True  # torch.compile on GPU
     compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see train.COMPILE_MODES)
     out_dir: str = "outputs/train"
     init_from: str = ""  # checkpoint path or models:/ URI to start from
@@ -175,9 +200,9 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class ScalingConfig:
-    num_workers: int = 1
+    num_workers: int = 4
     use_gpu: bool = True
-    cpus_per_worker: float = 4.0
+    cpus_per_worker: float = 8.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2
     storage_dir: str = "outputs/ray"
@@ -186,15 +211,15 @@ class ScalingConfig:
 @dataclass(frozen=True)
 class TuneConfig:
     enabled: bool = True
-    num_samples: int = 16
+    num_samples: int = 24
     max_concurrent: int = 4
     search_alg: str = "random"  # random | grid
-    steps: int = 2000  # training steps per trial
-    grace_period: int = 500  # ASHA: steps before a trial can be stopped
+    steps: int = 3000  # training steps per trial
+    grace_period: int = 1000  # ASHA: steps before a trial can be stopped
     reduction_factor: int = 3
-    report_every: int = 250  # steps between objective evaluations in a trial
+    report_every: int = 500  # steps between objective evaluations in a trial
     driver_cpus: float = 0.25  # per-trial driver; fractional so trials never deadlock
-    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> distribution
+    space: dict[str, Any] = field(default_factory=lambda: dict(SEARCH_SPACE))  # dotted key -> distribution
     out_dir: str = "outputs/tune"
 
     @property
@@ -205,13 +230,22 @@ class TuneConfig:
 @dataclass(frozen=True)
 class EvalConfig:
     num_samples: int = 10000  # prior samples and test images for FID
-    val_subset: int = 512  # fixed val images for the cheap tuning objective
+    val_subset: int = 1024  # fixed val images for the cheap tuning objective
     batch_size: int = 256
     objective: str = "fid_sum"  # fid_samples | fid_recon | fid_sum; lower is better
     reference_backbone: str = "vgg19_bn"  # fixed perceptual distance, the same for all models
     reference_layers: tuple[str, ...] = ("vae345",)
     reference_weights: str = "imagenet"
-    probe_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses", "Male", "Bangs", "Wearing_Hat")
+    probe_attributes: tuple[str, ...] = (
+        "Smiling",
+        "Eyeglasses",
+        "Male",
+        "Bangs",
+        "Wearing_Hat",
+        "Blond_Hair",
+        "Black_Hair",
+        "Young",
+    )
     arithmetic_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses")
     probe_train_samples: int = 20000  # train images whose latent means fit the attribute probe
     seed: int = 0  # prior samples for FID and the sample grid
@@ -272,6 +306,17 @@ class Config:
     @classmethod
     def from_dict(cls, raw: dict[str, Any], source: str = "config") -> Config:
         return _build(cls, raw, f"{source}")
+
+    @classmethod
+    def from_stored(cls, raw: dict[str, Any], source: str = "stored config") -> Config:
+        """A config saved with a model (checkpoint.py, the registry): keys it lacks take the value
+        they had when it was written (STORED_BEFORE_FIELD), then today's defaults."""
+        raw = {section: dict(values) if isinstance(values, dict) else values for section, values in raw.items()}
+        for dotted, value in STORED_BEFORE_FIELD.items():
+            section, key = dotted.split(".")
+            if isinstance(raw.get(section), dict):
+                raw[section].setdefault(key, value)
+        return cls.from_dict(raw, source=source)
 
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))

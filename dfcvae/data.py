@@ -46,6 +46,7 @@ import logging
 import math
 import random
 import re
+import tarfile
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -109,6 +110,7 @@ IMAGE_MEMBERS = {"raw": "npy", "png": "png"}  # data.encoding -> tar member exte
 META_MEMBER = "json"
 FORMAT_VERSION = 1
 PREFETCH = 2  # batches each DataLoader process reads ahead
+PNG_COMPRESS_LEVEL = 6  # fixed, so PNG shards are byte-identical on reruns
 
 
 class DataError(UserError, RuntimeError):
@@ -135,6 +137,37 @@ class ShardError(DataError):
 
 # ---------------------------------------------------------------------------------------------
 # Sample decoding (pipeline/shard.py encodes)
+
+
+# ---------------------------------------------------------------- writing samples (pipeline/shard.py)
+
+
+def encode_image(image: np.ndarray, encoding: str) -> tuple[str, bytes]:
+    """(H, W, 3) uint8 -> (member extension, bytes) for data.encoding raw | png."""
+    out = io.BytesIO()
+    if encoding == "raw":
+        np.lib.format.write_array(out, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
+    else:
+        Image.fromarray(image, "RGB").save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+    return IMAGE_MEMBERS[encoding], out.getvalue()
+
+
+def encode_meta(attrs: list[int] | None, identity: int | None) -> bytes:
+    """The sidecar: {"attrs": 40 x 0/1, "identity": int}, each only when known."""
+    meta = {"attrs": attrs, "identity": identity}
+    return json.dumps({k: v for k, v in meta.items() if v is not None}, sort_keys=True, separators=(",", ":")).encode()
+
+
+def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    """One tar member with fixed metadata (mtime 0, mode 644, no owner): byte-identical shards on reruns."""
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644
+    info.uid = info.gid = 0
+    info.uname = info.gname = ""
+    tar.addfile(info, io.BytesIO(data))
+
+
+# ---------------------------------------------------------------- reading samples
 
 
 def decode_image(ext: str, data: bytes, size: int) -> np.ndarray:
@@ -180,7 +213,7 @@ def decode_attrs(data: bytes) -> np.ndarray:
     return np.asarray(attrs, dtype=np.int8)
 
 
-_ATTRS_PREFIX = b'{"attrs":['  # how pipeline/shard.py's encode_meta starts a sidecar with attributes
+_ATTRS_PREFIX = b'{"attrs":['  # how encode_meta starts a sidecar with attributes
 _ATTRS_END = len(_ATTRS_PREFIX) + 2 * len(ATTRIBUTE_NAMES) - 1  # the 40 comma-separated 0/1 end here
 _ATTRS_COMMAS = b"," * (len(ATTRIBUTE_NAMES) - 1)
 _SIDECAR_TAIL = re.compile(rb'\](,"identity":(0|[1-9][0-9]*))?\}')  # what may follow them
@@ -362,9 +395,10 @@ END_OF_ARCHIVE = bytes(512)
 
 
 def _tar_members(stream: BinaryIO) -> Iterator[tuple[str, bytes, int, int]]:
-    """(name, buffer, offset, size) of each regular member of the plain ustar stream that
-    shard.py writes: its bytes are buffer[offset : offset + size]. Raises ValueError, in words,
-    at the first damage, after the members before it.
+    """(name, buffer, offset, size) of each regular member of a tar stream: its bytes are
+    buffer[offset : offset + size]. ustar as pipeline/shard.py writes it; pax and GNU long-name
+    records as webdataset's TarWriter and GNU tar write them. Raises ValueError, in words, at the
+    first damage, after the members before it.
 
     Python's tarfile costs more than decoding a raw image, so this reads the stream in large
     pieces, walks the 512-byte headers itself, checks each piece's header checksums in one numpy
@@ -392,6 +426,11 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
     members: list[tuple[str, int, int, int]] = []  # (name, offset, size, header number)
     headers: list[int] = []  # header offsets
     offset, damage, ended = 0, None, False
+    # A pax ("x") or GNU long-name ("L") record names the member after it (webdataset's TarWriter,
+    # Python's tarfile and GNU tar write them); where its member is not here yet, the walk
+    # stops before the record, so the next piece is walked from it again.
+    pending: dict[str, str] = {}
+    pending_from: int | None = None
     try:
         while True:
             header = buffer[offset : offset + 512]
@@ -402,10 +441,6 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
             if following <= len(buffer):
                 headers.append(offset)
                 kind = header[156:157]
-                if kind in b"xgLK":  # pax or GNU long-name records: not written by pipeline/shard.py
-                    raise ValueError(
-                        f"unsupported tar record type {kind!r}: re-create the shard with pipeline/shard.py"
-                    )
                 size = _octal(header[124:136])
                 following += (size + 511) // 512 * 512
             if following > len(buffer):  # not all here: read on (its header is still checked)
@@ -414,8 +449,15 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
                         f"unexpected end of data, {following - len(buffer)} bytes short: the shard is truncated"
                     )
                 break
-            if kind in (b"0", b"\0"):
-                members.append((header[:100].split(b"\0", 1)[0].decode(), offset + 512, size, len(headers) - 1))
+            body = buffer[offset + 512 : offset + 512 + size]
+            if kind in b"xL":
+                pending_from = offset if pending_from is None else pending_from
+                pending |= _pax_records(body) if kind == b"x" else {"path": body.split(b"\0", 1)[0].decode()}
+            elif kind not in b"gK":  # a global pax record or a long link name: nothing a sample uses
+                if kind in (b"0", b"\0"):
+                    name = pending.get("path") or header[:100].split(b"\0", 1)[0].decode()
+                    members.append((name, offset + 512, size, len(headers) - 1))
+                pending, pending_from = {}, None
             offset = following
     except ValueError as e:
         damage = str(e)
@@ -423,7 +465,23 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
     if bad is not None:  # nothing from a corrupt header on can be trusted, its own error included
         members = [m for m in members if m[3] < bad]
         damage = "bad tar header checksum: the shard is corrupt"
-    return [m[:3] for m in members], offset, damage, ended
+    walked = offset if pending_from is None or damage or ended else pending_from
+    return [m[:3] for m in members], walked, damage, ended
+
+
+def _pax_records(body: bytes) -> dict[str, str]:
+    """A pax extended header's "LEN key=value\\n" records; ValueError when malformed."""
+    records, at = {}, 0
+    while at < len(body) and body[at] != 0:
+        space = body.find(b" ", at)
+        length = int(body[at:space]) if space > at and body[at:space].isdigit() else 0
+        record = body[space + 1 : at + length]
+        if length <= space - at or not record.endswith(b"\n") or b"=" not in record:
+            raise ValueError("malformed pax header: the shard is corrupt")
+        key, _, value = record[:-1].partition(b"=")
+        records[key.decode()] = value.decode("utf-8", "replace")
+        at += length
+    return records
 
 
 def _octal(field: bytes) -> int:

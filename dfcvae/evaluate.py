@@ -2,8 +2,8 @@
 
 `tuning_objective` scores a model on the first `eval.val_subset` val images (shard order,
 whatever the batch size): FID of reconstructions decode(mu) and of as many prior samples
-(seed `eval.seed`) against those real images. The Inception network and the real images'
-statistics are loaded once per process, on first use.
+(seed `eval.seed`) against those real images. An `Evaluator` keeps the Inception network and
+the real images' statistics loaded between calls (a training run's validations).
 
 `evaluate` measures on the first `eval.num_samples` test images (all, if fewer):
     test/mse, test/psnr, test/ssim      pixels on the [0, 1] scale, reconstructions decode(mu)
@@ -46,10 +46,8 @@ from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import math
-import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -61,10 +59,12 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import data, metrics
+from dfcvae import data, metrics, tracking
+from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
+from dfcvae.files import write_json
 from dfcvae.loss import feature_distances
 from dfcvae.model import DFCVAE
 
@@ -87,11 +87,6 @@ OBJECTIVES: dict[str, Callable[[float, float], float]] = {
     "fid_samples": lambda recon, samples: samples,
     "fid_sum": lambda recon, samples: recon + samples,
 }
-
-# Loaded on first use, once per process (the training loop scores every validation).
-_INCEPTION: dict[tuple[str, int], metrics.InceptionFeatures] = {}
-_VAL_REFERENCE: dict[tuple, tuple[Tensor, tuple[NDArray, NDArray]]] = {}
-
 
 # ---------------------------------------------------------------- models
 
@@ -154,17 +149,6 @@ def latent_means(
 # ---------------------------------------------------------------- FID pieces
 
 
-def inception_network(device: torch.device | str, batch_size: int) -> metrics.InceptionFeatures:
-    """The FID Inception on `device`, loaded once per process and device."""
-    device = torch.device(device)
-    if device.type != "cuda":
-        batch_size = min(batch_size, INCEPTION_CPU_BATCH)
-    key = (str(device), batch_size)
-    if key not in _INCEPTION:
-        _INCEPTION[key] = metrics.InceptionFeatures(device=device, batch_size=batch_size)
-    return _INCEPTION[key]
-
-
 class FeatureMoments:
     """Running mean and covariance of Inception features in float64, without keeping them."""
 
@@ -213,44 +197,121 @@ def check_settings(cfg: Config) -> None:
     attribute_columns(cfg.eval.arithmetic_attributes)
 
 
-# ---------------------------------------------------------------- the tuning objective
+# ---------------------------------------------------------------- the evaluator
+
+
+class Evaluator:
+    """What evaluation loads once and reuses: the FID Inception (per device and batch size) and
+    the fixed val images with their Inception statistics (for one shard set at a time). Its
+    holder decides how long they live: a training run's validations (the worker's objective),
+    one evaluate stage, one benchmark. Calling it is `tuning_objective`.
+    """
+
+    def __init__(self) -> None:
+        self._inception: dict[tuple[str, int], metrics.InceptionFeatures] = {}
+        self._val_reference: tuple[tuple, tuple[Tensor, tuple[NDArray, NDArray]]] | None = None
+
+    def __getstate__(self) -> dict:  # crosses to Ray workers empty: each loads its own
+        return {}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def inception(self, device: torch.device | str, batch_size: int) -> metrics.InceptionFeatures:
+        """The FID Inception on `device`, loaded on first use; on CPU at most INCEPTION_CPU_BATCH per batch."""
+        device = torch.device(device)
+        if device.type != "cuda":
+            batch_size = min(batch_size, INCEPTION_CPU_BATCH)
+        key = (str(device), batch_size)
+        if key not in self._inception:
+            self._inception[key] = metrics.InceptionFeatures(device=device, batch_size=batch_size)
+        return self._inception[key]
+
+    def val_reference(
+        self, cfg: Config, inception: metrics.InceptionFeatures
+    ) -> tuple[Tensor, tuple[NDArray, NDArray]]:
+        """The first eval.val_subset val images (uint8, CPU) and their Inception statistics."""
+        key = (data.manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device))
+        if self._val_reference is None or self._val_reference[0] != key:
+            images, _ = read_split(cfg, "val", cfg.eval.val_subset)
+            moments = FeatureMoments()
+            moments.add(inception(images))
+            self._val_reference = key, (images, moments.statistics())
+        return self._val_reference[1]
+
+    def tuning_objective(self, model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, float]:
+        """FIDs on the first eval.val_subset val images; lower is better.
+
+        -> {"val/fid_recon", "val/fid_samples", "val/fid_sum", "val/objective"}, the last being
+        eval.objective's. Deterministic for a model and config; leaves the model's mode as it was.
+        """
+        objective_value(cfg.eval.objective, 0.0, 0.0)  # a misspelt objective fails before any work
+        inception = self.inception(device, cfg.eval.batch_size)
+        images, real = self.val_reference(cfg, inception)
+        recon = FeatureMoments()
+        with evaluation_mode(model):
+            for chunk in images.split(cfg.eval.batch_size):
+                x = data.prepare_batch(chunk, device, train=False)
+                recon.add(inception(model.decode(model.encode(x)[0]).float()))
+        samples = prior_moments(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
+        fid_recon = metrics.frechet_distance(*real, *recon.statistics())
+        fid_samples = metrics.frechet_distance(*real, *samples.statistics())
+        return {
+            "val/fid_recon": fid_recon,
+            "val/fid_samples": fid_samples,
+            "val/fid_sum": fid_recon + fid_samples,
+            "val/objective": objective_value(cfg.eval.objective, fid_recon, fid_samples),
+        }
+
+    __call__ = tuning_objective
+
+    def evaluate(
+        self, model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0
+    ) -> dict[str, Any]:
+        """The full evaluation (module docstring): files into eval.out_dir, metrics to `logger`.
+
+        logger: a dfcvae.tracking.RunLogger (metrics at `step`, files as artifacts under eval/) or None.
+        Returns the flat metrics (keys test/...), numbers plus the string test/fid_inception.
+        Raises ConfigError for unknown eval settings or a test split under 2 images.
+        """
+        return _evaluate(model, cfg, device, self.inception(device, cfg.eval.batch_size), logger, step)
+
+
+def evaluation_config(params: Config, trained: Config) -> Config:
+    """params.yaml with the model section it was trained with; the image sizes must agree
+    (ConfigError otherwise)."""
+    if trained.data.image_size != params.data.image_size:
+        raise ConfigError(
+            f"the model was trained on {trained.data.image_size} px images but data.image_size is "
+            f"{params.data.image_size}: evaluate with the params it was trained with, or retrain."
+        )
+    return params.with_overrides({f"model.{k}": v for k, v in trained.to_dict()["model"].items()})
+
+
+def evaluate_trained(cfg: Config) -> dict[str, Any]:
+    """The evaluate stage's work: train.out_dir/model.pt (its architecture from the config stored
+    with it) on cfg's test split, logged to the training run named in train.out_dir/run.json when
+    there is one. FileNotFoundError without model.pt."""
+    model_path = Path(cfg.train.out_dir) / MODEL_FILE
+    if not model_path.is_file():
+        raise FileNotFoundError(f"{model_path} not found: run the train stage first.")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    state = load_checkpoint(model_path)
+    model, trained = model_from_state(state, device)
+    cfg = evaluation_config(cfg, trained)
+    run = tracking.training_run(cfg)
+    logger = tracking.RunLogger(*run) if run else None
+    return Evaluator().evaluate(model, cfg, device, logger=logger, step=int(state.get("step", 0)))
 
 
 def tuning_objective(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, float]:
-    """FIDs on the first eval.val_subset val images; lower is better.
-
-    -> {"val/fid_recon", "val/fid_samples", "val/fid_sum", "val/objective"}, the last being
-    eval.objective's. Deterministic for a model and config; leaves the model's mode as it was.
-    """
-    objective_value(cfg.eval.objective, 0.0, 0.0)  # a misspelt objective fails before any work
-    inception = inception_network(device, cfg.eval.batch_size)
-    images, real = _val_reference(cfg, inception)
-    recon = FeatureMoments()
-    with evaluation_mode(model):
-        for chunk in images.split(cfg.eval.batch_size):
-            x = data.prepare_batch(chunk, device, train=False)
-            recon.add(inception(model.decode(model.encode(x)[0]).float()))
-    samples = prior_moments(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
-    fid_recon = metrics.frechet_distance(*real, *recon.statistics())
-    fid_samples = metrics.frechet_distance(*real, *samples.statistics())
-    return {
-        "val/fid_recon": fid_recon,
-        "val/fid_samples": fid_samples,
-        "val/fid_sum": fid_recon + fid_samples,
-        "val/objective": objective_value(cfg.eval.objective, fid_recon, fid_samples),
-    }
+    """`Evaluator.tuning_objective` with a fresh evaluator (nothing kept after the call)."""
+    return Evaluator().tuning_objective(model, cfg, device)
 
 
-def _val_reference(cfg: Config, inception: metrics.InceptionFeatures) -> tuple[Tensor, tuple[NDArray, NDArray]]:
-    """The fixed val images (uint8, CPU) and their Inception statistics, cached per shard set."""
-    key = (data.manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device), inception.identity)
-    if key not in _VAL_REFERENCE:
-        images, _ = read_split(cfg, "val", cfg.eval.val_subset)
-        moments = FeatureMoments()
-        moments.add(inception(images))
-        _VAL_REFERENCE.clear()  # one shard set per process: keep memory bounded
-        _VAL_REFERENCE[key] = images, moments.statistics()
-    return _VAL_REFERENCE[key]
+def evaluate(model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0):
+    """`Evaluator.evaluate` with a fresh evaluator (nothing kept after the call)."""
+    return Evaluator().evaluate(model, cfg, device, logger, step)
 
 
 # ---------------------------------------------------------------- the attribute probe
@@ -437,18 +498,17 @@ def measure_test_split(
     )
 
 
-def evaluate(
-    model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0
+def _evaluate(
+    model: DFCVAE,
+    cfg: Config,
+    device: torch.device | str,
+    inception: metrics.InceptionFeatures,
+    logger: Any,
+    step: int,
 ) -> dict[str, Any]:
-    """The full evaluation (module docstring): files into eval.out_dir, metrics to `logger`.
-
-    logger: a dfcvae.tracking.RunLogger (metrics at `step`, files as artifacts under eval/) or None.
-    Returns the flat metrics (keys test/...), numbers plus the string test/fid_inception.
-    """
     check_settings(cfg)
     out_dir = Path(cfg.eval.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    inception = inception_network(device, cfg.eval.batch_size)
     test = measure_test_split(model, cfg, device, inception)
     samples = prior_moments(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, progress=True)
     real = test.real.statistics()
@@ -512,19 +572,13 @@ def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:
 
 def write_outputs(out_dir: Path, numbers: dict[str, float], probe: dict[str, Any], details: dict[str, Any]) -> None:
     rows = [{"attribute": k, **v} for k, v in probe["attributes"].items()]  # accuracy, baseline
-    _write_json(out_dir / "metrics.json", {k: float(v) for k, v in numbers.items()})
-    _write_json(out_dir / "probe.json", rows)
-    _write_json(out_dir / "evaluation.json", details)
+    write_json({k: float(v) for k, v in numbers.items()}, out_dir / "metrics.json")
+    write_json(rows, out_dir / "probe.json")
+    write_json(details, out_dir / "evaluation.json")
     with (out_dir / "probe.csv").open("w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=["attribute", "accuracy", "baseline"])
         writer.writeheader()
         writer.writerows(rows)
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(value, indent=2, sort_keys=isinstance(value, dict)) + "\n")
-    os.replace(tmp, path)
 
 
 def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:

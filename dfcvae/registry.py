@@ -1,24 +1,8 @@
-"""The MLflow model registry: the served model, registration, and the gated champion.
+"""The MLflow model registry: registration and the gated champion.
 
 The one module that talks to the registry.
 
-**The served model.** `VAEModel` is an `mlflow.pyfunc.PythonModel`; the logged model ships
-the `dfcvae` package as code and the train stage's plain-data checkpoint as an artifact,
-so `mlflow.pyfunc.load_model("models:/<name>@champion")` works wherever torch and mlflow
-are installed. Loading builds only `DFCVAE`, from the `model.py` bundled with that version
-(`bundled_model_class`: two versions loaded in one process each run their own network code):
-no perceptual network, no VGG or ImageNet weights. A PythonModel, not MLflow 3's torch.export flavour, whose
-exported graph would fix the batch size to the input example's.
-
-`predict(model_input, params)`:
-  - `model_input`: a float32 array (B, 3, H, W) in [-1, 1], any B (the signature's batch
-    dimension is -1). Over REST: `{"inputs": <nested list>, "params": {...}}`.
-  - `params["mode"]`:
-      - "reconstruct" (default): reconstructions through the latent mean, (B, 3, H, W) in [-1, 1];
-      - "encode": the latent means, (B, latent_dim);
-      - "sample": `params["n"]` (default 16) prior samples, (n, 3, H, W), from `params["seed"]`
-        (default 0); the input is validated but otherwise ignored.
-The signature's output schema describes the default mode.
+The served model itself (`VAEModel`, its signature, how it is logged) is dfcvae/served.py.
 
 **Registration.** `register_model` refuses a failed or unfinished training run, non-finite
 metrics or weights, then logs the model on the training run, registers it under
@@ -46,10 +30,8 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import importlib.util
 import json
 import math
-import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -58,27 +40,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import mlflow
-import numpy as np
 import torch
-from mlflow.exceptions import MlflowException
-from mlflow.models import Model, ModelSignature
 from mlflow.tracking import MlflowClient
-from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from dfcvae.checkpoint import REGISTERED_ARTIFACT, all_finite, load_checkpoint, load_model
+from dfcvae.checkpoint import all_finite, load_checkpoint, load_model
 from dfcvae.config import Config, UserError
-from dfcvae.model import DFCVAE
-
-# This module is imported wherever the pyfunc is loaded (a serving container): the training
-# stack (dfcvae.train, dfcvae.data, the perceptual network) is imported inside the functions
-# that register, never at module level.
+from dfcvae.served import VAEModel, log_model  # noqa: F401 (VAEModel: older registered models name it here)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
-PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
-MODES = ("reconstruct", "encode", "sample")
-BUNDLED_PACKAGE = Path(__file__).resolve().parent  # the dfcvae package, shipped with every registered model
-INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
 ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
 EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
@@ -86,89 +56,6 @@ EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_att
 
 class RegistrationError(UserError, ValueError):
     """Registration refused: the run, its metrics or its weights are not fit to serve."""
-
-
-# ---------------------------------------------------------------- the served model
-
-
-class VAEModel(mlflow.pyfunc.PythonModel):
-    """DFC-VAE behind MLflow's pyfunc interface; see the module docstring for `predict`."""
-
-    def load_context(self, context) -> None:
-        checkpoint = Path(context.artifacts[REGISTERED_ARTIFACT])
-        state = load_checkpoint(checkpoint)
-        cfg = Config.from_dict(state["config"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)
-        self.model.load_state_dict(state["model"])
-        self.model.to(self.device).eval()
-
-    # np.ndarray is a hint MLflow accepts without inferring a schema from it: the signature rules.
-    def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        params = {**PREDICT_PARAMS, **(params or {})}
-        mode = params["mode"]
-        if mode not in MODES:
-            raise bad_input(f"params.mode {mode!r} is not one of {MODES}.")
-        if mode == "sample":
-            generator = torch.Generator().manual_seed(int(params["seed"]))
-            return self.model.sample(int(params["n"]), generator).float().cpu().numpy()
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)  # (B, 3, H, W)
-        size = self.model.image_size
-        if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            raise bad_input(f"expected images of shape (B, 3, {size}, {size}) in [-1, 1], got {tuple(x.shape)}.")
-        if not torch.isfinite(x).all():
-            raise bad_input("the images hold NaN or infinite values: send finite pixels in [-1, 1].")
-        low, high = float(x.min()), float(x.max())
-        if low < -1 - INPUT_SLACK or high > 1 + INPUT_SLACK:
-            hint = " (8-bit pixels? send x / 127.5 - 1)" if high > 2 else " (send 2 x - 1 for [0, 1] pixels)"
-            raise bad_input(f"the images range over [{low:.3g}, {high:.3g}], not [-1, 1]{hint}.")
-        with torch.no_grad():
-            out = self.model.encode(x)[0] if mode == "encode" else self.model.reconstruct(x)
-        return out.float().cpu().numpy()
-
-
-def bundled_model_class(model_dir: Path) -> type[DFCVAE]:
-    """DFCVAE as the code this model was registered with defines it (<model_dir>/code/dfcvae/model.py),
-    loaded under a module name of its own. Python imports `dfcvae` once per process, so without
-    this two versions loaded side by side would both run whichever version's package came first.
-    The importable dfcvae.model when the files bundle no code."""
-    source = model_dir / "code" / "dfcvae" / "model.py"
-    if not source.is_file():
-        return DFCVAE
-    name = f"_dfcvae_registered_{hashlib.sha256(source.read_bytes()).hexdigest()[:16]}"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, source)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name].DFCVAE
-
-
-def bad_input(message: str) -> MlflowException:
-    """A caller's mistake: MLflow's server answers 400 with this message (any other exception
-    becomes its generic "unexpected error")."""
-    return MlflowException.invalid_parameter_value(message)
-
-
-def model_signature(example: np.ndarray) -> ModelSignature:
-    """Images in, images out (the default mode), any batch size, with the predict params."""
-    image = TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), name=None)
-    params = ParamSchema(
-        [
-            ParamSpec("mode", "string", PREDICT_PARAMS["mode"]),
-            ParamSpec("n", "long", PREDICT_PARAMS["n"]),
-            ParamSpec("seed", "long", PREDICT_PARAMS["seed"]),
-        ]
-    )
-    return ModelSignature(inputs=Schema([image]), outputs=Schema([image]), params=params)
-
-
-def input_example(state: dict, n: int = 2) -> np.ndarray:
-    """Seeded prior samples from the model itself: realistic, deterministic images."""
-    cfg = Config.from_dict(state["config"])
-    model = DFCVAE(cfg.model, cfg.data.image_size)
-    model.load_state_dict(state["model"])
-    return model.eval().sample(n, torch.Generator().manual_seed(0)).numpy()  # (n, 3, H, W)
 
 
 # ---------------------------------------------------------------- registration
@@ -284,7 +171,7 @@ def register_model(
     client = MlflowClient(tracking_uri=uri)
     new_run = run_id is None
     if run_id is None:
-        train_cfg = Config.from_dict(state["config"])
+        train_cfg = Config.from_stored(state["config"])
         run_id = tracking.start_run(train_cfg, "register", tracking.run_tags(train_cfg, None, manifest_hash))
     else:
         check_run(client, run_id)
@@ -331,47 +218,6 @@ def objective_on(cfg: Config, uri: str) -> float:
     with tempfile.TemporaryDirectory() as tmp:
         numbers = evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)
     return float(numbers[f"test/{cfg.eval.objective}"])
-
-
-def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Path], run_id: str) -> str:
-    """Log the pyfunc model on `run_id` with its attachments; returns its models:/ URI."""
-    example = input_example(state)
-    with tempfile.TemporaryDirectory() as tmp:
-        config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps(state["config"], indent=2, sort_keys=True) + "\n")
-        # Attachments ride along as pyfunc artifacts: whoever downloads the version gets them.
-        artifacts = {
-            REGISTERED_ARTIFACT: str(model_path),
-            "config": str(config_path),
-            "metrics": str(metrics_path),
-            **{f"grid_{grid.stem}": str(grid) for grid in grids},
-        }
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=mlflow.pyfunc,
-            run_id=run_id,
-            python_model=VAEModel(),
-            artifacts=artifacts,
-            code_paths=[str(BUNDLED_PACKAGE)],
-            signature=model_signature(example),
-            input_example=(example, PREDICT_PARAMS),
-            pip_requirements=_requirements(),
-            step=int(state.get("step", 0)),
-        )
-    return info.model_uri
-
-
-def _requirements() -> list[str]:
-    import yaml
-
-    # Local version labels (+cu130) are not on PyPI; the serving image picks its own build.
-    return [
-        f"torch=={torch.__version__.split('+')[0]}",
-        f"numpy=={np.__version__}",
-        f"pyyaml=={yaml.__version__}",
-        f"mlflow=={mlflow.__version__}",
-    ]
 
 
 def register_if_better(

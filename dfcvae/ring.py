@@ -20,7 +20,6 @@ main process keeps up. CLOSED in a turn tells waiting processes the loader is go
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import time
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from torch import Tensor
+
+from dfcvae.internals import clear_cuda_error, new_shared_storage
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +71,7 @@ class BatchRing:
         turn_offset = -(-(image_bytes + attr_bytes) // 8) * 8
         check_shared_memory(alive * (turn_offset + 8 * slots))
         # Shared memory pickles as a handle, so this works with fork, spawn and forkserver alike.
-        storage = torch.UntypedStorage._new_shared(turn_offset + 8 * slots)
+        storage = new_shared_storage(turn_offset + 8 * slots)
         memory = torch.empty(0, dtype=torch.uint8).set_(storage)
         self.images = memory[:image_bytes].view(slots, batch_size, image_size, image_size, 3)
         self.attrs = memory[image_bytes : image_bytes + attr_bytes].view(torch.int8).view(slots, batch_size, attrs)
@@ -150,7 +151,7 @@ class BatchRing:
             if self._locked:
                 error = torch.cuda.cudart().cudaHostUnregister(self._memory.data_ptr())
                 if int(error) != 0:
-                    _clear_cuda_error()
+                    clear_cuda_error()
                 self._locked = None
 
     def _release(self, slot: int, index: int) -> None:
@@ -166,22 +167,8 @@ class BatchRing:
         error = cudart.cudaHostRegister(memory.data_ptr(), memory.numel(), HOST_REGISTER_PORTABLE)
         self._locked = int(error) == 0
         if not self._locked:  # still correct: copies from pageable memory are staged, not async
-            _clear_cuda_error()
+            clear_cuda_error()
             log.warning(
                 "cudaHostRegister failed (%s): host-to-device copies of batches will be slower",
                 cudart.cudaGetErrorString(error),
             )
-
-
-def _clear_cuda_error() -> None:
-    """Reset the thread's last CUDA error after a failed call we handle, or torch raises it at
-    the next kernel launch. torch does not expose cudaGetLastError: call it in the CUDA runtime
-    torch has loaded (the same library instance, so the same per-thread error)."""
-    with open("/proc/self/maps") as maps:
-        paths = {line.split()[-1] for line in maps if "libcudart" in line}
-    if not paths:
-        raise RuntimeError(
-            "a CUDA call on the loader's batch slots failed, and the CUDA runtime library "
-            "to reset the error in was not found; set loader.num_workers: 0 to avoid the slots."
-        )
-    ctypes.CDLL(paths.pop()).cudaGetLastError()

@@ -28,9 +28,15 @@ from mlflow.tracking import MlflowClient
 
 from dfcvae.config import Config, ConfigError, MlflowConfig
 
-# Bounded retries: the client's default backoff can wait minutes on a dead server.
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+# Bounded retries: the client's default backoff can wait minutes on a dead server. Set when this
+# project starts talking to MLflow (`setup`, `RunLogger`), not at import; a value the user set wins.
+HTTP_LIMITS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2", "MLFLOW_HTTP_REQUEST_TIMEOUT": "20"}
+
+
+def bound_http_retries() -> None:
+    """MLflow's HTTP client gives up after HTTP_LIMITS (its env variables, read per request)."""
+    for name, value in HTTP_LIMITS.items():
+        os.environ.setdefault(name, value)
 
 
 def store_path(path: str) -> Path:
@@ -90,6 +96,7 @@ def setup(cfg: MlflowConfig) -> str:
     migrations; two at once collide ("table ... already exists"). Processes on one machine
     (tune trials, stages, several retrains) therefore open it under a lock beside the database.
     """
+    bound_http_retries()
     uri = tracking_uri(cfg)
     check_reachable(uri)
     if uri.startswith("sqlite:///"):
@@ -203,6 +210,7 @@ class RunLogger:
     """Logs to one existing run by id; used by the rank-0 worker and the stages."""
 
     def __init__(self, uri: str, run_id: str):
+        bound_http_retries()
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
 

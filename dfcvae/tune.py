@@ -6,7 +6,7 @@ the distributions are those in `DISTRIBUTIONS`. Every key and every value it can
 is checked through `Config.with_overrides` (and layer names against the backbone)
 before any trial starts, so a misspelt key fails at once, naming the key.
 
-The objective is `val/objective` from `dfcvae.evaluate.tuning_objective`, never a loss:
+The objective is `val/objective` from `dfcvae.evaluate.Evaluator.tuning_objective`, never a loss:
 trials with different alpha, beta or feature layers optimise different losses, whose
 values are not comparable. `tuning_objective` scores every model the same way, on a
 fixed subset of `eval.val_subset` validation images, as `eval.objective`: by default
@@ -43,6 +43,7 @@ from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dfcvae import data, tracking
 from dfcvae.config import Config, ConfigError
+from dfcvae.evaluate import Evaluator
 from dfcvae.features import resolve_layers
 from dfcvae.train import fit
 
@@ -185,7 +186,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], experiment: str, mlf
     trial_dir = Path(experiment) / trial_id
     cfg = trial_config(Config.from_dict(base), config, trial_dir)
     run_id = trial_run(cfg, trial_id, trial_dir, mlflow_uri, parent_run_id)
-    loop_config = {"config": cfg.to_dict(), "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "objective": True}
+    loop_config = {"config": cfg.to_dict(), "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "objective": Evaluator()}
     logger = tracking.RunLogger(mlflow_uri, run_id)
     try:
         fit(cfg, loop_config, "train", callbacks=(TuneReportCallback(),))

@@ -48,7 +48,9 @@ from torchvision.utils import make_grid
 from dfcvae import data, evaluate, tracking
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config
-from pipeline.common import best_overrides, command, parse_config, write_json
+from dfcvae.files import write_json
+from dfcvae.train import train
+from pipeline.common import best_overrides, command, parse_config
 
 VARIANTS = ("plain_vae", "dfc_vae")  # row order of the pictures and the table
 LABELS = {"plain_vae": "plain VAE", "dfc_vae": "DFC-VAE"}
@@ -134,9 +136,7 @@ def check_inputs(cfg: Config) -> None:
 
 
 def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, Any]:
-    """Train with the train stage, evaluate with the evaluate stage; -> the variant's comparison row."""
-    from pipeline.evaluate import run as run_evaluation
-    from pipeline.train import train
+    """Train and evaluate as the train and evaluate stages do; -> the variant's comparison row."""
 
     cfg, loss = variant.cfg, variant.cfg.loss
     status(
@@ -150,7 +150,7 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     tracking.RunLogger(uri, run_id).client.set_tag(run_id, "compare.variant", variant.name)
     status(f"{index}/{total} {variant.name}: trained in {train_seconds / 60:.1f} min; evaluating")
     start = time.perf_counter()
-    numbers = run_evaluation(cfg)
+    numbers = evaluate.evaluate_trained(cfg)
     eval_seconds = time.perf_counter() - start
     run = tracking.RunLogger(uri, run_id).client.get_run(run_id)
     row = {

@@ -17,8 +17,9 @@ from pathlib import Path
 
 from dfcvae import tracking
 from dfcvae.config import Config
+from dfcvae.files import write_json
 from dfcvae.registry import Registration, register_model
-from pipeline.common import command, parse_config, write_json
+from pipeline.common import command, parse_config
 
 
 def register(cfg: Config) -> Registration:

@@ -27,10 +27,9 @@ from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode
+from dfcvae.images import Rejected, folder_images, load_rgb, preprocess, resolve_crop
 from dfcvae.model import DFCVAE
 from pipeline.common import command
-from pipeline.fetch import folder_images
-from pipeline.shard import Rejected, load_rgb, preprocess, resolve_crop
 
 log = logging.getLogger(__name__)
 RECON_COLS = 8

@@ -32,7 +32,6 @@ Output is byte-identical on reruns: sorted inputs, fixed tar member metadata, no
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import multiprocessing
 import os
@@ -40,12 +39,9 @@ import random
 import shutil
 import sys
 import tarfile
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageOps
 from tqdm import tqdm
 
 from dfcvae.config import Config
@@ -56,18 +52,16 @@ from dfcvae.data import (
     META_MEMBER,
     SPLITS,
     DataError,
+    add_member,
     check_split_counts,
+    encode_image,
+    encode_meta,
     shard_name,
 )
+from dfcvae.images import SMALL_CROP, Rejected, crop_side, load_rgb, preprocess, resolve_crop
 from pipeline.common import command, parse_config
 
-CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
 CHECK_CHUNK = 256  # images per task in the check pass
-PNG_COMPRESS_LEVEL = 6  # fixed, so PNG shards are byte-identical on reruns
-
-
-class Rejected(Exception):
-    """A raw image that cannot be used; the message is the reason for the report."""
 
 
 @dataclass(frozen=True)
@@ -77,100 +71,6 @@ class RawImage:
     split: str
     attrs: list[int] | None  # 0/1 in ATTRIBUTE_NAMES order
     identity: int | None
-
-
-CELEBA_CROP = 148  # PyTorch-VAE's centre crop of CelebA's aligned 178x218 faces
-SMALL_CROP = 0.25  # a crop keeping less of an image's area than this is warned about
-
-
-def resolve_crop(crop_size: int | str, source: str) -> int | str:
-    """data.crop_size -> pixels, or "square"; DataError for anything else."""
-    if crop_size == "auto":
-        return "square" if source == "folder" else CELEBA_CROP
-    if crop_size == "square" or (isinstance(crop_size, int) and crop_size >= 1):
-        return crop_size
-    raise DataError(
-        f"data.crop_size={crop_size!r}: use a number of pixels, square (the centre square of the shorter side) or auto."
-    )
-
-
-def crop_side(img: Image.Image, crop: int | str) -> int:
-    return min(img.size) if crop == "square" else crop
-
-
-def load_rgb(path: Path, crop: int | str, max_pixels: int, image_size: int = 1) -> tuple[Image.Image, str]:
-    """An RGB image from a raw file and a note on any conversion ("" if none); raises Rejected.
-
-    crop: pixels or "square" (resolve_crop); a square crop must hold image_size pixels, so no
-    image is upscaled."""
-    if not path.is_file():
-        raise Rejected("file missing")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
-            width, height = img.size
-            if width * height > max_pixels:
-                raise Rejected(f"too large: {width}x{height} is over data.max_image_pixels={max_pixels}")
-            img.load()
-    except Rejected:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise Rejected(f"too large: {e}") from None
-    except Image.UnidentifiedImageError:
-        raise Rejected("not an image") from None
-    except (OSError, SyntaxError, ValueError) as e:
-        raise Rejected(f"truncated or corrupt: {e}") from None
-    note = ""
-    try:
-        img = ImageOps.exif_transpose(img)
-    except Exception as e:  # EXIF that is not valid TIFF (SyntaxError), bad tags: the pixels are still fine
-        note = f"EXIF unreadable ({type(e).__name__}: {e}), orientation left as stored"
-    if crop == "square" and min(img.size) < image_size:
-        raise Rejected(f"too small: {img.width}x{img.height} is under data.image_size={image_size}")
-    if min(img.size) < crop_side(img, crop):
-        raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop}")
-    rgb, conversion = _to_rgb(img)
-    return rgb, "; ".join(n for n in (note, conversion) if n)
-
-
-def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
-    mode = img.mode
-    if mode == "RGB":
-        return img, ""
-    if mode not in CONVERTIBLE_MODES:
-        raise Rejected(f"unsupported pixel mode {mode} (16-bit or float)")
-    if mode in ("P", "PA", "LA", "RGBA") and (mode != "P" or "transparency" in img.info):
-        rgba = img.convert("RGBA")
-        if rgba.getchannel("A").getextrema()[0] < 255:
-            raise Rejected(f"{mode} with transparent pixels: flatten it onto a background first")
-        return rgba.convert("RGB"), f"{mode} -> RGB (alpha fully opaque, dropped)"
-    return img.convert("RGB"), f"{mode} -> RGB"
-
-
-def preprocess(img: Image.Image, crop: int | str, image_size: int) -> np.ndarray:
-    """Centre crop (pixels or "square"), resize to image_size -> (image_size, image_size, 3) uint8."""
-    side = crop_side(img, crop)
-    left, top = (img.width - side) // 2, (img.height - side) // 2
-    img = img.crop((left, top, left + side, top + side))
-    img = img.resize((image_size, image_size), Image.Resampling.BILINEAR, reducing_gap=None)
-    return np.asarray(img, dtype=np.uint8)
-
-
-def encode_image(image: np.ndarray, encoding: str) -> tuple[str, bytes]:
-    """(H, W, 3) uint8 -> (member extension, bytes) for data.encoding raw | png."""
-    out = io.BytesIO()
-    if encoding == "raw":
-        np.lib.format.write_array(out, np.ascontiguousarray(image, dtype=np.uint8), allow_pickle=False)
-    else:
-        Image.fromarray(image, "RGB").save(out, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-    return IMAGE_MEMBERS[encoding], out.getvalue()
-
-
-def encode_meta(attrs: list[int] | None, identity: int | None) -> bytes:
-    """The sidecar: {"attrs": 40 x 0/1, "identity": int}, each only when known."""
-    meta = {"attrs": attrs, "identity": identity}
-    return json.dumps({k: v for k, v in meta.items() if v is not None}, sort_keys=True, separators=(",", ":")).encode()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -247,18 +147,10 @@ def _write_shard(task: tuple[Path, Path, str, list[RawImage], int, int, int, str
             except Rejected as e:
                 raise DataError(f"{image.file} changed while sharding ({e}): re-run the stage.") from None
             ext, data = encode_image(preprocess(rgb, crop, image_size), encoding)
-            _add_member(tar, f"{image.id}.{ext}", data)
-            _add_member(tar, f"{image.id}.{META_MEMBER}", encode_meta(image.attrs, image.identity))
+            add_member(tar, f"{image.id}.{ext}", data)
+            add_member(tar, f"{image.id}.{META_MEMBER}", encode_meta(image.attrs, image.identity))
     tmp.rename(out_dir / name)
     return {"name": name, "count": len(images), "sha256": _sha256(out_dir / name)}
-
-
-def _add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
-    info = tarfile.TarInfo(name)  # fixed metadata: byte-identical shards on reruns
-    info.size, info.mtime, info.mode = len(data), 0, 0o644
-    info.uid = info.gid = 0
-    info.uname = info.gname = ""
-    tar.addfile(info, io.BytesIO(data))
 
 
 def _sha256(path: Path) -> str:

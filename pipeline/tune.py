@@ -22,9 +22,11 @@ from typing import Any
 
 from dfcvae import data, tracking
 from dfcvae import tune as search
+from dfcvae.cluster import init_ray
 from dfcvae.config import Config
+from dfcvae.files import write_json
 from dfcvae.train import absolute_paths
-from pipeline.common import command, init_ray, parse_config, write_json
+from pipeline.common import command, parse_config
 
 
 def tune(cfg: Config) -> dict[str, Any]:
@@ -41,7 +43,7 @@ def tune(cfg: Config) -> dict[str, Any]:
     run_id = search_run(cfg, path, uri)
     logger = tracking.RunLogger(uri, run_id)
     try:
-        init_ray(cfg)
+        init_ray()
         rows = search.run_search(cfg, space, path, uri, run_id)
         search.close_trial_runs(rows, uri)
         best = write_outputs(cfg, rows, None)

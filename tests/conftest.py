@@ -101,7 +101,7 @@ def ray_cluster():
     """A 2-CPU local Ray cluster per test module, started as the pipeline starts one; its GCS address."""
     import ray
 
-    from pipeline.common import start_local_ray
+    from dfcvae.cluster import start_local_ray
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("RAY_API_SERVER_ADDRESS", "")  # restored (unset) when the module ends

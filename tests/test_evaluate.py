@@ -37,7 +37,7 @@ from dfcvae.evaluate import (
     tuning_objective,
 )
 from dfcvae.model import DFCVAE
-from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
+from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_thread")]
@@ -100,7 +100,7 @@ def save_model(model: DFCVAE, cfg: Config, path) -> None:
 
 
 def test_probe_beats_majority_baseline_on_generated_attributes(cfg: Config, model: DFCVAE) -> None:
-    from pipeline.fetch import SYNTHETIC_ATTRIBUTES
+    from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES
 
     generated = cfg.eval.probe_attributes
     assert set(generated) <= set(SYNTHETIC_ATTRIBUTES)
@@ -218,7 +218,8 @@ def test_evaluate_stage_uses_the_trained_architecture_and_logs_to_the_run(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from pipeline.evaluate import evaluation_config, run
+    from dfcvae.evaluate import evaluate_trained as run
+    from dfcvae.evaluate import evaluation_config
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     trained = cfg

@@ -9,7 +9,7 @@ from dfcvae.config import Config
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
 from dfcvae.loss import dfc_vae_loss
-from dfcvae.train import build_model, build_optimizer, build_perceptual, make_train_step
+from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step
 
 pytestmark = pytest.mark.gpu
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

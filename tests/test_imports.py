@@ -10,10 +10,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones (docs: ../shared/STYLE.md's layering).
 LAYERS = (
-    {"config", "device", "ring", "weights", "metrics"},
-    {"model", "features", "loss", "data", "tracking"},
+    {"config", "device", "ring", "weights", "metrics", "internals", "files"},
+    {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster"},
     {"checkpoint"},
-    {"evaluate"},
+    {"step", "served"},
+    {"worker", "evaluate"},
     {"train"},
     {"tune", "registry"},
 )

@@ -14,7 +14,8 @@ from pathlib import Path
 import psutil
 import pytest
 
-from pipeline.common import SINGLE_MACHINE_RAY, free_port
+from dfcvae.cluster import free_port
+from dfcvae.internals import SINGLE_MACHINE_RAY
 from tests.conftest import ROOT, assert_loopback_only
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]

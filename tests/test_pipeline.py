@@ -128,6 +128,26 @@ def test_loss_weight_change_reruns_from_tune_not_fetch_or_shard(repo):
     assert _stale(repo) == set()
 
 
+@pytest.mark.parametrize(
+    ("code", "users"),
+    [
+        ("dfcvae/weights.py", {"tune", "train", "evaluate", "register"}),
+        ("dfcvae/model.py", {"tune", "train", "evaluate", "register"}),
+        ("dfcvae/data.py", {"fetch", "shard", "tune", "train", "evaluate", "register"}),
+    ],
+)
+def test_changed_library_code_makes_every_stage_that_uses_it_stale(repo, code, users):
+    """dvc.yaml's deps are exact: editing a module stales the stages whose code imports it."""
+    path = repo / code
+    original = path.read_text()
+    path.write_text(original + "\n# changed\n")
+    try:
+        assert _stale(repo) == users
+    finally:
+        path.write_text(original)
+    assert _stale(repo) == set()
+
+
 def test_the_files_that_describe_a_model_come_back_with_it_from_dvcs_cache(repo):
     """What `dvc exp apply` and `dvc pull` restore: run.json, metrics and registration.json with model.pt."""
     names = (

@@ -7,7 +7,8 @@ import torch
 from dfcvae.config import Config
 from dfcvae.device import Runtime
 from dfcvae.metrics import active_units, nyquist_power
-from dfcvae.train import collapse_warning, fixed_val_batches, train_in_process
+from dfcvae.step import train_in_process
+from dfcvae.worker import collapse_warning, fixed_val_batches
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150

@@ -30,6 +30,7 @@ from PIL import Image
 
 from dfcvae import tracking
 from dfcvae.checkpoint import load_checkpoint, load_registered, model_from_state
+from dfcvae.cluster import free_port
 from dfcvae.config import Config
 from dfcvae.model import DFCVAE
 from dfcvae.registry import (
@@ -39,7 +40,6 @@ from dfcvae.registry import (
     register_model,
 )
 from pipeline import register as register_stage
-from pipeline.common import free_port
 from tests.conftest import assert_loopback_only, tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -327,7 +327,7 @@ FRESH = textwrap.dedent("""
 def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_path):
     weights, name = registered(cfg, seed=5, objective=3.0)
     state = load_checkpoint(weights)
-    model = DFCVAE(Config.from_dict(state["config"]).model, cfg.data.image_size)
+    model = DFCVAE(Config.from_stored(state["config"]).model, cfg.data.image_size)
     model.load_state_dict(state["model"])
     model.eval()
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1  # the example has 2
@@ -502,17 +502,17 @@ def test_two_versions_loaded_in_one_process_each_run_their_own_code(cfg, tmp_pat
     either order), each version's predictions come from its own bundled network code."""
     import shutil
 
-    from dfcvae import registry
+    from dfcvae import served
 
     write_outputs(cfg, seed=1, objective=10.0)
     assert register(cfg).version == 1
     changed = tmp_path / "changed" / "dfcvae"
-    shutil.copytree(registry.BUNDLED_PACKAGE, changed, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(served.BUNDLED_PACKAGE, changed, ignore=shutil.ignore_patterns("__pycache__"))
     model_py = changed / "model.py"
     text = model_py.read_text()
     assert "        return self.decoder(z)\n" in text
     model_py.write_text(text.replace("        return self.decoder(z)\n", "        return 0.5 * self.decoder(z)\n"))
-    monkeypatch.setattr(registry, "BUNDLED_PACKAGE", changed)
+    monkeypatch.setattr(served, "BUNDLED_PACKAGE", changed)
     write_outputs(cfg, seed=1, objective=20.0)  # the same weights
     assert register(cfg).version == 2
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32)).astype(np.float32)

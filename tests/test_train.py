@@ -18,16 +18,16 @@ from dfcvae.checkpoint import load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
-from dfcvae.train import (
+from dfcvae.step import (
     NonFiniteLossError,
     build_model,
     build_optimizer,
     build_perceptual,
     make_train_step,
     seed_step,
-    state_digest,
 )
-from pipeline.train import train
+from dfcvae.train import train
+from dfcvae.worker import state_digest
 from tests.conftest import assert_loopback_only
 
 pytestmark = pytest.mark.timeout(600)
@@ -150,7 +150,7 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
 
 
 def test_ema_follows_the_weights_with_its_decay():
-    from dfcvae.train import build_ema
+    from dfcvae.step import build_ema
 
     cfg = Config().with_overrides(
         {"model.hidden_channels": [8, 16], "model.latent_dim": 8, "data.image_size": 32, "train.ema_decay": 0.9}
@@ -258,7 +258,7 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
 
 
 def test_nonfinite_weights_are_never_checkpointed():
-    from dfcvae.train import checkpoint_payload
+    from dfcvae.worker import checkpoint_payload
 
     cfg = Config().with_overrides({"model.hidden_channels": [8, 16], "model.latent_dim": 8, "data.image_size": 32})
     runtime = Runtime(torch.device("cpu"))
@@ -271,7 +271,7 @@ def test_nonfinite_weights_are_never_checkpointed():
 
 
 def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
-    from pipeline.train import run_name
+    from dfcvae.train import run_name
 
     name = run_name(synthetic_cfg, "manifest-a", "code-a")
     assert run_name(synthetic_cfg, "manifest-a", "code-a") == name  # an interrupted run finds its checkpoints

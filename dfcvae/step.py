@@ -1,0 +1,233 @@
+"""One training step without Ray: the model, optimiser and schedule, the step, validation.
+
+What the Ray Train worker loop (`dfcvae.worker`) runs on every rank, and what `bench/` and the
+tests run in one process (`train_in_process`). Randomness is derived from (seed, rank, step),
+so a run resumed from a checkpoint draws exactly the numbers the uninterrupted run would have
+drawn, on every rank. Only the VAE is trained; the perceptual network is frozen.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Callable
+
+import torch
+from torch import Tensor, nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from dfcvae import data
+from dfcvae.config import Config, ConfigError, UserError
+from dfcvae.device import Runtime
+from dfcvae.features import PerceptualNetwork, resolve_layers
+from dfcvae.loss import check_feature_norm, dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.metrics import active_units
+from dfcvae.model import DFCVAE
+
+
+class NonFiniteLossError(UserError, FloatingPointError):
+    """The loss or the weights stopped being finite: the same config fails the same way again,
+    so the run stops instead of retrying."""
+
+
+def seed_step(seed: int, rank: int, step: int) -> torch.Generator:
+    """Seed the global RNG for one step and return a CPU generator for data augmentation."""
+    value = (seed * 1_000_003 + rank * 10_007 + step) % (2**63)
+    torch.manual_seed(value)
+    return torch.Generator().manual_seed(value)
+
+
+def build_model(cfg: Config, runtime: Runtime) -> DFCVAE:
+    model = DFCVAE(cfg.model, cfg.data.image_size)
+    return model.to(runtime.device, memory_format=runtime.memory_format)
+
+
+def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
+    if cfg.loss.perceptual_weight == 0:
+        return None
+    net = PerceptualNetwork.from_config(cfg.perceptual)
+    return net.to(runtime.device, memory_format=runtime.memory_format)
+
+
+def check_config(cfg: Config) -> None:
+    """What would otherwise fail inside the Ray workers, checked in the driver in a second:
+    ConfigError naming the key (architecture, image size, layers, feature norm, schedule)."""
+    with torch.device("meta"):  # shapes only, no memory
+        DFCVAE(cfg.model, cfg.data.image_size)
+    if cfg.loss.perceptual_weight > 0:
+        resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
+    check_feature_norm(cfg.loss.feature_norm)
+    lr_factor(cfg)
+    check_ema_decay(cfg)
+    check_compile_mode(cfg)
+
+
+def lr_factor(cfg: Config) -> Callable[[int], float]:
+    steps, floor = max(cfg.train.steps, 1), cfg.optim.min_lr_fraction
+    schedules = {
+        "constant": lambda step: 1.0,
+        "exponential": lambda step: floor ** (min(step, steps) / steps),
+        "cosine": lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
+    }
+    if cfg.optim.schedule not in schedules:
+        raise ConfigError(f"optim.schedule '{cfg.optim.schedule}' is not one of {', '.join(schedules)}.")
+    return schedules[cfg.optim.schedule]
+
+
+def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
+    optimizer = torch.optim.Adam(
+        model.parameters(),
+        lr=cfg.optim.lr,
+        betas=cfg.optim.betas,
+        weight_decay=cfg.optim.weight_decay,
+        fused=runtime.on_gpu,
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor(cfg))
+    return optimizer, scheduler
+
+
+# torch.compile modes -> whether they replay CUDA graphs (which reuse their output memory).
+COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
+
+
+def check_compile_mode(cfg: Config) -> str:
+    if cfg.train.compile_mode not in COMPILE_MODES:
+        raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
+    return cfg.train.compile_mode
+
+
+def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, bool]:
+    """fn under torch.compile when train.compile and on GPU; -> (callable, uses CUDA graphs)."""
+    mode = check_compile_mode(cfg)
+    if not (cfg.train.compile and runtime.on_gpu):
+        return fn, False
+    return torch.compile(fn, mode=mode), COMPILE_MODES[mode]
+
+
+def check_ema_decay(cfg: Config) -> float:
+    if not 0 <= cfg.train.ema_decay < 1:
+        raise ConfigError(f"train.ema_decay {cfg.train.ema_decay} must be in [0, 1): 0 is off, 0.999 is typical.")
+    return cfg.train.ema_decay
+
+
+def build_ema(cfg: Config, model: nn.Module, state: dict | None = None) -> AveragedModel | None:
+    """torch's AveragedModel with EMA averaging (train.ema_decay) of the VAE's parameters and
+    buffers, or None when off; restored from a checkpoint's "ema" entry when it has one, so a
+    resumed run averages exactly as the uninterrupted one."""
+    if check_ema_decay(cfg) == 0:
+        return None
+    ema = AveragedModel(unwrap(model), multi_avg_fn=get_ema_multi_avg_fn(cfg.train.ema_decay), use_buffers=True)
+    if state is not None and "ema" in state:
+        ema.module.load_state_dict(state["ema"])
+        ema.n_averaged.fill_(int(state["ema_updates"]))
+    return ema
+
+
+def evaluated_model(model: nn.Module, ema: AveragedModel | None) -> DFCVAE:
+    """The VAE that validation, grids and model.pt show: the EMA's when it is on."""
+    return ema.module if ema is not None else unwrap(model)
+
+
+def make_train_step(
+    model: nn.Module,
+    perceptual: PerceptualNetwork | None,
+    optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler,
+    cfg: Config,
+    runtime: Runtime,
+    ema: AveragedModel | None = None,
+) -> Callable[[Tensor], dict[str, Tensor]]:
+    """x in [-1, 1] (B, 3, H, W) on the device -> detached logs; one optimiser update (and one
+    EMA update when ema is given).
+
+    The KL warm-up's factor follows the scheduler's step count, which checkpoints carry, so a
+    resumed run weighs KL exactly as the uninterrupted one.
+    """
+
+    def forward_loss(x: Tensor, kl_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
+        with runtime.autocast():
+            recon, mu, logvar = model(x)
+            return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, kl_scale=kl_scale)
+
+    compute, graphed = compiled(forward_loss, cfg, runtime)
+
+    def step(x: Tensor) -> dict[str, Tensor]:
+        optimizer.zero_grad(set_to_none=True)
+        if graphed:
+            torch.compiler.cudagraph_mark_step_begin()
+        kl_scale: float | Tensor = 1.0
+        if cfg.loss.kl_warmup_steps > 0:  # a tensor, so torch.compile does not specialise on each value
+            kl_scale = torch.tensor(kl_warmup(cfg.loss, scheduler.last_epoch), device=x.device)
+        loss, logs = compute(x, kl_scale)
+        if graphed:  # graph outputs are overwritten by the next replay; the logs outlive it
+            logs = {k: v.clone() for k, v in logs.items()}
+        loss.backward()
+        if cfg.optim.grad_clip > 0:
+            logs["train/grad_norm"] = nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        scheduler.step()
+        if ema is not None:
+            ema.update_parameters(unwrap(model))
+        return logs
+
+    return step
+
+
+@torch.no_grad()
+def validate(
+    model: DFCVAE,
+    perceptual: PerceptualNetwork | None,
+    reference: PerceptualNetwork,
+    batches: list[Tensor],
+    cfg: Config,
+    runtime: Runtime,
+) -> dict[str, float]:
+    """Loss parts, pixel MSE and the fixed-layer distance on fixed val batches (latent means),
+    and the active latent units over all of them (`metrics.active_units`)."""
+    model.eval()
+    totals: dict[str, float] = {}
+    means = []
+    for x in batches:
+        with runtime.autocast():
+            mu, logvar = model.encode(x)
+            means.append(mu.float())
+            recon = model.decode(mu)
+            _, logs = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, split="val")
+            logs["val/reference_distance"] = sum(feature_distances(reference(x), reference(recon)).values())
+        for key, value in logs.items():
+            totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
+    means = torch.cat(means)
+    if len(means) >= 2:  # a variance over the data needs two images
+        units = active_units(means)
+        totals |= {"val/active_units": float(units), "val/active_fraction": units / model.latent_dim}
+    model.train()
+    return totals
+
+
+def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool = False) -> DFCVAE:
+    """`steps` steps of cfg's recipe in this process, rank 0 of 1, without Ray, validation or
+    checkpoints: the step and data stream the worker loop runs, for benchmarks and tests.
+    -> the VAE in eval mode."""
+    seed_step(cfg.train.seed, 0, -1)
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    ema = build_ema(cfg, model)
+    step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime, ema)
+    start = time.perf_counter()
+    for step, batch in data.train_stream(cfg, device=runtime.device):
+        if step >= steps:
+            break
+        generator = seed_step(cfg.train.seed, 0, step)
+        logs = step_fn(data.prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
+        if progress and (step + 1) % max(steps // 5, 1) == 0:
+            sys.stdout.write(
+                f"[train] step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} "
+                f"kl {float(logs['train/kl']):.2f} ({time.perf_counter() - start:.0f} s)\n"
+            )
+            sys.stdout.flush()
+    return evaluated_model(model, ema).eval()
+
+
+def unwrap(model: nn.Module) -> DFCVAE:
+    return model.module if hasattr(model, "module") else model

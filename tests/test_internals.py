@@ -1,0 +1,80 @@
+"""Each private-API use in dfcvae/internals.py, and the fallback that runs when it is gone."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from dfcvae import internals, tracking
+from dfcvae.ring import BatchRing
+
+
+def test_shared_storage_is_shared_memory():
+    storage = internals.new_shared_storage(4096)
+    assert storage.is_shared() and storage.nbytes() == 4096
+
+
+def test_shared_storage_falls_back_to_share_memory_when_the_private_call_is_gone(monkeypatch, caplog):
+    def gone(*args, **kwargs):
+        raise AttributeError("_new_shared")
+
+    monkeypatch.setattr(torch.UntypedStorage, "_new_shared", gone)
+    with caplog.at_level(logging.WARNING, logger="dfcvae.internals"):
+        storage = internals.new_shared_storage(4096)
+    assert storage.is_shared() and storage.nbytes() == 4096
+    assert "allocating, then sharing" in caplog.text
+    ring = BatchRing(slots=2, batch_size=3, image_size=4, attrs=40)  # the ring still works on it
+    assert ring.put(0, [np.full((4, 4, 3), 7, np.uint8)] * 3, [np.zeros(40, np.int8)] * 3)
+    images, _ = ring.take(0, None)
+    assert images.shape == (3, 3, 4, 4) and int(images.min()) == 7
+    ring.close()
+
+
+@pytest.mark.parametrize("maps", ["no-cudart", "missing"])
+def test_a_cuda_error_that_cannot_be_reset_is_an_error_saying_how_to_avoid_it(tmp_path, monkeypatch, maps):
+    path = tmp_path / "maps"
+    if maps == "no-cudart":
+        path.write_text("7f00-7f01 r-xp 00000000 08:01 1 /usr/lib/libc.so.6\n")
+    monkeypatch.setattr(internals, "PROC_MAPS", str(path))
+    with pytest.raises(RuntimeError, match="loader.num_workers: 0"):
+        internals.clear_cuda_error()
+
+
+def test_loopback_only_ray_sets_the_switch_and_the_constant(monkeypatch):
+    from ray._private import ray_constants
+
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", True)
+    monkeypatch.delenv(internals.SINGLE_MACHINE_RAY, raising=False)
+    assert internals.loopback_only_ray() is True
+    assert ray_constants.ENABLE_RAY_CLUSTER is False
+    assert os.environ[internals.SINGLE_MACHINE_RAY] == "0"
+
+
+def test_loopback_only_ray_falls_back_to_the_variable_and_says_so(monkeypatch, caplog):
+    from ray._private import ray_constants
+
+    monkeypatch.delattr(ray_constants, "ENABLE_RAY_CLUSTER")  # as a Ray release without it
+    monkeypatch.delenv(internals.SINGLE_MACHINE_RAY, raising=False)
+    with caplog.at_level(logging.WARNING, logger="dfcvae.internals"):
+        assert internals.loopback_only_ray() is False
+    assert os.environ[internals.SINGLE_MACHINE_RAY] == "0"
+    assert "before Python imports Ray" in caplog.text
+
+
+def test_importing_tracking_sets_no_environment_and_setup_bounds_mlflow_retries(tmp_path, monkeypatch):
+    import subprocess
+
+    code = "import os, dfcvae.tracking; print(sorted(k for k in os.environ if k.startswith('MLFLOW_HTTP')))"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_HTTP")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "[]"
+    for name in tracking.HTTP_LIMITS:
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the user's value wins
+    tracking.bound_http_retries()
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
