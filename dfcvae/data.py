@@ -1,6 +1,10 @@
-"""WebDataset shards -> training batches.
+"""The shard format, in one home: writing samples, the tar reader, the epoch plan, the loader.
 
-Shard format, written by `pipeline/shard.py` and read only here:
+Shard format, written through `encode_image`, `encode_meta` and `add_member` (by
+`pipeline/shard.py`) and read only here; plain webdataset shards, read by webdataset's own
+`WebDataset` as by this reader (tests/test_data.py). This reader is kept because it reads about
+5 times the images per CPU-second of webdataset's `WebDataset(...).decode()` pipeline on the same
+shards (docs/data.md, `python -m bench.reader`); the batch slots are dfcvae/ring.py.
 
     <split>-NNNNNN.tar          split in SPLITS, a fixed number of samples each
         <key>.npy | <key>.png   the (H, W, 3) uint8 image: data.encoding raw | png
