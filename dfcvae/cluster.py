@@ -47,3 +47,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def alive_nodes() -> int:
+    """Nodes alive in the cluster this process joined."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"])
+
+
+def resources_summary() -> str:
+    """The alive nodes' total resources, in words: "2 nodes: CPU 2, slot 1"."""
+    import ray
+
+    total = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory", "object_store"))}
+    return f"{alive_nodes()} nodes: " + ", ".join(f"{k} {v:g}" for k, v in sorted(total.items()))

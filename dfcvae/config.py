@@ -205,7 +205,16 @@ class ScalingConfig:
     cpus_per_worker: float = 8.0
     gpus_per_worker: float = 1.0
     max_failures: int = 2
+    # Checkpoints: a local path on one machine; on a cluster of several nodes an s3:// (any
+    # pyarrow) URI, or a path every node mounts (then storage_shared: true). A checkpoint on one
+    # node's disk does not survive that node, so a local path on several nodes is refused.
     storage_dir: str = "outputs/ray"
+    storage_shared: bool = False
+    placement_strategy: str = "PACK"  # Ray's: PACK (fewest nodes) | SPREAD (across nodes) | STRICT_*
+    worker_resources: dict[str, float] = field(default_factory=dict)  # custom Ray resources per worker
+    # How long a run (or its restart after a lost node) waits for nodes for all its workers
+    # before it fails saying so; an autoscaler's new node usually takes minutes.
+    node_wait_s: float = 600.0
 
 
 @dataclass(frozen=True)

@@ -83,3 +83,91 @@ def loopback_only_ray() -> bool:
             SINGLE_MACHINE_RAY,
         )
         return False
+
+
+LOOPBACK = {"127.0.0.1", "::1"}
+_STORE: dict[str, object] = {}  # in the rank-0 worker: the rendezvous store and its socket, kept alive
+
+
+def torch_config(backend: str, timeout_s: int = 1800):
+    """Ray Train's TorchConfig for `backend`, whose process group, when every worker's node is on
+    127.0.0.1 (this project's single-machine mode), rendezvouses through a store listening on
+    127.0.0.1 only, and whose gloo or NCCL sockets use the loopback interface.
+
+    Why: Ray Train's own setup has rank 0 start torch.distributed's TCPStore, which listens on
+    every interface (`*:PORT`, no authentication), and the worker's DataLoader processes inherit
+    that socket. Here rank 0 binds a socket to 127.0.0.1 itself and hands it to the store
+    (`TCPStore(master_listen_fd=...)`, public). On a cluster whose nodes have real addresses Ray
+    Train's setup runs unchanged: those ports must stay inside the cluster network (README).
+
+    Private: `ray.train.torch.config._TorchBackend` (subclassed, to replace its on_start) and
+    `_set_torch_distributed_env_vars` (LOCAL_RANK etc., as Ray Train sets them). Fallback when
+    they are gone: Ray Train's plain TorchConfig, with a warning that the store binds every interface.
+    """
+    from ray.train.torch import TorchConfig
+
+    try:
+        from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
+    except ImportError as err:
+        log.warning("Ray Train's torch backend internals not found (%s): its store listens on every interface", err)
+        return TorchConfig(backend=backend, timeout_s=timeout_s)
+
+    class LoopbackTorchBackend(_TorchBackend):
+        def on_start(self, worker_group, backend_config) -> None:
+            import ray
+
+            if not set(worker_group.execute(_node_address)) <= LOOPBACK:
+                return super().on_start(worker_group, backend_config)
+            size, timeout = len(worker_group), backend_config.timeout_s
+            port = worker_group.execute_single(0, _serve_store, size, timeout)
+            worker_group.execute(_set_torch_distributed_env_vars)
+            ray.get(
+                [
+                    worker_group.execute_single_async(rank, _join_process_group, backend, rank, size, port, timeout)
+                    for rank in range(size)
+                ]
+            )
+
+    class LoopbackTorchConfig(TorchConfig):
+        @property
+        def backend_cls(self):
+            return LoopbackTorchBackend
+
+    return LoopbackTorchConfig(backend=backend, timeout_s=timeout_s)
+
+
+def _node_address() -> str:
+    import ray
+
+    return ray.util.get_node_ip_address()
+
+
+def _serve_store(world_size: int, timeout_s: float) -> int:
+    """In rank 0: the rendezvous store on a socket bound to 127.0.0.1; -> its port."""
+    import datetime
+    import socket
+
+    import torch.distributed as dist
+
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(128)
+    port = listener.getsockname()[1]
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = dist.TCPStore(  # not waiting here for the other ranks: they connect in _join_process_group
+        "127.0.0.1", port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=listener.fileno()
+    )
+    _STORE.update(store=store, listener=listener)
+    return port
+
+
+def _join_process_group(backend: str, rank: int, world_size: int, port: int, timeout_s: float) -> None:
+    import datetime
+
+    import torch.distributed as dist
+
+    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's connections between ranks: loopback
+    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL's bootstrap: loopback
+    timeout = datetime.timedelta(seconds=timeout_s)
+    store = _STORE["store"] if rank == 0 else dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

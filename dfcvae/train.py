@@ -18,10 +18,30 @@ from typing import Any
 
 from dfcvae import cluster, data, tracking
 from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
-from dfcvae.config import Config, UserError
+from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import write_json
+from dfcvae.internals import torch_config
 from dfcvae.step import check_config
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
+
+# Ray Train's wait for the nodes of a worker group (Ray Train V2), read by its controller.
+START_TIMEOUT_ENV = "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"
+
+
+class ClusterError(UserError, RuntimeError):
+    """The cluster cannot run the configured workers: no nodes for them within scaling.node_wait_s."""
+
+
+def check_storage(cfg: Config, nodes: int) -> None:
+    """ConfigError for a local scaling.storage_dir on a cluster of several nodes: a checkpoint on
+    one node's disk does not survive that node, so the restart after its loss would find none."""
+    storage = cfg.scaling.storage_dir
+    if nodes > 1 and "://" not in storage and not cfg.scaling.storage_shared:
+        raise ConfigError(
+            f"scaling.storage_dir={storage} is a local path on a cluster of {nodes} nodes: a checkpoint "
+            "on one node's disk does not survive that node. Use object storage (s3://bucket/dfcvae/ray), "
+            "or a path every node mounts with scaling.storage_shared: true."
+        )
 
 
 def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
@@ -46,6 +66,7 @@ def train(cfg: Config) -> dict[str, float]:
     (out_dir / "reports.jsonl").unlink(missing_ok=True)  # this run's audit log only
     try:
         cluster.init_ray()
+        check_storage(cfg, cluster.alive_nodes())
         loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
         result = fit(cfg, loop_config, run_name(cfg, manifest_hash, tracking.code_digest()))
         with result.checkpoint.as_directory() as checkpoint_dir:
@@ -85,7 +106,7 @@ def report_log_callback(path: Path):
 
     class ReportLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            keys = ("step", "rank", "restored_from", "samples_seen", "weights_sha256", "perceptual_sha256")
+            keys = ("step", "rank", "node_id", "restored_from", "samples_seen", "weights_sha256", "perceptual_sha256")
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 for row in metrics:
@@ -96,21 +117,31 @@ def report_log_callback(path: Path):
 
 def make_trainer(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = ()):
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
+    from ray.train.torch import TorchTrainer
 
     scaling = cfg.scaling
-    resources = {"CPU": scaling.cpus_per_worker, **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {})}
+    resources = {
+        "CPU": scaling.cpus_per_worker,
+        **({"GPU": scaling.gpus_per_worker} if scaling.use_gpu else {}),
+        **scaling.worker_resources,
+    }
+    os.environ[START_TIMEOUT_ENV] = str(scaling.node_wait_s)  # Ray Train passes it to its controller
     return TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(
-            num_workers=scaling.num_workers, use_gpu=scaling.use_gpu, resources_per_worker=resources
+            num_workers=scaling.num_workers,
+            use_gpu=scaling.use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=scaling.placement_strategy,
         ),
-        torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if scaling.use_gpu else "gloo"),
         run_config=RunConfig(
             name=name,
             storage_path=scaling.storage_dir,
-            failure_config=FailureConfig(max_failures=0),  # retried by fit(), which knows what a retry can fix
+            # Retried by fit(), which knows what a retry can fix; a worker group that cannot start
+            # (no nodes within scaling.node_wait_s) fails instead of waiting again and again.
+            failure_config=FailureConfig(max_failures=0, controller_failure_limit=0),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.train.keep_checkpoints),
             callbacks=[report_log_callback(Path(cfg.train.out_dir) / "reports.jsonl"), *callbacks],
         ),
@@ -122,15 +153,21 @@ def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = 
     under the same name, up to scaling.max_failures times (-1: no limit): Ray Train finds the
     run's checkpoints under scaling.storage_dir and the workers resume from the latest.
     A failure that repeats on every attempt (NonFiniteLossError, another UserError: a bad
-    config or bad data) is raised at once, as the workers raised it.
+    config or bad data) is raised at once, as the workers raised it. ClusterError when the
+    workers' nodes do not come within scaling.node_wait_s.
     """
-    from ray.train import TrainingFailedError
+    from ray.train import ControllerError, TrainingFailedError
 
     limit = cfg.scaling.max_failures
     attempt = 1
     while True:
         try:
             return make_trainer(cfg, loop_config, name, callbacks).fit()
+        except ControllerError as err:
+            cause = getattr(err, "controller_failure", None)
+            if "WorkerGroupStartupTimeoutError" not in f"{type(cause).__name__} {err}":
+                raise
+            raise ClusterError(no_nodes_message(cfg)) from None
         except TrainingFailedError as err:
             failures = list(getattr(err, "worker_failures", {}).values())
             deterministic = [f for f in failures if isinstance(f, UserError)]
@@ -145,6 +182,17 @@ def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = 
             )
             sys.stdout.flush()
             attempt += 1
+
+
+def no_nodes_message(cfg: Config) -> str:
+    s = cfg.scaling
+    need = {"CPU": s.cpus_per_worker, **({"GPU": s.gpus_per_worker} if s.use_gpu else {}), **s.worker_resources}
+    each = ", ".join(f"{k} {v:g}" for k, v in need.items())
+    return (
+        f"no nodes for {s.num_workers} workers ({each} each, placement {s.placement_strategy}) came within "
+        f"scaling.node_wait_s={s.node_wait_s:g} s; the cluster has {cluster.resources_summary()}: add nodes "
+        "(or let the autoscaler), lower scaling.num_workers, or raise scaling.node_wait_s."
+    )
 
 
 def export_outputs(checkpoint_dir: Path, out_dir: Path) -> dict[str, float]:

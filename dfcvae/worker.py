@@ -52,6 +52,7 @@ GRID_RECONSTRUCTIONS = 16  # val inputs above their reconstructions
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import ray
     import ray.train
     import ray.train.torch
 
@@ -61,6 +62,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     runtime = Runtime(ray.train.torch.get_device())
+    node_id = ray.get_runtime_context().get_node_id()  # where this rank runs, in every report
     torch.backends.cudnn.benchmark = runtime.on_gpu
     seed_step(cfg.train.seed, rank, -1)
 
@@ -93,6 +95,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             history.grids(validation.grids(evaluated_model(model, ema)), done)
         if due.checkpoint(done):
             values = {"step": done, "samples_seen": done * cfg.global_batch_size, "rank": rank, "restored_from": start}
+            values["node_id"] = node_id
             values |= digests(model, perceptual) | history.latest
             state = checkpoint_payload(model, optimizer, scheduler, done, cfg, per_epoch, ema) if rank == 0 else None
             report(values, state, history.rows)
@@ -104,7 +107,11 @@ def resume(cfg: Config, model: DFCVAE, optimizer, scheduler) -> tuple[int, dict 
     import ray.train
 
     checkpoint = ray.train.get_checkpoint()
-    state = load_checkpoint(Path(checkpoint.path)) if checkpoint else init_state(cfg)
+    if checkpoint:  # on object storage (s3://) as on a local or shared disk
+        with checkpoint.as_directory() as local:
+            state = load_checkpoint(Path(local))
+    else:
+        state = init_state(cfg)
     if state is None:
         return 0, None
     model.load_state_dict(state["model"])
@@ -379,7 +386,8 @@ def previous_rows(start_step: int) -> list[dict[str, float]]:
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return []
-    return [row for row in read_log(Path(checkpoint.path) / LOG_FILE) if row["step"] <= start_step]
+    with checkpoint.as_directory() as local:
+        return [row for row in read_log(Path(local) / LOG_FILE) if row["step"] <= start_step]
 
 
 def collapse_warning(cfg: Config, step: int, fraction: float) -> str | None:

@@ -413,7 +413,9 @@ def test_mlflow_and_postgres_admit_only_this_namespace():
                     assert peer.keys() == {"podSelector"}, f"{policy['metadata']['name']} admits {peer}"
 
 
-def test_ray_pods_admit_this_namespace_and_the_operator_only():
+def test_ray_pods_admit_any_port_only_from_ray_pods_and_the_job_api_from_this_namespace_and_the_operator():
+    """Between Ray pods run unauthenticated ports picked at run time (torch.distributed's store,
+    gloo, NCCL): only Ray pods reach them; anything else gets the job API (8265) at most."""
     head_labels = one("RayCluster", "dfcvae")["spec"]["headGroupSpec"]["template"]["metadata"]["labels"]
     policies = [p for _, p in objects("NetworkPolicy")]
     selecting = [p for p in policies if p["spec"]["podSelector"]["matchLabels"].items() <= head_labels.items()]
@@ -421,12 +423,18 @@ def test_ray_pods_admit_this_namespace_and_the_operator_only():
     for policy in selecting:
         for rule in policy["spec"]["ingress"]:
             for peer in rule["from"]:
-                if peer.keys() == {"podSelector"}:
-                    continue
-                # The KubeRay operator's namespace, on the job API port only.
-                assert peer.keys() == {"namespaceSelector"}, f"{policy['metadata']['name']} admits {peer}"
-                assert "kubernetes.io/metadata.name" in peer["namespaceSelector"]["matchLabels"]
-                assert [port["port"] for port in rule["ports"]] == [8265]
+                ray_pods = peer.keys() == {"podSelector"} and peer["podSelector"].get("matchLabels", {}).items() <= {
+                    ("app.kubernetes.io/name", "ray")
+                }
+                if ray_pods and peer["podSelector"].get("matchLabels"):
+                    continue  # other Ray pods: any port
+                if peer.keys() == {"namespaceSelector"}:  # the KubeRay operator's namespace
+                    assert "kubernetes.io/metadata.name" in peer["namespaceSelector"]["matchLabels"]
+                else:
+                    assert peer.keys() == {"podSelector"}, f"{policy['metadata']['name']} admits {peer}"
+                assert [port["port"] for port in rule.get("ports", [])] == [8265], (
+                    f"{policy['metadata']['name']} admits {peer} on more than the job API"
+                )
 
 
 def test_no_default_password_and_no_literal_credentials():

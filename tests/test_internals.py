@@ -78,3 +78,19 @@ def test_importing_tracking_sets_no_environment_and_setup_bounds_mlflow_retries(
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")  # the user's value wins
     tracking.bound_http_retries()
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
+
+
+def test_torch_config_binds_the_store_to_loopback_through_ray_trains_backend():
+    config = internals.torch_config("gloo")
+    assert config.backend == "gloo" and config.backend_cls.__name__ == "LoopbackTorchBackend"
+
+
+def test_torch_config_falls_back_to_ray_trains_own_when_its_backend_is_gone(monkeypatch, caplog):
+    import ray.train.torch.config as ray_torch_config
+    from ray.train.torch import TorchConfig
+
+    monkeypatch.delattr(ray_torch_config, "_TorchBackend")
+    with caplog.at_level(logging.WARNING, logger="dfcvae.internals"):
+        config = internals.torch_config("gloo")
+    assert type(config) is TorchConfig and config.backend == "gloo"
+    assert "listens on every interface" in caplog.text

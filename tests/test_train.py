@@ -28,7 +28,7 @@ from dfcvae.step import (
 )
 from dfcvae.train import train
 from dfcvae.worker import state_digest
-from tests.conftest import assert_loopback_only
+from tests.conftest import LOOPBACK, assert_loopback_only
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -69,8 +69,37 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
     assert_loopback_only(os.getpid(), at_least=6)
 
 
+def sockets_while(thread: threading.Thread, root_pid: int) -> list[tuple[str, int, str, str]]:
+    """(address, port, process, role) of every listening TCP socket seen in root_pid's process tree
+    while `thread` runs; role is "worker" for a Ray Train worker, "loader" for its DataLoader
+    processes, else "ray"."""
+    seen = set()
+    while thread.is_alive():
+        for proc in psutil.Process(root_pid).children(recursive=True):
+            try:
+                lines = " ".join(proc.cmdline())
+                parent = " ".join(proc.parent().cmdline()) if proc.parent() else ""
+                role = "loader" if "RayTrainWorker" in parent else "worker" if "RayTrainWorker" in lines else "ray"
+                for c in proc.net_connections(kind="tcp"):
+                    if c.status == psutil.CONN_LISTEN:
+                        seen.add((c.laddr.ip, c.laddr.port, proc.name(), role))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                continue
+        time.sleep(0.05)
+    return sorted(seen)
+
+
 def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg):
-    metrics = train(run_cfg)
+    """Also: while it trains, every socket listening in the cluster's processes (the process
+    group's rendezvous store and gloo in the workers, and what their DataLoader processes
+    inherit) is on 127.0.0.1."""
+    outcome = {}
+    driver = threading.Thread(target=lambda: outcome.update(metrics=train(run_cfg)), daemon=True)
+    driver.start()
+    sockets = sockets_while(driver, os.getpid())
+    metrics = outcome["metrics"]
+    assert {role for *_, role in sockets} >= {"worker", "loader"}, sockets
+    assert not [s for s in sockets if s[0] not in LOOPBACK], f"listening beyond 127.0.0.1: {sockets}"
     out = Path(run_cfg.train.out_dir)
     assert metrics["step"] == 6 and metrics["samples_seen"] == 6 * run_cfg.global_batch_size
     # Every rank reported the same VAE digest, and the frozen network's digest did not move.
