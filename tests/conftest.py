@@ -39,6 +39,7 @@ LONGEST_FIRST = (
     "test_pipeline.py",
     "test_tune.py",
     "test_train.py",
+    "test_multinode.py",
     "test_compare.py",
     "test_job.py",
     "test_registry.py",
