@@ -88,8 +88,8 @@ def load_state(source: str | Path) -> dict[str, Any]:
 
 def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, Config]:
     """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, its Config).
-    A config stored before an architecture field existed loads with that field's default, which is
-    the architecture of such models (dfcvae.config.ModelConfig)."""
+    A config stored before an architecture field existed loads as the architecture of such models
+    (`Config.from_stored`, STORED_BEFORE_FIELD)."""
     cfg = Config.from_stored(state["config"])
     model = DFCVAE(cfg.model, cfg.data.image_size)
     model.load_state_dict(state["model"])

@@ -12,7 +12,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAYERS = (
     {"config", "device", "ring", "weights", "metrics", "internals", "files"},
     {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster"},
-    {"checkpoint"},
+    {"checkpoint", "bundle"},
     {"step", "served"},
     {"worker", "evaluate"},
     {"train"},

@@ -522,3 +522,69 @@ def test_two_versions_loaded_in_one_process_each_run_their_own_code(cfg, tmp_pat
         one, two = loaded[1].predict(x), loaded[2].predict(x)
         np.testing.assert_allclose(two, 0.5 * one, rtol=1e-5, atol=1e-6)
         assert np.abs(one).max() > 1e-3  # not all zeros: the halving is visible
+
+
+# ---------------------------------------------------------------- the shareable bundle
+
+NO_MLFLOW = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    import torch
+    sys.modules["mlflow"] = None  # importing MLflow anywhere below fails
+    from dfcvae.bundle import load_bundle
+    model, cfg = load_bundle(sys.argv[1])
+    x = torch.from_numpy(np.load(sys.argv[2]))
+    with torch.no_grad():
+        np.save(sys.argv[3], model.reconstruct(x).numpy())
+    loaded = sys.modules.get("mlflow") is not None
+    print(json.dumps({"latent_dim": cfg.model.latent_dim, "mlflow": loaded}))
+""")
+
+
+def test_exported_bundle_holds_no_pickle_and_predicts_as_the_registered_model_without_mlflow(cfg, tmp_path):
+    from pipeline.export import export
+
+    _, name = registered(cfg, seed=5, objective=3.0)
+    out = export(cfg, f"models:/{name}@champion", tmp_path / "bundle")
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"model.safetensors", "config.json", "README.md"} <= set(files)
+    assert {f"{grid}.png" for grid in GRIDS} <= set(files)
+    for file, data in files.items():  # pickle protocol 2+ starts with 0x80, torch.save's zip with PK
+        assert not data.startswith((b"\x80", b"PK")) and Path(file).suffix not in {".pt", ".pth", ".pkl"}, file
+    header = int.from_bytes(files["model.safetensors"][:8], "little")  # safetensors: a JSON header first
+    assert "decoder.head" in "".join(json.loads(files["model.safetensors"][8 : 8 + header]))
+    card = files["README.md"].decode()
+    version = MlflowClient().get_model_version_by_alias(name, "champion")
+    assert version.tags["data.manifest_hash"] in card and f"version {version.version}" in card
+    assert "FID protocol" in card and "![samples](samples.png)" in card
+
+    x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    np.save(tmp_path / "x.npy", x.numpy())
+    script = tmp_path / "load.py"
+    script.write_text(NO_MLFLOW)
+    done = subprocess.run(
+        [sys.executable, str(script), str(out), str(tmp_path / "x.npy"), str(tmp_path / "y.npy")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads(done.stdout.splitlines()[-1]) == {"latent_dim": cfg.model.latent_dim, "mlflow": False}
+    served = mlflow.pyfunc.load_model(f"models:/{name}@champion").predict(x.numpy())
+    assert np.array_equal(np.load(tmp_path / "y.npy"), served)
+
+
+def test_export_of_a_model_pt_takes_the_evaluation_beside_it(cfg, tmp_path):
+    from dfcvae.bundle import load_bundle
+    from pipeline.export import export
+
+    write_outputs(cfg, seed=2, objective=4.0)
+    out = export(cfg, str(Path(cfg.train.out_dir) / "model.pt"), tmp_path / "bundle")
+    model, loaded = load_bundle(out)
+    assert loaded == Config.from_stored(cfg.to_dict())
+    trained = load_checkpoint(Path(cfg.train.out_dir) / "model.pt")["model"]
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
+    assert "`test/fid_samples` | 1 |" in (out / "README.md").read_text()
+    with pytest.raises(FileNotFoundError, match="is not a dfcvae bundle"):
+        load_bundle(tmp_path)

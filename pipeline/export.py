@@ -1,0 +1,95 @@
+"""Export a model as a shareable bundle (dfcvae/bundle.py) that loads without MLflow.
+
+    python -m pipeline.export --model models:/dfcvae@champion --out DIR
+    python -m pipeline.export --model outputs/train/model.pt --out DIR
+
+A registered model brings its metrics, grids and provenance (version tags: data manifest hash,
+git commit; the run's Inception identity). A model.pt brings the evaluate stage's metrics and
+pictures from eval.out_dir when they are there. Publishing DIR to a model hub is a separate,
+optional step (README, "Sharing a model").
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from dfcvae import tracking
+from dfcvae.bundle import write_bundle
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint, load_state
+from dfcvae.config import Config, ConfigError
+from dfcvae.evaluate import PICTURES
+from pipeline.common import command, parse_config
+
+
+def export(cfg: Config, source: str, out: Path) -> Path:
+    """Write the bundle of `source` (a models:/ URI, model.pt or a checkpoint) into `out`."""
+    if source.startswith("models:/"):
+        return _export_registered(cfg, source, out)
+    state = load_state(source)
+    eval_dir = Path(cfg.eval.out_dir)
+    metrics = _read_json(eval_dir / "metrics.json")
+    evaluation = _read_json(eval_dir / "evaluation.json")
+    grids = {Path(name).stem: eval_dir / name for name in PICTURES if (eval_dir / name).is_file()}
+    provenance = {"fid_inception": evaluation["inception"]} if "inception" in evaluation else {}
+    return write_bundle(state, out, metrics, grids, provenance)
+
+
+def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
+    import mlflow
+    from mlflow.models import Model
+
+    client = mlflow.MlflowClient(tracking_uri=tracking.setup(cfg.mlflow))
+    version = _model_version(client, uri)
+    run_tags = client.get_run(version.run_id).data.tags if version.run_id else {}
+    provenance = {
+        "name": version.name,
+        "version": version.version,
+        "run_id": version.run_id,
+        "manifest_hash": version.tags.get("data.manifest_hash", "unknown"),
+        "git_commit": version.tags.get("git_commit", "unknown"),
+        "fid_inception": run_tags.get("eval.fid_inception"),
+    }
+    with tempfile.TemporaryDirectory() as tmp:
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
+        artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
+        if REGISTERED_ARTIFACT not in artifacts:
+            raise ConfigError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
+        path = {name: local / entry["path"] for name, entry in artifacts.items()}
+        metrics = _read_json(path["metrics"]) if "metrics" in path else {}
+        grids = {name.removeprefix("grid_"): p for name, p in path.items() if name.startswith("grid_")}
+        return write_bundle(load_checkpoint(path[REGISTERED_ARTIFACT]), out, metrics, grids, provenance)
+
+
+def _model_version(client, uri: str):
+    """models:/<name>@<alias> or models:/<name>/<version> -> the MLflow ModelVersion."""
+    ref = uri.removeprefix("models:/")
+    if "@" in ref:
+        name, alias = ref.split("@", 1)
+        return client.get_model_version_by_alias(name, alias)
+    name, _, number = ref.partition("/")
+    if not number.isdigit():
+        raise ConfigError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>.")
+    return client.get_model_version(name, number)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+@command("export")
+def main(argv: list[str] | None = None) -> None:
+    def options(parser) -> None:
+        parser.add_argument("--model", required=True, help="models:/<name>@<alias>, model.pt or a checkpoint")
+        parser.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+
+    cfg, args = parse_config(__doc__.splitlines()[0], argv, options)
+    out = export(cfg, args.model, args.out)
+    print(f"export: {args.model} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
