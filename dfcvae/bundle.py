@@ -4,6 +4,7 @@
     config.json         the full config it was trained with (`Config.to_dict()`)
     README.md           the model card: data, metrics and how they were measured, loss, backbone
     <grid>.png          the evaluation's pictures (samples, reconstructions, ...), when given
+    sampler.safetensors the evaluation's prior sampler (dfcvae/sampler.py), when given
 
 `load_bundle(folder)` -> (DFCVAE in eval mode, Config) needs only torch, safetensors and this
 package. `pipeline.export` writes a bundle from a registered model or a model.pt.
@@ -22,13 +23,16 @@ from safetensors.torch import load_file, save_file
 from dfcvae.config import Config
 from dfcvae.files import write_json
 from dfcvae.model import DFCVAE
+from dfcvae.sampler import SAMPLER_FILE, Sampler, load_sampler
 
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 CARD_FILE = "README.md"
 # The card's metrics, in order: key -> what it is.
 CARD_METRICS = {
-    "test/fid_samples": "FID of prior samples against the test images",
+    "test/fid_samples": "FID of prior samples (eval.sampler) against the test images",
+    "test/fid_samples_normal": "FID of samples z ~ N(0, T^2 I) (eval.temperature)",
+    "test/fid_samples_gmm": "FID of samples from the Gaussian mixture on train latents",
     "test/fid_recon": "FID of reconstructions decode(mu) against the test images",
     "test/psnr": "PSNR of reconstructions, dB",
     "test/ssim": "SSIM of reconstructions",
@@ -45,11 +49,13 @@ def write_bundle(
     metrics: dict[str, Any] | None = None,
     grids: dict[str, Path] | None = None,
     provenance: dict[str, Any] | None = None,
+    sampler: Path | None = None,
 ) -> Path:
     """A checkpoint ({"model", "config", ...}) as a bundle folder `out` (created; its files replaced).
 
     metrics: the evaluation's metrics.json; grids: picture name -> PNG; provenance: where the
-    model comes from (registered name and version, data manifest hash, run id, git commit).
+    model comes from (registered name and version, data manifest hash, run id, git commit);
+    sampler: the evaluation's sampler.safetensors.
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -61,6 +67,8 @@ def write_bundle(
     for name, path in (grids or {}).items():
         pictures[name] = f"{name}.png"
         shutil.copyfile(path, out / pictures[name])
+    if sampler is not None:
+        shutil.copyfile(sampler, out / SAMPLER_FILE)
     (out / CARD_FILE).write_text(model_card(cfg, state, metrics or {}, pictures, provenance or {}))
     return out
 
@@ -78,6 +86,12 @@ def load_bundle(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     return model.to(device).eval(), cfg
 
 
+def load_bundle_sampler(folder: str | Path) -> Sampler | None:
+    """The bundle's prior sampler, or None when it has none (then sample z ~ N(0, I))."""
+    path = Path(folder) / SAMPLER_FILE
+    return load_sampler(path) if path.is_file() else None
+
+
 def model_card(
     cfg: Config, state: dict[str, Any], metrics: dict[str, Any], pictures: dict[str, str], provenance: dict[str, Any]
 ) -> str:
@@ -90,9 +104,11 @@ def model_card(
         "A Deep Feature Consistent VAE (Hou et al., WACV 2017, arXiv 1610.00291) trained with dfcvae.",
         "",
         "```python",
-        "from dfcvae.bundle import load_bundle",
+        "from dfcvae.bundle import load_bundle, load_bundle_sampler",
         'model, cfg = load_bundle("<this folder>")  # images in [-1, 1], (B, 3, H, W)',
         "x_hat = model.reconstruct(x); z, _ = model.encode(x); samples = model.sample(16)",
+        "# the evaluation's sampler, when the bundle has one: model.decode(sampler.sample(16, generator))",
+        'sampler = load_bundle_sampler("<this folder>")',
         "```",
         "",
         "## Model",

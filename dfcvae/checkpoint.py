@@ -60,18 +60,24 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from err
 
 
-def load_registered(uri: str) -> dict[str, Any]:
-    """The checkpoint a registered model bundles, e.g. `models:/dfcvae@champion` (MLflow download)."""
+def download_registered(uri: str, dst: str | Path) -> dict[str, Path]:
+    """A registered model's files, e.g. `models:/dfcvae@champion`, downloaded under `dst`:
+    pyfunc artifact name -> local path (REGISTERED_ARTIFACT, "metrics", "grid_<name>", "sampler").
+    ValueError when it is not a dfcvae model."""
     import mlflow
     from mlflow.models import Model
 
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
+    if REGISTERED_ARTIFACT not in artifacts:
+        raise ValueError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
+    return {name: local / entry["path"] for name, entry in artifacts.items()}
+
+
+def load_registered(uri: str) -> dict[str, Any]:
+    """The checkpoint a registered model bundles, e.g. `models:/dfcvae@champion` (MLflow download)."""
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        pyfunc = Model.load(local).flavors.get("python_function", {})
-        artifact = pyfunc.get("artifacts", {}).get(REGISTERED_ARTIFACT)
-        if artifact is None:
-            raise ValueError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
-        return load_checkpoint(local / artifact["path"])
+        return load_checkpoint(download_registered(uri, tmp)[REGISTERED_ARTIFACT])
 
 
 def load_state(source: str | Path) -> dict[str, Any]:

@@ -258,6 +258,12 @@ class EvalConfig:
     arithmetic_attributes: tuple[str, ...] = ("Smiling", "Eyeglasses")
     probe_train_samples: int = 20000  # train images whose latent means fit the attribute probe
     seed: int = 0  # prior samples for FID and the sample grid
+    # Prior samples (dfcvae/sampler.py): normal, z ~ N(0, temperature^2 I), or gmm, a Gaussian
+    # mixture fit on train latent means. Every sampler's FID is reported (test/fid_samples_<name>);
+    # this one's is test/fid_samples, draws samples.png, and goes with the registered model.
+    sampler: str = "normal"
+    temperature: float = 1.0
+    gmm_components: int = 10
     out_dir: str = "outputs/eval"
 
 

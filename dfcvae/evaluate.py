@@ -10,7 +10,9 @@ the real images' statistics loaded between calls (a training run's validations).
     test/reference_distance             sum over eval.reference_layers of 1/(2 C H W) ||Phi(x) - Phi(x_hat)||^2
                                         (eval.reference_*: one network for every model)
     test/fid_recon                      FID of the reconstructions against the real test images
-    test/fid_samples                    FID of as many prior samples (seed eval.seed) against them
+    test/fid_samples                    FID of as many prior samples (seed eval.seed) against them,
+                                        from eval.sampler; test/fid_samples_<s> for each sampler s
+                                        (normal at eval.temperature, gmm: dfcvae/sampler.py)
     test/fid_sum                        the two added (eval.objective picks one of the three)
     test/fid_images                     images per FID set: FIDs compare only at the same count
                                         and Inception network (`test/fid_inception`)
@@ -25,10 +27,11 @@ the real images' statistics loaded between calls (a training run's validations).
 and writes into eval.out_dir:
     metrics.json      the numbers above, plus the objective under its own name (eval.objective)
     probe.json, .csv  one row per probed attribute: attribute, accuracy, baseline
-    evaluation.json   Inception identity, image counts, seed, skipped attributes, picture grids
+    evaluation.json   Inception identity, image counts, seed, sampler, skipped attributes, picture grids
+    sampler.safetensors  eval.sampler as fitted here (the registered model samples with it)
     PICTURES          PNG grids, GRID_PADDING px between S x S images, so a grid of R rows and
                       C columns is C (S + 2) + 2 px wide and R (S + 2) + 2 px high (`grid_size`):
-      samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed)
+      samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed, eval.sampler)
       reconstructions.png       2 x RECON_COLS: test images above their reconstructions
       interpolations.png        INTERP_PAIRS x INTERP_STEPS: from test image i to test image
                                 INTERP_PAIRS + i in latent space, ends included
@@ -67,6 +70,7 @@ from dfcvae.features import build_reference, resolve_layers
 from dfcvae.files import write_json
 from dfcvae.loss import feature_distances
 from dfcvae.model import DFCVAE
+from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, check_sampler, save_sampler
 
 log = logging.getLogger(__name__)
 
@@ -171,13 +175,22 @@ class FeatureMoments:
 
 
 def prior_moments(
-    model: DFCVAE, n: int, seed: int, batch_size: int, inception: metrics.InceptionFeatures, progress: bool = False
+    model: DFCVAE,
+    n: int,
+    seed: int,
+    batch_size: int,
+    inception: metrics.InceptionFeatures,
+    progress: bool = False,
+    sampler: Sampler | None = None,
 ) -> FeatureMoments:
-    """Inception moments of n decoded z ~ N(0, I); z drawn at once on CPU, so independent of batch size and device."""
+    """Inception moments of n decoded codes from `sampler` (default z ~ N(0, I)); the codes are
+    drawn at once on CPU from `seed`, so independent of batch size and device."""
     device = next(model.parameters()).device
-    z = torch.randn(n, model.latent_dim, generator=torch.Generator().manual_seed(seed))  # (n, latent)
+    sampler = sampler or NormalSampler(model.latent_dim)
+    z = sampler.sample(n, torch.Generator().manual_seed(seed))  # (n, latent)
     moments = FeatureMoments()
-    with evaluation_mode(model), tqdm(total=n, desc="evaluate: prior samples", unit="img", disable=not progress) as bar:
+    what = f"evaluate: {sampler.kind} samples"
+    with evaluation_mode(model), tqdm(total=n, desc=what, unit="img", disable=not progress) as bar:
         for chunk in z.split(batch_size):
             moments.add(inception(model.decode(chunk.to(device)).float()))
             bar.update(len(chunk))
@@ -190,9 +203,21 @@ def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:
     return OBJECTIVES[name](fid_recon, fid_samples)
 
 
+def build_samplers(cfg: Config, train_latents: Tensor) -> dict[str, Sampler]:
+    """Every sampler (dfcvae/sampler.py): normal at eval.temperature, and the Gaussian mixture fit
+    on `train_latents` (N, latent_dim)."""
+    return {
+        "normal": NormalSampler(cfg.model.latent_dim, cfg.eval.temperature),
+        "gmm": GaussianMixtureSampler.fit(train_latents, cfg.eval.gmm_components, cfg.eval.seed),
+    }
+
+
 def check_settings(cfg: Config) -> None:
-    """The eval settings that would otherwise fail late: the objective and the attribute names."""
+    """The eval settings that would otherwise fail late: the objective, the sampler and the
+    attribute names."""
     objective_value(cfg.eval.objective, 0.0, 0.0)
+    check_sampler(cfg.eval.sampler)
+    NormalSampler(cfg.model.latent_dim, cfg.eval.temperature)
     attribute_columns(cfg.eval.probe_attributes)
     attribute_columns(cfg.eval.arithmetic_attributes)
 
@@ -391,14 +416,18 @@ def write_pictures(
     pool: tuple[Tensor, Tensor],
     train: tuple[Tensor, Tensor],
     out_dir: Path,
+    sampler: Sampler | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """The PICTURES from test images `pool` (uint8, int8 attrs) and train latent means; -> layout per file."""
+    """The PICTURES from test images `pool` (uint8, int8 attrs) and train latent means, samples
+    from `sampler` (default N(0, I)); -> layout per file."""
     images, attrs = pool
     x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (P, 3, H, W) in [-1, 1]
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     pairs = min(INTERP_PAIRS, len(x) // 2)
+    n = SAMPLE_ROWS * SAMPLE_COLS
+    z = (sampler or NormalSampler(model.latent_dim)).sample(n, generator)
     grids = {
-        "samples.png": metrics.sample_grid(model, SAMPLE_ROWS * SAMPLE_COLS, generator, nrow=SAMPLE_COLS),
+        "samples.png": metrics.sample_grid(model, n, generator, nrow=SAMPLE_COLS, z=z),
         "reconstructions.png": metrics.reconstruction_grid(model, x[:RECON_COLS]),
         "interpolations.png": metrics.interpolation_grid(model, x[:pairs], x[pairs : 2 * pairs], INTERP_STEPS),
     }
@@ -510,16 +539,22 @@ def _evaluate(
     out_dir = Path(cfg.eval.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     test = measure_test_split(model, cfg, device, inception)
-    samples = prior_moments(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, progress=True)
     real = test.real.statistics()
     fid_recon = metrics.frechet_distance(*real, *test.recon.statistics())
-    fid_samples = metrics.frechet_distance(*real, *samples.statistics())
     train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
+    samplers = build_samplers(cfg, train[0])
+    fids = {}
+    for name, sampler in samplers.items():  # the same count and seed for each
+        moments = prior_moments(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, True, sampler)
+        fids[name] = metrics.frechet_distance(*real, *moments.statistics())
+    fid_samples = fids[cfg.eval.sampler]
+    save_sampler(samplers[cfg.eval.sampler], out_dir / SAMPLER_FILE)
     probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes)
-    layout = write_pictures(model, cfg, test.pool, train, out_dir)
+    layout = write_pictures(model, cfg, test.pool, train, out_dir, samplers[cfg.eval.sampler])
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
+    numbers |= {f"test/fid_samples_{name}": fid for name, fid in fids.items()}
     numbers["test/fid_images"] = test.count
     numbers |= collapse_and_checkerboard(test)
     numbers |= probe_metrics(probe)
@@ -531,6 +566,9 @@ def _evaluate(
             "inception": inception.identity,
             "fid_images": test.count,
             "fid_prior_samples": test.count,
+            "sampler": cfg.eval.sampler,
+            "temperature": cfg.eval.temperature,
+            "gmm_components": len(samplers["gmm"].weights) if "gmm" in samplers else None,
             "seed": cfg.eval.seed,
             "objective": cfg.eval.objective,
             "reference": {
@@ -584,5 +622,5 @@ def write_outputs(out_dir: Path, numbers: dict[str, float], probe: dict[str, Any
 def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
     logger.metrics(numbers, step)
     logger.client.set_tag(logger.run_id, "eval.fid_inception", identity)
-    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "evaluation.json"):
+    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "evaluation.json", SAMPLER_FILE):
         logger.artifact(out_dir / name, "eval")

@@ -447,13 +447,16 @@ def _latent_means(model: LatentModel, images: Tensor) -> Tensor:
     return mu  # (B, latent_dim)
 
 
-def sample_grid(model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None) -> tuple[Tensor, int]:
-    """Decodings of n draws z ~ N(0, I) from `generator`.
+def sample_grid(
+    model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None, z: Tensor | None = None
+) -> tuple[Tensor, int]:
+    """Decodings of n draws z ~ N(0, I) from `generator`, or of the given codes z (n, latent_dim).
 
     Grid: ceil(n / cols) rows x cols, cols = nrow or ceil(sqrt(n)).
     """
     cols = nrow or math.ceil(math.sqrt(n))
-    z = torch.randn(n, model.latent_dim, generator=generator, device=generator.device)
+    if z is None:
+        z = torch.randn(n, model.latent_dim, generator=generator, device=generator.device)
     with _evaluating(model):
         images = model.decode(z.to(_device_of(model)))
     return images.cpu(), cols

@@ -45,6 +45,7 @@ from mlflow.tracking import MlflowClient
 
 from dfcvae.checkpoint import all_finite, load_checkpoint, load_model
 from dfcvae.config import Config, UserError
+from dfcvae.sampler import SAMPLER_FILE
 from dfcvae.served import VAEModel, log_model  # noqa: F401 (VAEModel: older registered models name it here)
 
 CHAMPION = "champion"
@@ -189,7 +190,8 @@ def register_model(
     if isinstance(metrics.get(ACTIVE_FRACTION), (int, float)):
         tags["active_fraction"] = repr(float(metrics[ACTIVE_FRACTION]))
     try:
-        model_uri = log_model(state, model_path, metrics_path, grids, run_id)
+        sampler = grids_dir / SAMPLER_FILE
+        model_uri = log_model(state, model_path, metrics_path, grids, run_id, sampler if sampler.is_file() else None)
         with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
             result = register_if_better(
                 client,

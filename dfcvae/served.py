@@ -15,13 +15,17 @@ exported graph would fix the batch size to the input example's.
       - "reconstruct" (default): reconstructions through the latent mean, (B, 3, H, W) in [-1, 1];
       - "encode": the latent means, (B, latent_dim);
       - "sample": `params["n"]` (default 16) prior samples, (n, 3, H, W), from `params["seed"]`
-        (default 0); the input is validated but otherwise ignored.
+        (default 0); the input is validated but otherwise ignored. `params["sampler"]`:
+        "default" the sampler the evaluation stored with the model (eval.sampler: N(0, T^2 I) or
+        the Gaussian mixture on train latents, dfcvae/sampler.py; N(0, I) for models without one),
+        "normal" N(0, I), or "gmm" (400 when the model has no mixture).
 The signature's output schema describes the default mode.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import sys
@@ -39,11 +43,13 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint
 from dfcvae.config import Config
 from dfcvae.model import DFCVAE
+from dfcvae.sampler import NormalSampler, load_sampler
 
 # This module is imported wherever the pyfunc is loaded (a serving container): nothing of the
 # training stack (data, the perceptual network, Ray) is imported here.
 
-PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0}
+PREDICT_PARAMS = {"mode": "reconstruct", "n": 16, "seed": 0, "sampler": "default"}
+SAMPLER_ARTIFACT = "sampler"
 MODES = ("reconstruct", "encode", "sample")
 BUNDLED_PACKAGE = Path(__file__).resolve().parent  # the dfcvae package, shipped with every registered model
 INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
@@ -60,6 +66,23 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()
+        stored = context.artifacts.get(SAMPLER_ARTIFACT)
+        self.sampler = load_sampler(Path(stored)) if stored else None
+
+    def draw(self, params: dict[str, Any]) -> torch.Tensor:
+        """Latent codes (n, latent_dim) for the sample mode, as params["sampler"] says."""
+        name = params.get("sampler", "default")
+        stored = getattr(self, "sampler", None)
+        if name == "default":
+            sampler = stored or NormalSampler(self.model.latent_dim)
+        elif name == "normal":
+            sampler = NormalSampler(self.model.latent_dim)
+        elif name == "gmm" and stored is not None and stored.kind == "gmm":
+            sampler = stored
+        else:
+            has = f"a {stored.kind} sampler" if stored else "no sampler"
+            raise bad_input(f"params.sampler {name!r}: this model was registered with {has}; use default or normal.")
+        return sampler.sample(int(params["n"]), torch.Generator().manual_seed(int(params["seed"])))
 
     # np.ndarray is a hint MLflow accepts without inferring a schema from it: the signature rules.
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
@@ -68,8 +91,8 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         if mode not in MODES:
             raise bad_input(f"params.mode {mode!r} is not one of {MODES}.")
         if mode == "sample":
-            generator = torch.Generator().manual_seed(int(params["seed"]))
-            return self.model.sample(int(params["n"]), generator).float().cpu().numpy()
+            with torch.no_grad():
+                return self.model.decode(self.draw(params).to(self.device)).float().cpu().numpy()
         x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)  # (B, 3, H, W)
         size = self.model.image_size
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
@@ -116,6 +139,7 @@ def model_signature(example: np.ndarray) -> ModelSignature:
             ParamSpec("mode", "string", PREDICT_PARAMS["mode"]),
             ParamSpec("n", "long", PREDICT_PARAMS["n"]),
             ParamSpec("seed", "long", PREDICT_PARAMS["seed"]),
+            ParamSpec("sampler", "string", PREDICT_PARAMS["sampler"]),
         ]
     )
     return ModelSignature(inputs=Schema([image]), outputs=Schema([image]), params=params)
@@ -129,8 +153,11 @@ def input_example(state: dict, n: int = 2) -> np.ndarray:
     return model.eval().sample(n, torch.Generator().manual_seed(0)).numpy()  # (n, 3, H, W)
 
 
-def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Path], run_id: str) -> str:
-    """Log the pyfunc model on `run_id` with its attachments; returns its models:/ URI."""
+def log_model(
+    state: dict, model_path: Path, metrics_path: Path, grids: list[Path], run_id: str, sampler: Path | None = None
+) -> str:
+    """Log the pyfunc model on `run_id` with its attachments (the evaluation's sampler file when
+    given); returns its models:/ URI."""
     example = input_example(state)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.json"
@@ -141,6 +168,7 @@ def log_model(state: dict, model_path: Path, metrics_path: Path, grids: list[Pat
             "config": str(config_path),
             "metrics": str(metrics_path),
             **{f"grid_{grid.stem}": str(grid) for grid in grids},
+            **({SAMPLER_ARTIFACT: str(sampler)} if sampler else {}),
         }
         info = Model.log(
             artifact_path=None,
@@ -167,4 +195,5 @@ def _requirements() -> list[str]:
         f"numpy=={np.__version__}",
         f"pyyaml=={yaml.__version__}",
         f"mlflow=={mlflow.__version__}",
+        f"safetensors=={importlib.metadata.version('safetensors')}",
     ]

@@ -19,9 +19,11 @@ from typing import Any
 
 from dfcvae import tracking
 from dfcvae.bundle import write_bundle
-from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint, load_state
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_state
 from dfcvae.config import Config, ConfigError
 from dfcvae.evaluate import PICTURES
+from dfcvae.sampler import SAMPLER_FILE
+from dfcvae.served import SAMPLER_ARTIFACT
 from pipeline.common import command, parse_config
 
 
@@ -35,12 +37,12 @@ def export(cfg: Config, source: str, out: Path) -> Path:
     evaluation = _read_json(eval_dir / "evaluation.json")
     grids = {Path(name).stem: eval_dir / name for name in PICTURES if (eval_dir / name).is_file()}
     provenance = {"fid_inception": evaluation["inception"]} if "inception" in evaluation else {}
-    return write_bundle(state, out, metrics, grids, provenance)
+    sampler = eval_dir / SAMPLER_FILE
+    return write_bundle(state, out, metrics, grids, provenance, sampler if sampler.is_file() else None)
 
 
 def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
     import mlflow
-    from mlflow.models import Model
 
     client = mlflow.MlflowClient(tracking_uri=tracking.setup(cfg.mlflow))
     version = _model_version(client, uri)
@@ -54,14 +56,11 @@ def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
         "fid_inception": run_tags.get("eval.fid_inception"),
     }
     with tempfile.TemporaryDirectory() as tmp:
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=tmp))
-        artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
-        if REGISTERED_ARTIFACT not in artifacts:
-            raise ConfigError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
-        path = {name: local / entry["path"] for name, entry in artifacts.items()}
+        path = download_registered(uri, tmp)
         metrics = _read_json(path["metrics"]) if "metrics" in path else {}
         grids = {name.removeprefix("grid_"): p for name, p in path.items() if name.startswith("grid_")}
-        return write_bundle(load_checkpoint(path[REGISTERED_ARTIFACT]), out, metrics, grids, provenance)
+        state = load_checkpoint(path[REGISTERED_ARTIFACT])
+        return write_bundle(state, out, metrics, grids, provenance, path.get(SAMPLER_ARTIFACT))
 
 
 def _model_version(client, uri: str):

@@ -4,7 +4,9 @@
     python -m pipeline.sample --model models:/dfcvae@champion --out recon.png --reconstruct photos/
 
 --model: the train stage's model.pt, a checkpoint file or directory, or a registered model.
-Samples: n decodings of z ~ N(0, I) drawn from --seed, ceil(n / cols) rows of cols images.
+Samples: n decodings of codes drawn from --seed, ceil(n / cols) rows of cols images. --sampler:
+"default" the sampler a registered model was evaluated with (dfcvae/sampler.py), else z ~ N(0, I);
+"normal" z ~ N(0, T^2 I), T = --temperature; or a sampler.safetensors file (eval.out_dir).
 --reconstruct: the first n images (sorted by path, .jpg .jpeg .png .webp, recursive) of the
 folder, prepared as the shards are (centre crop of data.crop_size, or of the shorter side
 when smaller, then resized to the model's size); each row of cols inputs is followed by a
@@ -18,26 +20,45 @@ import argparse
 import logging
 import math
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
 
 from dfcvae import metrics
-from dfcvae.checkpoint import load_model
+from dfcvae.checkpoint import download_registered, load_model
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode
 from dfcvae.images import Rejected, folder_images, load_rgb, preprocess, resolve_crop
 from dfcvae.model import DFCVAE
+from dfcvae.sampler import NormalSampler, Sampler, load_sampler
+from dfcvae.served import SAMPLER_ARTIFACT
 from pipeline.common import command
 
 log = logging.getLogger(__name__)
 RECON_COLS = 8
 
 
-def sample_pictures(model: DFCVAE, n: int, seed: int, cols: int) -> torch.Tensor:
-    images, _ = metrics.sample_grid(model, n, torch.Generator().manual_seed(seed), nrow=cols)
+def sample_pictures(model: DFCVAE, n: int, seed: int, cols: int, sampler: Sampler | None = None) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    z = (sampler or NormalSampler(model.latent_dim)).sample(n, generator)
+    images, _ = metrics.sample_grid(model, n, generator, nrow=cols, z=z)
     return images
+
+
+def choose_sampler(name: str, source: str, latent_dim: int, temperature: float) -> Sampler:
+    """--sampler: default (a registered model's stored sampler, else normal), normal, or a file."""
+    if name == "default" and source.startswith("models:/"):
+        with tempfile.TemporaryDirectory() as tmp:
+            stored = download_registered(source, tmp).get(SAMPLER_ARTIFACT)
+            if stored is not None:
+                return load_sampler(stored)
+    if name in ("default", "normal"):
+        return NormalSampler(latent_dim, temperature)
+    if not Path(name).is_file():
+        raise FileNotFoundError(f"--sampler {name}: use default, normal, or a sampler.safetensors file.")
+    return load_sampler(Path(name))
 
 
 def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
@@ -84,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0, help="prior samples' seed (default 0)")
     parser.add_argument("--nrow", type=int, default=0, help="images per row (default: see above)")
     parser.add_argument("--reconstruct", type=Path, help="a folder of images to reconstruct instead of sampling")
+    parser.add_argument("--sampler", default="default", help="default | normal | a sampler.safetensors file")
+    parser.add_argument("--temperature", type=float, default=1.0, help="the normal sampler's std (default 1)")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1.")
@@ -95,7 +118,8 @@ def main(argv: list[str] | None = None) -> None:
         grid = reconstruction_pictures(model, read_folder(args.reconstruct, args.n, cfg), cols)
     else:
         cols = args.nrow or math.ceil(math.sqrt(args.n))
-        grid = sample_pictures(model, args.n, args.seed, cols)
+        sampler = choose_sampler(args.sampler, str(args.model), model.latent_dim, args.temperature)
+        grid = sample_pictures(model, args.n, args.seed, cols, sampler)
     path = metrics.save_grid(grid, args.out, nrow=cols)
     rows, cols = math.ceil(len(grid) / cols), min(cols, len(grid))
     print(f"wrote {path}: {rows} rows x {cols} images of {cfg.data.image_size} px")

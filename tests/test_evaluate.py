@@ -37,6 +37,7 @@ from dfcvae.evaluate import (
     tuning_objective,
 )
 from dfcvae.model import DFCVAE
+from dfcvae.sampler import SAMPLER_FILE, load_sampler
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from tests.conftest import tiny_config
 
@@ -140,6 +141,9 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     assert expected <= set(saved)
     assert saved[cfg.eval.objective] == saved["test/fid_sum"] == saved["test/fid_recon"] + saved["test/fid_samples"]
     assert saved["test/fid_images"] == cfg.eval.num_samples
+    assert saved["test/fid_samples"] == saved[f"test/fid_samples_{cfg.eval.sampler}"]
+    assert {"test/fid_samples_normal", "test/fid_samples_gmm"} <= set(saved)
+    assert load_sampler(out / SAMPLER_FILE).kind == cfg.eval.sampler
     assert 0 < saved["test/psnr"] <= 100 and -1 <= saved["test/ssim"] <= 1 and saved["test/reference_distance"] > 0
     for name in cfg.eval.probe_attributes:
         assert 0 <= saved[f"test/probe_accuracy/{name}"] <= 1

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones (docs: ../shared/STYLE.md's layering).
 LAYERS = (
-    {"config", "device", "ring", "weights", "metrics", "internals", "files"},
+    {"config", "device", "ring", "weights", "metrics", "internals", "files", "sampler"},
     {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster"},
     {"checkpoint", "bundle"},
     {"step", "served"},

@@ -39,6 +39,7 @@ from dfcvae.registry import (
     RegistrationError,
     register_model,
 )
+from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, save_sampler
 from pipeline import register as register_stage
 from tests.conftest import assert_loopback_only, tiny_config
 
@@ -378,9 +379,24 @@ def wait_until_answering(server: subprocess.Popen, url: str, log: Path, timeout_
             time.sleep(0.5)
 
 
+def gmm_sampler(cfg: Config) -> GaussianMixtureSampler:
+    """A mixture fit on made-up latents, written where the evaluate stage writes its sampler."""
+    latents = torch.randn(200, cfg.model.latent_dim, generator=torch.Generator().manual_seed(1)) * 0.5 + 2.0
+    sampler = GaussianMixtureSampler.fit(latents, 3, seed=0)
+    save_sampler(sampler, Path(cfg.eval.out_dir) / SAMPLER_FILE)
+    return sampler
+
+
 @pytest.mark.slow
 def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
-    _, name = registered(cfg, seed=6, objective=3.0)
+    """Also: the Gaussian mixture stored with the model is the one its sample mode draws from."""
+    write_outputs(cfg, seed=6, objective=3.0)
+    sampler = gmm_sampler(cfg)
+    assert register(cfg).decision == "promoted"
+    name = cfg.registry.model_name
+    local, _ = model_from_state(load_checkpoint(Path(cfg.train.out_dir) / "model.pt"), "cpu")
+    with torch.no_grad():
+        expected_gmm = gmm = local.decode(sampler.sample(4, torch.Generator().manual_seed(5))).numpy()
     port, log = free_port(), tmp_path / "serve.log"
     server = start_server(
         [
@@ -408,6 +424,8 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
         for body, shape in (
             ({"inputs": x.tolist()}, (3, 3, 32, 32)),
             ({"inputs": x[:1].tolist(), "params": {"mode": "sample", "n": 4}}, (4, 3, 32, 32)),
+            ({"inputs": x[:1].tolist(), "params": {"mode": "sample", "n": 4, "seed": 5}}, expected_gmm),
+            ({"inputs": x[:1].tolist(), "params": {"mode": "sample", "n": 4, "seed": 5, "sampler": "gmm"}}, gmm),
         ):
             request = urllib.request.Request(
                 f"http://127.0.0.1:{port}/invocations",
@@ -416,6 +434,9 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
             )
             with urllib.request.urlopen(request, timeout=30) as response:
                 predictions = np.asarray(json.loads(response.read())["predictions"], dtype=np.float32)
+            if isinstance(shape, np.ndarray):  # the stored mixture's draws, decoded as locally
+                np.testing.assert_allclose(predictions, shape, atol=1e-5)
+                continue
             assert predictions.shape == shape and np.abs(predictions).max() <= 1
         # 8-bit pixels where [-1, 1] is expected: refused in a sentence, not reconstructed as noise.
         request = urllib.request.Request(
