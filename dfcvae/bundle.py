@@ -36,6 +36,7 @@ CARD_METRICS = {
     "test/fid_recon": "FID of reconstructions decode(mu) against the test images",
     "test/psnr": "PSNR of reconstructions, dB",
     "test/ssim": "SSIM of reconstructions",
+    "test/lpips": "LPIPS v0.1 of reconstructions (ImageNet backbone)",
     "test/reference_distance": "fixed-layer perceptual distance (eval.reference_*)",
     "test/active_fraction": "share of active latent dimensions (Burda et al. 2016)",
     "test/nyquist_ratio": "checkerboard measure, reconstructions / real (> 1: a checkerboard)",

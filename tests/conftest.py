@@ -27,6 +27,7 @@ TINY = {
     "eval.reference_backbone": "mobilenet_v2",
     "eval.reference_layers": "vae345",
     "eval.reference_weights": "imagenet",
+    "eval.lpips_weights": "random",  # AlexNet's ImageNet file is not on this machine
     "train.compile": False,
     "scaling.use_gpu": False,
     "tune.enabled": False,

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 import scipy.linalg
@@ -363,3 +365,59 @@ def test_save_grid_writes_a_png_of_the_grid(model: TinyVAE, tmp_path) -> None:
     with Image.open(path) as png:
         # make_grid: 2-pixel padding around every cell.
         assert png.format == "PNG" and png.size == (4 * 18 + 2, 3 * 18 + 2)
+
+
+# ---------------------------------------------------------------- LPIPS
+
+
+def _theirs_and_file(tmp_path):
+    """The lpips package's own network on a seeded random AlexNet, and that backbone saved as
+    torchvision's state_dict (features.N.*), as an ImageNet file would be."""
+    import lpips
+
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        theirs = lpips.LPIPS(net="alex", pnet_rand=True, verbose=False).eval()
+    features = {f"features.{k.split('.', 1)[1]}": v for k, v in theirs.net.state_dict().items()}
+    torch.save(features, tmp_path / "alexnet.pth")
+    return theirs, tmp_path / "alexnet.pth"
+
+
+def test_lpips_equals_the_lpips_packages_own_output_with_the_same_backbone(tmp_path):
+    from dfcvae.lpips_metric import LPIPS
+
+    theirs, backbone = _theirs_and_file(tmp_path)
+    torch.manual_seed(123)  # ours starts from other random weights: the file must replace them
+    ours = LPIPS("alex", str(backbone))
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = (x + 0.2 * torch.randn(x.shape, generator=torch.Generator().manual_seed(2))).clamp(-1, 1)
+    with torch.no_grad():
+        assert torch.equal(ours(x, y), theirs(x, y).flatten())
+
+
+def test_lpips_is_zero_for_identical_images_and_grows_with_noise():
+    from dfcvae.lpips_metric import LPIPS
+
+    metric = LPIPS("alex", "random")
+    x = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    noise = torch.randn(x.shape, generator=torch.Generator().manual_seed(2))
+    assert torch.equal(metric(x, x), torch.zeros(4))
+    levels = [float(metric(x, (x + s * noise).clamp(-1, 1)).mean()) for s in (0.02, 0.05, 0.1, 0.2, 0.4)]
+    assert levels == sorted(levels) and levels[0] > 0
+
+
+def test_lpips_without_the_imagenet_file_says_where_to_put_it(tmp_path, monkeypatch):
+    from dfcvae.config import ConfigError
+    from dfcvae.lpips_metric import LPIPS
+
+    def offline(*args, **kwargs):
+        raise OSError("network unreachable")
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    monkeypatch.setattr(torch.hub, "_hub_dir", None)
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    with pytest.raises(FileNotFoundError, match=r"alexnet-owt-7be5be79\.pth.*eval\.lpips_weights"):
+        LPIPS("alex", "imagenet")
+    with pytest.raises(ConfigError, match="eval.lpips_net 'squeezenet' is not one of alex, vgg"):
+        LPIPS("squeezenet", "random")

@@ -1,0 +1,66 @@
+"""LPIPS (Zhang et al. 2018, "The unreasonable effectiveness of deep features as a perceptual
+metric"): the reconstruction metric reported beside FID, PSNR and SSIM.
+
+The `lpips` package supplies the network and its learned linear layers (v0.1, shipped inside the
+package). Its backbone (AlexNet or VGG16 features) would load through torchvision's download; here
+it loads through `dfcvae.weights` instead (the same torch cache, the same sentence when the file
+is missing), or from a file, or stays random for tests.
+
+Comparable with published LPIPS (v0.1) only with `eval.lpips_weights: imagenet`, the same `net`
+(`alex` is the common choice), and images at the same size; a random backbone's numbers rank
+distortions but compare with nothing.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+
+from dfcvae.config import ConfigError
+from dfcvae.weights import load_file_state_dict, load_imagenet_state_dict
+
+NETS = {"alex": "alexnet", "vgg": "vgg16"}  # lpips' name -> torchvision's (dfcvae.weights)
+
+
+class LPIPS(nn.Module):
+    """Distance between image batches x, y (B, 3, H, W) in [-1, 1] -> (B,), 0 for identical images.
+
+    net: alex | vgg; weights: imagenet | random | a file holding torchvision's state_dict of that
+    network (keys features.N.*). Raises ConfigError for an unknown net, FileNotFoundError when the
+    ImageNet file is neither cached nor downloadable (dfcvae.weights says where to put it).
+    """
+
+    def __init__(self, net: str = "alex", weights: str = "imagenet"):
+        super().__init__()
+        import lpips
+
+        if net not in NETS:
+            raise ConfigError(f"eval.lpips_net '{net}' is not one of {', '.join(NETS)}.")
+        state = None
+        if weights == "imagenet":
+            state = load_imagenet_state_dict(NETS[net], setting="eval.lpips_weights")
+        elif weights != "random":
+            state = load_file_state_dict(weights)
+        with warnings.catch_warnings():  # lpips passes torchvision's old `pretrained=` argument
+            warnings.simplefilter("ignore", UserWarning)
+            self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
+        if state is not None:
+            load_backbone(self.model.net, state)
+        self.model.eval().requires_grad_(False)
+        self.net, self.weights = net, weights
+
+    @torch.no_grad()
+    def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.model(x.float(), y.float()).flatten()
+
+
+def load_backbone(net: nn.Module, state: dict[str, Tensor]) -> None:
+    """torchvision's `features.N.*` tensors into lpips' slices, whose modules keep the index N."""
+    features = {k.removeprefix("features."): v for k, v in state.items() if k.startswith("features.")}
+    ours = {}
+    for slice_name, block in net.named_children():
+        for key in block.state_dict():
+            ours[f"{slice_name}.{key}"] = features[key]  # "3.weight" in slice2 is features.3.weight
+    net.load_state_dict(ours)
