@@ -164,6 +164,7 @@ class LossConfig:
     # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
     feature_norm: str = "energy"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
+    lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, eval.lpips_net and _weights; 0 = off
 
 
 @dataclass(frozen=True)
@@ -261,7 +262,7 @@ class EvalConfig:
     # Prior samples (dfcvae/sampler.py): normal, z ~ N(0, temperature^2 I), or gmm, a Gaussian
     # mixture fit on train latent means. Every sampler's FID is reported (test/fid_samples_<name>);
     # this one's is test/fid_samples, draws samples.png, and goes with the registered model.
-    sampler: str = "normal"
+    sampler: str = "gmm"  # measured: FID 155 against N(0, I)'s 226 on the demo (docs/quality.md)
     temperature: float = 1.0
     gmm_components: int = 10
     # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg, "" for none; weights

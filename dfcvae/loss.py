@@ -19,6 +19,8 @@ the decoder. Logs are detached tensors (no device sync per step) keyed `split/na
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from torch import Tensor
 
@@ -79,8 +81,11 @@ def dfc_vae_loss(
     cfg: LossConfig,
     split: str = "train",
     kl_scale: float | Tensor = 1.0,
+    lpips: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
-    """-> (loss, logs); kl_scale multiplies alpha (the warm-up's `kl_warmup`; a tensor under torch.compile)."""
+    """-> (loss, logs); kl_scale multiplies alpha (the warm-up's `kl_warmup`; a tensor under
+    torch.compile). With loss.lpips_weight > 0, `lpips` (x, recon -> per-image distances with
+    gradients, `dfcvae.lpips_metric.LPIPS.distance`) adds that weight times its batch mean."""
     kl = kl_divergence(mu, logvar)
     pixel_mse = (recon.float() - x.float()).pow(2).mean()
     loss = cfg.kl_weight * kl_scale * kl + cfg.pixel_weight * pixel_mse
@@ -93,5 +98,11 @@ def dfc_vae_loss(
         loss = loss + cfg.perceptual_weight * feature_loss
         logs[f"{split}/perceptual"] = feature_loss.detach()
         logs.update({f"{split}/perceptual_{name}": v.detach() for name, v in per_layer.items()})
+    if cfg.lpips_weight > 0:
+        if lpips is None:
+            raise ConfigError("loss.lpips_weight > 0 needs the LPIPS network (eval.lpips_net).")
+        distance = lpips(x, recon).mean()
+        loss = loss + cfg.lpips_weight * distance
+        logs[f"{split}/lpips"] = distance.detach()
     logs[f"{split}/loss"] = loss.detach()
     return loss, logs

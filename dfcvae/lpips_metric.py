@@ -48,11 +48,20 @@ class LPIPS(nn.Module):
             self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if state is not None:
             load_backbone(self.model.net, state)
-        self.model.eval().requires_grad_(False)
+        self.requires_grad_(False)
+        self.eval()
         self.net, self.weights = net, weights
+
+    def train(self, mode: bool = True) -> LPIPS:
+        """Always in eval mode: its dropout stays off, inside a training model too."""
+        return super().train(False)
 
     @torch.no_grad()
     def forward(self, x: Tensor, y: Tensor) -> Tensor:
+        return self.distance(x, y)
+
+    def distance(self, x: Tensor, y: Tensor) -> Tensor:
+        """As calling it, with gradients to x and y (loss.lpips_weight); the network stays frozen."""
         return self.model(x.float(), y.float()).flatten()
 
 

@@ -22,6 +22,7 @@ from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, resolve_layers
 from dfcvae.loss import check_feature_norm, dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.lpips_metric import LPIPS
 from dfcvae.metrics import active_units
 from dfcvae.model import DFCVAE
 
@@ -50,6 +51,15 @@ def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
     return net.to(runtime.device, memory_format=runtime.memory_format)
 
 
+def build_lpips(cfg: Config, runtime: Runtime) -> LPIPS | None:
+    """The frozen LPIPS network for loss.lpips_weight > 0 (eval.lpips_net, eval.lpips_weights), else None."""
+    if cfg.loss.lpips_weight == 0:
+        return None
+    if not cfg.eval.lpips_net:
+        raise ConfigError("loss.lpips_weight > 0 needs eval.lpips_net (alex or vgg), the network it uses.")
+    return LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(runtime.device)
+
+
 def check_config(cfg: Config) -> None:
     """What would otherwise fail inside the Ray workers, checked in the driver in a second:
     ConfigError naming the key (architecture, image size, layers, feature norm, schedule)."""
@@ -58,6 +68,8 @@ def check_config(cfg: Config) -> None:
     if cfg.loss.perceptual_weight > 0:
         resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
     check_feature_norm(cfg.loss.feature_norm)
+    if cfg.loss.lpips_weight > 0 and not cfg.eval.lpips_net:
+        raise ConfigError("loss.lpips_weight > 0 needs eval.lpips_net (alex or vgg), the network it uses.")
     lr_factor(cfg)
     check_ema_decay(cfg)
     check_compile_mode(cfg)
@@ -145,10 +157,13 @@ def make_train_step(
     resumed run weighs KL exactly as the uninterrupted one.
     """
 
+    lpips = build_lpips(cfg, runtime)
+    lpips = lpips.distance if lpips is not None else None
+
     def forward_loss(x: Tensor, kl_scale: float | Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         with runtime.autocast():
             recon, mu, logvar = model(x)
-            return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, kl_scale=kl_scale)
+            return dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, kl_scale=kl_scale, lpips=lpips)
 
     compute, graphed = compiled(forward_loss, cfg, runtime)
 
@@ -182,9 +197,11 @@ def validate(
     batches: list[Tensor],
     cfg: Config,
     runtime: Runtime,
+    lpips: LPIPS | None = None,
 ) -> dict[str, float]:
     """Loss parts, pixel MSE and the fixed-layer distance on fixed val batches (latent means),
-    and the active latent units over all of them (`metrics.active_units`)."""
+    and the active latent units over all of them (`metrics.active_units`). `lpips`: the loss's
+    LPIPS network when loss.lpips_weight > 0 (`build_lpips`)."""
     model.eval()
     totals: dict[str, float] = {}
     means = []
@@ -193,7 +210,7 @@ def validate(
             mu, logvar = model.encode(x)
             means.append(mu.float())
             recon = model.decode(mu)
-            _, logs = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, split="val")
+            _, logs = dfc_vae_loss(x, recon, mu, logvar, perceptual, cfg.loss, split="val", lpips=lpips)
             logs["val/reference_distance"] = sum(feature_distances(reference(x), reference(recon)).values())
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value) / len(batches)

@@ -36,6 +36,7 @@ from dfcvae.model import DFCVAE
 from dfcvae.step import (
     NonFiniteLossError,
     build_ema,
+    build_lpips,
     build_model,
     build_optimizer,
     build_perceptual,
@@ -238,9 +239,10 @@ class Validation:
         self.cfg, self.runtime, self.objective = cfg, runtime, objective
         self.reference = build_reference(cfg, runtime)
         self.batches = fixed_val_batches(cfg, runtime)
+        self.lpips = build_lpips(cfg, runtime)
 
     def __call__(self, model: DFCVAE, perceptual: PerceptualNetwork | None) -> dict[str, float]:
-        values = validate(model, perceptual, self.reference, self.batches, self.cfg, self.runtime)
+        values = validate(model, perceptual, self.reference, self.batches, self.cfg, self.runtime, self.lpips)
         if self.objective:
             values |= self.objective(model, self.cfg, self.runtime.device)
         return values

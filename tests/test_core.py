@@ -388,3 +388,43 @@ def test_kl_warmup_ramps_alpha_linearly_then_holds():
     full, logs = dfc_vae_loss(x, x, mu, logvar, None, LossConfig(perceptual_weight=0.0))
     half, _ = dfc_vae_loss(x, x, mu, logvar, None, LossConfig(perceptual_weight=0.0), kl_scale=0.5)
     torch.testing.assert_close(half, 0.5 * full)
+
+
+def test_the_lpips_term_alone_trains_the_vae_and_needs_its_network_configured():
+    from dfcvae.device import Runtime
+    from dfcvae.step import build_model, build_optimizer, check_config, make_train_step
+
+    cfg = Config().with_overrides(
+        {
+            "model.hidden_channels": [8, 16],
+            "model.latent_dim": 8,
+            "data.image_size": 32,
+            "loss.perceptual_weight": 0.0,
+            "loss.pixel_weight": 0.0,
+            "loss.lpips_weight": 1.0,
+            "eval.lpips_weights": "random",
+            "train.compile": False,
+        }
+    )
+    runtime = Runtime(torch.device("cpu"))
+    torch.manual_seed(0)
+    model = build_model(cfg, runtime)
+    optimizer, scheduler = build_optimizer(model, cfg, runtime)
+    step = make_train_step(model, None, optimizer, scheduler, cfg, runtime)
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    before = copy.deepcopy(model.state_dict())
+    distances = [float(step(x)["train/lpips"]) for _ in range(15)]
+    assert distances[0] > 0 and distances[-1] < distances[0]  # the only term in the loss, and it falls
+    assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
+    with pytest.raises(ConfigError, match="loss.lpips_weight > 0 needs eval.lpips_net"):
+        check_config(cfg.with_overrides({"eval.lpips_net": ""}))
+
+
+def test_the_lpips_network_of_the_loss_is_frozen():
+    from dfcvae.device import Runtime
+    from dfcvae.step import build_lpips
+
+    cfg = Config().with_overrides({"loss.lpips_weight": 0.5, "eval.lpips_weights": "random"})
+    network = build_lpips(cfg, Runtime(torch.device("cpu")))
+    assert not network.training and not any(p.requires_grad for p in network.parameters())
+    assert build_lpips(Config(), Runtime(torch.device("cpu"))) is None  # off by default

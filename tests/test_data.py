@@ -969,3 +969,22 @@ def test_pax_named_members_read_the_same_whatever_the_read_size(sharded, tmp_pat
     with tarfile.open(path) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     assert members == expected and len(members) == 10
+
+
+def test_the_40_attribute_probe_on_celeba_layout_data_counts_every_labelled_attribute(tmp_path):
+    """On CelebA's layout every one of the 40 attributes has ground truth: none is left out for
+    lack of it (only for lack of a class among the 4 train images)."""
+    from dfcvae.evaluate import ground_truth, probe_latents, read_split
+
+    _celeba_lookalike(tmp_path / "celeba", "official-txt")
+    cfg = _lookalike_config(tmp_path)
+    fetch(cfg)
+    write_shards(cfg, workers=2)
+    assert ground_truth(cfg) == set(ATTRIBUTE_NAMES)
+    sizes = {"train": 4, "test": 1}
+    latents = {split: torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for split, n in sizes.items()}
+    train, test = ((latents[s], read_split(cfg, s, 10)[1]) for s in ("train", "test"))
+    probe = probe_latents(train, test, ["all"], ground_truth(cfg))
+    assert set(probe["attributes"]) | set(probe["skipped"]) == set(ATTRIBUTE_NAMES)
+    assert all(why.startswith("only class") for why in probe["skipped"].values()), probe["skipped"]
+    assert len(probe["attributes"]) >= 20
