@@ -8,7 +8,7 @@ random weights: their ImageNet files cannot be had offline) and preset (vae123, 
 the KL (summed over latents), the pixel MSE, and each layer's feature term under every
 `loss.feature_norm` (none, energy, unit), on the first val batches. "init" is a freshly
 initialised VAE; "trained" is the same VAE after --steps steps of the recipe in the params
-(in process, no Ray: the dfcvae.train step itself, mobilenet_v2 features), so the terms are
+(in process, no Ray: the dfcvae.step step itself, mobilenet_v2 features), so the terms are
 those of a model that reconstructs something. The ratio of a feature term to the KL is what
 alpha / beta has to balance; a ratio that moves by orders of magnitude between backbones
 is why an alpha copied from one network collapses (or never regularises) another.

@@ -11,6 +11,7 @@ artifact REGISTERED_ARTIFACT), and builds the architecture from the stored confi
 
 from __future__ import annotations
 
+import hashlib
 import os
 import tempfile
 from pathlib import Path
@@ -29,6 +30,15 @@ REGISTERED_ARTIFACT = "checkpoint"  # the pyfunc artifact holding a registered m
 
 def all_finite(state: dict[str, Tensor]) -> bool:
     return all(torch.isfinite(v).all() for v in state.values() if v.is_floating_point())
+
+
+def state_digest(state: dict[str, Tensor]) -> str:
+    """sha256 over a state_dict's names and bytes: equal digests, bit-identical tensors."""
+    digest = hashlib.sha256()
+    for key in sorted(state):
+        digest.update(key.encode())
+        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def save_checkpoint(payload: dict, directory: Path) -> Path:

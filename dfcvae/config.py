@@ -188,7 +188,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     grid_every: int = 2000
     compile: bool = True  # torch.compile on GPU
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see train.COMPILE_MODES)
+    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see step.COMPILE_MODES)
     out_dir: str = "outputs/train"
     init_from: str = ""  # checkpoint path or models:/ URI to start from
     # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
@@ -266,7 +266,7 @@ class EvalConfig:
     temperature: float = 1.0
     gmm_components: int = 10
     # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg, "" for none; weights
-    # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_<weights>).
+    # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_random, test/lpips_file).
     lpips_net: str = "alex"
     lpips_weights: str = "imagenet"
     out_dir: str = "outputs/eval"

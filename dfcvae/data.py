@@ -139,10 +139,6 @@ class ShardError(DataError):
     """A shard that cannot be read; the message names the shard."""
 
 
-# ---------------------------------------------------------------------------------------------
-# Sample decoding (pipeline/shard.py encodes)
-
-
 # ---------------------------------------------------------------- writing samples (pipeline/shard.py)
 
 
@@ -370,13 +366,21 @@ class _Skips:
         self.pending.append((url, count))
 
 
+def split_member(name: str) -> tuple[str, str]:
+    """A member name -> (sample key, extension), as webdataset splits it: at the first dot of the
+    base name, the folders kept in the key ("a.b/000001.npy" -> ("a.b/000001", "npy"))."""
+    folder, _, base = name.rpartition("/")
+    stem, _, ext = base.partition(".")
+    return (f"{folder}/{stem}" if folder else stem), ext
+
+
 def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
     """Samples seg.begin..seg.end of one shard, as raw member bytes."""
     index, sample = -1, None
     try:
         with open_url(seg.url) as stream:
             for name, buffer, start, size in _tar_members(stream):
-                key, _, ext = name.partition(".")
+                key, ext = split_member(name)
                 if sample is None or key != sample["key"]:
                     if sample is not None and index >= seg.begin:
                         yield _complete(sample, seg, image_ext)
@@ -459,7 +463,7 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
                 pending |= _pax_records(body) if kind == b"x" else {"path": body.split(b"\0", 1)[0].decode()}
             elif kind not in b"gK":  # a global pax record or a long link name: nothing a sample uses
                 if kind in (b"0", b"\0"):
-                    name = pending.get("path") or header[:100].split(b"\0", 1)[0].decode()
+                    name = pending.get("path") or _ustar_name(header)
                     members.append((name, offset + 512, size, len(headers) - 1))
                 pending, pending_from = {}, None
             offset = following
@@ -473,14 +477,23 @@ def _walk_headers(buffer: bytes, at_end: bool) -> tuple[list[tuple[str, int, int
     return [m[:3] for m in members], walked, damage, ended
 
 
+def _ustar_name(header: bytes) -> str:
+    """The member name of a ustar header: its prefix field (bytes 345-500), then the name field."""
+    name = header[:100].split(b"\0", 1)[0].decode()
+    prefix = header[345:500].split(b"\0", 1)[0].decode() if header[257:262] == b"ustar" else ""
+    return f"{prefix}/{name}" if prefix else name
+
+
 def _pax_records(body: bytes) -> dict[str, str]:
     """A pax extended header's "LEN key=value\\n" records; ValueError when malformed."""
     records, at = {}, 0
     while at < len(body) and body[at] != 0:
         space = body.find(b" ", at)
-        length = int(body[at:space]) if space > at and body[at:space].isdigit() else 0
+        if space <= at or not body[at:space].isdigit():
+            raise ValueError("malformed pax header: the shard is corrupt")
+        length = int(body[at:space])  # the record's whole length, its digits included
         record = body[space + 1 : at + length]
-        if length <= space - at or not record.endswith(b"\n") or b"=" not in record:
+        if length <= space - at + 1 or at + length > len(body) or not record.endswith(b"\n") or b"=" not in record:
             raise ValueError("malformed pax header: the shard is corrupt")
         key, _, value = record[:-1].partition(b"=")
         records[key.decode()] = value.decode("utf-8", "replace")

@@ -68,7 +68,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from dfcvae import data, metrics, tracking
-from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state
+from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
@@ -219,7 +219,7 @@ def build_samplers(cfg: Config, train_latents: Tensor) -> dict[str, Sampler]:
     """Every sampler (dfcvae/sampler.py): normal at eval.temperature, and the Gaussian mixture fit
     on `train_latents` (N, latent_dim)."""
     return {
-        "normal": NormalSampler(cfg.model.latent_dim, cfg.eval.temperature),
+        "normal": NormalSampler(train_latents.shape[1], cfg.eval.temperature),
         "gmm": GaussianMixtureSampler.fit(train_latents, cfg.eval.gmm_components, cfg.eval.seed),
     }
 
@@ -229,6 +229,8 @@ def check_settings(cfg: Config) -> None:
     attribute names."""
     objective_value(cfg.eval.objective, 0.0, 0.0)
     check_sampler(cfg.eval.sampler)
+    if ALL_ATTRIBUTES in cfg.eval.arithmetic_attributes:
+        raise ConfigError("eval.arithmetic_attributes: name the attributes (`all` is for eval.probe_attributes).")
     NormalSampler(cfg.model.latent_dim, cfg.eval.temperature)
     attribute_columns(cfg.eval.probe_attributes)
     attribute_columns(cfg.eval.arithmetic_attributes)
@@ -608,6 +610,7 @@ def _evaluate(
         probe,
         {
             "inception": inception.identity,
+            "model_sha256": state_digest(model.state_dict()),  # which weights these numbers belong to
             "fid_images": test.count,
             "fid_prior_samples": test.count,
             "sampler": cfg.eval.sampler,
@@ -673,7 +676,7 @@ def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    height = 1.2 + 0.28 * max(len(rows), 1)
+    height = 1.6 + 0.28 * max(len(rows), 1)
     fig, ax = plt.subplots(figsize=(7, height))
     names = [r["attribute"] for r in rows]
     ax.barh(names, [r["accuracy"] for r in rows], color="#4c72b0", label="linear probe on latent means")
@@ -681,7 +684,7 @@ def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) 
     ax.set_xlim(0, 1)
     ax.invert_yaxis()
     ax.set_xlabel("test accuracy")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.0 / height), ncol=2, fontsize=8, frameon=False)
     if skipped:
         ax.set_title(f"{len(rows)} probed; {len(skipped)} left out (evaluation.json says why)", fontsize=9)
     fig.tight_layout()

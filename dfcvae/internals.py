@@ -161,13 +161,24 @@ def _serve_store(world_size: int, timeout_s: float) -> int:
     return port
 
 
+def _loopback_interface() -> str:
+    """The loopback interface's name: lo on Linux, lo0 on macOS."""
+    import socket
+
+    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
+    return names[0] if names else "lo"
+
+
 def _join_process_group(backend: str, rank: int, world_size: int, port: int, timeout_s: float) -> None:
     import datetime
 
     import torch.distributed as dist
 
-    os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")  # gloo's connections between ranks: loopback
-    os.environ.setdefault("NCCL_SOCKET_IFNAME", "lo")  # NCCL's bootstrap: loopback
+    loopback = _loopback_interface()
+    os.environ["GLOO_SOCKET_IFNAME"] = loopback  # gloo's connections between ranks: loopback
+    os.environ["NCCL_SOCKET_IFNAME"] = loopback  # NCCL's bootstrap: loopback
+    if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
+        os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as Ray Train sets it: a hung collective fails
     timeout = datetime.timedelta(seconds=timeout_s)
     store = _STORE["store"] if rank == 0 else dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

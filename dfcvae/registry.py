@@ -52,7 +52,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
-EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "probe_train_samples")
+# (probe_train_samples counts: the Gaussian mixture sampler is fit on that many train latents.)
+EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "lpips_net", "lpips_weights")
 
 
 class RegistrationError(UserError, ValueError):

@@ -51,6 +51,19 @@ def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
     return net.to(runtime.device, memory_format=runtime.memory_format)
 
 
+def local_storage(cfg: Config) -> bool:
+    """scaling.storage_dir is one machine's disk: not a URI, not declared shared (storage_shared)."""
+    return "://" not in cfg.scaling.storage_dir and not cfg.scaling.storage_shared
+
+
+def local_storage_message(cfg: Config, where: str) -> str:
+    return (
+        f"scaling.storage_dir={cfg.scaling.storage_dir} is a local path on {where}: a checkpoint on one "
+        "node's disk does not survive that node. Use object storage (s3://bucket/dfcvae/ray), or a path "
+        "every node mounts with scaling.storage_shared: true."
+    )
+
+
 def build_lpips(cfg: Config, runtime: Runtime) -> LPIPS | None:
     """The frozen LPIPS network for loss.lpips_weight > 0 (eval.lpips_net, eval.lpips_weights), else None."""
     if cfg.loss.lpips_weight == 0:

@@ -21,7 +21,7 @@ from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, save
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import write_json
 from dfcvae.internals import torch_config
-from dfcvae.step import check_config
+from dfcvae.step import check_config, local_storage, local_storage_message
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
 
 # Ray Train's wait for the nodes of a worker group (Ray Train V2), read by its controller.
@@ -34,14 +34,11 @@ class ClusterError(UserError, RuntimeError):
 
 def check_storage(cfg: Config, nodes: int) -> None:
     """ConfigError for a local scaling.storage_dir on a cluster of several nodes: a checkpoint on
-    one node's disk does not survive that node, so the restart after its loss would find none."""
-    storage = cfg.scaling.storage_dir
-    if nodes > 1 and "://" not in storage and not cfg.scaling.storage_shared:
-        raise ConfigError(
-            f"scaling.storage_dir={storage} is a local path on a cluster of {nodes} nodes: a checkpoint "
-            "on one node's disk does not survive that node. Use object storage (s3://bucket/dfcvae/ray), "
-            "or a path every node mounts with scaling.storage_shared: true."
-        )
+    one node's disk does not survive that node, so the restart after its loss would find none.
+    An autoscaling cluster may have one node at start: each worker checks again where it runs
+    (`local_storage_elsewhere`)."""
+    if nodes > 1 and local_storage(cfg):
+        raise ConfigError(local_storage_message(cfg, f"a cluster of {nodes} nodes"))
 
 
 def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
@@ -68,6 +65,10 @@ def train(cfg: Config) -> dict[str, float]:
         cluster.init_ray()
         check_storage(cfg, cluster.alive_nodes())
         loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
+        if local_storage(cfg):  # the workers check they run where the checkpoints will be read
+            import ray
+
+            loop_config["storage_node"] = ray.get_runtime_context().get_node_id()
         result = fit(cfg, loop_config, run_name(cfg, manifest_hash, tracking.code_digest()))
         with result.checkpoint.as_directory() as checkpoint_dir:
             metrics = export_outputs(Path(checkpoint_dir), out_dir)

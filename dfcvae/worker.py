@@ -14,7 +14,6 @@ validation and reported as `val/objective`.
 from __future__ import annotations
 
 import csv
-import hashlib
 import os
 import sys
 import tempfile
@@ -28,8 +27,8 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
 from dfcvae import data, metrics, tracking
-from dfcvae.checkpoint import all_finite, load_checkpoint, load_registered, save_checkpoint
-from dfcvae.config import Config
+from dfcvae.checkpoint import all_finite, load_checkpoint, load_registered, save_checkpoint, state_digest
+from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, build_reference
 from dfcvae.model import DFCVAE
@@ -41,6 +40,7 @@ from dfcvae.step import (
     build_optimizer,
     build_perceptual,
     evaluated_model,
+    local_storage_message,
     make_train_step,
     seed_step,
     unwrap,
@@ -64,6 +64,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     runtime = Runtime(ray.train.torch.get_device())
     node_id = ray.get_runtime_context().get_node_id()  # where this rank runs, in every report
+    if loop_config.get("storage_node") not in (None, node_id):  # a worker the cluster placed elsewhere
+        raise ConfigError(local_storage_message(cfg, f"another node than the driver's (rank {rank})"))
     torch.backends.cudnn.benchmark = runtime.on_gpu
     seed_step(cfg.train.seed, rank, -1)
 
@@ -327,15 +329,6 @@ def report(values: dict[str, Any], state: dict | None, rows: list[dict[str, floa
 
 
 # ---------------------------------------------------------------- checkpoints and the step log
-
-
-def state_digest(state: dict[str, Tensor]) -> str:
-    """sha256 over a state_dict's names and bytes: equal digests, bit-identical tensors."""
-    digest = hashlib.sha256()
-    for key in sorted(state):
-        digest.update(key.encode())
-        digest.update(state[key].detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
 
 
 def checkpoint_payload(

@@ -4,9 +4,9 @@
     python -m pipeline.export --model outputs/train/model.pt --out DIR
 
 A registered model brings its metrics, grids and provenance (version tags: data manifest hash,
-git commit; the run's Inception identity). A model.pt brings the evaluate stage's metrics and
-pictures from eval.out_dir when they are there. Publishing DIR to a model hub is a separate,
-optional step (README, "Sharing a model").
+git commit; the run's Inception identity). A model.pt brings the evaluate stage's metrics,
+pictures and sampler from eval.out_dir when evaluation.json says they are of these weights.
+Publishing DIR to a model hub is a separate, optional step (README, "Sharing a model").
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from typing import Any
 
 from dfcvae import tracking
 from dfcvae.bundle import write_bundle
-from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_state
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.evaluate import PICTURES
 from dfcvae.sampler import SAMPLER_FILE
@@ -33,10 +33,14 @@ def export(cfg: Config, source: str, out: Path) -> Path:
         return _export_registered(cfg, source, out)
     state = load_state(source)
     eval_dir = Path(cfg.eval.out_dir)
-    metrics = _read_json(eval_dir / "metrics.json")
     evaluation = _read_json(eval_dir / "evaluation.json")
+    if evaluation.get("model_sha256") != state_digest(state["model"]):  # another model's evaluation
+        if evaluation:
+            print(f"export: {eval_dir} evaluated other weights; the bundle goes without metrics or sampler")
+        return write_bundle(state, out)
+    metrics = _read_json(eval_dir / "metrics.json")
     grids = {Path(name).stem: eval_dir / name for name in PICTURES if (eval_dir / name).is_file()}
-    provenance = {"fid_inception": evaluation["inception"]} if "inception" in evaluation else {}
+    provenance = {"fid_inception": evaluation["inception"]}
     sampler = eval_dir / SAMPLER_FILE
     return write_bundle(state, out, metrics, grids, provenance, sampler if sampler.is_file() else None)
 

@@ -988,3 +988,28 @@ def test_the_40_attribute_probe_on_celeba_layout_data_counts_every_labelled_attr
     assert set(probe["attributes"]) | set(probe["skipped"]) == set(ATTRIBUTE_NAMES)
     assert all(why.startswith("only class") for why in probe["skipped"].values()), probe["skipped"]
     assert len(probe["attributes"]) >= 20
+
+
+@pytest.mark.parametrize("fmt", [tarfile.PAX_FORMAT, tarfile.GNU_FORMAT, tarfile.USTAR_FORMAT])
+def test_long_and_dotted_member_names_read_as_tarfile_and_webdataset_name_them(tmp_path, monkeypatch, fmt):
+    """Names over 100 characters (pax path records, GNU long names, the ustar prefix field) and
+    dotted folders: the walk finds tarfile's names, and keys split as webdataset splits them."""
+    folder = "shards.v2/" + "d" * (90 if fmt == tarfile.USTAR_FORMAT else 120)
+    names = [f"{folder}/{i:06d}.{ext}" for i in range(3) for ext in ("npy", "json")]
+    path = tmp_path / "long.tar"
+    with tarfile.open(path, "w", format=fmt) as tar:
+        for n, name in enumerate(names):
+            data.add_member(tar, name, bytes([n]) * (600 + n))
+    monkeypatch.setattr(data, "READ_BYTES", 1024)  # records and their members fall across reads
+    with path.open("rb") as stream:
+        found = [(name, bytes(buf[at : at + size])) for name, buf, at, size in data._tar_members(stream)]
+    with tarfile.open(path) as tar:
+        assert found == [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
+    key = f"{folder}/000000"
+    assert [data.split_member(name) for name, _ in found[:2]] == [(key, "npy"), (key, "json")]
+
+
+def test_a_malformed_pax_record_is_damage_not_a_hang():
+    for body in (b"20 path=abc/def.npy\nX", b"99 path=x\n", b"5 a\n"):
+        with pytest.raises(ValueError, match="malformed pax header"):
+            data._pax_records(body)

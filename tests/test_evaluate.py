@@ -73,7 +73,7 @@ def cfg(tmp_path_factory) -> Config:
 
 @pytest.fixture(scope="module")
 def model(cfg: Config) -> DFCVAE:
-    """The train step of dfcvae.train on in-memory train images, seeded batches and flips."""
+    """The train step of dfcvae.step on in-memory train images, seeded batches and flips."""
     runtime = Runtime(torch.device("cpu"))
     seed_step(cfg.train.seed, 0, -1)
     model = build_model(cfg, runtime)

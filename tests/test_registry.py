@@ -29,7 +29,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from dfcvae import tracking
-from dfcvae.checkpoint import load_checkpoint, load_registered, model_from_state
+from dfcvae.checkpoint import load_checkpoint, load_registered, model_from_state, state_digest
 from dfcvae.cluster import free_port
 from dfcvae.config import Config
 from dfcvae.model import DFCVAE
@@ -601,10 +601,15 @@ def test_export_of_a_model_pt_takes_the_evaluation_beside_it(cfg, tmp_path):
     from pipeline.export import export
 
     write_outputs(cfg, seed=2, objective=4.0)
+    trained = load_checkpoint(Path(cfg.train.out_dir) / "model.pt")["model"]
+    evaluation = Path(cfg.eval.out_dir) / "evaluation.json"
+    evaluation.write_text(json.dumps({"model_sha256": "of other weights", "inception": "i"}))
+    out = export(cfg, str(Path(cfg.train.out_dir) / "model.pt"), tmp_path / "other")
+    assert "Not evaluated" in (out / "README.md").read_text() and not list(out.glob("*.png"))
+    evaluation.write_text(json.dumps({"model_sha256": state_digest(trained), "inception": "i"}))
     out = export(cfg, str(Path(cfg.train.out_dir) / "model.pt"), tmp_path / "bundle")
     model, loaded = load_bundle(out)
     assert loaded == Config.from_stored(cfg.to_dict())
-    trained = load_checkpoint(Path(cfg.train.out_dir) / "model.pt")["model"]
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in trained.items())
     assert "`test/fid_samples` | 1 |" in (out / "README.md").read_text()
     with pytest.raises(FileNotFoundError, match="is not a dfcvae bundle"):

@@ -14,7 +14,7 @@ import psutil
 import pytest
 import torch
 
-from dfcvae.checkpoint import load_checkpoint, save_checkpoint
+from dfcvae.checkpoint import load_checkpoint, save_checkpoint, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
@@ -27,7 +27,6 @@ from dfcvae.step import (
     seed_step,
 )
 from dfcvae.train import train
-from dfcvae.worker import state_digest
 from tests.conftest import LOOPBACK, assert_loopback_only
 
 pytestmark = pytest.mark.timeout(600)
