@@ -20,39 +20,23 @@ from dfcvae.data import ATTRIBUTE_NAMES
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
 MARGIN = 40  # faces are drawn on a larger canvas, rotated, then cropped
 
-# Drawn so that these are true exactly when the attribute is 1; every other column is -1.
-SYNTHETIC_ATTRIBUTES = (
-    "5_o_Clock_Shadow",
-    "Arched_Eyebrows",
-    "Bags_Under_Eyes",
-    "Bald",
-    "Bangs",
-    "Big_Nose",
-    "Black_Hair",
-    "Blond_Hair",
-    "Blurry",
-    "Brown_Hair",
-    "Bushy_Eyebrows",
-    "Chubby",
-    "Eyeglasses",
-    "Goatee",
-    "Gray_Hair",
-    "Heavy_Makeup",
-    "Male",
-    "Mouth_Slightly_Open",
-    "Mustache",
-    "Narrow_Eyes",
-    "No_Beard",
-    "Pale_Skin",
-    "Receding_Hairline",
-    "Rosy_Cheeks",
-    "Sideburns",
-    "Smiling",
-    "Wearing_Earrings",
-    "Wearing_Hat",
-    "Wearing_Lipstick",
-    "Young",
+# CelebA's attributes the renderer does not draw (face shape, lips, hair texture, necklaces): their
+# column is -1 for every face, which is no ground truth. Every other one is 1 exactly when drawn.
+NOT_DRAWN = frozenset(
+    {
+        "Attractive",
+        "Big_Lips",
+        "Double_Chin",
+        "High_Cheekbones",
+        "Oval_Face",
+        "Pointy_Nose",
+        "Straight_Hair",
+        "Wavy_Hair",
+        "Wearing_Necklace",
+        "Wearing_Necktie",
+    }
 )
+SYNTHETIC_ATTRIBUTES = tuple(name for name in ATTRIBUTE_NAMES if name not in NOT_DRAWN)
 HAIR = {
     "Black_Hair": (25, 20, 18),
     "Brown_Hair": (105, 65, 35),
