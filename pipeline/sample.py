@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from dfcvae import metrics
-from dfcvae.checkpoint import download_registered, load_model
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_model, model_from_state
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode
@@ -47,13 +47,21 @@ def sample_pictures(model: DFCVAE, n: int, seed: int, cols: int, sampler: Sample
     return images
 
 
-def choose_sampler(name: str, source: str, latent_dim: int, temperature: float) -> Sampler:
-    """--sampler: default (a registered model's stored sampler, else normal), normal, or a file."""
-    if name == "default" and source.startswith("models:/"):
-        with tempfile.TemporaryDirectory() as tmp:
-            stored = download_registered(source, tmp).get(SAMPLER_ARTIFACT)
-            if stored is not None:
-                return load_sampler(stored)
+def load_with_sampler(source: str, device: torch.device) -> tuple[DFCVAE, Config, Sampler | None]:
+    """The model, its config, and the sampler a registered model was stored with (one download)."""
+    if not source.startswith("models:/"):
+        return (*load_model(source, device), None)
+    with tempfile.TemporaryDirectory() as tmp:
+        files = download_registered(source, tmp)
+        model, cfg = model_from_state(load_checkpoint(files[REGISTERED_ARTIFACT]), device)
+        stored = files.get(SAMPLER_ARTIFACT)
+        return model, cfg, load_sampler(stored) if stored else None
+
+
+def choose_sampler(name: str, stored: Sampler | None, latent_dim: int, temperature: float) -> Sampler:
+    """--sampler: default (the registered model's stored sampler, else normal), normal, or a file."""
+    if name == "default" and stored is not None:
+        return stored
     if name in ("default", "normal"):
         return NormalSampler(latent_dim, temperature)
     if not Path(name).is_file():
@@ -112,13 +120,13 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--n must be at least 1.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model, cfg = load_model(args.model, device)
+    model, cfg, stored = load_with_sampler(str(args.model), device)
     if args.reconstruct:
         cols = args.nrow or RECON_COLS
         grid = reconstruction_pictures(model, read_folder(args.reconstruct, args.n, cfg), cols)
     else:
         cols = args.nrow or math.ceil(math.sqrt(args.n))
-        sampler = choose_sampler(args.sampler, str(args.model), model.latent_dim, args.temperature)
+        sampler = choose_sampler(args.sampler, stored, model.latent_dim, args.temperature)
         grid = sample_pictures(model, args.n, args.seed, cols, sampler)
     path = metrics.save_grid(grid, args.out, nrow=cols)
     rows, cols = math.ceil(len(grid) / cols), min(cols, len(grid))

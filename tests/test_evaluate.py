@@ -295,3 +295,21 @@ def test_sample_command_writes_sample_and_reconstruction_grids(cfg: Config, mode
     )
     with Image.open(tmp_path / "recon.png") as picture:
         assert picture.size == grid_size(4, 2, SIZE)  # 3 images: 2 rows of inputs, each above its reconstructions
+
+
+def test_sample_command_draws_from_a_stored_sampler(cfg: Config, model: DFCVAE, tmp_path) -> None:
+    """--sampler FILE decodes that sampler's draws; --sampler normal --temperature T scales N(0, I)."""
+    from dfcvae.sampler import GaussianMixtureSampler, NormalSampler, save_sampler
+    from pipeline.sample import choose_sampler, sample_pictures
+
+    latents = torch.randn(100, cfg.model.latent_dim, generator=torch.Generator().manual_seed(4)) + 1.0
+    path = save_sampler(GaussianMixtureSampler.fit(latents, 3, seed=0), tmp_path / SAMPLER_FILE)
+    gmm = choose_sampler(str(path), None, cfg.model.latent_dim, 1.0)
+    with torch.no_grad():
+        expected = model.decode(gmm.sample(6, torch.Generator().manual_seed(3)))
+    assert torch.allclose(sample_pictures(model, 6, 3, 3, gmm), expected)
+    assert choose_sampler("default", gmm, cfg.model.latent_dim, 1.0) is gmm  # a registered model's own
+    cool = choose_sampler("normal", gmm, cfg.model.latent_dim, 0.5)
+    assert isinstance(cool, NormalSampler) and cool.temperature == 0.5
+    with pytest.raises(FileNotFoundError, match="use default, normal, or a sampler.safetensors file"):
+        choose_sampler(str(tmp_path / "missing.safetensors"), None, cfg.model.latent_dim, 1.0)

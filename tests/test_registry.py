@@ -563,10 +563,16 @@ NO_MLFLOW = textwrap.dedent("""
 
 
 def test_exported_bundle_holds_no_pickle_and_predicts_as_the_registered_model_without_mlflow(cfg, tmp_path):
+    from dfcvae.bundle import load_bundle_sampler
     from pipeline.export import export
 
-    _, name = registered(cfg, seed=5, objective=3.0)
+    write_outputs(cfg, seed=5, objective=3.0)
+    sampler = gmm_sampler(cfg)
+    assert register(cfg).decision == "promoted"
+    name = cfg.registry.model_name
     out = export(cfg, f"models:/{name}@champion", tmp_path / "bundle")
+    draw = torch.Generator().manual_seed(7)
+    assert torch.equal(load_bundle_sampler(out).sample(5, draw), sampler.sample(5, torch.Generator().manual_seed(7)))
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"model.safetensors", "config.json", "README.md"} <= set(files)
     assert {f"{grid}.png" for grid in GRIDS} <= set(files)
