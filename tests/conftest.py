@@ -130,8 +130,14 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     return found
 
 
-def assert_loopback_only(root_pid: int, at_least: int = 1) -> None:
-    sockets = listening_sockets(root_pid)
+def assert_loopback_only(root_pid: int, at_least: int = 1, wait_s: float = 60.0) -> None:
+    """Every TCP socket listening in root_pid's process tree is on loopback; waits up to wait_s for
+    at least `at_least` of them (a node's agents start after its dashboard answers)."""
+    import time
+
+    deadline = time.monotonic() + wait_s
+    while len(sockets := listening_sockets(root_pid)) < at_least and time.monotonic() < deadline:
+        time.sleep(0.5)
     assert len(sockets) >= at_least, f"expected at least {at_least} listening sockets, found {sockets}"
     exposed = [s for s in sockets if s[0] not in LOOPBACK]
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"
