@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import subprocess
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
@@ -111,6 +116,53 @@ def ray_cluster():
         ray.shutdown()
 
 
+# Waiting for something to start. A loaded 2-core machine starts an MLflow server or a Ray head
+# in seconds or in minutes, so a wait ends when the thing is ready or when the process that
+# should make it ready has exited (with its log), never at a guessed start-up time. HANG_S only
+# ends a wait that nothing would end otherwise: a process alive but hung.
+HANG_S = 1200.0
+
+
+def wait_until(
+    ready: Callable[[], object],
+    what: str,
+    *,
+    process: subprocess.Popen | int | None = None,
+    log: Path | None = None,
+    poll_s: float = 0.5,
+) -> None:
+    """Poll ready() until it returns true; fails as soon as `process` (a Popen or a pid) has exited,
+    with the tail of `log`, or after HANG_S of a live process that never gets there."""
+    started = time.monotonic()
+    while not ready():
+        if process is not None and not _alive(process):
+            tail = log.read_text(errors="replace")[-3000:] if log and log.exists() else ""
+            pytest.fail(f"waiting for {what}: the process exited\n{tail}")
+        if time.monotonic() - started > HANG_S:
+            pytest.fail(f"waiting for {what}: not there after {HANG_S:.0f} s with the process alive (hung)")
+        time.sleep(poll_s)
+
+
+def _alive(process: subprocess.Popen | int) -> bool:
+    if isinstance(process, subprocess.Popen):
+        return process.poll() is None
+    try:
+        return psutil.Process(process).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def url_answers(url: str) -> bool:
+    """The URL answers HTTP at all (an error status counts: the server is up)."""
+    try:
+        urllib.request.urlopen(url, timeout=5)
+    except urllib.error.HTTPError:
+        return True
+    except OSError:
+        return False
+    return True
+
+
 LOOPBACK = {"127.0.0.1", "::1", "::ffff:127.0.0.1"}
 
 
@@ -130,14 +182,14 @@ def listening_sockets(root_pid: int) -> list[tuple[str, int, str]]:
     return found
 
 
-def assert_loopback_only(root_pid: int, at_least: int = 1, wait_s: float = 60.0) -> None:
-    """Every TCP socket listening in root_pid's process tree is on loopback; waits up to wait_s for
-    at least `at_least` of them (a node's agents start after its dashboard answers)."""
-    import time
-
-    deadline = time.monotonic() + wait_s
-    while len(sockets := listening_sockets(root_pid)) < at_least and time.monotonic() < deadline:
-        time.sleep(0.5)
-    assert len(sockets) >= at_least, f"expected at least {at_least} listening sockets, found {sockets}"
+def assert_loopback_only(root_pid: int, at_least: int = 1) -> None:
+    """Every TCP socket listening in root_pid's process tree is on loopback; waits, while the
+    process lives, for at least `at_least` of them (a node's agents start after its dashboard answers)."""
+    wait_until(
+        lambda: len(listening_sockets(root_pid)) >= at_least,
+        f"{at_least} listening sockets under process {root_pid}",
+        process=root_pid,
+    )
+    sockets = listening_sockets(root_pid)
     exposed = [s for s in sockets if s[0] not in LOOPBACK]
     assert not exposed, f"listening beyond 127.0.0.1: {exposed}"

@@ -6,7 +6,6 @@ import contextlib
 import os
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -16,7 +15,7 @@ import pytest
 
 from dfcvae.cluster import free_port
 from dfcvae.internals import SINGLE_MACHINE_RAY
-from tests.conftest import ROOT, assert_loopback_only
+from tests.conftest import ROOT, assert_loopback_only, url_answers, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -56,24 +55,27 @@ def ray_head(tmp_path):
     log = (tmp_path / "ray-head.log").open("w")
     head = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=log, stderr=subprocess.STDOUT)
     address = f"http://127.0.0.1:{dashboard}"
-    deadline = time.time() + 300  # a loaded 2-core machine can take minutes to start a head node
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{address}/api/version", timeout=2)
-            break
-        except urllib.error.HTTPError:
-            break  # up, and asking for the token
-        except OSError:
-            time.sleep(1)
-    else:
+    try:
+        wait_until(
+            lambda: url_answers(f"{address}/api/version"),
+            "the head's dashboard",
+            process=head,
+            log=tmp_path / "ray-head.log",
+        )
+        # The job server comes up after the dashboard answers; wait until it lists jobs.
+        wait_until(
+            lambda: (
+                subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True).returncode
+                == 0
+            ),
+            "the head's job server",
+            process=head,
+            log=tmp_path / "ray-head.log",
+            poll_s=2,
+        )
+    except BaseException:
         _kill_session(head.pid)
-        pytest.fail("ray start --head did not bring up the dashboard within 300 s")
-    # The job server comes up after the dashboard answers; wait until it lists jobs.
-    while time.time() < deadline + 60:
-        listed = subprocess.run(["ray", "job", "list", "--address", address], env=env, capture_output=True, text=True)
-        if listed.returncode == 0:
-            break
-        time.sleep(2)
+        raise
     yield address, env, head.pid
     # The cluster is thrown away: SIGKILL every process of its session (workers put themselves
     # in process groups of their own). A graceful SIGTERM drains the node for up to 30 s.

@@ -23,7 +23,7 @@ from dfcvae.cluster import free_port
 from dfcvae.config import Config, ConfigError
 from dfcvae.internals import SINGLE_MACHINE_RAY
 from dfcvae.train import ClusterError, train
-from tests.conftest import tiny_config
+from tests.conftest import tiny_config, url_answers, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
@@ -105,16 +105,7 @@ def tracking_server(s3, tmp_path_factory):
         stderr=subprocess.STDOUT,
     )
     uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    import urllib.request
-
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            assert server.poll() is None and time.monotonic() < deadline, (root / "server.log").read_text()[-3000:]
-            time.sleep(1)
+    wait_until(lambda: url_answers(f"{uri}/health"), f"{uri}/health", process=server, log=root / "server.log")
     with pytest.MonkeyPatch.context() as env:
         env.setenv("MLFLOW_TRACKING_URI", uri)
         yield uri

@@ -12,13 +12,12 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import yaml
 
-from tests.conftest import ROOT
+from tests.conftest import ROOT, wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
 
@@ -200,16 +199,14 @@ def _kill_repro_during_train(repo: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
-    deadline = time.time() + 900
+
+    def train_checkpointed() -> bool:
+        new_runs = set((repo / "outputs/ray").glob("train-*")) - runs_before
+        tune_done = _lock_entries(repo, ("tune",))["tune"] != tune_before
+        return tune_done and any(list(run.glob("checkpoint_*/checkpoint.pt")) for run in new_runs)
+
     try:
-        while time.time() < deadline:
-            assert proc.poll() is None, "dvc repro ended before it could be interrupted during train"
-            new_runs = set((repo / "outputs/ray").glob("train-*")) - runs_before
-            tune_done = _lock_entries(repo, ("tune",))["tune"] != tune_before
-            if tune_done and any(list(run.glob("checkpoint_*/checkpoint.pt")) for run in new_runs):
-                return
-            time.sleep(0.5)
-        pytest.fail("train never wrote a checkpoint")
+        wait_until(train_checkpointed, "a checkpoint of the train stage in dvc repro", process=proc)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()

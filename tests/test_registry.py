@@ -6,6 +6,7 @@ seeded VAEs and the evaluation outputs are written here, so nothing trains or ev
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -15,7 +16,6 @@ import subprocess
 import sys
 import tarfile
 import textwrap
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -41,7 +41,7 @@ from dfcvae.registry import (
 )
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, save_sampler
 from pipeline import register as register_stage
-from tests.conftest import assert_loopback_only, tiny_config
+from tests.conftest import assert_loopback_only, tiny_config, url_answers, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 # Written by the code before model.upsample existed (tests/data/README.md): a registered model's
@@ -257,11 +257,10 @@ def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_pat
         )
         for i in range(4)
     ]
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"ready{i}").exists() for i in range(4)) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for i, proc in enumerate(procs):
+        wait_until((tmp_path / f"ready{i}").exists, f"process {i} at the start line", process=proc, poll_s=0.05)
     go.touch()
-    results = [p.communicate(timeout=300) for p in procs]
+    results = [p.communicate() for p in procs]
     assert [p.returncode for p in procs] == [0] * 4, [err[-600:] for _, err in results]
     assert MlflowClient(f"sqlite:///{db}").get_experiment_by_name("first-use") is not None
 
@@ -280,13 +279,14 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
             stdout=subprocess.PIPE,
             text=True,
         )
-    deadline = time.monotonic() + 120
-    while not all((tmp_path / f"{key}.ready").exists() for key in procs) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    for key, proc in procs.items():
+        wait_until(
+            (tmp_path / f"{key}.ready").exists, f"registration {key} at the start line", process=proc, poll_s=0.05
+        )
     go.touch()
     results = {}
     for key, proc in procs.items():
-        out, _ = proc.communicate(timeout=180)
+        out, _ = proc.communicate()
         assert proc.returncode == 0
         results[key] = json.loads(out.strip().splitlines()[-1])
 
@@ -367,16 +367,8 @@ def start_server(command: list[str], log: Path, cwd: Path) -> subprocess.Popen:
     )
 
 
-def wait_until_answering(server: subprocess.Popen, url: str, log: Path, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while True:
-        assert server.poll() is None, f"{server.args} exited:\n{log.read_text()[-3000:]}"
-        try:
-            urllib.request.urlopen(url, timeout=2)
-            return
-        except OSError:
-            assert time.monotonic() < deadline, f"{url} did not answer in {timeout_s} s:\n{log.read_text()[-3000:]}"
-            time.sleep(0.5)
+def wait_until_answering(server: subprocess.Popen, url: str, log: Path) -> None:
+    wait_until(lambda: url_answers(url), url, process=server, log=log)
 
 
 def gmm_sampler(cfg: Config) -> GaussianMixtureSampler:
@@ -498,6 +490,14 @@ def test_failed_runs_and_non_finite_metrics_are_refused(cfg):
     assert MlflowClient().search_registered_models() == []
 
 
+# The stored predictions were computed on another CPU. float32 convolutions and matmuls sum in an
+# order that depends on the CPU's kernels (AVX2, AVX-512, oneDNN's blocking), so another machine
+# rounds differently: measured, up to 7.5e-9 absolute on these outputs of magnitude <= 1. The
+# tolerance is 1,000x that and still 10,000x under what a changed network does (the halved
+# decoder of the next test moves the outputs by ~0.1, the wrong decoder fails to load at all).
+ANY_CPU = {"rtol": 1e-4, "atol": 1e-5}
+
+
 def test_models_saved_before_the_decoder_option_load_as_transposed_and_predict_the_same(tmp_path):
     with tarfile.open(LEGACY_MODEL) as tar:
         tar.extractall(tmp_path, filter="data")
@@ -508,14 +508,19 @@ def test_models_saved_before_the_decoder_option_load_as_transposed_and_predict_t
     model, cfg = model_from_state(state, "cpu")
     assert (cfg.model.upsample, cfg.model.encoder_kernel, cfg.model.init) == ("transposed", 3, "default")
     with torch.no_grad():
-        torch.testing.assert_close(model.reconstruct(x), expected["reconstruct"], rtol=0, atol=0)
-        torch.testing.assert_close(model.encode(x)[0], expected["encode"], rtol=0, atol=0)
-        torch.testing.assert_close(
-            model.sample(4, torch.Generator().manual_seed(0)), expected["sample"], rtol=0, atol=0
-        )
+        torch.testing.assert_close(model.reconstruct(x), expected["reconstruct"], **ANY_CPU)
+        torch.testing.assert_close(model.encode(x)[0], expected["encode"], **ANY_CPU)
+        torch.testing.assert_close(model.sample(4, torch.Generator().manual_seed(0)), expected["sample"], **ANY_CPU)
+        # The check can fail: the same weights in the paper's decoder do not predict the same.
+        paper = {**state, "config": {**state["config"], "model": {**state["config"]["model"], "upsample": "nearest"}}}
+        with contextlib.suppress(RuntimeError):  # or do not load at all
+            changed, _ = model_from_state(paper, "cpu")
+            assert not torch.allclose(changed.reconstruct(x), expected["reconstruct"], **ANY_CPU)
     served = mlflow.pyfunc.load_model(str(tmp_path / "model"))
-    np.testing.assert_array_equal(served.predict(x.numpy()), expected["reconstruct"].numpy())
-    np.testing.assert_array_equal(served.predict(x.numpy(), params={"mode": "encode"}), expected["encode"].numpy())
+    np.testing.assert_allclose(served.predict(x.numpy()), expected["reconstruct"].numpy(), **ANY_CPU)
+    np.testing.assert_allclose(
+        served.predict(x.numpy(), params={"mode": "encode"}), expected["encode"].numpy(), **ANY_CPU
+    )
 
 
 def test_two_versions_loaded_in_one_process_each_run_their_own_code(cfg, tmp_path, monkeypatch):

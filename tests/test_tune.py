@@ -20,6 +20,7 @@ from dfcvae import tune as tuning
 from dfcvae.config import Config, ConfigError
 from pipeline.common import with_best_overrides
 from pipeline.tune import tune
+from tests.conftest import wait_until
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(600)]
 
@@ -93,7 +94,7 @@ def search(ray_cluster, synthetic_cfg, tmp_path_factory) -> Interrupted:
     with (root / "first.log").open("w") as log:
         first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
-            finished = _wait_for_a_finished_trial(experiment, first, timeout_s=400)
+            finished = _wait_for_a_finished_trial(experiment, first)
         finally:
             first.send_signal(signal.SIGKILL)
             first.wait()
@@ -108,11 +109,11 @@ def search(ray_cluster, synthetic_cfg, tmp_path_factory) -> Interrupted:
     return Interrupted(cfg, MlflowClient(tracking_uri=tracking_uri(root)), finished, before, restored)
 
 
-def _wait_for_a_finished_trial(experiment: Path, process: subprocess.Popen, timeout_s: float) -> str:
+def _wait_for_a_finished_trial(experiment: Path, process: subprocess.Popen) -> str:
     """The id of a trial that Tune has saved as TERMINATED while another has not finished."""
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        assert process.poll() is None, "the search ended before it could be interrupted"
+    found: list[str] = []
+
+    def one_finished() -> bool:
         for state in experiment.glob("experiment_state-*.json"):
             try:
                 trials = [json.loads(entry[0]) for entry in json.loads(state.read_text())["trial_data"]]
@@ -120,9 +121,12 @@ def _wait_for_a_finished_trial(experiment: Path, process: subprocess.Popen, time
                 continue  # being rewritten
             done = [t["trial_id"] for t in trials if t.get("status") == "TERMINATED"]
             if done and len(done) < len(trials):
-                return done[0]
-        time.sleep(0.5)
-    raise AssertionError(f"no trial finished within {timeout_s} s")
+                found.append(done[0])
+                return True
+        return False
+
+    wait_until(one_finished, "a finished trial while another runs", process=process)
+    return found[0]
 
 
 def _results(cfg: Config) -> list[dict[str, str]]:
