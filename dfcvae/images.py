@@ -1,6 +1,7 @@
 """Reading the user's images: which files are images, and each as RGB pixels, or why not.
 
-`folder_images(root)` lists the image files of a tree (FOLDER_SUFFIXES, metadata left out).
+`list_folder(root)` lists the image files of a tree (FOLDER_SUFFIXES), following symbolic links
+without looping, and every other file with the reason it was skipped.
 `load_rgb(path, crop, max_pixels)` opens one as RGB or raises `Rejected` with the reason for
 the shard report (missing, not an image, corrupt, too large, too small, transparent, 16-bit);
 `preprocess` centre-crops and resizes it to the training size. Used by the fetch and shard
@@ -9,7 +10,9 @@ stages and by `pipeline.sample` on a folder of the user's images.
 
 from __future__ import annotations
 
+import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -17,8 +20,25 @@ from PIL import Image, ImageOps
 
 from dfcvae.data import DataError
 
-FOLDER_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp"}
+# The raster formats Pillow reads that photographs come in (Pillow's own list also holds icons,
+# fonts, scientific and vector formats). Other files are skipped, each with its reason.
+FOLDER_SUFFIXES = {
+    *(".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".apng", ".webp", ".avif", ".gif", ".bmp", ".dib"),
+    *(".tif", ".tiff", ".ppm", ".pgm", ".pbm", ".pnm", ".tga", ".qoi"),
+}
+NOT_READ = {  # suffix -> why, for image files Pillow cannot read here
+    **dict.fromkeys((".heic", ".heif"), "HEIC/HEIF, which Pillow cannot read: convert it to JPEG or PNG"),
+    **dict.fromkeys(
+        (".cr2", ".cr3", ".nef", ".arw", ".dng", ".orf", ".raf", ".rw2"),
+        "a camera raw file: develop it to JPEG, PNG or TIFF first",
+    ),
+    **dict.fromkeys((".svg", ".pdf", ".eps", ".ai"), "a vector or page format, not pixels: export it to PNG"),
+}
+# What fetch writes into data.raw_dir about a folder of the user's images, and shard reads back.
+SOURCE_FILES = "source_files.json"  # raw name -> the user's path, any bytes (os.fsencode's escapes)
+FETCH_REPORT = "fetch_report.json"  # files skipped and why, identical images, a carved split
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
+SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I"}  # 16-bit grayscale PNG and TIFF open as one of these
 
 
 class Rejected(Exception):
@@ -67,25 +87,32 @@ def load_rgb(path: Path, crop: int | str, max_pixels: int, image_size: int = 1) 
         raise Rejected("not an image") from None
     except (OSError, SyntaxError, ValueError) as e:
         raise Rejected(f"truncated or corrupt: {e}") from None
-    note = ""
+    frames = getattr(img, "n_frames", 1)
+    notes = [f"{img.format}: the first of {frames} frames"] if frames > 1 else []
     try:
         img = ImageOps.exif_transpose(img)
     except Exception as e:  # EXIF that is not valid TIFF (SyntaxError), bad tags: the pixels are still fine
-        note = f"EXIF unreadable ({type(e).__name__}: {e}), orientation left as stored"
+        notes.append(f"EXIF unreadable ({type(e).__name__}: {e}), orientation left as stored")
     if crop == "square" and min(img.size) < image_size:
         raise Rejected(f"too small: {img.width}x{img.height} is under data.image_size={image_size}")
     if min(img.size) < crop_side(img, crop):
         raise Rejected(f"too small: {img.width}x{img.height} is under data.crop_size={crop}")
     rgb, conversion = _to_rgb(img)
-    return rgb, "; ".join(n for n in (note, conversion) if n)
+    return rgb, "; ".join(n for n in (*notes, conversion) if n)
 
 
 def _to_rgb(img: Image.Image) -> tuple[Image.Image, str]:
     mode = img.mode
     if mode == "RGB":
         return img, ""
+    if mode in SIXTEEN_BIT_MODES:
+        pixels = np.asarray(img)
+        if pixels.min() < 0 or pixels.max() > 65535:
+            raise Rejected(f"unsupported pixel mode {mode} with values outside 16 bits")
+        eight = np.rint(pixels.astype(np.float32) / 257).astype(np.uint8)  # 65535 -> 255
+        return Image.fromarray(eight, "L").convert("RGB"), f"{mode} (16-bit) -> 8-bit RGB"
     if mode not in CONVERTIBLE_MODES:
-        raise Rejected(f"unsupported pixel mode {mode} (16-bit or float)")
+        raise Rejected(f"unsupported pixel mode {mode} (float or 32-bit pixels)")
     if mode in ("P", "PA", "LA", "RGBA") and (mode != "P" or "transparency" in img.info):
         rgba = img.convert("RGBA")
         if rgba.getchannel("A").getextrema()[0] < 255:
@@ -108,10 +135,75 @@ def is_metadata(rel: Path) -> bool:
     return any(part.startswith(".") or part == "__MACOSX" for part in rel.parts)
 
 
-def folder_images(root: Path) -> list[Path]:
-    """The image files under root, sorted, metadata left out."""
-    return sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file() and p.suffix.lower() in FOLDER_SUFFIXES and not is_metadata(p.relative_to(root))
-    )
+@dataclass(frozen=True)
+class FolderListing:
+    """What `list_folder` found: images (sorted paths under root, possibly through links), every
+    other file or folder with the reason it was skipped, and how many symbolic links were followed."""
+
+    images: list[Path]
+    skipped: list[tuple[Path, str]]
+    links_followed: int
+
+
+def list_folder(root: Path) -> FolderListing:
+    """The image files under root and every other file with why it was skipped.
+
+    Symbolic links to files and folders are followed; a folder reached a second time (a link
+    loop, or two links to one folder) is listed once and the second path skipped with the reason.
+    Hidden files and folders and macOS metadata are skipped, not read."""
+    images: list[Path] = []
+    skipped: list[tuple[Path, str]] = []
+    links = 0
+    seen = {_inode(root): root}
+    for here, dirs, files in os.walk(root, followlinks=True):
+        here_path = Path(here)
+        kept = []
+        for name in sorted(dirs):
+            path = here_path / name
+            links += path.is_symlink()
+            reason = _skip_folder(path, root, seen)
+            if reason:
+                skipped.append((path, reason))
+            else:
+                kept.append(name)
+        dirs[:] = kept
+        for name in files:
+            path = here_path / name
+            links += path.is_symlink()
+            reason = _skip_file(path, root)
+            if reason:
+                skipped.append((path, reason))
+            else:
+                images.append(path)
+    return FolderListing(sorted(images), sorted(skipped), links)
+
+
+def _inode(path: Path) -> tuple[int, int]:
+    st = path.stat()
+    return st.st_dev, st.st_ino
+
+
+def _skip_folder(path: Path, root: Path, seen: dict[tuple[int, int], Path]) -> str:
+    if is_metadata(path.relative_to(root)):
+        return "a hidden or macOS metadata folder: not read"
+    try:
+        key = _inode(path)
+    except OSError as err:
+        return f"a link to nothing ({err.strerror})"
+    if key in seen:
+        return f"the folder {seen[key].relative_to(root).as_posix()} again (through a link): read once"
+    seen[key] = path
+    return ""
+
+
+def _skip_file(path: Path, root: Path) -> str:
+    if is_metadata(path.relative_to(root)):
+        return "a hidden or macOS metadata file"
+    if not path.exists():
+        return "a link to nothing"
+    if not path.is_file():
+        return "not a regular file"
+    suffix = path.suffix.lower()
+    if suffix in FOLDER_SUFFIXES:
+        return ""
+    return NOT_READ.get(suffix, f"not an image type read here ({suffix or 'no suffix'})")

@@ -7,7 +7,11 @@
     list_attr_celeba.txt           count, the 40 names, then "NNNNNN.jpg" and 40 values of 1/-1
                                    (absent for data.source: folder, which has no attributes)
     identity_CelebA.txt            "NNNNNN.jpg ID", when CelebA's file is there
-    list_source_files.txt          data.source: folder only: "NNNNNN.ext original/relative/path"
+    source_files.json              data.source: folder only: {"NNNNNN.ext": "original/relative/path"}
+                                   (JSON: any name the filesystem allows, undecodable bytes as
+                                   os.fsencode's surrogate escapes)
+    fetch_report.json              data.source: folder only: files skipped and why, groups of
+                                   identical images, a split carved out of train/
     dataset.json                   {"source": ..., ...}; `shard` copies it into the manifest
 
 data.source picks where the images come from (SOURCES):
@@ -19,8 +23,11 @@ data.source picks where the images come from (SOURCES):
     synthetic  data.synthetic_count procedurally drawn faces, deterministic for data.seed, whose
                SYNTHETIC_ATTRIBUTES are true by construction (the others are all -1); split
                into train/val/test by data.split_fractions. Demo and test data, labelled so.
-    folder     every .jpg/.jpeg/.png/.webp under data.folder_dir (recursive), split into
-               train/val/test by a seeded hash of the relative path; no attributes.
+    folder     every image file under data.folder_dir (recursive, FOLDER_SUFFIXES, symbolic
+               links followed), split into train/val/test by a seeded hash of each file's
+               content, so copies of one image share a split; or by the folder's own train/,
+               val/ and test/ folders, a missing val/ or test/ carved out of train/ by the
+               same hash. No attributes.
 
 The stage does not track the contents of data.celeba_dir or data.folder_dir (they need not
 exist for other sources): after changing them, run `dvc repro -f fetch`.
@@ -36,8 +43,10 @@ import multiprocessing
 import os
 import random
 import shutil
+import sys
 import zipfile
 import zlib
+from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,7 +54,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
-from dfcvae.images import FOLDER_SUFFIXES, folder_images
+from dfcvae.images import FETCH_REPORT, FOLDER_SUFFIXES, SOURCE_FILES, FolderListing, list_folder
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, attribute_row, draw_face
 from pipeline.common import command, parse_config
 
@@ -291,34 +300,51 @@ SPLIT_FOLDERS = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
 
 def folder_split(root: Path, files: list[Path]) -> str:
     """ "folders" when every image lies under a top-level train/, val/ (valid/, validation/) or test/
-    folder, with train and test present; otherwise "hash"."""
+    folder, with train and val or test present; otherwise "hash"."""
     tops = {p.relative_to(root).parts[0].lower() if len(p.relative_to(root).parts) > 1 else "" for p in files}
-    if tops <= set(SPLIT_FOLDERS) and {"train", "test"} <= tops:
+    present = {SPLIT_FOLDERS.get(t) for t in tops}
+    if tops <= set(SPLIT_FOLDERS) and 0 in present and present & {1, 2}:
         return "folders"
     return "hash"
 
 
 def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
+    """data.folder_dir -> raw copies; a file's split follows from its content (sha256 of its bytes),
+    so identical images always share a split (or, where the user's own train/val/test folders put
+    copies in different splits, are reported and left where the user put them)."""
     d = cfg.data
     root = Path(d.folder_dir)
     if not d.folder_dir or not root.is_dir():
         raise DataError(f"data.folder_dir={d.folder_dir!r} is not a folder: set it to the folder of your images.")
-    files = folder_images(root)
+    listing = list_folder(root)
+    files = listing.images
     if not files:
-        raise DataError(f"no {'/'.join(sorted(FOLDER_SUFFIXES))} files under {root}: put your images there.")
+        raise DataError(
+            f"no image files under {root} ({len(listing.skipped)} other files, read: "
+            f"{'/'.join(sorted(FOLDER_SUFFIXES))}): put your images there."
+        )
     split_by = folder_split(root, files)
     width = max(6, len(str(len(files))))
-    partition, sources = {}, []
+    partition, sources, by_content = {}, {}, defaultdict(list)
+    user_splits = (
+        {SPLIT_FOLDERS[p.relative_to(root).parts[0].lower()] for p in files} if split_by == "folders" else set()
+    )
+    carved = {k for k in (1, 2) if split_by == "folders" and k not in user_splits}
     for i, path in enumerate(tqdm(files, desc="fetch: copy", unit="img", mininterval=1), start=1):
         rel = path.relative_to(root).as_posix()
         suffix = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
         name = f"{i:0{width}d}{suffix}"
-        shutil.copyfile(path, raw / IMAGE_DIR / name)
+        content = path.read_bytes()
+        (raw / IMAGE_DIR / name).write_bytes(content)
+        digest = hashlib.sha256(content).hexdigest()
         if split_by == "folders":
-            partition[name] = SPLIT_FOLDERS[rel.split("/")[0].lower()]
+            partition[name] = _carve(
+                SPLIT_FOLDERS[rel.split("/")[0].lower()], carved, d.seed, digest, d.split_fractions
+            )
         else:
-            partition[name] = _hash_split(d.seed, rel, d.split_fractions)
-        sources.append(f"{name} {rel}\n")
+            partition[name] = _hash_split(d.seed, digest, d.split_fractions)
+        sources[name] = rel
+        by_content[digest].append(name)
     counts = [sum(p == k for p in partition.values()) for k in range(3)]
     how = (
         "the folder's own train/val/test folders"
@@ -326,21 +352,90 @@ def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
         else f"data.split_fractions={list(d.split_fractions)}"
     )
     check_split_counts(dict(zip(SPLITS, counts)), f"{len(files)} images in {root}, split by {how}")
+    duplicates = _duplicates(by_content, partition, sources)
+    report = {
+        "skipped": [{"file": p.relative_to(root).as_posix(), "reason": r} for p, r in listing.skipped],
+        "duplicates": duplicates,
+        "links_followed": listing.links_followed,
+        "carved": [_carve_note(k, d.split_fractions) for k in carved],
+    }
+    _say_folder(root, listing, duplicates, report["carved"])
     write_partition(raw, partition)
-    (raw / "list_source_files.txt").write_text("".join(sources))
+    (raw / SOURCE_FILES).write_text(json.dumps(sources, indent=0, sort_keys=True) + "\n")
+    (raw / FETCH_REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
     return {
         "source": "folder",
         "folder_dir": d.folder_dir,
         "count": len(files),
         "counts": dict(zip(SPLITS, counts)),
         "split": split_by,
+        "split_key": "sha256 of the file's bytes",
+        "skipped": len(listing.skipped),
+        "links_followed": listing.links_followed,
+        "duplicates": {
+            "groups": len(duplicates),
+            "extra_copies": sum(len(g["files"]) - 1 for g in duplicates),
+            "groups_across_splits": sum(len(set(g["splits"])) > 1 for g in duplicates),
+        },
+        "carved": report["carved"],
     }
 
 
-def _hash_split(seed: int, rel: str, fractions: tuple[float, float, float]) -> int:
-    """0/1/2 from a seeded hash: a file keeps its split when others are added or removed."""
-    u = int.from_bytes(hashlib.sha256(f"{seed}:{rel}".encode()).digest()[:8], "big") / 2**64
+def _unit_hash(seed: int, digest: str) -> float:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{digest}".encode()).digest()[:8], "big") / 2**64
+
+
+def _hash_split(seed: int, digest: str, fractions: tuple[float, float, float]) -> int:
+    """0/1/2 from a seeded hash of the content: identical files share a split, and a file keeps its
+    split when others are added or removed."""
+    u = _unit_hash(seed, digest)
     return 0 if u < fractions[0] else 1 if u < fractions[0] + fractions[1] else 2
+
+
+def _carve(split: int, carved: set[int], seed: int, digest: str, fractions: tuple[float, float, float]) -> int:
+    """The user's split, or for a train image where the folder has no val/ (or no test/): that split
+    for a share fractions[k] / (fractions[0] + fractions[k]) of train, by the seeded content hash."""
+    if split != 0 or not carved:
+        return split
+    (k,) = carved  # folder_split needs train and one of val/test: at most one is missing
+    return k if _unit_hash(seed, digest) < fractions[k] / (fractions[0] + fractions[k]) else 0
+
+
+def _carve_note(k: int, fractions: tuple[float, float, float]) -> str:
+    share = fractions[k] / (fractions[0] + fractions[k])
+    return (
+        f"the folder has no {SPLITS[k]}/ folder: {SPLITS[k]} is {share:.1%} of train/ "
+        f"(data.split_fractions' {SPLITS[k]} share relative to train), chosen by a seeded hash of each file's content"
+    )
+
+
+def _duplicates(by_content: dict[str, list[str]], partition: dict[str, int], sources: dict[str, str]) -> list[dict]:
+    return [
+        {"sha256": digest, "files": [sources[n] for n in names], "splits": [SPLITS[partition[n]] for n in names]}
+        for digest, names in sorted(by_content.items())
+        if len(names) > 1
+    ]
+
+
+def _say_folder(root: Path, listing: FolderListing, duplicates: list[dict], carved: list[str]) -> None:
+    """One line each for what the user should know: skipped files, duplicates across splits, a carved split."""
+    if listing.skipped:
+        reasons = Counter(r.split(":")[0].split(" (")[0] for _, r in listing.skipped)
+        summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
+        _warn(f"{len(listing.skipped)} files under {root} are not images read here ({summary}): report.json lists each")
+    across = [g for g in duplicates if len(set(g["splits"])) > 1]
+    if across:
+        _warn(
+            f"{len(across)} groups of identical images ({sum(len(g['files']) for g in across)} files) lie in more "
+            f"than one of your {'/'.join(SPLITS)} folders, so the test metrics include images the model trained "
+            "on: report.json lists them; your files were not moved"
+        )
+    for note in carved:
+        _warn(note)
+
+
+def _warn(message: str) -> None:
+    print(f"fetch: {message}.", file=sys.stderr, flush=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -383,11 +478,11 @@ def source_digest(cfg: Config) -> str | None:
     root = Path({"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source) or "")
     if d.source == "synthetic" or not str(root) or not root.is_dir():
         return None
-    files = folder_images(root) if d.source == "folder" else sorted(p for p in root.rglob("*") if p.is_file())
+    files = list_folder(root).images if d.source == "folder" else sorted(p for p in root.rglob("*") if p.is_file())
     digest = hashlib.sha256()
     for path in files:
         stat = path.stat()
-        digest.update(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+        digest.update(os.fsencode(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
     return digest.hexdigest()
 
 

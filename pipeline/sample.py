@@ -30,7 +30,7 @@ from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_che
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
 from dfcvae.evaluate import evaluation_mode
-from dfcvae.images import Rejected, folder_images, load_rgb, preprocess, resolve_crop
+from dfcvae.images import FOLDER_SUFFIXES, Rejected, list_folder, load_rgb, preprocess, resolve_crop
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import NormalSampler, Sampler, load_sampler
 from dfcvae.served import SAMPLER_ARTIFACT
@@ -73,7 +73,7 @@ def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
     """The first `limit` readable images under `folder`, prepared as the shards: uint8 (N, 3, S, S)."""
     if not folder.is_dir():
         raise FileNotFoundError(f"--reconstruct {folder} is not a folder of images.")
-    paths = folder_images(folder)  # as fetch lists a folder: hidden and macOS metadata files left out
+    paths = list_folder(folder).images  # as fetch lists a folder: hidden and macOS metadata files left out
     images = []
     for path in paths:
         if len(images) == limit:
@@ -87,7 +87,7 @@ def read_folder(folder: Path, limit: int, cfg: Config) -> torch.Tensor:
         array = preprocess(img, crop if crop == "square" else min(crop, *img.size), cfg.data.image_size)  # (S, S, 3)
         images.append(torch.tensor(array).permute(2, 0, 1))  # a copy: PIL arrays are read-only
     if not images:
-        raise FileNotFoundError(f"no readable .jpg/.jpeg/.png/.webp images under {folder}.")
+        raise FileNotFoundError(f"no readable images ({'/'.join(sorted(FOLDER_SUFFIXES))}) under {folder}.")
     return torch.stack(images)
 
 

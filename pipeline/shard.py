@@ -58,7 +58,16 @@ from dfcvae.data import (
     encode_meta,
     shard_name,
 )
-from dfcvae.images import SMALL_CROP, Rejected, crop_side, load_rgb, preprocess, resolve_crop
+from dfcvae.images import (
+    FETCH_REPORT,
+    SMALL_CROP,
+    SOURCE_FILES,
+    Rejected,
+    crop_side,
+    load_rgb,
+    preprocess,
+    resolve_crop,
+)
 from pipeline.common import command, parse_config
 
 CHECK_CHUNK = 256  # images per task in the check pass
@@ -188,7 +197,8 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     workers = workers or len(os.sched_getaffinity(0))
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         outcomes = _check_all(pool, image_dir, images, crop, cfg)
-        report = _report(images, outcomes, _read_sources(raw_dir / "list_source_files.txt"))
+        report = _report(images, outcomes, _read_json(raw_dir / SOURCE_FILES))
+        report["fetch"] = _read_json(raw_dir / FETCH_REPORT)
         small = warn_small_crops(outcomes, crop)
         (out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
         counts = report["counts"]
@@ -258,11 +268,9 @@ def _check_all(
     return outcomes
 
 
-def _read_sources(path: Path) -> dict[str, str]:
-    """raw file name -> the user's original path (data.source: folder); {} for other sources."""
-    if not path.is_file():
-        return {}
-    return dict(line.split(" ", 1) for line in path.read_text().splitlines() if line.strip())
+def _read_json(path: Path) -> dict:
+    """A JSON file that fetch writes for data.source: folder only ({} for other sources)."""
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def _report(images: list[RawImage], outcomes: list[tuple[str, str, float]], sources: dict[str, str]) -> dict:

@@ -28,7 +28,7 @@ from PIL import Image
 from dfcvae import data, ring
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError, encode_meta
-from dfcvae.images import preprocess
+from dfcvae.images import SOURCE_FILES, preprocess
 from dfcvae.ring import BatchRing
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, draw_face
 from pipeline.fetch import fetch, write_attrs, write_partition
@@ -515,7 +515,8 @@ BAD_IMAGES = {  # relative path -> (make the file bytes, outcome, a substring of
     "bad/cmyk.jpg": (lambda: _jpeg(_face(seed=9).convert("CMYK")), "converted", "CMYK -> RGB"),
     "bad/tiny.png": (lambda: _png(_face(size=(1, 1))), "rejected", "too small: 1x1"),
     "bad/huge.png": (lambda: _png(_face(size=(400, 400))), "rejected", "too large: 400x400"),
-    "bad/sixteen_bit.png": (lambda: _png(Image.new("I;16", (178, 218), 1000)), "rejected", "unsupported pixel mode"),
+    "bad/sixteen_bit.png": (lambda: _png(Image.new("I;16", (178, 218), 1000)), "converted", "I;16 (16-bit) -> 8-bit"),
+    "bad/float.tif": (lambda: _tiff(Image.new("F", (178, 218), 0.5)), "rejected", "unsupported pixel mode F"),
     # Pixels fine, EXIF block not TIFF: written, the metadata ignored.
     "bad/broken_exif.png": (
         lambda: _png_with_exif(_face(seed=10), b"Exif\x00\x00not-tiff"),
@@ -525,6 +526,12 @@ BAD_IMAGES = {  # relative path -> (make the file bytes, outcome, a substring of
 }
 # Not images: hidden files, macOS's AppleDouble twins and __MACOSX/ are left out, never rejected.
 METADATA_FILES = ("good/._a.jpg", "good/.DS_Store.png", "__MACOSX/good/._b.JPEG", ".thumbs/c.png")
+
+
+def _tiff(img: Image.Image) -> bytes:
+    out = io.BytesIO()
+    img.save(out, format="TIFF")
+    return out.getvalue()
 
 
 def _png_with_exif(img: Image.Image, exif: bytes) -> bytes:
@@ -538,7 +545,7 @@ def _folder_config(tmp_path: Path, **overrides) -> Config:
     for rel, (make, _, _) in BAD_IMAGES.items():
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(make())
-    (folder / "notes.txt").write_text("not listed: only jpg/jpeg/png/webp are images")
+    (folder / "notes.txt").write_text("not an image: skipped, with its reason")
     for rel in METADATA_FILES:
         (folder / rel).parent.mkdir(parents=True, exist_ok=True)
         (folder / rel).write_bytes(b"\x00\x05\x16\x07AppleDouble metadata, not an image")
@@ -559,7 +566,7 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     info = fetch(cfg, workers=2)
     assert info["source"] == "folder" and info["count"] == len(BAD_IMAGES)
     raw = Path(cfg.data.raw_dir)
-    source = dict(reversed(line.split()) for line in (raw / "list_source_files.txt").read_text().splitlines())
+    source = {rel: name for name, rel in json.loads((raw / SOURCE_FILES).read_text()).items()}
     manifest = write_shards(cfg, workers=2)
     report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
     outcome = {source_file: ("written", "") for source_file in source}
@@ -578,6 +585,10 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     assert counts["written"] == sum(manifest["splits"][s]["count"] for s in data.SPLITS)
     assert manifest["source"] == "folder" and manifest["synthetic"] is False and manifest["attributes"] == []
     assert manifest["dataset"]["split"] == "hash" and not set(METADATA_FILES) & set(source)
+    skipped = {entry["file"]: entry["reason"] for entry in report["fetch"]["skipped"]}
+    assert skipped["notes.txt"] == "not an image type read here (.txt)"
+    assert skipped["good/._a.jpg"] == skipped["good/.DS_Store.png"] == "a hidden or macOS metadata file"
+    assert skipped["__MACOSX"] == skipped[".thumbs"] == "a hidden or macOS metadata folder: not read"
     batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
     assert (batch["attrs"] == -1).all()  # folder data has no attributes
 
@@ -585,7 +596,7 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
 def test_too_many_rejects_fail_the_stage_after_writing_the_report(tmp_path):
     cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.2})
     fetch(cfg, workers=2)
-    with pytest.raises(DataError, match=r"6 of 14 raw images were rejected.*report\.json"):
+    with pytest.raises(DataError, match=r"6 of 15 raw images were rejected.*report\.json"):
         write_shards(cfg, workers=2)
     assert len(json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())["rejected"]) == 6
 
@@ -601,7 +612,7 @@ def test_a_folder_already_split_keeps_its_split_and_the_manifest_says_so(tmp_pat
     info = fetch(cfg, workers=2)
     assert info["split"] == "folders" and info["counts"] == {"train": 6, "val": 2, "test": 3}
     raw = Path(cfg.data.raw_dir)
-    source = dict(line.split() for line in (raw / "list_source_files.txt").read_text().splitlines())
+    source = json.loads((raw / SOURCE_FILES).read_text())
     partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
     for name, rel in source.items():  # every test image stays in test, and so on
         assert int(partition[name]) == {"train": 0, "valid": 1, "test": 2}[rel.split("/")[0]]
