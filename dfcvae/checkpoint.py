@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from dfcvae.config import Config
+from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.model import DFCVAE
 
 CHECKPOINT_FILE = "checkpoint.pt"  # in a training checkpoint's folder
@@ -70,14 +70,60 @@ def load_checkpoint(path: str | Path) -> dict:
         ) from err
 
 
+class RegistryError(UserError, LookupError):
+    """A models:/ URI that names no version in the store: the sentence says which versions exist."""
+
+
+def resolve_registered(uri: str):
+    """models:/<name>@<alias> or models:/<name>/<version> -> its MLflow ModelVersion, from the store
+    MLflow is pointed at (tracking.use_store). Raises RegistryError, one sentence naming what is
+    missing and the versions and aliases that exist (an alias whose version was deleted,
+    mlflow/mlflow#8459, a wrong name), and ConfigError for a URI of another form."""
+    from mlflow import MlflowClient
+    from mlflow.exceptions import MlflowException
+
+    ref = uri.removeprefix("models:/")
+    name, alias = ref.split("@", 1) if "@" in ref else (ref.partition("/")[0], "")
+    number = "" if alias else ref.partition("/")[2]
+    if not name or not (alias or number.isdigit()):
+        raise ConfigError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>.")
+    client = MlflowClient()
+    try:
+        return client.get_model_version_by_alias(name, alias) if alias else client.get_model_version(name, number)
+    except MlflowException as err:
+        if err.error_code not in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            raise
+    missing = f"the alias {alias!r} is not set" if alias else f"there is no version {number}"
+    versions = sorted(client.search_model_versions(f"name='{name}'"), key=lambda v: int(v.version))
+    if not versions:
+        raise RegistryError(
+            f"{uri}: the store {client.tracking_uri} has no registered model {name!r}: run the pipeline "
+            "(dvc repro) to register one, or point MLFLOW_TRACKING_URI at the store that holds it."
+        )
+    aliases = {}
+    for alias_name, version in client.get_registered_model(name).aliases.items():
+        aliases.setdefault(str(version), []).append(alias_name)
+    listed = ", ".join(
+        f"{v.version}" + (f" ({', '.join(sorted(aliases[str(v.version)]))})" if str(v.version) in aliases else "")
+        for v in versions
+    )
+    raise RegistryError(
+        f"{uri}: {missing} on {name!r} (its version may have been deleted); the versions that exist are "
+        f"{listed}: name one as models:/{name}/<version>, or register a model again."
+    )
+
+
 def download_registered(uri: str, dst: str | Path) -> dict[str, Path]:
     """A registered model's files, e.g. `models:/dfcvae@champion`, downloaded under `dst`:
     pyfunc artifact name -> local path (REGISTERED_ARTIFACT, "metrics", "grid_<name>", "sampler").
-    ValueError when it is not a dfcvae model."""
+    RegistryError when the URI names no version (resolve_registered), ValueError when it is not
+    a dfcvae model."""
     import mlflow
     from mlflow.models import Model
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dst)))
+    version = resolve_registered(uri)
+    exact = f"models:/{version.name}/{version.version}"
+    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=exact, dst_path=str(dst)))
     artifacts = Model.load(local).flavors.get("python_function", {}).get("artifacts", {})
     if REGISTERED_ARTIFACT not in artifacts:
         raise ValueError(f"{uri} is not a dfcvae model: it has no '{REGISTERED_ARTIFACT}' artifact.")
@@ -88,6 +134,17 @@ def load_registered(uri: str) -> dict[str, Any]:
     """The checkpoint a registered model bundles, e.g. `models:/dfcvae@champion` (MLflow download)."""
     with tempfile.TemporaryDirectory() as tmp:
         return load_checkpoint(download_registered(uri, tmp)[REGISTERED_ARTIFACT])
+
+
+def check_source(source: str) -> None:
+    """That `source` (as load_state takes it) is there, before work starts that would need it:
+    RegistryError or FileNotFoundError, one sentence each."""
+    if source.startswith("models:/"):
+        resolve_registered(source)
+        return
+    path = Path(source)
+    if not (path.is_file() or (path / MODEL_FILE).is_file() or (path / CHECKPOINT_FILE).is_file()):
+        raise FileNotFoundError(f"{source} is not a model.pt, a checkpoint, or a folder holding one.")
 
 
 def load_state(source: str | Path) -> dict[str, Any]:

@@ -341,6 +341,17 @@ class Config:
     def to_dict(self) -> dict[str, Any]:
         return _plain(dataclasses.asdict(self))
 
+    def identity(self) -> dict[str, Any]:
+        """to_dict() without LOCATION_KEYS and the tracking sections: what a result depends on.
+        Resumable things (a training run, a search) are named by a digest of this, the data's
+        manifest hash and the code's digest, so a moved checkout or a DVC temp workspace resumes
+        them, and new data, code or settings never do."""
+        raw = self.to_dict()
+        for dotted in LOCATION_KEYS:
+            section, key = dotted.split(".")
+            raw[section].pop(key)
+        return {section: values for section, values in raw.items() if section not in ("mlflow", "registry")}
+
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values (lists joined), e.g. for MLflow params."""
         out: dict[str, Any] = {}
@@ -362,6 +373,20 @@ class Config:
                 raise ConfigError(f"override '{dotted}': expected 'section.key' with a section from {sorted(raw)}.")
             raw[section][key] = value
         return Config.from_dict(raw, source="overrides")
+
+
+# Where things are, not what they are. The data itself enters identities by its manifest hash.
+LOCATION_KEYS = (
+    "data.celeba_dir",
+    "data.folder_dir",
+    "data.raw_dir",
+    "data.shards_dir",
+    "loader.shard_url",
+    "train.out_dir",
+    "scaling.storage_dir",
+    "tune.out_dir",
+    "eval.out_dir",
+)
 
 
 def _number(value: Any) -> int | float | None:

@@ -34,6 +34,35 @@ def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
         return torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
 
 
+def lost_worker_errors() -> tuple[type[BaseException], ...]:
+    """The exception types that say a training worker or its node was lost (killed, out of memory,
+    a node down or cut off): what a retry from the latest checkpoint can fix, and nothing else.
+    Used by dfcvae.train.fit, which retries only these.
+
+    Private: Ray Train V2 reports a worker whose process died through its health check,
+    `ray.train.v2._internal.exceptions.WorkerHealthCheckFailedError` (and its timeout twin).
+    Public: Ray's RayActorError family, and torch.distributed's DistError, which a surviving
+    rank raises when its peer vanishes mid-collective.
+    Fallback: the public types only; a lost worker then shows through its peers' DistError.
+    """
+    import ray.exceptions
+    import torch.distributed
+
+    public = (
+        ray.exceptions.RayActorError,
+        ray.exceptions.NodeDiedError,
+        ray.exceptions.WorkerCrashedError,
+        ray.exceptions.ObjectLostError,
+        torch.distributed.DistError,
+    )
+    try:
+        from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError
+    except ImportError as err:
+        log.warning("Ray Train's health-check errors unavailable (%s): lost workers known by public types", err)
+        return public
+    return (*public, WorkerHealthCheckFailedError, WorkerHealthCheckTimeoutError)
+
+
 def clear_cuda_error() -> None:
     """Reset the thread's last CUDA error after a failed call we handle (cudaHostRegister of the
     batch slots), or torch raises it at the next kernel launch.

@@ -53,6 +53,22 @@ def tracking_uri(cfg: MlflowConfig) -> str:
     return uri or f"sqlite:///{store_path(cfg.local_db)}"
 
 
+def use_store(cfg: MlflowConfig) -> str:
+    """Point MLflow at the project's store to read from it, as the stages find it (MLFLOW_TRACKING_URI,
+    else mlflow.local_db); -> the URI. Creates nothing: ConfigError when the local store does not
+    exist yet, ConnectionError when the server does not answer."""
+    uri = tracking_uri(cfg)
+    db = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if db is not None and not db.is_file():
+        raise ConfigError(
+            f"no MLflow store at {db} (mlflow.local_db): run the pipeline first (make demo, or dvc repro) "
+            "from the project's folder, or set MLFLOW_TRACKING_URI to the store that holds the model."
+        )
+    check_reachable(uri)
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
 def ui_command(cfg: MlflowConfig, port: int = 5000) -> list[str]:
     """The MLflow UI over the local store, on 127.0.0.1 only: nothing else on the network sees it.
 

@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 from dfcvae import cluster, data, tracking
-from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, load_checkpoint, save_checkpoint
+from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import write_json
-from dfcvae.internals import torch_config
+from dfcvae.internals import lost_worker_errors, torch_config
 from dfcvae.step import check_config, local_storage, local_storage_message
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
 
@@ -41,12 +41,17 @@ def check_storage(cfg: Config, nodes: int) -> None:
         raise ConfigError(local_storage_message(cfg, f"a cluster of {nodes} nodes"))
 
 
+def identity_digest(cfg: Config, manifest_hash: str, code: str) -> str:
+    """A digest of what a result depends on: the settings (Config.identity, no locations), the data
+    (the shards' manifest hash) and the code (the dfcvae package's digest)."""
+    identity = {"config": cfg.identity(), "manifest_hash": manifest_hash, "code": code}
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]
+
+
 def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
-    """The run's identity: its config, its data (the shards' manifest hash) and its code (the
-    dfcvae package's digest). A rerun after an interruption has the same name and resumes from
-    Ray's checkpoints under scaling.storage_dir; new data or new code is a new run from step 0."""
-    identity = {"config": cfg.to_dict(), "manifest_hash": manifest_hash, "code": code}
-    return f"train-{hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:10]}"
+    """A rerun after an interruption has the same name, wherever the checkout lies, and resumes
+    from Ray's checkpoints under scaling.storage_dir; new data, code or settings train from step 0."""
+    return f"train-{identity_digest(cfg, manifest_hash, code)}"
 
 
 def train(cfg: Config) -> dict[str, float]:
@@ -56,6 +61,8 @@ def train(cfg: Config) -> dict[str, float]:
     check_config(cfg)
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
+    if cfg.train.init_from:  # once, here: in the workers it would fail on every retry
+        check_source(cfg.train.init_from)
     manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)
     run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, manifest_hash))
     logger = tracking.RunLogger(uri, run_id)
@@ -150,12 +157,13 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], name: str, callbacks:
 
 
 def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = ()):
-    """Run the trainer; after a failure a retry can fix (a lost worker or node), run it again
+    """Run the trainer; after a lost worker or node (internals.lost_worker_errors), run it again
     under the same name, up to scaling.max_failures times (-1: no limit): Ray Train finds the
     run's checkpoints under scaling.storage_dir and the workers resume from the latest.
-    A failure that repeats on every attempt (NonFiniteLossError, another UserError: a bad
-    config or bad data) is raised at once, as the workers raised it. ClusterError when the
-    workers' nodes do not come within scaling.node_wait_s.
+    Any other failure would repeat on every attempt, whoever raised it (this project's errors,
+    MLflow's, Ray's, the operating system's: a missing alias, a full disk, an unreadable file),
+    so it is raised at once, as the worker raised it. ClusterError when the workers' nodes do not
+    come within scaling.node_wait_s.
     """
     from ray.train import ControllerError, TrainingFailedError
 
@@ -171,13 +179,13 @@ def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = 
             raise ClusterError(no_nodes_message(cfg)) from None
         except TrainingFailedError as err:
             failures = list(getattr(err, "worker_failures", {}).values())
-            deterministic = [f for f in failures if isinstance(f, UserError)]
-            if deterministic:
-                raise deterministic[0] from None
+            lost = [f for f in failures if isinstance(f, lost_worker_errors())]
+            if failures and not lost:
+                raise next((f for f in failures if isinstance(f, UserError)), failures[0]) from None
             if 0 <= limit < attempt:
                 raise
             sys.stdout.write(
-                f"[train] attempt {attempt} failed ({type(err).__name__}: {str(err)[:300]}); "
+                f"[train] attempt {attempt}: a worker was lost ({type(lost[0]).__name__ if lost else err}); "
                 f"restarting from the latest checkpoint ({attempt} of "
                 f"{'unlimited' if limit < 0 else limit} retries)\n"
             )

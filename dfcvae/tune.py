@@ -26,7 +26,6 @@ search is continued with `Tuner.restore`, which does not rerun finished trials.
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import math
 import shutil
@@ -45,7 +44,7 @@ from dfcvae import data, tracking
 from dfcvae.config import Config, ConfigError
 from dfcvae.evaluate import Evaluator
 from dfcvae.features import resolve_layers
-from dfcvae.train import fit
+from dfcvae.train import fit, identity_digest
 
 OBJECTIVE = "val/objective"  # dfcvae.evaluate.tuning_objective; lower is better
 DONE_FILE = "search_done.json"  # in the experiment folder once the search has finished
@@ -165,10 +164,10 @@ def trial_config(base: Config, overrides: dict[str, Any], trial_dir: Path) -> Co
 
 
 def experiment_name(cfg: Config) -> str:
-    """Stable for one search (config digest), so a rerun after a kill restores it."""
-    relevant = {k: v for k, v in cfg.to_dict().items() if k not in ("mlflow", "registry")}
-    digest = hashlib.sha256(json.dumps(relevant, sort_keys=True).encode()).hexdigest()[:10]
-    return f"search-{digest}"
+    """Stable for one search, so a rerun after a kill restores it: the digest of its settings, its
+    data and its code (identity_digest). A search over other shards (same path, new manifest) or
+    other code is a new search, never a restored one whose trials were scored on other data."""
+    return f"search-{identity_digest(cfg, data.manifest_hash(cfg), tracking.code_digest())}"
 
 
 def experiment_path(cfg: Config) -> Path:

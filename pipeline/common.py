@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
+import sys
 from collections.abc import Callable
 from typing import Any
 
@@ -23,10 +25,32 @@ def command(name: str) -> Callable[[Callable[..., None]], Callable[..., None]]:
                 main(*args, **kwargs)
             except (UserError, FileNotFoundError) as err:
                 raise SystemExit(f"{name}: {err}") from None
+            except OSError as err:  # the machine's, not the project's: a full disk, a permission
+                raise SystemExit(f"{name}: {os_error_sentence(err)}") from None
+            except Exception as err:
+                mlflow_errors = sys.modules.get("mlflow.exceptions")  # loaded if MLflow was used
+                if mlflow_errors and isinstance(err, mlflow_errors.MlflowException):
+                    raise SystemExit(f"{name}: MLflow: {err.message.splitlines()[0]}") from None
+                raise
 
         return run
 
     return wrap
+
+
+ADVICE = {
+    errno.ENOSPC: "free space there, or point the output at a larger disk, and run again",
+    errno.EDQUOT: "free space within your quota, or point the output elsewhere, and run again",
+    errno.EACCES: "give yourself permission there, or point the path elsewhere",
+    errno.EROFS: "the file system is read-only: point the path at a writable one",
+}
+
+
+def os_error_sentence(err: OSError) -> str:
+    """One sentence for an operating-system error: what, where, and what to do."""
+    where = f" at {err.filename}" if err.filename else ""
+    advice = ADVICE.get(err.errno, "fix that, and run again")
+    return f"{err.strerror or err}{where}: {advice}."
 
 
 def parse_config(

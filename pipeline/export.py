@@ -19,8 +19,15 @@ from typing import Any
 
 from dfcvae import tracking
 from dfcvae.bundle import write_bundle
-from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_state, state_digest
-from dfcvae.config import Config, ConfigError
+from dfcvae.checkpoint import (
+    REGISTERED_ARTIFACT,
+    download_registered,
+    load_checkpoint,
+    load_state,
+    resolve_registered,
+    state_digest,
+)
+from dfcvae.config import Config
 from dfcvae.evaluate import PICTURES
 from dfcvae.sampler import SAMPLER_FILE
 from dfcvae.served import SAMPLER_ARTIFACT
@@ -48,8 +55,8 @@ def export(cfg: Config, source: str, out: Path) -> Path:
 def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
     import mlflow
 
-    client = mlflow.MlflowClient(tracking_uri=tracking.setup(cfg.mlflow))
-    version = _model_version(client, uri)
+    client = mlflow.MlflowClient(tracking_uri=tracking.use_store(cfg.mlflow))
+    version = resolve_registered(uri)
     run_tags = client.get_run(version.run_id).data.tags if version.run_id else {}
     provenance = {
         "name": version.name,
@@ -65,18 +72,6 @@ def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
         grids = {name.removeprefix("grid_"): p for name, p in path.items() if name.startswith("grid_")}
         state = load_checkpoint(path[REGISTERED_ARTIFACT])
         return write_bundle(state, out, metrics, grids, provenance, path.get(SAMPLER_ARTIFACT))
-
-
-def _model_version(client, uri: str):
-    """models:/<name>@<alias> or models:/<name>/<version> -> the MLflow ModelVersion."""
-    ref = uri.removeprefix("models:/")
-    if "@" in ref:
-        name, alias = ref.split("@", 1)
-        return client.get_model_version_by_alias(name, alias)
-    name, _, number = ref.partition("/")
-    if not number.isdigit():
-        raise ConfigError(f"{uri}: expected models:/<name>@<alias> or models:/<name>/<version>.")
-    return client.get_model_version(name, number)
 
 
 def _read_json(path: Path) -> dict[str, Any]:

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dfcvae import metrics
+from dfcvae import metrics, tracking
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_model, model_from_state
 from dfcvae.config import Config
 from dfcvae.data import prepare_batch
@@ -115,11 +115,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--reconstruct", type=Path, help="a folder of images to reconstruct instead of sampling")
     parser.add_argument("--sampler", default="default", help="default | normal | a sampler.safetensors file")
     parser.add_argument("--temperature", type=float, default=1.0, help="the normal sampler's std (default 1)")
+    parser.add_argument("--params", default="params.yaml", help="where the MLflow store is (default: params.yaml)")
     args = parser.parse_args(argv)
     if args.n < 1:
         parser.error("--n must be at least 1.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(args.model).startswith("models:/"):  # the project's store, found as the stages find it
+        tracking.use_store(Config.load(args.params).mlflow)
     model, cfg, stored = load_with_sampler(str(args.model), device)
     if args.reconstruct:
         cols = args.nrow or RECON_COLS

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import threading
 import time
@@ -301,6 +302,29 @@ def test_nonfinite_weights_are_never_checkpointed():
         checkpoint_payload(model, optimizer, scheduler, 1, cfg, 10)
 
 
+def test_a_moved_checkout_finds_its_run_again(ray_cluster, run_cfg, tmp_path, monkeypatch):
+    """Paths relative to the checkout, as params.yaml gives them; the checkout is then moved (or a
+    DVC temp workspace runs it elsewhere): the rerun finds the run's checkpoints, trains nothing."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(run_cfg.data.shards_dir, a / "data" / "shards")
+    relative = {
+        "data.shards_dir": "data/shards",
+        "scaling.storage_dir": "outputs/ray",
+        "train.out_dir": "outputs/train",
+    }
+    cfg = run_cfg.with_overrides({**relative, "scaling.num_workers": 1})
+    monkeypatch.chdir(a)
+    first = train(cfg)
+    weights = state_digest(load_checkpoint(a / "outputs/train/model.pt")["model"])
+    a.rename(b)
+    monkeypatch.chdir(b)
+    again = train(cfg)
+    assert again["step"] == first["step"] == cfg.train.steps
+    trained = [json.loads(line) for line in (b / "outputs/train/reports.jsonl").read_text().splitlines()]
+    assert not any(r["restored_from"] == 0 for r in trained), "the moved checkout trained again from step 0"
+    assert state_digest(load_checkpoint(b / "outputs/train/model.pt")["model"]) == weights
+
+
 def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
     from dfcvae.train import run_name
 
@@ -309,3 +333,9 @@ def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
     assert run_name(synthetic_cfg, "manifest-b", "code-a") != name  # new images: train from step 0
     assert run_name(synthetic_cfg, "manifest-a", "code-b") != name  # new code
     assert run_name(synthetic_cfg.with_overrides({"train.steps": 7}), "manifest-a", "code-a") != name
+    # Where the checkout lies is not what the run is: locations, MLflow and the registry stay out.
+    from dfcvae.config import LOCATION_KEYS
+
+    elsewhere = {key: f"/elsewhere/{key}" for key in LOCATION_KEYS}
+    elsewhere |= {"mlflow.local_db": "/elsewhere/mlflow.db", "registry.lock_file": "/elsewhere/lock"}
+    assert run_name(synthetic_cfg.with_overrides(elsewhere), "manifest-a", "code-a") == name

@@ -263,3 +263,23 @@ def test_a_bad_search_space_fails_before_any_trial_naming_the_key(synthetic_cfg,
     cfg = search_config(synthetic_cfg, tmp_path, **{"tune.space": space})
     with pytest.raises(ConfigError, match=message):
         tuning.parse_space(cfg)
+
+
+def test_a_search_is_restored_only_over_the_same_data_wherever_the_checkout_lies(synthetic_cfg, tmp_path):
+    """The experiment's name keys on settings, data and code: a checkout elsewhere finds its search
+    again; new shards at the same path are a new search, never one whose trials saw other data."""
+    import shutil
+
+    from pipeline.shard import write_shards
+
+    here = search_config(synthetic_cfg, tmp_path / "here")
+    elsewhere = search_config(synthetic_cfg, tmp_path / "elsewhere")
+    assert tuning.experiment_name(here) == tuning.experiment_name(elsewhere)
+    assert tuning.experiment_path(here) != tuning.experiment_path(elsewhere)
+    copy = tmp_path / "shards"
+    shutil.copytree(synthetic_cfg.data.shards_dir, copy)
+    moved = here.with_overrides({"data.shards_dir": str(copy)})
+    assert tuning.experiment_name(moved) == tuning.experiment_name(here)  # the same shards elsewhere
+    resharded = moved.with_overrides({"data.seed": 1})  # another order of the same images: other shards
+    write_shards(resharded, workers=1)
+    assert tuning.experiment_name(resharded.with_overrides({"data.seed": 0})) != tuning.experiment_name(here)
