@@ -273,6 +273,13 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
+class ServeConfig:
+    # The most images one request may send or ask for (params.n): a reply of 64 images of 64 px
+    # is ~15 MB of JSON. Read when the model is registered, and served with it.
+    max_batch: int = 64
+
+
+@dataclass(frozen=True)
 class RegistryConfig:
     model_name: str = "dfcvae"
     out_dir: str = "outputs/register"
@@ -306,6 +313,7 @@ class Config:
     tune: TuneConfig = field(default_factory=TuneConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    serve: ServeConfig = field(default_factory=ServeConfig)
     mlflow: MlflowConfig = field(default_factory=MlflowConfig)
 
     @property
@@ -342,7 +350,7 @@ class Config:
         return _plain(dataclasses.asdict(self))
 
     def identity(self) -> dict[str, Any]:
-        """to_dict() without LOCATION_KEYS and the tracking sections: what a result depends on.
+        """to_dict() without LOCATION_KEYS and the tracking and serving sections: what a result depends on.
         Resumable things (a training run, a search) are named by a digest of this, the data's
         manifest hash and the code's digest, so a moved checkout or a DVC temp workspace resumes
         them, and new data, code or settings never do."""
@@ -350,7 +358,7 @@ class Config:
         for dotted in LOCATION_KEYS:
             section, key = dotted.split(".")
             raw[section].pop(key)
-        return {section: values for section, values in raw.items() if section not in ("mlflow", "registry")}
+        return {section: values for section, values in raw.items() if section not in ("mlflow", "registry", "serve")}
 
     def flat(self) -> dict[str, Any]:
         """Dotted keys -> scalar values (lists joined), e.g. for MLflow params."""

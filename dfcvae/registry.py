@@ -192,7 +192,9 @@ def register_model(
         tags["active_fraction"] = repr(float(metrics[ACTIVE_FRACTION]))
     try:
         sampler = grids_dir / SAMPLER_FILE
-        model_uri = log_model(state, model_path, metrics_path, grids, run_id, sampler if sampler.is_file() else None)
+        model_uri = log_model(
+            state, model_path, metrics_path, grids, run_id, sampler if sampler.is_file() else None, cfg.serve
+        )
         with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
             result = register_if_better(
                 client,

@@ -9,25 +9,32 @@ no perceptual network, no VGG or ImageNet weights. A PythonModel, not MLflow 3's
 exported graph would fix the batch size to the input example's.
 
 `predict(model_input, params)`:
-  - `model_input`: a float32 array (B, 3, H, W) in [-1, 1], any B (the signature's batch
-    dimension is -1). Over REST: `{"inputs": <nested list>, "params": {...}}`.
+  - `model_input`: images (B, 3, H, W) in [-1, 1], 1 <= B <= serve.max_batch: a float array
+    (float64 is cast to float32), a nested list, or a torch tensor. Over REST:
+    `{"inputs": <nested list>, "params": {...}}`. The signature declares no input schema, so
+    that MLflow passes every input here, where a wrong one (8-bit pixels, a wrong shape, NaN)
+    gets one sentence on both paths instead of MLflow's schema error with the array dumped.
   - `params["mode"]`:
       - "reconstruct" (default): reconstructions through the latent mean, (B, 3, H, W) in [-1, 1];
       - "encode": the latent means, (B, latent_dim);
-      - "sample": `params["n"]` (default 16) prior samples, (n, 3, H, W), from `params["seed"]`
+      - "sample": `params["n"]` (default 16, at most serve.max_batch) prior samples, (n, 3, H, W), from `params["seed"]`
         (default 0); the input is validated but otherwise ignored. `params["sampler"]`:
         "default" the sampler the evaluation stored with the model (eval.sampler: N(0, T^2 I) or
         the Gaussian mixture on train latents, dfcvae/sampler.py; N(0, I) for models without one),
         "normal" N(0, I), or "gmm" (400 when the model has no mixture).
-The signature's output schema describes the default mode.
+The signature's output schema describes the default mode. A caller's mistake is MLflow's
+400 with one sentence; anything else is logged with its traceback on the server and answered
+with one sentence too: no reply carries a stack trace.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import importlib.metadata
 import importlib.util
 import json
+import logging
 import sys
 import tempfile
 from pathlib import Path
@@ -41,7 +48,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint
-from dfcvae.config import Config
+from dfcvae.config import Config, ServeConfig
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import NormalSampler, load_sampler
 
@@ -53,6 +60,7 @@ SAMPLER_ARTIFACT = "sampler"
 MODES = ("reconstruct", "encode", "sample")
 BUNDLED_PACKAGE = Path(__file__).resolve().parent  # the dfcvae package, shipped with every registered model
 INPUT_SLACK = 1e-3  # rounding in a client's scaling to [-1, 1]
+log = logging.getLogger(__name__)
 
 
 class VAEModel(mlflow.pyfunc.PythonModel):
@@ -68,6 +76,9 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         self.model.to(self.device).eval()
         stored = context.artifacts.get(SAMPLER_ARTIFACT)
         self.sampler = load_sampler(Path(stored)) if stored else None
+        # The serve section of the config the model was registered with (config.json).
+        registered = json.loads(Path(context.artifacts["config"]).read_text()) if "config" in context.artifacts else {}
+        self.max_batch = int(registered.get("serve", {}).get("max_batch", ServeConfig.max_batch))
 
     def draw(self, params: dict[str, Any]) -> torch.Tensor:
         """Latent codes (n, latent_dim) for the sample mode, as params["sampler"] says."""
@@ -82,30 +93,66 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         else:
             has = f"a {stored.kind} sampler" if stored else "no sampler"
             raise bad_input(f"params.sampler {name!r}: this model was registered with {has}; use default or normal.")
-        return sampler.sample(int(params["n"]), torch.Generator().manual_seed(int(params["seed"])))
+        return sampler.sample(self.count(params["n"]), torch.Generator().manual_seed(int(params["seed"])))
+
+    def count(self, n: Any) -> int:
+        """params.n as a count in [1, serve.max_batch], or a caller's mistake."""
+        limit = getattr(self, "max_batch", ServeConfig.max_batch)
+        if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or not 1 <= n <= limit:
+            raise bad_input(f"params.n={n!r}: ask for 1 to {limit} samples (serve.max_batch) per request.")
+        return int(n)
 
     # np.ndarray is a hint MLflow accepts without inferring a schema from it: the signature rules.
     def predict(self, context, model_input: np.ndarray, params: dict[str, Any] | None = None) -> np.ndarray:
-        params = {**PREDICT_PARAMS, **(params or {})}
+        try:
+            return self._predict(model_input, {**PREDICT_PARAMS, **(params or {})})
+        except MlflowException:
+            raise  # a caller's mistake, said in one sentence
+        except Exception as err:  # a fault: its traceback goes to the server's log, not to the caller
+            log.exception("predict failed")
+            raise MlflowException(
+                f"the model failed on this request ({type(err).__name__}); the server's log has the details."
+            ) from None
+
+    def _predict(self, model_input: Any, params: dict[str, Any]) -> np.ndarray:
         mode = params["mode"]
         if mode not in MODES:
             raise bad_input(f"params.mode {mode!r} is not one of {MODES}.")
         if mode == "sample":
             with torch.no_grad():
                 return self.model.decode(self.draw(params).to(self.device)).float().cpu().numpy()
-        x = torch.as_tensor(np.asarray(model_input, dtype=np.float32), device=self.device)  # (B, 3, H, W)
-        size = self.model.image_size
+        x = torch.as_tensor(self.images(model_input), device=self.device)  # (B, 3, H, W)
+        with torch.no_grad():
+            out = self.model.encode(x)[0] if mode == "encode" else self.model.reconstruct(x)
+        return out.float().cpu().numpy()
+
+    def images(self, model_input: Any) -> np.ndarray:
+        """Any input a caller may pass -> float32 (B, 3, H, W) in [-1, 1], or one sentence saying
+        what is wrong: the same sentence over HTTP and through the Python API."""
+        size, limit = self.model.image_size, getattr(self, "max_batch", ServeConfig.max_batch)
+        expected = f"images of shape (B, 3, {size}, {size}) in [-1, 1]"
+        if isinstance(model_input, torch.Tensor):
+            model_input = model_input.detach().cpu().numpy()
+        try:
+            x = np.asarray(model_input)
+        except (ValueError, TypeError):  # ragged nested lists
+            raise bad_input(f"expected {expected}, got a ragged or mixed {type(model_input).__name__}.") from None
+        if x.dtype == np.uint8 or (x.dtype.kind in "iu" and x.size and x.max() > 1):
+            raise bad_input(f"expected {expected}, got {x.dtype} pixels (8-bit? send x / 127.5 - 1).")
+        if x.dtype.kind not in "fiub":
+            raise bad_input(f"expected {expected}, got {type(model_input).__name__} of {x.dtype}.")
         if x.ndim != 4 or tuple(x.shape[1:]) != (3, size, size):
-            raise bad_input(f"expected images of shape (B, 3, {size}, {size}) in [-1, 1], got {tuple(x.shape)}.")
-        if not torch.isfinite(x).all():
+            raise bad_input(f"expected {expected}, got shape {tuple(x.shape)}.")
+        if not 1 <= len(x) <= limit:
+            raise bad_input(f"send 1 to {limit} images per request (serve.max_batch), not {len(x)}.")
+        x = x.astype(np.float32)  # float64 (numpy's default) holds [-1, 1] pixels at float32's precision
+        if not np.isfinite(x).all():
             raise bad_input("the images hold NaN or infinite values: send finite pixels in [-1, 1].")
         low, high = float(x.min()), float(x.max())
         if low < -1 - INPUT_SLACK or high > 1 + INPUT_SLACK:
             hint = " (8-bit pixels? send x / 127.5 - 1)" if high > 2 else " (send 2 x - 1 for [0, 1] pixels)"
             raise bad_input(f"the images range over [{low:.3g}, {high:.3g}], not [-1, 1]{hint}.")
-        with torch.no_grad():
-            out = self.model.encode(x)[0] if mode == "encode" else self.model.reconstruct(x)
-        return out.float().cpu().numpy()
+        return x
 
 
 def bundled_model_class(model_dir: Path) -> type[DFCVAE]:
@@ -132,7 +179,8 @@ def bad_input(message: str) -> MlflowException:
 
 
 def model_signature(example: np.ndarray) -> ModelSignature:
-    """Images in, images out (the default mode), any batch size, with the predict params."""
+    """Images out (the default mode), any batch size, with the predict params. No input schema:
+    `VAEModel.images` checks every input itself (module docstring)."""
     image = TensorSpec(np.dtype(np.float32), (-1, *example.shape[1:]), name=None)
     params = ParamSchema(
         [
@@ -142,7 +190,7 @@ def model_signature(example: np.ndarray) -> ModelSignature:
             ParamSpec("sampler", "string", PREDICT_PARAMS["sampler"]),
         ]
     )
-    return ModelSignature(inputs=Schema([image]), outputs=Schema([image]), params=params)
+    return ModelSignature(inputs=None, outputs=Schema([image]), params=params)
 
 
 def input_example(state: dict, n: int = 2) -> np.ndarray:
@@ -154,14 +202,21 @@ def input_example(state: dict, n: int = 2) -> np.ndarray:
 
 
 def log_model(
-    state: dict, model_path: Path, metrics_path: Path, grids: list[Path], run_id: str, sampler: Path | None = None
+    state: dict,
+    model_path: Path,
+    metrics_path: Path,
+    grids: list[Path],
+    run_id: str,
+    sampler: Path | None = None,
+    serve: ServeConfig | None = None,
 ) -> str:
     """Log the pyfunc model on `run_id` with its attachments (the evaluation's sampler file when
-    given); returns its models:/ URI."""
+    given) and the registering config's serve section; returns its models:/ URI."""
     example = input_example(state)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.json"
-        config_path.write_text(json.dumps(state["config"], indent=2, sort_keys=True) + "\n")
+        stored = {**state["config"], "serve": dataclasses.asdict(serve or ServeConfig())}
+        config_path.write_text(json.dumps(stored, indent=2, sort_keys=True) + "\n")
         # Attachments ride along as pyfunc artifacts: whoever downloads the version gets them.
         artifacts = {
             REGISTERED_ARTIFACT: str(model_path),

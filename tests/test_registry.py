@@ -440,8 +440,56 @@ def test_served_champion_answers_with_reconstructions(cfg, tmp_path):
             urllib.request.urlopen(request, timeout=30)
         assert refused.value.code == 400
         assert "not [-1, 1] (8-bit pixels? send x / 127.5 - 1)" in json.loads(refused.value.read())["message"]
+        # Out of bounds (serve.max_batch = 64): a 400 and a sentence, never a stack trace.
+        for params, inputs, says in (
+            ({"mode": "sample", "n": 400}, x[:1], "params.n=400: ask for 1 to 64 samples (serve.max_batch)"),
+            ({"mode": "sample", "n": -1}, x[:1], "params.n=-1: ask for 1 to 64"),
+            ({"mode": "sample", "n": 0}, x[:1], "params.n=0: ask for 1 to 64"),
+            ({"mode": "sample", "n": 1e9}, x[:1], "'n'"),  # MLflow's own check: n is an integer
+            ({}, np.zeros((65, 3, 32, 32)), "send 1 to 64 images per request (serve.max_batch), not 65"),
+            ({}, x[:, :, :16], "got shape (3, 3, 16, 32)"),
+        ):
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{port}/invocations",
+                data=json.dumps({"inputs": inputs.tolist(), "params": params}).encode(),
+                headers={"Content-Type": "application/json"},
+            )
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                urllib.request.urlopen(request, timeout=30)
+            body = refused.value.read().decode()
+            assert refused.value.code == 400 and says in json.loads(body)["message"], body[-500:]
+            assert "stack_trace" not in json.loads(body) and "Traceback" not in body
     finally:
         stop(server)
+
+
+def test_the_python_api_takes_what_users_pass_and_refuses_the_rest_in_the_http_paths_words(cfg):
+    """mlflow.pyfunc.load_model(...).predict(x) with numpy's float64, lists, torch tensors; and
+    8-bit pixels, wrong shapes, frames, strings: each refused in one sentence, no array dumped."""
+    write_outputs(cfg, seed=3, objective=3.0)
+    register(cfg)
+    served = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}@{CHAMPION}")
+    x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 32, 32))  # float64, numpy's default
+    expected = served.predict(x.astype(np.float32))
+    for accepted in (x, x.tolist(), torch.as_tensor(x), torch.as_tensor(x, dtype=torch.float32)):
+        np.testing.assert_allclose(served.predict(accepted), expected, atol=1e-6)
+    import pandas as pd
+
+    eight_bit = (x * 127.5 + 127.5).astype(np.uint8)
+    for refused, says in (
+        (eight_bit, "got uint8 pixels (8-bit? send x / 127.5 - 1)"),
+        (eight_bit.astype(np.float64), "not [-1, 1] (8-bit pixels? send x / 127.5 - 1)"),
+        (x[0], "got shape (3, 32, 32)"),
+        (x[:, :1], "got shape (2, 1, 32, 32)"),
+        (pd.DataFrame({"pixel": [0.1, 0.2]}), "got shape (2, 1)"),
+        ("an image", "got str"),
+        ([[0.1, 0.2], [0.3]], "ragged"),
+        (np.full((1, 3, 32, 32), np.nan), "NaN or infinite"),
+    ):
+        with pytest.raises(mlflow.exceptions.MlflowException) as err:
+            served.predict(refused)
+        assert "expected images of shape (B, 3, 32, 32)" in err.value.message or says in err.value.message
+        assert says in err.value.message and len(err.value.message) < 200, err.value.message
 
 
 def stop(server: subprocess.Popen) -> None:
