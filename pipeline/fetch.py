@@ -1,6 +1,7 @@
 """Stage `fetch`: the raw dataset, in CelebA's official layout, under data.raw_dir.
 
-`fetch(cfg)` rewrites data.raw_dir completely:
+`fetch(cfg)` replaces data.raw_dir whole (written beside it in `<raw_dir>.partial/`, swapped in
+when complete: a failure leaves the previous copy), with:
 
     img_align_celeba/NNNNNN.jpg    images (178x218 for CelebA and synthetic; any size for folder)
     list_eval_partition.txt        "NNNNNN.jpg P", P = 0 train, 1 val, 2 test
@@ -36,6 +37,7 @@ exist for other sources): after changing them, run `dvc repro -f fetch`.
 from __future__ import annotations
 
 import csv
+import errno
 import hashlib
 import json
 import math
@@ -54,6 +56,7 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
+from dfcvae.files import DiskFullError, disk_full_message, staging_dir, swap_in
 from dfcvae.images import FETCH_REPORT, FOLDER_SUFFIXES, SOURCE_FILES, FolderListing, list_folder
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, attribute_row, draw_face
 from pipeline.common import command, parse_config
@@ -455,15 +458,37 @@ def fetch(cfg: Config, workers: int | None = None) -> dict:
         raise DataError(f"data.source: {d.source!r} is not one of {sorted(SOURCES)}; pick one.")
     if not math.isclose(sum(d.split_fractions), 1.0) or min(d.split_fractions) < 0:
         raise DataError(f"data.split_fractions={list(d.split_fractions)} must be three fractions >= 0 that sum to 1.")
-    raw = Path(d.raw_dir)
+    target = Path(d.raw_dir)
     inputs = {"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source)
-    _reset(raw, Path(inputs) if inputs else None)
-    info = SOURCES[d.source](cfg, raw, workers or len(os.sched_getaffinity(0)))
+    _check_not_inputs(target, Path(inputs) if inputs else None)
+    raw = staging_dir(target, DATASET_FILE)  # replaces raw_dir only when complete
+    (raw / IMAGE_DIR).mkdir()
+    try:
+        info = SOURCES[d.source](cfg, raw, workers or len(os.sched_getaffinity(0)))
+    except BaseException as err:  # the previous copy stays; nothing half-written is left
+        shutil.rmtree(raw, ignore_errors=True)
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFullError(disk_full_message(raw.parent, _source_bytes(cfg), "a copy of the images")) from None
+        raise
     digest = source_digest(cfg)  # after a download, too
-    (raw / "dataset.json").write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
+    (raw / DATASET_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
     if digest is not None:
         (raw / INVENTORY_FILE).write_text(json.dumps({"source": d.source, "sha256": digest}) + "\n")
+    swap_in(raw, target)
     return info
+
+
+DATASET_FILE = "dataset.json"
+
+
+def _source_bytes(cfg: Config) -> int:
+    """About how many bytes fetch copies: the folder's images, CelebA's files, or drawn faces."""
+    d = cfg.data
+    if d.source == "folder":
+        return sum(p.stat().st_size for p in list_folder(Path(d.folder_dir)).images)
+    if d.source == "celeba":
+        return sum(p.stat().st_size for p in Path(d.celeba_dir).rglob("*") if p.is_file())
+    return d.synthetic_count * 20_000  # a 178x218 JPEG at quality 92
 
 
 INVENTORY_FILE = "source_inventory.json"  # in data.raw_dir; not part of the manifest
@@ -499,8 +524,8 @@ def inputs_changed(cfg: Config) -> str | None:
     return f"files in data.{key} ({getattr(cfg.data, key)}) were added, removed or changed since the last fetch"
 
 
-def _reset(raw: Path, inputs: Path | None) -> None:
-    """Empty raw_dir, refusing a folder that holds the inputs or the project."""
+def _check_not_inputs(raw: Path, inputs: Path | None) -> None:
+    """Refuse a raw_dir that holds the inputs or the project: replacing it would erase them."""
     target = raw.resolve()
     keep = [Path.cwd().resolve()] + ([inputs.resolve()] if inputs else [])
     if any(target == k or target in k.parents for k in keep):
@@ -508,9 +533,6 @@ def _reset(raw: Path, inputs: Path | None) -> None:
             f"data.raw_dir={raw} holds the project or the input data and would be erased: "
             "give it a folder of its own, such as data/raw."
         )
-    if raw.exists():
-        shutil.rmtree(raw)
-    (raw / IMAGE_DIR).mkdir(parents=True)
 
 
 @command("fetch")

@@ -1,6 +1,7 @@
 """Stage `shard`: the raw dataset (CelebA's layout, from `fetch`) -> webdataset tar shards.
 
-`write_shards(cfg)` reads data.raw_dir and rewrites data.shards_dir completely:
+`write_shards(cfg)` reads data.raw_dir and replaces data.shards_dir whole (written beside it in
+`<shards_dir>.partial/`, swapped in when complete; a failure leaves the previous set):
 
     <split>-NNNNNN.tar   data.samples_per_shard samples each (the last of a split may hold fewer);
                          the sample format is documented in dfcvae/data.py
@@ -31,12 +32,12 @@ Output is byte-identical on reruns: sorted inputs, fixed tar member metadata, no
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import multiprocessing
 import os
 import random
-import shutil
 import sys
 import tarfile
 from dataclasses import dataclass
@@ -58,6 +59,7 @@ from dfcvae.data import (
     encode_meta,
     shard_name,
 )
+from dfcvae.files import DiskFullError, check_free_space, disk_full_message, staging_dir, swap_in
 from dfcvae.images import (
     FETCH_REPORT,
     SMALL_CROP,
@@ -175,10 +177,14 @@ def _sha256(path: Path) -> str:
 
 
 def write_shards(cfg: Config, workers: int | None = None) -> dict:
-    """Shard data.raw_dir into data.shards_dir (rewritten completely); returns the manifest.
+    """Shard data.raw_dir into data.shards_dir; returns the manifest.
 
+    The new set is written beside the old, in `<shards_dir>.partial/`, and swapped in only when
+    complete: a failure (too many rejections, a full disk, an interruption) leaves the previous
+    set whole, and the failed attempt's report.json in the .partial folder.
     workers: processes (default: all available cores). Raises DataError when more than
-    data.max_reject_fraction of the raw images are rejected (report.json says which and why).
+    data.max_reject_fraction of the raw images are rejected (report.json says which and why),
+    DiskFullError when the disk holding data.shards_dir cannot take the new set.
     """
     d = cfg.data
     if d.encoding not in IMAGE_MEMBERS:
@@ -189,12 +195,29 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     if out_dir.resolve() == raw_dir.resolve() or out_dir.resolve() in raw_dir.resolve().parents:
         raise DataError(f"data.shards_dir={out_dir} holds data.raw_dir and would erase it: give it its own folder.")
     info, images = read_raw(raw_dir)
+    staging = staging_dir(out_dir, "manifest.json")
+    try:
+        manifest = _write_set(cfg, info, images, raw_dir, staging, workers or len(os.sched_getaffinity(0)))
+    except BaseException as err:
+        for tar in staging.glob("*.tar*"):  # keep report.json, drop what was written
+            tar.unlink()
+        if isinstance(err, OSError) and err.errno == errno.ENOSPC:
+            raise DiskFullError(disk_full_message(staging, _set_bytes(cfg, len(images)), "the shards")) from None
+        raise
+    swap_in(staging, out_dir)
+    return manifest
+
+
+def _set_bytes(cfg: Config, count: int) -> int:
+    """About how many bytes `count` samples take: raw pixels, the tar headers and the sidecar."""
+    return count * (cfg.data.image_size**2 * 3 + 3 * 512)
+
+
+def _write_set(cfg: Config, info: dict, images: list[RawImage], raw_dir: Path, out_dir: Path, workers: int) -> dict:
+    d = cfg.data
     crop = resolve_crop(d.crop_size, info["source"])
     image_dir = raw_dir / "img_align_celeba"
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    out_dir.mkdir(parents=True)
-    workers = workers or len(os.sched_getaffinity(0))
+    check_free_space(out_dir, _set_bytes(cfg, len(images)), "the shards")
     with multiprocessing.get_context("fork").Pool(workers) as pool:
         outcomes = _check_all(pool, image_dir, images, crop, cfg)
         report = _report(images, outcomes, _read_json(raw_dir / SOURCE_FILES))
@@ -206,7 +229,7 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
             raise DataError(
                 f"{counts['rejected']} of {counts['in']} raw images were rejected, more than "
                 f"data.max_reject_fraction={d.max_reject_fraction}: see {out_dir / 'report.json'} for why, "
-                "then fix or remove those images (or raise the fraction)."
+                "then fix or remove those images (or raise the fraction); the previous shards are kept."
             )
         accepted = [im for im, (outcome, _, _) in zip(images, outcomes) if outcome != "rejected"]
         check_split_counts(

@@ -596,9 +596,9 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
 def test_too_many_rejects_fail_the_stage_after_writing_the_report(tmp_path):
     cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.2})
     fetch(cfg, workers=2)
-    with pytest.raises(DataError, match=r"6 of 15 raw images were rejected.*report\.json"):
+    with pytest.raises(DataError, match=r"6 of 15 raw images were rejected.*shards\.partial/report\.json"):
         write_shards(cfg, workers=2)
-    assert len(json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())["rejected"]) == 6
+    assert len(json.loads((Path(cfg.data.shards_dir + ".partial") / "report.json").read_text())["rejected"]) == 6
 
 
 def test_a_folder_already_split_keeps_its_split_and_the_manifest_says_so(tmp_path):

@@ -1,0 +1,103 @@
+"""Faults that must end in one sentence with nothing lost: a full disk, a folder the project did
+not write, and a stage interrupted mid-write. Real file systems: a small tmpfs for the full disk."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dfcvae.config import UserError
+from dfcvae.files import DiskFullError
+from pipeline import shard as shard_stage
+from pipeline.fetch import fetch
+from pipeline.shard import write_shards
+from tests.test_data import make_config
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size_kb: int):
+    """A tmpfs of size_kb mounted at path: a real file system that fills up."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size_kb}k", "tmpfs", str(path)], capture_output=True
+    )
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {mounted.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def _manifest(cfg) -> str:
+    return (Path(cfg.data.shards_dir) / "manifest.json").read_text()
+
+
+def test_a_full_disk_keeps_the_previous_shards_and_says_how_much_is_needed(tmp_path, monkeypatch, capsys):
+    # The new set is written beside the old one and swapped in: the disk must hold both for a moment.
+    with small_disk(tmp_path / "disk", 500) as disk:
+        cfg = make_config(tmp_path, {"data.shards_dir": str(disk / "shards")})
+        fetch(cfg, workers=2)
+        write_shards(cfg, workers=2)  # 33 images of 32 px: about 150 KB
+        before = _manifest(cfg)
+        bigger = cfg.with_overrides({"data.image_size": 64})  # about 460 KB: does not fit
+        with pytest.raises(
+            DiskFullError,
+            match=r"the disk holding .*shards\.partial is full for the shards: .* MB free, about 0\.5 MB needed",
+        ):
+            write_shards(bigger, workers=2)
+        assert _manifest(cfg) == before  # the previous set, whole
+        # The estimate passes but the disk fills while writing (a real ENOSPC in a worker process):
+        # the same sentence, no retry, and no half-written shard left behind.
+        params = tmp_path / "params.yaml"
+        params.write_text(yaml.safe_dump(bigger.to_dict()))
+        with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
+            patch.setattr(shard_stage, "_set_bytes", lambda cfg, count: 0)
+            shard_stage.main(["--params", str(params)])
+        assert str(stopped.value.code).startswith("shard: the disk holding ") and "\n" not in str(stopped.value.code)
+        assert _manifest(cfg) == before
+        assert not list((disk / "shards.partial").glob("*.tar*"))
+        manifest = write_shards(cfg, workers=2)  # with the space there, the stage simply runs
+        assert manifest["preprocessing"]["image_size"] == 32
+
+
+def test_folders_the_project_did_not_write_are_never_replaced(tmp_path):
+    mine = tmp_path / "my-photos"
+    mine.mkdir()
+    (mine / "holiday.txt").write_text("the user's own file")
+    cfg = make_config(tmp_path, {"data.raw_dir": str(mine)})
+    with pytest.raises(UserError, match=r"my-photos holds files this project did not write \(such as holiday\.txt\)"):
+        fetch(cfg, workers=2)
+    cfg = make_config(tmp_path, {"data.shards_dir": str(mine)})
+    fetch(cfg, workers=2)
+    with pytest.raises(UserError, match="holds files this project did not write"):
+        write_shards(cfg, workers=2)
+    assert [p.name for p in mine.iterdir()] == ["holiday.txt"]
+
+
+def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_recovers(tmp_path, monkeypatch):
+    cfg = make_config(tmp_path)
+    fetch(cfg, workers=2)
+    write_shards(cfg, workers=2)
+    before = _manifest(cfg)
+    interrupted = cfg.with_overrides({"data.seed": 5})
+
+    def killed(*args, **kwargs):
+        raise KeyboardInterrupt  # as Ctrl-C, or dvc's kill, mid-write
+
+    with monkeypatch.context() as patch:
+        patch.setattr(shard_stage, "_write_all", killed)
+        with pytest.raises(KeyboardInterrupt):
+            write_shards(interrupted, workers=2)
+    assert _manifest(cfg) == before
+    # A swap cut short between its two renames: the old set is put back before anything else.
+    shards = Path(cfg.data.shards_dir)
+    shards.rename(shards.with_name("shards.old"))
+    manifest = write_shards(interrupted, workers=2)
+    assert manifest["preprocessing"]["order_seed"] == 5 and json.loads(_manifest(cfg)) == manifest
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shards")) == ["shards"]
