@@ -135,6 +135,9 @@ class LoaderConfig:
     shuffle_buffer: int = 5000
     corrupt_tolerance: int = 0  # samples that may be skipped from corrupt shards; 0 = fail
     shard_url: str = ""  # e.g. "pipe:aws s3 cp s3://bucket/shards/{name} -"; "" = data.shards_dir/{name}
+    # Check each shard against the manifest's sha256 at a process's first read of it, before any
+    # of its samples is used. Costs one extra pass over each shard per process (docs/data.md).
+    verify_shards: bool = True
 
 
 @dataclass(frozen=True)

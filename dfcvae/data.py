@@ -36,7 +36,9 @@ Safety: members are decoded by extension, only .npy (allow_pickle=False), .png a
 other member (a .pyd or .pth pickle, say) is never read. A truncated or corrupt shard raises
 ShardError naming it, unless loader.corrupt_tolerance allows skipping: then the skipped samples
 are logged, counted in `ShardLoader.skipped`, and replaced by repeats of the stream's recent
-samples so the batch count still holds.
+samples so the batch count still holds. With loader.verify_shards (the default), each process
+checks a shard's bytes against the manifest's sha256 the first time it reads it, before using
+any sample of it: a changed byte makes the whole shard corrupt, never a silently wrong image.
 """
 
 from __future__ import annotations
@@ -308,6 +310,7 @@ class Segment:
     begin: int  # sample indices within the shard, end exclusive
     end: int
     shard_count: int  # samples the manifest lists for the shard
+    sha256: str = ""  # the manifest's hash of the shard: checked at this process's first read ("" = not checked)
 
 
 def _seed(*parts: int) -> int:
@@ -333,7 +336,8 @@ def _segments(cfg: Config, shards: list[dict], start: int, stop: int) -> list[Se
         i = bisect.bisect_right(bounds, q) - 1
         take = min(bounds[i + 1] - q, stop - p)
         shard = shards[i]
-        out.append(Segment(shard_url(cfg, shard["name"]), q - bounds[i], q - bounds[i] + take, shard["count"]))
+        sha256 = shard.get("sha256", "") if cfg.loader.verify_shards else ""
+        out.append(Segment(shard_url(cfg, shard["name"]), q - bounds[i], q - bounds[i] + take, shard["count"], sha256))
         p += take
     return out
 
@@ -374,11 +378,39 @@ def split_member(name: str) -> tuple[str, str]:
     return (f"{folder}/{stem}" if folder else stem), ext
 
 
+# (url, manifest sha256) of the shards this process has checked, and of those whose bytes differed.
+_VERIFIED: set[tuple[str, str]] = set()
+_DAMAGED: dict[tuple[str, str], str] = {}
+
+
+def _open_verified(seg: Segment) -> BinaryIO:
+    """The shard's stream. At this process's first read of a shard with a hash, the whole shard is
+    read and hashed before any of its samples is used: a flipped byte anywhere is never trained
+    on. Later reads stream it as they always do (docs/data.md has the cost). ShardError when the
+    bytes differ from the manifest's, that time and every later time."""
+    key = (seg.url, seg.sha256)
+    if key in _DAMAGED:
+        raise ShardError(f"{seg.url}: {_DAMAGED[key]}")
+    if not seg.sha256 or key in _VERIFIED:
+        return open_url(seg.url)
+    with open_url(seg.url) as stream:
+        content = stream.read()
+    actual = hashlib.sha256(content).hexdigest()
+    if actual != seg.sha256:
+        _DAMAGED[key] = (
+            f"its sha256 {actual[:12]}... differs from the manifest's {seg.sha256[:12]}...: "
+            "the shard was changed or damaged after it was written"
+        )
+        raise ShardError(f"{seg.url}: {_DAMAGED[key]}")
+    _VERIFIED.add(key)
+    return io.BytesIO(content)
+
+
 def _read_segment(seg: Segment, image_ext: str) -> Iterator[dict]:
     """Samples seg.begin..seg.end of one shard, as raw member bytes."""
     index, sample = -1, None
     try:
-        with open_url(seg.url) as stream:
+        with _open_verified(seg) as stream:
             for name, buffer, start, size in _tar_members(stream):
                 key, ext = split_member(name)
                 if sample is None or key != sample["key"]:

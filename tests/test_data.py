@@ -64,9 +64,10 @@ def sharded(tmp_path_factory) -> Config:
 
 @pytest.fixture
 def shard_copy(sharded, tmp_path) -> Config:
-    """A private copy of the shards, for tests that damage them."""
+    """A private copy of the shards, for tests that damage them. Read unchecked (verify_shards off),
+    as a stream is: these tests are of the tar reader's own handling of damage."""
     shutil.copytree(sharded.data.shards_dir, tmp_path / "shards")
-    return sharded.with_overrides({"data.shards_dir": str(tmp_path / "shards")})
+    return sharded.with_overrides({"data.shards_dir": str(tmp_path / "shards"), "loader.verify_shards": False})
 
 
 def read_raw_tables(raw: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
@@ -331,6 +332,41 @@ def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_
     small = shard_copy.with_overrides({"loader.corrupt_tolerance": 1})
     with pytest.raises(ShardError, match="train-000001.tar"):
         list(data.make_loader(small, "train", train=False, num_workers=0))
+
+
+def _flip_a_pixel_byte(cfg: Config, name: str) -> set[str]:
+    """One bit of one image's pixels flipped, the tar structure intact: the shard's keys."""
+    path = Path(cfg.data.shards_dir) / name
+    with tarfile.open(path) as tar:
+        member = next(m for m in tar if m.name.endswith(".npy"))
+        keys = {m.name.split(".")[0] for m in tar}
+    raw = bytearray(path.read_bytes())
+    raw[member.offset_data + member.size - 7] ^= 0x10
+    path.write_bytes(bytes(raw))
+    return keys
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_flipped_pixel_byte_is_caught_by_the_manifests_hash_before_use(shard_copy, workers):
+    checked = shard_copy.with_overrides({"loader.verify_shards": True})
+    _flip_a_pixel_byte(checked, "train-000001.tar")
+    message = r"train-000001\.tar: its sha256 \w+\.\.\. differs from the manifest's \w+\.\.\.: the shard was changed"
+    with pytest.raises(ShardError, match=message):
+        epoch_batches(checked, train=False, num_workers=workers)
+    # Unchecked, the same shard decodes without a word: the check is what catches it.
+    assert len(epoch_batches(shard_copy, train=False, num_workers=workers)) == data.batches_per_epoch(
+        shard_copy, "train", 1
+    )
+
+
+def test_a_shard_that_fails_its_hash_is_skipped_whole_within_tolerance(shard_copy):
+    checked = shard_copy.with_overrides({"loader.verify_shards": True, "loader.corrupt_tolerance": 10})
+    keys = _flip_a_pixel_byte(checked, "train-000001.tar")
+    loader = data.make_loader(checked, "train", train=False, num_workers=0)
+    batches = list(loader)
+    assert len(batches) == data.batches_per_epoch(checked, "train", 1)
+    assert not keys & {key for b in batches for key in b["key"]}  # none of its samples is used
+    assert loader.skipped == 10
 
 
 def _samples_readable_before(shard: bytes, cut: int) -> list[str]:
