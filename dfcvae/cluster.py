@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
+from dfcvae.config import UserError
 from dfcvae.internals import loopback_only_ray
 
 
@@ -62,3 +63,51 @@ def resources_summary() -> str:
 
     total = {k: v for k, v in ray.cluster_resources().items() if not k.startswith(("node:", "memory", "object_store"))}
     return f"{alive_nodes()} nodes: " + ", ".join(f"{k} {v:g}" for k, v in sorted(total.items()))
+
+
+class StorageError(UserError, OSError):
+    """scaling.storage_dir is object storage that does not answer, has no such bucket, or refuses writes."""
+
+
+def check_remote_storage(uri: str) -> None:
+    """For a URI scaling.storage_dir (s3://, gs://, ...): that the store answers, the bucket exists
+    and a write succeeds, before Ray starts (Ray Train would find out in its controller after
+    30-40 s, as a long traceback). Through pyarrow's file systems, as Ray Train reaches the
+    storage; credentials and the endpoint come from the environment (AWS_ENDPOINT_URL, ...).
+    Raises StorageError saying which of the three is wrong."""
+    import uuid
+
+    import pyarrow.fs as pafs
+
+    where = f"scaling.storage_dir={uri}"
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the default endpoint"
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+    except (OSError, ValueError) as err:
+        raise StorageError(f"{where}: not a storage URI pyarrow can open ({_first_line(err)}).") from None
+    bucket = path.split("/")[0]
+    try:
+        found = fs.get_file_info(bucket).type != pafs.FileType.NotFound
+    except OSError as err:
+        raise StorageError(
+            f"{where}: the object store at {endpoint} does not answer ({_first_line(err)}): check the endpoint "
+            "(AWS_ENDPOINT_URL) and that the store is up."
+        ) from None
+    if not found:
+        raise StorageError(
+            f"{where}: the bucket {bucket!r} does not exist at {endpoint}: create it, or fix the bucket's name."
+        )
+    probe = f"{path.rstrip('/')}/.write-check-{uuid.uuid4().hex}"
+    try:
+        with fs.open_output_stream(probe) as stream:
+            stream.write(b"ok")
+        fs.delete_file(probe)
+    except OSError as err:
+        raise StorageError(
+            f"{where}: the bucket {bucket!r} refuses writes ({_first_line(err)}): check the credentials "
+            "(AWS_ACCESS_KEY_ID, ...) and the bucket's policy."
+        ) from None
+
+
+def _first_line(err: BaseException) -> str:
+    return str(err).strip().splitlines()[0][:300] if str(err).strip() else type(err).__name__

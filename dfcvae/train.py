@@ -63,6 +63,8 @@ def train(cfg: Config) -> dict[str, float]:
     uri = tracking.setup(cfg.mlflow)
     if cfg.train.init_from:  # once, here: in the workers it would fail on every retry
         check_source(cfg.train.init_from)
+    if "://" in cfg.scaling.storage_dir:
+        cluster.check_remote_storage(cfg.scaling.storage_dir)
     manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)
     run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, manifest_hash))
     logger = tracking.RunLogger(uri, run_id)

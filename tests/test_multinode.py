@@ -239,3 +239,24 @@ def test_a_local_storage_path_on_several_nodes_is_refused(cluster, shards_in_buc
     with pytest.raises(ConfigError, match="does not survive that node"):
         train(cfg)
     assert not (tmp_path / "ray").exists()
+
+
+def test_checkpoint_storage_that_cannot_be_written_is_one_sentence_before_ray_starts(s3, synthetic_cfg, tmp_path):
+    """A missing bucket and a dead endpoint, told apart, in seconds (moto takes any credentials)."""
+    from dfcvae.cluster import StorageError
+
+    base = cluster_config(tmp_path, synthetic_cfg.data.shards_dir, **{"scaling.max_failures": 2})
+    missing = base.with_overrides({"scaling.storage_dir": "s3://no-such-bucket/ray"})
+    cases = [
+        ({}, missing, r"the bucket 'no-such-bucket' does not exist at http://127\.0\.0\.1:\d+: create it"),
+        ({"AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}, base, r"the object store at .* does not answer"),
+    ]
+    for env, cfg, says in cases:
+        with pytest.MonkeyPatch.context() as patch:
+            for name, value in env.items():
+                patch.setenv(name, value)
+            started = time.monotonic()
+            with pytest.raises(StorageError, match=says) as err:
+                train(cfg)
+            assert "\n" not in str(err.value) and time.monotonic() - started < 30
+    assert not Path(base.train.out_dir).exists()
