@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from dfcvae.config import Config
-from dfcvae.files import write_json
+from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, Sampler, load_sampler
 
@@ -52,14 +52,27 @@ def write_bundle(
     provenance: dict[str, Any] | None = None,
     sampler: Path | None = None,
 ) -> Path:
-    """A checkpoint ({"model", "config", ...}) as a bundle folder `out` (created; its files replaced).
+    """A checkpoint ({"model", "config", ...}) as a bundle folder `out`, replaced whole: written
+    beside it and swapped in when complete, so an earlier bundle's files never mix with this one's
+    and an interruption leaves the earlier bundle. UserError when `out` holds files that are not a
+    bundle's (files.staging_dir).
 
     metrics: the evaluation's metrics.json; grids: picture name -> PNG; provenance: where the
     model comes from (registered name and version, data manifest hash, run id, git commit);
     sampler: the evaluation's sampler.safetensors.
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    target = Path(out)
+    out = staging_dir(target, CONFIG_FILE)
+    try:
+        _write_files(state, out, metrics, grids, provenance, sampler)
+    except BaseException:
+        shutil.rmtree(out, ignore_errors=True)
+        raise
+    swap_in(out, target)
+    return target
+
+
+def _write_files(state, out: Path, metrics, grids, provenance, sampler) -> None:
     cfg = Config.from_stored(state["config"])
     tensors = {k: v.detach().cpu().contiguous() for k, v in state["model"].items()}
     save_file(tensors, out / WEIGHTS_FILE, metadata={"format": "pt", "step": str(state.get("step", ""))})
@@ -71,7 +84,6 @@ def write_bundle(
     if sampler is not None:
         shutil.copyfile(sampler, out / SAMPLER_FILE)
     (out / CARD_FILE).write_text(model_card(cfg, state, metrics or {}, pictures, provenance or {}))
-    return out
 
 
 def load_bundle(folder: str | Path, device: torch.device | str = "cpu") -> tuple[DFCVAE, Config]:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -41,10 +42,41 @@ def state_digest(state: dict[str, Tensor]) -> str:
     return digest.hexdigest()
 
 
+class DamagedCheckpointError(UserError, ValueError):
+    """A checkpoint whose bytes are not what was written: truncated, or its content digest differs."""
+
+
+DIGEST_KEY = "payload_sha256"  # in every checkpoint written since it existed: payload_digest of the rest
+
+
+def payload_digest(payload: Any) -> str:
+    """sha256 over a checkpoint's contents: every tensor's bytes and every other value, by key path."""
+    digest = hashlib.sha256()
+
+    def walk(value: Any, where: str) -> None:
+        if isinstance(value, dict):
+            for key in sorted(value, key=str):
+                if key != DIGEST_KEY:
+                    walk(value[key], f"{where}/{key}")
+        elif isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                walk(item, f"{where}/{i}")
+        elif isinstance(value, Tensor):
+            digest.update(f"{where}:{value.dtype}:{tuple(value.shape)}".encode())
+            digest.update(value.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+        else:
+            digest.update(f"{where}={value!r}".encode())
+
+    walk(payload, "")
+    return digest.hexdigest()
+
+
 def save_checkpoint(payload: dict, directory: Path) -> Path:
-    """Write directory/CHECKPOINT_FILE atomically: a crash mid-write leaves no half file under the final name."""
+    """Write directory/CHECKPOINT_FILE atomically (a crash mid-write leaves no half file under the
+    final name), with the digest of its contents, which load_checkpoint checks."""
     directory.mkdir(parents=True, exist_ok=True)
     target = directory / CHECKPOINT_FILE
+    payload = {**payload, DIGEST_KEY: payload_digest(payload)}
     with tempfile.NamedTemporaryFile(dir=directory, suffix=".tmp", delete=False) as handle:
         torch.save(payload, handle)
         handle.flush()
@@ -55,19 +87,27 @@ def save_checkpoint(payload: dict, directory: Path) -> Path:
 
 def load_checkpoint(path: str | Path) -> dict:
     """A checkpoint file, or a folder holding CHECKPOINT_FILE. Raises FileNotFoundError when absent,
-    ValueError for anything that is not plain data (pickled code is never run)."""
+    ValueError for anything that is not plain data (pickled code is never run), and
+    DamagedCheckpointError for a file cut short or whose contents differ from their digest (a
+    checkpoint written before the digest existed is read without it)."""
     path = Path(path)
     if path.is_dir():
         path = path / CHECKPOINT_FILE
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist; pass a checkpoint directory or {CHECKPOINT_FILE}.")
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
         raise ValueError(
             f"refusing to load {path}: it is not a plain-data checkpoint ({type(err).__name__}); "
             "only files written by dfcvae load."
         ) from err
+    except Exception as err:  # a zip cut short or overwritten: torch's reader fails on its structure
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged (cut short or overwritten: {err}).") from None
+    stored = payload.pop(DIGEST_KEY, None) if isinstance(payload, dict) else None
+    if stored is not None and stored != payload_digest(payload):
+        raise DamagedCheckpointError(f"checkpoint {path} is damaged: its contents differ from their digest.")
+    return payload
 
 
 class RegistryError(UserError, LookupError):

@@ -27,7 +27,14 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 
 from dfcvae import data, metrics, tracking
-from dfcvae.checkpoint import all_finite, load_checkpoint, load_registered, save_checkpoint, state_digest
+from dfcvae.checkpoint import (
+    DamagedCheckpointError,
+    all_finite,
+    load_checkpoint,
+    load_registered,
+    save_checkpoint,
+    state_digest,
+)
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, build_reference
@@ -111,8 +118,7 @@ def resume(cfg: Config, model: DFCVAE, optimizer, scheduler) -> tuple[int, dict 
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # on object storage (s3://) as on a local or shared disk
-        with checkpoint.as_directory() as local:
-            state = load_checkpoint(Path(local))
+        state = load_latest_intact(checkpoint)
     else:
         state = init_state(cfg)
     if state is None:
@@ -122,6 +128,35 @@ def resume(cfg: Config, model: DFCVAE, optimizer, scheduler) -> tuple[int, dict 
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
     return int(state["step"]), state
+
+
+def load_latest_intact(checkpoint) -> dict:
+    """Ray's latest checkpoint of the run; when it is damaged (a write cut short, a changed byte),
+    the newest intact one before it, with one line saying so. DamagedCheckpointError when none of
+    the run's checkpoints (train.keep_checkpoints of them) is intact."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    fs, parent = checkpoint.filesystem, checkpoint.path.rstrip("/").rsplit("/", 1)[0]
+    listed = fs.get_file_info(pafs.FileSelector(parent))
+    earlier = sorted(  # Ray names them checkpoint_<timestamp>: by name is by time
+        (i.path for i in listed if i.type == pafs.FileType.Directory and i.base_name.startswith("checkpoint_")),
+        reverse=True,
+    )
+    damaged = []
+    for path in [checkpoint.path, *(p for p in earlier if p < checkpoint.path)]:
+        try:
+            with Checkpoint(path, filesystem=fs).as_directory() as local:
+                state = load_checkpoint(Path(local))
+        except DamagedCheckpointError as err:
+            damaged.append(str(err))
+            continue
+        if damaged:
+            print(f"train: {damaged[0]} Resumed from the intact {path} instead.", file=sys.stderr, flush=True)
+        return state
+    raise DamagedCheckpointError(
+        f"every checkpoint of this run in {parent} is damaged ({damaged[0]}): delete the folder to train from step 0."
+    )
 
 
 def init_state(cfg: Config) -> dict | None:

@@ -101,3 +101,30 @@ def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_rec
     manifest = write_shards(interrupted, workers=2)
     assert manifest["preprocessing"]["order_seed"] == 5 and json.loads(_manifest(cfg)) == manifest
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shards")) == ["shards"]
+
+
+def test_a_bundle_is_replaced_whole_and_never_over_the_users_files(tmp_path):
+    from PIL import Image
+
+    from dfcvae.bundle import load_bundle, write_bundle
+    from dfcvae.config import Config
+    from dfcvae.model import DFCVAE
+
+    cfg = Config().with_overrides({"model.hidden_channels": [8, 16], "model.latent_dim": 8, "data.image_size": 32})
+    state = {"model": DFCVAE(cfg.model, 32).state_dict(), "config": cfg.to_dict(), "step": 1}
+    grids = {}
+    for name in ("samples", "reconstructions"):
+        grids[name] = tmp_path / f"{name}.png"
+        Image.new("RGB", (8, 8)).save(grids[name])
+    out = tmp_path / "bundle"
+    write_bundle(state, out, grids=grids)
+    assert (out / "samples.png").is_file()
+    write_bundle(state, out, grids={"reconstructions": grids["reconstructions"]})  # fewer pictures now
+    assert not (out / "samples.png").exists()  # nothing of the earlier bundle is left to mix in
+    load_bundle(out)
+    mine = tmp_path / "Documents"
+    mine.mkdir()
+    (mine / "thesis.tex").write_text("the user's own file")
+    with pytest.raises(UserError, match=r"Documents holds files this project did not write \(such as thesis\.tex\)"):
+        write_bundle(state, mine)
+    assert [p.name for p in mine.iterdir()] == ["thesis.tex"]

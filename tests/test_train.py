@@ -6,8 +6,10 @@ import json
 import os
 import shutil
 import signal
+import struct
 import threading
 import time
+import zipfile
 from pathlib import Path
 
 import mlflow
@@ -15,10 +17,11 @@ import psutil
 import pytest
 import torch
 
-from dfcvae.checkpoint import load_checkpoint, save_checkpoint, state_digest
+from dfcvae.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
+from dfcvae.model import DFCVAE
 from dfcvae.step import (
     NonFiniteLossError,
     build_model,
@@ -287,6 +290,44 @@ def test_checkpoint_write_is_atomic(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         save_checkpoint({"step": 2}, tmp_path)
     assert load_checkpoint(tmp_path)["step"] == 1
+
+
+def flip_a_tensor_byte(path: Path) -> None:
+    """One bit of the largest tensor's bytes in a torch checkpoint (a zip of uncompressed records)."""
+    with zipfile.ZipFile(path) as archive:
+        member = max(archive.infolist(), key=lambda m: m.file_size)
+    raw = bytearray(path.read_bytes())
+    name_len, extra_len = struct.unpack("<HH", raw[member.header_offset + 26 : member.header_offset + 30])
+    raw[member.header_offset + 30 + name_len + extra_len + member.file_size // 2] ^= 0x04
+    path.write_bytes(bytes(raw))
+
+
+def test_a_damaged_checkpoint_is_never_used(tmp_path):
+    state = {"model": DFCVAE(Config().model, 64).state_dict(), "step": 3}
+    path = save_checkpoint(state, tmp_path / "a")
+    assert load_checkpoint(path)["step"] == 3
+    flip_a_tensor_byte(path)
+    with pytest.raises(DamagedCheckpointError, match="contents differ from their digest"):
+        load_checkpoint(path)
+    cut = save_checkpoint(state, tmp_path / "b")
+    cut.write_bytes(cut.read_bytes()[: cut.stat().st_size // 2])
+    with pytest.raises(DamagedCheckpointError, match="is damaged \\(cut short or overwritten"):
+        load_checkpoint(cut)
+    torch.save(state, tmp_path / "before-digests.pt")  # written before checkpoints had a digest
+    assert load_checkpoint(tmp_path / "before-digests.pt")["step"] == 3
+
+
+def test_a_damaged_latest_checkpoint_resumes_from_the_intact_one_before_it(ray_cluster, run_cfg):
+    cfg = run_cfg.with_overrides({"scaling.num_workers": 1, "train.keep_checkpoints": 3})
+    train(cfg)  # checkpoints at steps 3 and 6
+    (run,) = Path(cfg.scaling.storage_dir).glob("train-*")
+    checkpoints = sorted(run.glob("checkpoint_*/checkpoint.pt"))
+    assert [load_checkpoint(p)["step"] for p in checkpoints] == [3, 6]
+    flip_a_tensor_byte(checkpoints[-1])  # the latest, as a bad disk or an interrupted copy leaves it
+    metrics = train(cfg)  # the same run: Ray hands the workers its latest checkpoint
+    assert metrics["step"] == 6
+    resumed = [json.loads(line) for line in (Path(cfg.train.out_dir) / "reports.jsonl").read_text().splitlines()]
+    assert {r["restored_from"] for r in resumed} == {3}, "did not resume from the intact step-3 checkpoint"
 
 
 def test_nonfinite_weights_are_never_checkpointed():
