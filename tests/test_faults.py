@@ -128,3 +128,22 @@ def test_a_bundle_is_replaced_whole_and_never_over_the_users_files(tmp_path):
     with pytest.raises(UserError, match=r"Documents holds files this project did not write \(such as thesis\.tex\)"):
         write_bundle(state, mine)
     assert [p.name for p in mine.iterdir()] == ["thesis.tex"]
+
+
+def test_a_picture_is_never_written_over_a_file_the_project_did_not_write(tmp_path):
+    """pipeline.sample --out, the evaluation's grids: they replace their own pictures, nothing else."""
+    import torch
+    from PIL import Image
+
+    from dfcvae.metrics import save_grid
+
+    images = torch.zeros(4, 3, 8, 8)
+    mine = tmp_path / "holiday.png"
+    Image.new("RGB", (4, 4), (200, 10, 10)).save(mine)
+    before = mine.read_bytes()
+    with pytest.raises(UserError, match="holiday.png exists and is not a picture this project wrote"):
+        save_grid(images, mine, nrow=2)
+    assert mine.read_bytes() == before
+    ours = save_grid(images, tmp_path / "samples.png", nrow=2)
+    save_grid(images - 1, ours, nrow=2)  # its own picture: replaced
+    assert Image.open(ours).getpixel((3, 3)) == (0, 0, 0)
