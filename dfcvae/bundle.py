@@ -62,7 +62,7 @@ def write_bundle(
     sampler: the evaluation's sampler.safetensors.
     """
     target = Path(out)
-    out = staging_dir(target, CONFIG_FILE)
+    out = staging_dir(target, (CONFIG_FILE, WEIGHTS_FILE))
     try:
         _write_files(state, out, metrics, grids, provenance, sampler)
     except BaseException:

@@ -56,6 +56,7 @@ import contextlib
 import csv
 import logging
 import math
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,7 +73,7 @@ from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, sta
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
-from dfcvae.files import write_json
+from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
@@ -582,8 +583,24 @@ def _evaluate(
     step: int,
 ) -> dict[str, Any]:
     check_settings(cfg)
-    out_dir = Path(cfg.eval.out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    target = Path(cfg.eval.out_dir)
+    out_dir = staging_dir(
+        target, ("evaluation.json", "metrics.json", "probe.json")
+    )  # swapped in whole: no file of an earlier evaluation stays
+    try:
+        numbers, identity = _measure_into(model, cfg, device, inception, out_dir)
+    except BaseException:
+        shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+    swap_in(out_dir, target)
+    if logger is not None:
+        log_to_run(logger, numbers, identity, target, step)
+    return {**numbers, "test/fid_inception": identity}
+
+
+def _measure_into(
+    model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures, out_dir: Path
+) -> tuple[dict[str, float], str]:
     test = measure_test_split(model, cfg, device, inception)
     real = test.real.statistics()
     fid_recon = metrics.frechet_distance(*real, *test.recon.statistics())
@@ -629,9 +646,7 @@ def _evaluate(
             "pictures": layout,
         },
     )
-    if logger is not None:
-        log_to_run(logger, numbers, inception.identity, out_dir, step)
-    return {**numbers, "test/fid_inception": inception.identity}
+    return numbers, inception.identity
 
 
 def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:

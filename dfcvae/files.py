@@ -26,23 +26,30 @@ def write_json(data: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
-def staging_dir(target: Path, marker: str) -> Path:
+MARK = ".dfcvae-output"  # in every folder a stage replaces whole: the folder is the project's
+
+
+def staging_dir(target: Path, names: tuple[str, ...]) -> Path:
     """A fresh, empty folder beside `target` (same file system, so it can be renamed into place) in
     which a stage writes `target`'s new contents: `<name>.partial`. A failed or interrupted earlier
     attempt's folder is cleared first; an earlier swap cut short between its renames is undone.
-    UserError when `target` holds files and not `marker`, the file this stage always writes there:
-    the folder is someone else's, and replacing it would delete their files."""
+    UserError when `target` holds files but neither MARK nor any of `names`, the files this stage
+    writes there (DVC may have removed the ones it tracks): the folder is someone else's, and
+    replacing it would delete their files."""
     target = Path(target)
     recover_swap(target)
-    if target.is_dir() and not (target / marker).exists() and (foreign := next(target.iterdir(), None)):
-        raise UserError(
-            f"{target} holds files this project did not write (such as {foreign.name}), and the stage "
-            "replaces the whole folder: point the setting at a folder of its own, or empty this one."
-        )
+    if target.is_dir() and not any((target / name).exists() for name in (MARK, *names)):
+        foreign = next(target.iterdir(), None)
+        if foreign is not None:
+            raise UserError(
+                f"{target} holds files this project did not write (such as {foreign.name}), and the stage "
+                "replaces the whole folder: point the setting at a folder of its own, or empty this one."
+            )
     staging = target.with_name(target.name + ".partial")
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
+    (staging / MARK).write_text("Written by dfcvae: its stage replaces this folder whole.\n")
     return staging
 
 

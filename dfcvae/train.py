@@ -19,7 +19,7 @@ from typing import Any
 from dfcvae import cluster, data, tracking
 from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
-from dfcvae.files import write_json
+from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.internals import lost_worker_errors, torch_config
 from dfcvae.step import check_config, local_storage, local_storage_message
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
@@ -56,8 +56,9 @@ def run_name(cfg: Config, manifest_hash: str, code: str) -> str:
 
 def train(cfg: Config) -> dict[str, float]:
     """Train cfg's model on its shards; -> the final metrics (also train.out_dir/metrics.json).
-    Raises ConfigError (before any Ray work), NonFiniteLossError, or Ray's TrainingFailedError
-    after scaling.max_failures retries."""
+    train.out_dir is replaced whole when the run ends; while it trains, its reports.jsonl is in
+    `<train.out_dir>.partial/`. Raises ConfigError (before any Ray work), NonFiniteLossError, or
+    Ray's TrainingFailedError after scaling.max_failures retries."""
     check_config(cfg)
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
@@ -68,8 +69,11 @@ def train(cfg: Config) -> dict[str, float]:
     manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)
     run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, manifest_hash))
     logger = tracking.RunLogger(uri, run_id)
-    out_dir = Path(cfg.train.out_dir)
-    (out_dir / "reports.jsonl").unlink(missing_ok=True)  # this run's audit log only
+    # The run writes beside the previous outputs (its reports.jsonl there while it trains) and
+    # swaps them in when it ends: a failed or interrupted run leaves the previous model whole.
+    target = Path(cfg.train.out_dir)
+    out_dir = staging_dir(target, ("run.json", MODEL_FILE, "metrics.json", "reports.jsonl", LOG_FILE))
+    cfg = cfg.with_overrides({"train.out_dir": str(out_dir)})
     try:
         cluster.init_ray()
         check_storage(cfg, cluster.alive_nodes())
@@ -83,8 +87,9 @@ def train(cfg: Config) -> dict[str, float]:
             metrics = export_outputs(Path(checkpoint_dir), out_dir)
         write_json(metrics, out_dir / "metrics.json")
         write_json({"run_id": run_id, "tracking_uri": uri}, out_dir / "run.json")
+        swap_in(out_dir, target)
         for name in ("metrics.json", LOG_FILE):
-            logger.artifact(out_dir / name)
+            logger.artifact(target / name)
         logger.finish()
         return metrics
     except BaseException:

@@ -461,7 +461,7 @@ def fetch(cfg: Config, workers: int | None = None) -> dict:
     target = Path(d.raw_dir)
     inputs = {"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source)
     _check_not_inputs(target, Path(inputs) if inputs else None)
-    raw = staging_dir(target, DATASET_FILE)  # replaces raw_dir only when complete
+    raw = staging_dir(target, (DATASET_FILE,))  # replaces raw_dir only when complete
     (raw / IMAGE_DIR).mkdir()
     try:
         info = SOURCES[d.source](cfg, raw, workers or len(os.sched_getaffinity(0)))

@@ -195,7 +195,7 @@ def write_shards(cfg: Config, workers: int | None = None) -> dict:
     if out_dir.resolve() == raw_dir.resolve() or out_dir.resolve() in raw_dir.resolve().parents:
         raise DataError(f"data.shards_dir={out_dir} holds data.raw_dir and would erase it: give it its own folder.")
     info, images = read_raw(raw_dir)
-    staging = staging_dir(out_dir, "manifest.json")
+    staging = staging_dir(out_dir, ("manifest.json", "report.json"))
     try:
         manifest = _write_set(cfg, info, images, raw_dir, staging, workers or len(os.sched_getaffinity(0)))
     except BaseException as err:

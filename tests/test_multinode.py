@@ -148,8 +148,11 @@ def cluster_config(tmp: Path, shards: str, **overrides) -> Config:
 
 
 def reports(cfg: Config) -> list[dict]:
-    path = Path(cfg.train.out_dir) / "reports.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.is_file() else []
+    """The run's reports: in `<train.out_dir>.partial/` while it trains, in train.out_dir after."""
+    for folder in (Path(cfg.train.out_dir + ".partial"), Path(cfg.train.out_dir)):
+        if (folder / "reports.jsonl").is_file():
+            return [json.loads(line) for line in (folder / "reports.jsonl").read_text().splitlines()]
+    return []
 
 
 @pytest.fixture(scope="module")
