@@ -380,3 +380,43 @@ def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
     elsewhere = {key: f"/elsewhere/{key}" for key in LOCATION_KEYS}
     elsewhere |= {"mlflow.local_db": "/elsewhere/mlflow.db", "registry.lock_file": "/elsewhere/lock"}
     assert run_name(synthetic_cfg.with_overrides(elsewhere), "manifest-a", "code-a") == name
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(28, "No space left on device", "/data/ray"),  # a full disk: every retry repeats it
+        FileNotFoundError(2, "No such file or directory", "shard.tar"),
+        ValueError("a bug"),
+        RuntimeError("gloo: Connection closed by peer"),  # a peer's words alone are not a loss
+    ],
+)
+def test_only_a_lost_worker_is_retried(synthetic_cfg, monkeypatch, failure):
+    """fit() with Ray Train's own failure types: a worker's exception that a retry would repeat is
+    raised at once, as the worker raised it; a lost worker (its health check failed) is retried."""
+    from ray.train import WorkerGroupError
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    from dfcvae import train as driver
+
+    lost = WorkerHealthCheckFailedError("worker 0 died", RuntimeError("actor died"))
+    outcomes = [
+        WorkerGroupError("failed", {0: failure}),  # raised at once
+        WorkerGroupError("failed", {0: lost, 1: failure}),  # a worker lost: its peer's error follows
+        "done",
+    ]
+    attempts = []
+
+    class Trainer:
+        def fit(self):
+            attempts.append(outcomes.pop(0))
+            if isinstance(attempts[-1], Exception):
+                raise attempts[-1]
+            return attempts[-1]
+
+    monkeypatch.setattr(driver, "make_trainer", lambda *args, **kwargs: Trainer())
+    cfg = synthetic_cfg.with_overrides({"scaling.max_failures": 3})
+    with pytest.raises(type(failure)) as raised:
+        driver.fit(cfg, {}, "run")
+    assert raised.value is failure and len(attempts) == 1
+    assert driver.fit(cfg, {}, "run") == "done" and len(attempts) == 3  # retried once, then done
