@@ -584,9 +584,8 @@ def _evaluate(
 ) -> dict[str, Any]:
     check_settings(cfg)
     target = Path(cfg.eval.out_dir)
-    out_dir = staging_dir(
-        target, ("evaluation.json", "metrics.json", "probe.json")
-    )  # swapped in whole: no file of an earlier evaluation stays
+    # Written beside the previous evaluation and swapped in whole: none of its files stays.
+    out_dir = staging_dir(target, ("evaluation.json", "metrics.json", "probe.json"))
     try:
         numbers, identity = _measure_into(model, cfg, device, inception, out_dir)
     except BaseException:
