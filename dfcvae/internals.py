@@ -34,6 +34,17 @@ def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
         return torch.empty(nbytes, dtype=torch.uint8).share_memory_().untyped_storage()
 
 
+def lost_worker(failure: BaseException) -> bool:
+    """A failure that says a process of the run was lost: a training worker or its node
+    (lost_worker_errors), or one of its DataLoader processes, which the kernel's OOM killer picks
+    first. torch says the last only in words: RuntimeError "DataLoader worker (pid(s) ...) exited
+    unexpectedly"."""
+    if isinstance(failure, lost_worker_errors()):
+        return True
+    text = str(failure)
+    return isinstance(failure, RuntimeError) and "DataLoader worker" in text and "exited unexpectedly" in text
+
+
 def lost_worker_errors() -> tuple[type[BaseException], ...]:
     """The exception types that say a training worker or its node was lost (killed, out of memory,
     a node down or cut off): what a retry from the latest checkpoint can fix, and nothing else.

@@ -20,7 +20,7 @@ from dfcvae import cluster, data, tracking
 from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import staging_dir, swap_in, write_json
-from dfcvae.internals import lost_worker_errors, torch_config
+from dfcvae.internals import lost_worker, torch_config
 from dfcvae.step import check_config, local_storage, local_storage_message
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
 
@@ -164,7 +164,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], name: str, callbacks:
 
 
 def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = ()):
-    """Run the trainer; after a lost worker or node (internals.lost_worker_errors), run it again
+    """Run the trainer; after a lost worker, node or loader process (internals.lost_worker), run it again
     under the same name, up to scaling.max_failures times (-1: no limit): Ray Train finds the
     run's checkpoints under scaling.storage_dir and the workers resume from the latest.
     Any other failure would repeat on every attempt, whoever raised it (this project's errors,
@@ -186,7 +186,7 @@ def fit(cfg: Config, loop_config: dict[str, Any], name: str, callbacks: tuple = 
             raise ClusterError(no_nodes_message(cfg)) from None
         except TrainingFailedError as err:
             failures = list(getattr(err, "worker_failures", {}).values())
-            lost = [f for f in failures if isinstance(f, lost_worker_errors())]
+            lost = [f for f in failures if lost_worker(f)]
             if failures and not lost:
                 raise next((f for f in failures if isinstance(f, UserError)), failures[0]) from None
             if 0 <= limit < attempt:

@@ -94,3 +94,20 @@ def test_torch_config_falls_back_to_ray_trains_own_when_its_backend_is_gone(monk
         config = internals.torch_config("gloo")
     assert type(config) is TorchConfig and config.backend == "gloo"
     assert "listens on every interface" in caplog.text
+
+
+def test_lost_workers_are_known_by_ray_trains_health_check_and_without_it_by_public_types(monkeypatch, caplog):
+    import ray.exceptions
+    from ray.train.v2._internal.exceptions import WorkerHealthCheckFailedError
+
+    died = WorkerHealthCheckFailedError("worker 1 died", RuntimeError("actor died"))
+    loader = RuntimeError("DataLoader worker (pid(s) 4321) exited unexpectedly")
+    assert internals.lost_worker(died) and internals.lost_worker(loader)
+    assert internals.lost_worker(torch.distributed.DistNetworkError("Connection reset by peer"))
+    assert not internals.lost_worker(OSError(28, "No space left on device"))
+    assert not internals.lost_worker(RuntimeError("CUDA error: device-side assert triggered"))
+    monkeypatch.setitem(sys.modules, "ray.train.v2._internal.exceptions", None)  # the private module gone
+    with caplog.at_level(logging.WARNING, logger="dfcvae.internals"):
+        public = internals.lost_worker_errors()
+    assert ray.exceptions.RayActorError in public and WorkerHealthCheckFailedError not in public
+    assert "lost workers known by public types" in caplog.text

@@ -185,7 +185,9 @@ def test_two_nodes_train_from_and_into_the_bucket_with_ranks_in_step(uninterrupt
 def test_a_node_lost_mid_run_is_replaced_and_the_run_ends_as_if_uninterrupted(
     uninterrupted, cluster, shards_in_bucket, tmp_path
 ):
-    cfg = cluster_config(tmp_path, shards_in_bucket)
+    # The same run as `uninterrupted` (same data, settings and code) in its own storage: in the
+    # same storage it would find that run's checkpoints and end at once, as it should.
+    cfg = cluster_config(tmp_path, shards_in_bucket, **{"scaling.storage_dir": f"s3://{BUCKET}/ray-lost"})
     outcome: dict[str, object] = {}
 
     def run() -> None:  # the driver in a thread: Ray's node management wants the main one
