@@ -241,8 +241,11 @@ def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
 
 
 def _kill_a_worker_after_first_checkpoint(cfg: Config, killed: list[int], done: threading.Event) -> None:
+    # The reports log gets a line once Ray Train has taken the checkpoint in (a file in the
+    # storage alone can precede that: a run restarted then would find no checkpoint).
+    reports = Path(cfg.train.out_dir + ".partial") / "reports.jsonl"
     while not done.is_set():  # until training ends, however long its first checkpoint takes
-        if list(Path(cfg.scaling.storage_dir).glob("train-*/checkpoint_*/checkpoint.pt")):
+        if reports.is_file() and reports.read_text().strip():
             # This cluster's workers only: its processes descend from this test process.
             # The Ray worker itself, not its DataLoader processes (forks that carry its title).
             found = [p for p in psutil.Process().children(recursive=True) if _is_train_worker(p)]
