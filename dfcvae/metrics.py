@@ -35,9 +35,6 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike, NDArray
 from PIL import Image, PngImagePlugin
-from sklearn.linear_model import LogisticRegression
-from sklearn.pipeline import make_pipeline
-from sklearn.preprocessing import StandardScaler
 from torch import Tensor, nn
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 from torchvision.utils import make_grid
@@ -168,8 +165,11 @@ class InceptionFeatures:
         chunks = []
         with self._precise():
             for start in range(0, len(images), self.batch_size):
-                batch = images[start : start + self.batch_size].to(self.device)
-                feats = self.net(prepare_for_inception(batch))  # (b, 2048)
+                batch = prepare_for_inception(images[start : start + self.batch_size].to(self.device))
+                if self.device.type == "cpu":  # 19% faster on one core (6.2 s against 7.6 s for 32
+                    # images, features within 6e-6): oneDNN's convolutions prefer this layout
+                    batch = batch.contiguous(memory_format=torch.channels_last)
+                feats = self.net(batch)  # (b, 2048)
                 chunks.append(feats.reshape(len(batch), INCEPTION_FEATURES).double().cpu())
         if not chunks:
             return np.zeros((0, INCEPTION_FEATURES))
@@ -369,6 +369,12 @@ def attribute_probe(
     Returns {"attributes": {name: {"accuracy", "baseline"}}, "mean_accuracy",
     "mean_baseline", "skipped": {name: reason}}; means are over the probed attributes.
     """
+    # Here, not at the top: scikit-learn takes 1.3 s to import, and every training worker, which
+    # never probes, imports this module.
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
     x_train, x_test = _as_2d(train_latents, "train_latents"), _as_2d(test_latents, "test_latents")
     y_train, y_test = _as_binary(train_attrs, len(x_train), names), _as_binary(test_attrs, len(x_test), names)
     results: dict[str, dict[str, float]] = {}

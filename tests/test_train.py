@@ -322,17 +322,37 @@ def test_a_damaged_checkpoint_is_never_used(tmp_path):
     assert load_checkpoint(tmp_path / "before-digests.pt")["step"] == 3
 
 
-def test_a_damaged_latest_checkpoint_resumes_from_the_intact_one_before_it(ray_cluster, run_cfg):
-    cfg = run_cfg.with_overrides({"scaling.num_workers": 1, "train.keep_checkpoints": 3})
+def test_a_moved_checkout_finds_its_run_and_a_damaged_latest_checkpoint_is_passed_over(
+    ray_cluster, run_cfg, tmp_path, monkeypatch
+):
+    """Paths relative to the checkout, as params.yaml gives them. The run trains in a/, the checkout
+    moves to b/ (or DVC runs it in a temp workspace), and the run's latest checkpoint is damaged
+    there: the rerun finds the run (not a new one from step 0), passes over the damaged step-6
+    checkpoint, resumes from the intact step-3 one and ends with the same weights as before."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    shutil.copytree(run_cfg.data.shards_dir, a / "data" / "shards")
+    cfg = run_cfg.with_overrides(
+        {
+            "data.shards_dir": "data/shards",
+            "scaling.storage_dir": "outputs/ray",
+            "train.out_dir": "outputs/train",
+            "scaling.num_workers": 1,
+            "train.keep_checkpoints": 3,
+        }
+    )
+    monkeypatch.chdir(a)
     train(cfg)  # checkpoints at steps 3 and 6
-    (run,) = Path(cfg.scaling.storage_dir).glob("train-*")
+    weights = state_digest(load_checkpoint(a / "outputs/train/model.pt")["model"])
+    a.rename(b)
+    monkeypatch.chdir(b)
+    (run,) = (b / "outputs/ray").glob("train-*")
     checkpoints = sorted(run.glob("checkpoint_*/checkpoint.pt"))
     assert [load_checkpoint(p)["step"] for p in checkpoints] == [3, 6]
-    flip_a_tensor_byte(checkpoints[-1])  # the latest, as a bad disk or an interrupted copy leaves it
-    metrics = train(cfg)  # the same run: Ray hands the workers its latest checkpoint
-    assert metrics["step"] == 6
-    resumed = [json.loads(line) for line in (Path(cfg.train.out_dir) / "reports.jsonl").read_text().splitlines()]
-    assert {r["restored_from"] for r in resumed} == {3}, "did not resume from the intact step-3 checkpoint"
+    flip_a_tensor_byte(checkpoints[-1])  # as a bad disk or an interrupted copy leaves it
+    assert train(cfg)["step"] == 6
+    resumed = [json.loads(line) for line in (b / "outputs/train/reports.jsonl").read_text().splitlines()]
+    assert {r["restored_from"] for r in resumed} == {3}, "did not resume the moved run from its intact checkpoint"
+    assert state_digest(load_checkpoint(b / "outputs/train/model.pt")["model"]) == weights
 
 
 def test_nonfinite_weights_are_never_checkpointed():
@@ -346,30 +366,6 @@ def test_nonfinite_weights_are_never_checkpointed():
         model.decoder.fc.weight[0, 0] = float("nan")
     with pytest.raises(NonFiniteLossError):
         checkpoint_payload(model, optimizer, scheduler, 1, cfg, 10)
-
-
-def test_a_moved_checkout_finds_its_run_again(ray_cluster, run_cfg, tmp_path, monkeypatch):
-    """Paths relative to the checkout, as params.yaml gives them; the checkout is then moved (or a
-    DVC temp workspace runs it elsewhere): the rerun finds the run's checkpoints, trains nothing."""
-    a, b = tmp_path / "a", tmp_path / "b"
-    shutil.copytree(run_cfg.data.shards_dir, a / "data" / "shards")
-    relative = {
-        "data.shards_dir": "data/shards",
-        "scaling.storage_dir": "outputs/ray",
-        "train.out_dir": "outputs/train",
-    }
-    cfg = run_cfg.with_overrides({**relative, "scaling.num_workers": 1})
-    monkeypatch.chdir(a)
-    first = train(cfg)
-    weights = state_digest(load_checkpoint(a / "outputs/train/model.pt")["model"])
-    a.rename(b)
-    monkeypatch.chdir(b)
-    again = train(cfg)
-    assert again["step"] == first["step"] == cfg.train.steps
-    log = b / "outputs/train/reports.jsonl"  # absent when nothing was trained
-    trained = [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
-    assert not any(r["restored_from"] == 0 for r in trained), "the moved checkout trained again from step 0"
-    assert state_digest(load_checkpoint(b / "outputs/train/model.pt")["model"]) == weights
 
 
 def test_a_run_resumes_only_with_the_same_config_data_and_code(synthetic_cfg):
