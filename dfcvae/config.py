@@ -272,6 +272,14 @@ class EvalConfig:
     # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_random, test/lpips_file).
     lpips_net: str = "alex"
     lpips_weights: str = "imagenet"
+    # Uncertainty (dfcvae/uncertainty.py): two-sided percentile bootstrap intervals at `confidence`
+    # over `bootstrap_resamples` resamples of the test images and samples (test/<metric>_ci); each
+    # FID resample at 10,000 images (more images than Inception features) costs about 2 CPU-seconds.
+    confidence: float = 0.95
+    bootstrap_resamples: int = 200
+    # KID (Bińkowski et al. 2018): its spread over this many random subsets of up to this many images.
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
     out_dir: str = "outputs/eval"
 
 
@@ -293,6 +301,11 @@ class RegistryConfig:
     # A model with fewer active latent dimensions (fraction, test/active_fraction) never becomes
     # champion: its posterior collapsed, whatever its FID.
     min_active_fraction: float = 0.1
+    # The champion gate (dfcvae/registry.py): a challenger is promoted only when its eval.objective is
+    # lower than the champion's by at least min_improvement (a fraction of the champion's) with
+    # probability min_confidence, over paired bootstrap resamples of the same test images and samples.
+    min_confidence: float = 0.95
+    min_improvement: float = 0.05
 
 
 @dataclass(frozen=True)

