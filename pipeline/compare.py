@@ -1,11 +1,17 @@
-"""Plain VAE vs DFC-VAE on the same shards: the same model, seed, data order and steps, two losses.
+"""Plain VAE vs DFC-VAE on the same shards: the same model, seeds, data order and steps, two losses.
 
-    python -m pipeline.compare [--params params.yaml] [--set key=value ...] [--steps N]
+    python -m pipeline.compare [--params params.yaml] [--set key=value ...] [--steps N] [--seeds N]
                                [--plain-kl-weight W] [--out-dir outputs/compare]
 
-Trains both variants with the train stage (Ray Train, tracked in MLflow, run tag
-`compare.variant`) and evaluates both with the evaluate stage's evaluation (the same
-Inception network and test images), one after the other:
+Trains both variants with the train stage (Ray Train, tracked in MLflow, run tags
+`compare.variant` and `compare.seed`) and evaluates both with the evaluate stage's evaluation
+(the same Inception network and test images), one run after another (runs that share a machine
+would slow each other), seed by seed: seeds train.seed, train.seed + 1, ... (--seeds, default 1).
+A seed sets the initial weights and the data order, the same for both variants, so the runs pair
+by seed. Per metric the comparison gives each variant's mean over seeds with its 95% t interval,
+and the verdict on the paired differences (DFC-VAE minus plain VAE, a paired t interval at 95%):
+"DFC-VAE lower with 95% confidence", "DFC-VAE higher with 95% confidence" or "no difference
+shown" (one seed shows none):
 
     dfc_vae    the workspace config, with the tune stage's best overrides when they exist
     plain_vae  the same with loss.perceptual_weight 0 and loss.pixel_weight 1: the usual
@@ -17,12 +23,15 @@ Inception network and test images), one after the other:
                pixel VAE would be a strongly weighted beta-VAE, a different model.
 
 Outputs (--out-dir):
-    <variant>/train, <variant>/ray, <variant>/eval   each variant's train and evaluate outputs
-    comparison.json    per variant: FIDs (samples, recon), PSNR, SSIM, MSE, probe accuracy and
-                       baseline, reference distance, steps, loss settings, the MLflow run, the
-                       shards' manifest hash, Inception identity and image count, wall times
+    <variant>/seed<s>/{train,ray,eval}   each run's train and evaluate outputs
+    comparison.json    runs: per variant, one row per seed: FIDs (samples, recon), KIDs, PSNR, SSIM,
+                       MSE, probe accuracy and baseline, reference distance, steps, loss settings,
+                       the MLflow run, the shards' manifest hash, Inception identity and image
+                       count, wall times; variants: per variant and metric the mean over seeds and
+                       its interval; verdicts: per metric the paired difference, its interval and
+                       the verdict
     comparison.md      the numbers as a markdown table
-    reconstructions.png  RECON_COLS test images (top row), then each variant's decode(mu),
+    reconstructions.png  RECON_COLS test images (top row), then each variant's decode(mu) (first seed),
                        one row per variant, a LABEL_WIDTH px label column on the left:
                        LABEL_WIDTH + C (S + 2) + 2 px wide, 3 (S + 2) + 2 px high (`figure_sizes`)
     samples.png        SAMPLE_ROWS x SAMPLE_COLS prior samples per variant from the same z
@@ -40,6 +49,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
@@ -47,7 +57,7 @@ from torchvision.utils import make_grid
 
 from dfcvae import data, evaluate, tracking
 from dfcvae.checkpoint import load_checkpoint, model_from_state
-from dfcvae.config import Config
+from dfcvae.config import Config, ConfigError
 from dfcvae.files import write_json
 from dfcvae.train import train
 from pipeline.common import best_overrides, command, parse_config
@@ -60,9 +70,11 @@ LABEL_WIDTH = 96  # px, the label column of reconstructions.png
 LABEL_HEIGHT = 22  # px, the label strip above each panel of samples.png
 PANEL_GAP = 12  # px between the two sample panels
 PAD = evaluate.GRID_PADDING
-TABLE = (  # comparison.json key, table label, format
+MEASURED = (  # comparison.json key, table label, format: measured per run, summarised over seeds
     ("fid_samples", "FID prior samples (lower is better)", "{:.1f}"),
     ("fid_recon", "FID reconstructions (lower is better)", "{:.1f}"),
+    ("kid_samples", "KID prior samples (lower is better)", "{:.4f}"),
+    ("kid_recon", "KID reconstructions (lower is better)", "{:.4f}"),
     ("psnr", "PSNR dB (higher is better)", "{:.2f}"),
     ("ssim", "SSIM (higher is better)", "{:.3f}"),
     ("mse", "MSE, [0, 1] scale (lower is better)", "{:.4f}"),
@@ -71,13 +83,16 @@ TABLE = (  # comparison.json key, table label, format
     ("active_fraction", "active latent dimensions (Burda et al.)", "{:.0%}"),
     ("probe_accuracy_mean", "attribute probe accuracy (higher is better)", "{:.3f}"),
     ("probe_baseline_mean", "majority-class baseline", "{:.3f}"),
+    ("fid_sum", "FID sum (the objective's default)", "{:.1f}"),
+)
+SETTINGS = (  # the same in every run of a variant
     ("steps", "training steps", "{:d}"),
     ("kl_weight", "loss.kl_weight", "{:.3g}"),
     ("perceptual_weight", "loss.perceptual_weight", "{:.3g}"),
     ("pixel_weight", "loss.pixel_weight", "{:.3g}"),
     ("feature_norm", "loss.feature_norm", "{}"),
-    ("train_seconds", "training wall time, s", "{:.0f}"),
 )
+CONFIDENCE = 0.95
 
 
 @dataclass(frozen=True)
@@ -85,6 +100,7 @@ class Variant:
     name: str
     cfg: Config
     tuned: dict[str, Any] | None  # the tune stage's overrides applied, if any
+    seed: int
 
 
 def plain_kl_weight(cfg: Config) -> float:
@@ -92,8 +108,11 @@ def plain_kl_weight(cfg: Config) -> float:
     return 1.0 / (3 * cfg.data.image_size**2)
 
 
-def variants(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> list[Variant]:
-    """Both variants, each with its own train, Ray and eval folders under out_dir."""
+def variants(cfg: Config, out_dir: Path, plain_kl: float | None = None, seeds: int = 1) -> list[Variant]:
+    """Every run, seed by seed and both variants per seed, each with its own train, Ray and eval
+    folders under out_dir/<variant>/seed<s>."""
+    if seeds < 1:
+        raise ConfigError(f"--seeds is {seeds}: train at least one seed per variant.")
     tuned = best_overrides(cfg)
     dfc = cfg.with_overrides(tuned) if tuned else cfg
     plain = dfc.with_overrides(
@@ -104,21 +123,16 @@ def variants(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> list[
         }
     )
     out = []
-    for name, variant_cfg, applied in (("plain_vae", plain, None), ("dfc_vae", dfc, tuned)):
-        where = out_dir / name
-        out.append(
-            Variant(
-                name,
-                variant_cfg.with_overrides(
-                    {
-                        "train.out_dir": str(where / "train"),
-                        "scaling.storage_dir": str(where / "ray"),
-                        "eval.out_dir": str(where / "eval"),
-                    }
-                ),
-                applied,
-            )
-        )
+    for seed in range(cfg.train.seed, cfg.train.seed + seeds):
+        for name, variant_cfg, applied in (("plain_vae", plain, None), ("dfc_vae", dfc, tuned)):
+            where = out_dir / name / f"seed{seed}"
+            placed = {
+                "train.seed": seed,
+                "train.out_dir": str(where / "train"),
+                "scaling.storage_dir": str(where / "ray"),
+                "eval.out_dir": str(where / "eval"),
+            }
+            out.append(Variant(name, variant_cfg.with_overrides(placed), applied, seed))
     return out
 
 
@@ -139,28 +153,26 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     """Train and evaluate as the train and evaluate stages do; -> the variant's comparison row."""
 
     cfg, loss = variant.cfg, variant.cfg.loss
+    which = f"run {index}/{total} {variant.name} seed {variant.seed}"
     status(
-        f"{index}/{total} {variant.name}: training {cfg.train.steps} steps (kl_weight {loss.kl_weight:.3g}, "
-        f"perceptual_weight {loss.perceptual_weight:.3g}, pixel_weight {loss.pixel_weight:.3g})"
+        f"{which}: training {cfg.train.steps} steps "
+        f"(kl_weight {loss.kl_weight:.3g}, perceptual_weight {loss.perceptual_weight:.3g}, "
+        f"pixel_weight {loss.pixel_weight:.3g})"
     )
     start = time.perf_counter()
     trained = train(cfg)
     train_seconds = time.perf_counter() - start
     uri, run_id = tracking.training_run(cfg)
-    tracking.RunLogger(uri, run_id).client.set_tag(run_id, "compare.variant", variant.name)
-    status(f"{index}/{total} {variant.name}: trained in {train_seconds / 60:.1f} min; evaluating")
+    client = tracking.RunLogger(uri, run_id).client
+    client.set_tag(run_id, "compare.variant", variant.name)
+    client.set_tag(run_id, "compare.seed", str(variant.seed))
+    status(f"{which}: trained in {train_seconds / 60:.1f} min; evaluating")
     start = time.perf_counter()
     numbers = evaluate.evaluate_trained(cfg)
     eval_seconds = time.perf_counter() - start
     run = tracking.RunLogger(uri, run_id).client.get_run(run_id)
-    row = {
-        key: float(numbers[f"test/{key}"])
-        for key in ("fid_samples", "fid_recon", "fid_sum", "psnr", "ssim", "mse", "reference_distance")
-    }
-    row |= {
-        key: _maybe(numbers, f"test/{key}")
-        for key in ("probe_accuracy_mean", "probe_baseline_mean", "active_fraction", "nyquist_ratio")
-    }
+    row: dict[str, Any] = {"seed": variant.seed}
+    row |= {key: _maybe(numbers, f"test/{key}") for key, _, _ in MEASURED}
     row |= {
         "fid_inception": numbers["test/fid_inception"],
         "fid_images": int(numbers["test/fid_images"]),
@@ -178,7 +190,7 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
         "eval_dir": cfg.eval.out_dir,
     }
     status(
-        f"{index}/{total} {variant.name}: FID samples {row['fid_samples']:.1f}, recon {row['fid_recon']:.1f}, "
+        f"{which}: FID samples {row['fid_samples']:.1f}, recon {row['fid_recon']:.1f}, "
         f"PSNR {row['psnr']:.2f} dB ({eval_seconds / 60:.1f} min)"
     )
     return row
@@ -195,12 +207,49 @@ def status(message: str) -> None:
 # ---------------------------------------------------------------- the comparison files
 
 
-def comparison(cfg: Config, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
-    """The shared settings once, then one entry per variant."""
-    first = rows[VARIANTS[0]]
+def mean_interval(values: list[float], confidence: float = CONFIDENCE) -> tuple[float, list[float] | None]:
+    """(mean, its two-sided t interval) over seeds; no interval from one value."""
+    from scipy import stats
+
+    mean = float(np.mean(values))
+    if len(values) < 2:
+        return mean, None
+    half = float(stats.t.ppf((1 + confidence) / 2, len(values) - 1) * np.std(values, ddof=1) / np.sqrt(len(values)))
+    return mean, [mean - half, mean + half]
+
+
+def verdict(interval: list[float] | None, confidence: float = CONFIDENCE) -> str:
+    """The words for a DFC-VAE minus plain VAE interval."""
+    if interval is not None and interval[1] < 0:
+        return f"DFC-VAE lower with {confidence:.0%} confidence"
+    if interval is not None and interval[0] > 0:
+        return f"DFC-VAE higher with {confidence:.0%} confidence"
+    return "no difference shown"
+
+
+def comparison(cfg: Config, runs: dict[str, list[dict[str, Any]]]) -> dict[str, Any]:
+    """The shared settings once; per variant its runs and the mean of each metric over seeds with
+    its interval; per metric the paired difference over seeds and its verdict."""
+    first = runs[VARIANTS[0]][0]
+    summary: dict[str, dict[str, Any]] = {}
+    for name, rows in runs.items():
+        summary[name] = {key: rows[0][key] for key, _, _ in SETTINGS}
+        summary[name]["seeds"] = [row["seed"] for row in rows]
+        for key, _, _ in MEASURED:
+            values = [row[key] for row in rows if row[key] is not None]
+            mean, interval = mean_interval(values) if values else (None, None)
+            summary[name][key], summary[name][f"{key}_interval"] = mean, interval
+    verdicts = {}
+    for key, _, _ in MEASURED:
+        pairs = [(p[key], d[key]) for p, d in zip(runs["plain_vae"], runs["dfc_vae"], strict=True)]
+        if any(v is None for pair in pairs for v in pair):
+            continue
+        difference, interval = mean_interval([d - p for p, d in pairs])
+        verdicts[key] = {"difference": difference, "interval": interval, "verdict": verdict(interval)}
     return {
         "steps": first["steps"],
-        "seed": cfg.train.seed,
+        "seeds": summary[VARIANTS[0]]["seeds"],
+        "confidence": CONFIDENCE,
         "shards_dir": cfg.data.shards_dir,
         "manifest_hash": data.manifest_hash(cfg),
         "image_size": cfg.data.image_size,
@@ -209,28 +258,44 @@ def comparison(cfg: Config, rows: dict[str, dict[str, Any]]) -> dict[str, Any]:
         "fid_inception": first["fid_inception"],
         "fid_images": first["fid_images"],
         "plain_vae_loss": "sum over pixels (x - x_hat)^2 + KL, i.e. pixel_weight 1, kl_weight 1/(3 H W)",
-        "variants": rows,
+        "variants": summary,
+        "verdicts": verdicts,
+        "runs": runs,
     }
 
 
+def _cell(fmt: str, mean: Any, interval: list[float] | None) -> str:
+    if mean is None:
+        return "-"
+    if interval is None:
+        return fmt.format(mean)
+    return f"{fmt.format(mean)} [{fmt.format(interval[0])}, {fmt.format(interval[1])}]"
+
+
 def markdown_table(result: dict[str, Any]) -> str:
-    rows = result["variants"]
+    """Measured rows: mean over seeds [interval] per variant and the verdict; then the settings."""
+    rows, verdicts = result["variants"], result["verdicts"]
     lines = [
-        f"| | {' | '.join(LABELS[v] for v in VARIANTS)} |",
-        f"|---|{'---:|' * len(VARIANTS)}",
+        f"| | {' | '.join(LABELS[v] for v in VARIANTS)} | verdict |",
+        f"|---|{'---:|' * len(VARIANTS)}---|",
     ]
-    for key, label, fmt in TABLE:
-        cells = ["-" if rows[v][key] is None else fmt.format(rows[v][key]) for v in VARIANTS]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
+    for key, label, fmt in MEASURED:
+        cells = [_cell(fmt, rows[v][key], rows[v][f"{key}_interval"]) for v in VARIANTS]
+        lines.append(f"| {label} | {' | '.join(cells)} | {verdicts.get(key, {}).get('verdict', '-')} |")
+    for key, label, fmt in SETTINGS:
+        lines.append(f"| {label} | {' | '.join(fmt.format(rows[v][key]) for v in VARIANTS)} | |")
     return "\n".join(lines) + "\n"
 
 
 def write_markdown(result: dict[str, Any], path: Path) -> None:
+    seeds = result["seeds"]
     text = (
-        f"FID with `{result['fid_inception']}` on {result['fid_images']} test images "
+        f"FID and KID with `{result['fid_inception']}` on {result['fid_images']} test images "
         f"(prior samples and reconstructions against the same real images); both variants: "
-        f"{result['steps']} steps, batch {result['batch_size']}, seed {result['seed']}, "
-        f"{result['image_size']} px, shards {result['manifest_hash'][:12]}.\n\n" + markdown_table(result)
+        f"{result['steps']} steps, batch {result['batch_size']}, seeds {', '.join(map(str, seeds))}, "
+        f"{result['image_size']} px, shards {result['manifest_hash'][:12]}. Each cell: the mean over "
+        f"{len(seeds)} seed(s) [{result['confidence']:.0%} t interval]; the verdict is on the paired "
+        f"differences (DFC-VAE minus plain VAE, same seed).\n\n" + markdown_table(result)
     )
     path.write_text(text)
 
@@ -325,23 +390,25 @@ def write_pictures(cfg: Config, model_dirs: dict[str, Path], out_dir: Path) -> d
 # ---------------------------------------------------------------- the command
 
 
-def compare(cfg: Config, out_dir: Path, plain_kl: float | None = None) -> dict[str, Any]:
-    """Train and evaluate both variants; write comparison.json, comparison.md and the pictures into out_dir."""
+def compare(cfg: Config, out_dir: Path, plain_kl: float | None = None, seeds: int = 1) -> dict[str, Any]:
+    """Train and evaluate both variants at each seed; write comparison.json, comparison.md and the
+    pictures into out_dir."""
     check_inputs(cfg)
     out_dir = out_dir.resolve()
     out_dir.mkdir(parents=True, exist_ok=True)
-    chosen = variants(cfg, out_dir, plain_kl)
+    chosen = variants(cfg, out_dir, plain_kl, seeds)
     if chosen[1].tuned is None:
         status("no tune results (tune.enabled false or no best_overrides.json): DFC-VAE uses the loss in params")
     start = time.perf_counter()
-    rows = {v.name: train_and_evaluate(v, i, len(chosen)) for i, v in enumerate(chosen, 1)}
-    identities = {(row["fid_inception"], row["fid_images"]) for row in rows.values()}
+    runs: dict[str, list[dict[str, Any]]] = {name: [] for name in VARIANTS}
+    for i, variant in enumerate(chosen, 1):
+        runs[variant.name].append(train_and_evaluate(variant, i, len(chosen)))
+    identities = {(row["fid_inception"], row["fid_images"]) for rows in runs.values() for row in rows}
     if len(identities) != 1:
-        raise RuntimeError(
-            f"the variants' FIDs used different networks or counts {sorted(identities)}; not comparable."
-        )
-    result = comparison(cfg, rows)
-    result["pictures"] = write_pictures(cfg, {v.name: Path(v.cfg.train.out_dir) for v in chosen}, out_dir)
+        raise RuntimeError(f"the runs' FIDs used different networks or counts {sorted(identities)}; not comparable.")
+    result = comparison(cfg, runs)
+    first = {v.name: Path(v.cfg.train.out_dir) for v in chosen if v.seed == cfg.train.seed}
+    result["pictures"] = write_pictures(cfg, first, out_dir)
     result["wall_seconds"] = round(time.perf_counter() - start, 1)
     write_json(result, out_dir / "comparison.json")
     write_markdown(result, out_dir / "comparison.md")
@@ -357,6 +424,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         help="the plain VAE's loss.kl_weight (default: 1/(3 H W), the sum-of-squares ELBO)",
     )
+    parser.add_argument("--seeds", type=int, default=1, help="seeds per variant, run one after another (default: 1)")
     parser.add_argument("--out-dir", default="outputs/compare", help="default: outputs/compare")
 
 
@@ -365,7 +433,7 @@ def main(argv: list[str] | None = None) -> None:
     cfg, args = parse_config(__doc__.splitlines()[0], argv, add_arguments)
     if args.steps is not None:
         cfg = cfg.with_overrides({"train.steps": args.steps})
-    compare(cfg, Path(args.out_dir), args.plain_kl_weight)
+    compare(cfg, Path(args.out_dir), args.plain_kl_weight, args.seeds)
     print(Path(args.out_dir, "comparison.md").read_text(), end="")
 
 

@@ -14,11 +14,12 @@ from PIL import Image
 
 from dfcvae import data
 from dfcvae.config import Config
-from pipeline.compare import VARIANTS, compare, figure_sizes, main, plain_kl_weight
+from pipeline.compare import VARIANTS, compare, figure_sizes, main, mean_interval, plain_kl_weight, verdict
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
 
 STEPS = 4
+SEEDS = 2
 
 
 @pytest.fixture(scope="module")
@@ -44,64 +45,84 @@ def compared(ray_cluster, synthetic_cfg: Config, tmp_path_factory) -> tuple[Conf
                 "eval.probe_train_samples": 32,
             }
         )
-        result = compare(cfg, root / "out")
+        result = compare(cfg, root / "out", seeds=SEEDS)
         runs = {
-            name: mlflow.tracking.MlflowClient().get_run(row["mlflow_run_id"])
-            for name, row in result["variants"].items()
+            name: [mlflow.tracking.MlflowClient().get_run(row["mlflow_run_id"]) for row in rows]
+            for name, rows in result["runs"].items()
         }
     return cfg, {"result": result, "runs": runs}, root / "out"
 
 
 @pytest.mark.slow
-def test_both_variants_train_the_same_steps_on_the_same_shards(compared) -> None:
+def test_both_variants_train_the_same_steps_on_the_same_shards_at_each_seed(compared) -> None:
     cfg, found, out = compared
-    rows, runs = found["result"]["variants"], found["runs"]
+    rows, runs = found["result"]["runs"], found["runs"]
     assert set(rows) == set(VARIANTS)
     shards = data.manifest_hash(cfg)
+    seeds = [cfg.train.seed + k for k in range(SEEDS)]
     for name in VARIANTS:
-        assert rows[name]["steps"] == STEPS
-        assert rows[name]["manifest_hash"] == shards
-        params = runs[name].data.params
-        assert params["train.steps"] == str(STEPS) and params["train.seed"] == str(cfg.train.seed)
-        assert params["data.shards_dir"] == str(Path(cfg.data.shards_dir).resolve())
-        assert params["model.hidden_channels"] == ",".join(map(str, cfg.model.hidden_channels))
-        assert runs[name].data.tags["compare.variant"] == name
-        assert runs[name].info.status == "FINISHED"
+        assert [row["seed"] for row in rows[name]] == seeds
+        for seed, row, run in zip(seeds, rows[name], runs[name], strict=True):
+            assert row["steps"] == STEPS and row["manifest_hash"] == shards
+            params = run.data.params
+            assert params["train.steps"] == str(STEPS) and params["train.seed"] == str(seed)
+            assert params["data.shards_dir"] == str(Path(cfg.data.shards_dir).resolve())
+            assert params["model.hidden_channels"] == ",".join(map(str, cfg.model.hidden_channels))
+            assert run.data.tags["compare.variant"] == name and run.data.tags["compare.seed"] == str(seed)
+            assert run.info.status == "FINISHED"
+            assert Path(row["eval_dir"]) == out / name / f"seed{seed}" / "eval"
     assert found["result"]["steps"] == STEPS and found["result"]["manifest_hash"] == shards
 
 
 @pytest.mark.slow
 def test_plain_variant_has_no_perceptual_term(compared) -> None:
     cfg, found, out = compared
-    plain, dfc = found["runs"]["plain_vae"].data.params, found["runs"]["dfc_vae"].data.params
+    plain, dfc = found["runs"]["plain_vae"][0].data.params, found["runs"]["dfc_vae"][0].data.params
     assert float(plain["loss.perceptual_weight"]) == 0.0 and float(plain["loss.pixel_weight"]) == 1.0
     assert float(plain["loss.kl_weight"]) == pytest.approx(plain_kl_weight(cfg)) == pytest.approx(1 / (3 * 32 * 32))
     assert float(dfc["loss.perceptual_weight"]) == cfg.loss.perceptual_weight > 0
     assert float(dfc["loss.kl_weight"]) == cfg.loss.kl_weight
     logged = {}
     for name in VARIANTS:
-        with (out / name / "train" / "log.csv").open() as handle:
+        with (out / name / f"seed{cfg.train.seed}" / "train" / "log.csv").open() as handle:
             logged[name] = set(next(csv.reader(handle)))
     assert "train/perceptual" not in logged["plain_vae"] and "train/pixel_mse" in logged["plain_vae"]
     assert "train/perceptual" in logged["dfc_vae"]
 
 
 @pytest.mark.slow
-def test_fids_share_the_inception_network_and_count(compared) -> None:
+def test_each_metric_has_its_mean_over_seeds_an_interval_and_a_verdict(compared) -> None:
     _, found, out = compared
     written = json.loads((out / "comparison.json").read_text())
-    rows = written["variants"]
-    assert {(rows[v]["fid_inception"], rows[v]["fid_images"]) for v in VARIANTS} == {
+    rows, runs, verdicts = written["variants"], written["runs"], written["verdicts"]
+    assert {(row["fid_inception"], row["fid_images"]) for v in VARIANTS for row in runs[v]} == {
         (written["fid_inception"], written["fid_images"])
     }
     assert written["fid_images"] == 8 and written["fid_inception"]
     for name in VARIANTS:
-        for key in ("fid_samples", "fid_recon", "psnr", "ssim", "reference_distance"):
-            assert math.isfinite(rows[name][key]), (name, key)
+        for key in ("fid_samples", "fid_recon", "kid_samples", "kid_recon", "psnr", "ssim", "reference_distance"):
+            values = [row[key] for row in runs[name]]
+            assert all(math.isfinite(v) for v in values), (name, key)
+            assert rows[name][key] == pytest.approx(sum(values) / SEEDS)
+            low, high = rows[name][f"{key}_interval"]
+            assert low <= rows[name][key] <= high
         assert 0.0 <= rows[name]["probe_accuracy_mean"] <= 1.0
-        assert Path(rows[name]["eval_dir"], "metrics.json").is_file()
+    for key, found_verdict in verdicts.items():
+        differences = [d[key] - p[key] for p, d in zip(runs["plain_vae"], runs["dfc_vae"], strict=True)]
+        assert found_verdict["difference"] == pytest.approx(sum(differences) / SEEDS)
+        assert found_verdict["verdict"] == verdict(found_verdict["interval"])
     table = (out / "comparison.md").read_text()
-    assert "| | plain VAE | DFC-VAE |" in table and written["fid_inception"] in table
+    assert "| | plain VAE | DFC-VAE | verdict |" in table and written["fid_inception"] in table
+    assert f"seeds {', '.join(str(row['seed']) for row in runs['dfc_vae'])}" in table
+
+
+def test_verdicts_need_the_paired_interval_to_exclude_zero() -> None:
+    mean, interval = mean_interval([1.0, 2.0, 3.0])
+    assert mean == 2.0 and interval == pytest.approx([2 - 4.302653 / 3**0.5, 2 + 4.302653 / 3**0.5])
+    assert verdict(mean_interval([-3.0, -2.9, -3.2])[1]) == "DFC-VAE lower with 95% confidence"
+    assert verdict(mean_interval([3.0, 2.9, 3.2])[1]) == "DFC-VAE higher with 95% confidence"
+    assert verdict(mean_interval([-3.0, 1.0, -2.0])[1]) == "no difference shown"
+    assert mean_interval([5.0]) == (5.0, None) and verdict(None) == "no difference shown"
 
 
 @pytest.mark.slow
