@@ -6,54 +6,74 @@ The served model itself (`VAEModel`, its signature, how it is logged) is dfcvae/
 
 **Registration.** `register_model` refuses a failed or unfinished training run, non-finite
 metrics or weights, then logs the model on the training run, registers it under
-`registry.model_name`, and attaches the evaluation grids, metrics.json and the training
-config (model artifacts), plus the data manifest hash, git commit and objective (version
-tags). Every new version gets alias `challenger`; `champion` moves to it only if its
-objective (`eval.objective`, lower is better) beats the current champion's on the same
-evaluation, or there is no champion. "The same evaluation" is `evaluation_key`: the eval
-settings that change the objective's value plus the data manifest hash. A champion evaluated
-differently (the data grew, say) is evaluated again on the challenger's evaluation first, and
-the two compared on that. A model whose posterior collapsed (active latent fraction under
-registry.min_active_fraction) is never promoted. The decision and both numbers go into the
-version's description and the returned `Registration`.
+`registry.model_name`, and attaches the evaluation grids, metrics.json, the per-image scores
+(scores.npz) and the training config (model artifacts), plus the data manifest hash, FID
+protocol, git commit and objective (version tags). Every new version gets alias `challenger`.
 
-**Concurrency.** MLflow has no compare-and-set for aliases, so the version creation, the
-champion comparison and the alias moves run under one exclusive file lock (`fcntl.flock`):
-concurrent registrations get distinct versions and the champion is always the best version
-compared so far. With a SQLite store the lock file sits beside the database, so every process
-sharing that store shares the lock; with a tracking server it is `registry.lock_file`, which
-must be on a filesystem shared by all registering machines. Logging the model (the slow
-upload) runs outside the lock.
+**The champion gate.** `champion` moves to the new version only on evidence:
+- The two are scored on the same evaluation: the same test images, sample seeds, Inception
+  network and settings (`evaluation_key`). A champion scored otherwise (the data grew, the eval
+  settings changed, it predates scores.npz) is evaluated again like the challenger first.
+- Its objective (`eval.objective`, FIDs, lower is better) is compared image by image: a paired
+  bootstrap over the same test images and samples (dfcvae/uncertainty.py). The challenger is
+  promoted only when its objective is lower by at least `registry.min_improvement` (a fraction of
+  the champion's) at `registry.min_confidence`: the one-sided bound of the relative difference
+  lies below -min_improvement. Two trainings of one recipe differ by seed noise, and are kept.
+- A model whose posterior collapsed (active latent fraction under registry.min_active_fraction)
+  is never promoted.
+The decision, both values, the difference with its interval and the per-image metrics' paired
+differences go into the version's description and tags and the returned `Registration`.
+
+**Concurrency.** MLflow has no compare-and-set for aliases, so the version creation, the check
+that the champion is still the one scored, and the alias moves run under one exclusive file lock
+(filelock), held for seconds: logging the model and scoring the champion again, the slow parts,
+run before it. If the champion moved meanwhile, the lock is released and the new champion scored.
+With a SQLite store the lock file sits beside the database, so every process sharing that store
+shares the lock; with a tracking server it is `registry.lock_file`, which must be on a
+filesystem shared by all registering machines.
 """
 
 from __future__ import annotations
 
-import functools
+import dataclasses
 import hashlib
 import json
 import math
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import mlflow
 import torch
 from mlflow.tracking import MlflowClient
 
-from dfcvae.checkpoint import all_finite, load_checkpoint, load_model
-from dfcvae.config import Config, UserError
+from dfcvae.checkpoint import all_finite, download_registered, load_checkpoint, load_model
+from dfcvae.config import Config, RegistryConfig, UserError
 from dfcvae.sampler import SAMPLER_FILE
 from dfcvae.served import VAEModel, log_model  # noqa: F401 (VAEModel: older registered models name it here)
+from dfcvae.uncertainty import SCORES_FILE, Difference, Scores, ScoresError, paired_means, paired_objective
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active latent units
 # Eval settings that do not change the objective's value, left out of the evaluation key.
 # (probe_train_samples counts: the Gaussian mixture sampler is fit on that many train latents.)
-EVAL_KEY_IGNORES = ("batch_size", "out_dir", "probe_attributes", "arithmetic_attributes", "lpips_net", "lpips_weights")
+EVAL_KEY_IGNORES = (
+    "batch_size",
+    "out_dir",
+    "probe_attributes",
+    "arithmetic_attributes",
+    "lpips_net",
+    "lpips_weights",
+    "confidence",
+    "bootstrap_resamples",
+    "kid_subsets",
+    "kid_subset_size",
+)
+SCORES_ARTIFACT = "scores"  # the pyfunc artifact holding the evaluation's scores.npz
 
 
 class RegistrationError(UserError, ValueError):
@@ -72,17 +92,27 @@ class Registration:
     decision: str  # "promoted" (champion moved to this version) | "kept"
     reason: str  # the sentence in the version's description
     objective: str  # eval.objective; lower is better
-    challenger_objective: float  # this version's
-    champion_objective: float | None  # the champion's it was compared with; None: no champion
+    challenger_objective: float  # this version's, from its scores
+    champion_objective: float | None  # the champion's on the same evaluation; None: no champion
     previous_champion_version: int | None
     champion_version: int | None  # after this registration; None: still no champion
     run_id: str
+    # (challenger - champion) / champion and its bounds, each one-sided at min_confidence; None: no champion
+    difference: float | None = None
+    difference_interval: list[float] | None = None
+    min_confidence: float | None = None
+    min_improvement: float | None = None
+    champion_scored_again: bool = False  # the champion was evaluated again like the challenger
+    per_image: list[dict[str, Any]] = dataclasses.field(default_factory=list)  # paired mean differences
+    fid_protocol: dict[str, Any] | None = None
+    lock_held_s: float = 0.0  # how long this registration held the registry lock
 
 
-def evaluation_key(cfg: Config, manifest_hash: str) -> str:
-    """Identifies an evaluation: objectives with different keys are not comparable."""
+def evaluation_key(cfg: Config, manifest_hash: str, inception: str = "unknown") -> str:
+    """Identifies an evaluation: objectives with different keys are not comparable. `inception`:
+    the FID network's identity (its file hash)."""
     settings = {k: v for k, v in cfg.to_dict()["eval"].items() if k not in EVAL_KEY_IGNORES}
-    settings |= {"image_size": cfg.data.image_size, "manifest_hash": manifest_hash}
+    settings |= {"image_size": cfg.data.image_size, "manifest_hash": manifest_hash, "inception": inception}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -152,9 +182,11 @@ def register_model(
     """Log, register and gate one trained model; see the module docstring.
 
     model_path: the train stage's model.pt; metrics_path: the evaluate stage's metrics.json
-    (it must hold `cfg.eval.objective`); grids_dir: the folder of its PNG grids, all attached;
-    run_id: the training run to log the model on (it must be FINISHED), or None for a new run.
-    `cfg` supplies the registry, eval, data and mlflow sections, as the evaluate stage used them.
+    (it must hold `cfg.eval.objective`); grids_dir: the evaluate stage's folder: its PNG grids,
+    all attached, and scores.npz, which the gate compares; run_id: the training run to log the
+    model on (it must be FINISHED), or None for a new run. `cfg` supplies the registry, eval, data
+    and mlflow sections, as the evaluate stage used them. Raises RegistrationError (refused),
+    FileNotFoundError (a missing evaluation output), TimeoutError (the lock stayed held).
     """
     from dfcvae import tracking
 
@@ -164,11 +196,20 @@ def register_model(
     grids = sorted(grids_dir.glob("*.png"))
     if not grids:
         raise FileNotFoundError(f"no PNG grids in {grids_dir}: run the evaluate stage first.")
+    scores_path = grids_dir / SCORES_FILE
+    if not scores_path.is_file():
+        raise FileNotFoundError(
+            f"{scores_path} not found: re-run the evaluate stage (it writes the per-image scores the champion "
+            "gate compares)."
+        )
+    challenger = Scores.load(scores_path)
     state = load_checkpoint(model_path)
     if not all_finite(state["model"]):
         raise RegistrationError(f"refusing to register: {model_path} has non-finite weights.")
 
     manifest_hash = data_manifest_hash(cfg)
+    protocol = metrics.get("fid_protocol") if isinstance(metrics.get("fid_protocol"), dict) else None
+    inception = str((protocol or {}).get("inception", "unknown"))
     uri = tracking.setup(cfg.mlflow)
     client = MlflowClient(tracking_uri=uri)
     new_run = run_id is None
@@ -181,8 +222,10 @@ def register_model(
     tags = {
         "objective": objective,
         "objective_value": repr(float(metrics[objective])),
-        "eval_key": evaluation_key(cfg, manifest_hash),
+        "eval_key": evaluation_key(cfg, manifest_hash, inception),
         "data.manifest_hash": manifest_hash,
+        "fid_inception": inception,
+        "fid_protocol": json.dumps(protocol, sort_keys=True) if protocol else "unknown",
         "git_commit": tracking.git_commit(),
         "weights_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest(),
         "step": str(state.get("step", "unknown")),
@@ -193,160 +236,216 @@ def register_model(
     try:
         sampler = grids_dir / SAMPLER_FILE
         model_uri = log_model(
-            state, model_path, metrics_path, grids, run_id, sampler if sampler.is_file() else None, cfg.serve
+            state,
+            model_path,
+            metrics_path,
+            grids,
+            run_id,
+            sampler if sampler.is_file() else None,
+            cfg.serve,
+            {SCORES_ARTIFACT: scores_path},
         )
-        with tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s):
-            result = register_if_better(
-                client,
-                cfg.registry.model_name,
-                model_uri,
-                run_id,
-                tags,
-                reevaluate=functools.partial(objective_on, cfg),
-            )
+        result = register_if_better(
+            client,
+            cfg.registry,
+            model_uri,
+            run_id,
+            tags,
+            challenger,
+            lambda version: champion_scores(cfg, client, version, tags["eval_key"]),
+            lock=lambda: tracking.exclusive_lock(lock_path(cfg, uri), cfg.registry.lock_timeout_s),
+            bootstrap=(cfg.eval.bootstrap_resamples, cfg.eval.seed),
+        )
     except BaseException:
         if new_run:
             client.set_terminated(run_id, "FAILED")
         raise
     if new_run:
         client.set_terminated(run_id, "FINISHED")
-    return result
+    return dataclasses.replace(result, fid_protocol=protocol)
 
 
-def objective_on(cfg: Config, uri: str) -> float:
-    """A registered model's eval.objective on cfg's evaluation (its test data and settings),
-    the full evaluation run into a temporary folder."""
+def scores_on(cfg: Config, uri: str) -> Scores:
+    """A registered model's scores on cfg's evaluation (its test data and settings): the full
+    evaluation run into a temporary folder."""
     from dfcvae.evaluate import evaluate
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model, _ = load_model(uri, device)
     with tempfile.TemporaryDirectory() as tmp:
-        numbers = evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)
-    return float(numbers[f"test/{cfg.eval.objective}"])
+        evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)
+        return Scores.load(Path(tmp) / SCORES_FILE)
+
+
+def champion_scores(cfg: Config, client: MlflowClient, version, eval_key: str) -> tuple[Scores, str]:
+    """-> (the champion's scores on this registration's evaluation, why they were scored again or "").
+
+    Its own stored scores when it was evaluated like this registration (the same evaluation key);
+    otherwise, or when it has none (registered before scores.npz), it is evaluated again (`scores_on`)."""
+    name, number = version.name, version.version
+    uri = f"models:/{name}/{number}"
+    if version.tags.get("eval_key") != eval_key:
+        why = f"evaluated on another evaluation (eval key {version.tags.get('eval_key')!r}, this one {eval_key!r})"
+        return scores_on(cfg, uri), why
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = download_registered(uri, tmp).get(SCORES_ARTIFACT)
+        if stored is not None:
+            try:
+                return Scores.load(stored), ""
+            except ScoresError as err:
+                why = f"its stored scores are unreadable ({err})"
+        else:
+            why = "registered without per-image scores"
+    return scores_on(cfg, uri), why
+
+
+Evidence = Callable[[Any], tuple[Scores, str]]  # champion ModelVersion -> (its scores, why scored again or "")
 
 
 def register_if_better(
     client: MlflowClient,
-    name: str,
+    gate: RegistryConfig,
     model_uri: str,
     run_id: str,
     tags: dict[str, str],
-    reevaluate: Callable[[str], float] | None = None,
+    challenger: Scores,
+    evidence: Evidence,
+    lock: Callable[[], Any],
+    bootstrap: tuple[int, int] = (200, 0),
 ) -> Registration:
-    """Create the version, set `challenger`, and move `champion` if it wins. Call under the lock.
+    """Create the version, set `challenger`, and move `champion` if the evidence says so.
 
-    reevaluate: models:/ URI -> the objective on this registration's evaluation. When the
-    champion was evaluated differently (other data: new images change the manifest hash; other
-    eval settings), it is evaluated again like the challenger and compared on that number, so
-    the champion can move as the data grows. Without it, such a champion stays.
+    The champion's scores come from `evidence` before the lock (`lock()`, a context manager) is
+    taken; under it, the version is created (first pass), the champion read again, and if it is
+    still the one scored, the decision made and the aliases moved. Otherwise the lock is let go
+    and the new champion scored. bootstrap: (resamples, seed) of the paired comparison.
     """
-    version = int(mlflow.register_model(model_uri, name, tags=tags).version)
-    client.set_registered_model_alias(name, CHALLENGER, str(version))
-    champion = current_champion(client, name)
-    value = float(tags["objective_value"])
-    note = ""
-    if champion is not None and reevaluate is not None and champion.tags.get("eval_key") != tags["eval_key"]:
-        before = champion.tags.get("objective_value", "none")
-        again = reevaluate(f"models:/{name}/{champion.version}")
-        champion = SimpleNamespace(
-            version=champion.version,
-            tags={
-                **champion.tags,
-                "objective": tags["objective"],
-                "eval_key": tags["eval_key"],
-                "objective_value": repr(again),
-            },
-        )
-        note = (
-            f" (champion v{champion.version} evaluated again like v{version}: {tags['objective']} {again!r}; "
-            f"{before} on its own evaluation)"
-        )
-        client.set_model_version_tag(name, str(version), "champion_reevaluated", repr(again))
-    decision, reason, champion_value = decide(champion, tags, version)
-    reason = reason.removesuffix(".") + note + "." if note else reason
-    if decision == "promoted":
-        client.set_registered_model_alias(name, CHAMPION, str(version))
-    client.set_model_version_tag(name, str(version), "decision", decision)
-    client.update_model_version(name, str(version), description=reason)
+    name = gate.model_name
+    version: int | None = None
+    held = 0.0
+    while True:
+        champion = current_champion(client, name)
+        scored = _compare(champion, tags, challenger, evidence, gate, bootstrap)
+        with lock():
+            start = time.monotonic()
+            if version is None:
+                version = int(mlflow.register_model(model_uri, name, tags=tags).version)
+                client.set_registered_model_alias(name, CHALLENGER, str(version))
+            now = current_champion(client, name)
+            if _number(now) != _number(champion):
+                held += time.monotonic() - start
+                continue  # promoted meanwhile: score that one, outside the lock
+            difference, per_image, again = scored
+            decision, reason = decide(champion, tags, version, difference, gate, again)
+            if decision == "promoted":
+                client.set_registered_model_alias(name, CHAMPION, str(version))
+            record = {"decision": decision}
+            if difference is not None:
+                record |= {
+                    "champion_compared": str(champion.version),
+                    "objective_difference": repr(difference.relative),
+                    "objective_difference_interval": json.dumps(difference.interval),
+                    "champion_objective_value": repr(difference.champion),
+                }
+            for key, value in record.items():
+                client.set_model_version_tag(name, str(version), key, value)
+            client.update_model_version(name, str(version), description=reason)
+            held += time.monotonic() - start
+        break
     return Registration(
         model_name=name,
         version=version,
         decision=decision,
         reason=reason,
         objective=tags["objective"],
-        challenger_objective=value,
-        champion_objective=champion_value,
-        previous_champion_version=int(champion.version) if champion else None,
-        champion_version=version if decision == "promoted" else (int(champion.version) if champion else None),
+        challenger_objective=difference.challenger if difference else float(tags["objective_value"]),
+        champion_objective=difference.champion if difference else None,
+        previous_champion_version=_number(champion),
+        champion_version=version if decision == "promoted" else _number(champion),
         run_id=run_id,
+        difference=difference.relative if difference else None,
+        difference_interval=difference.interval if difference else None,
+        min_confidence=gate.min_confidence,
+        min_improvement=gate.min_improvement,
+        champion_scored_again=bool(again),
+        per_image=[dataclasses.asdict(d) for d in per_image],
+        lock_held_s=round(held, 3),
     )
+
+
+def _number(version) -> int | None:
+    return int(version.version) if version is not None else None
+
+
+def _compare(champion, tags, challenger, evidence, gate, bootstrap) -> tuple[Difference | None, list[Difference], str]:
+    """(objective difference, per-image metric differences, why the champion was scored again)."""
+    if champion is None:
+        return None, [], ""
+    theirs, again = evidence(champion)
+    difference = paired_objective(challenger, theirs, tags["objective"], gate.min_confidence, *bootstrap)
+    return difference, paired_means(challenger, theirs, gate.min_confidence, *bootstrap), again
 
 
 def current_champion(client: MlflowClient, name: str):
-    """The champion's ModelVersion, or None; read via the model's alias map, as stores differ
-    in the error they raise for a missing alias."""
-    version = client.get_registered_model(name).aliases.get(CHAMPION)
+    """The champion's ModelVersion, or None (also before the model's first version); read via the
+    model's alias map, as stores differ in the error they raise for a missing alias."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        version = client.get_registered_model(name).aliases.get(CHAMPION)
+    except MlflowException as err:
+        if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+            return None
+        raise
     return client.get_model_version(name, str(version)) if version is not None else None
 
 
-def decide(champion, tags: dict[str, str], version: int) -> tuple[str, str, float | None]:
-    """-> (decision, the description sentence, the champion's objective or None).
+def decide(
+    champion, tags: dict[str, str], version: int, difference: Difference | None, gate: RegistryConfig, again: str = ""
+) -> tuple[str, str]:
+    """-> (decision, the description sentence).
 
     A version whose posterior collapsed (active latent fraction under registry.min_active_fraction,
     or not measured) is never promoted, whatever its objective: its reconstructions ignore the input.
+    Otherwise it is promoted when there is no champion, or when the upper bound of its objective's
+    relative difference (one-sided at min_confidence) is below -min_improvement.
     """
-    name, value = tags["objective"], float(tags["objective_value"])
-    champion_value = (
-        float(champion.tags["objective_value"]) if champion and "objective_value" in champion.tags else None
-    )
+    name = tags["objective"]
     stays = f"champion stays v{champion.version}" if champion else "no champion yet"
     floor = float(tags["min_active_fraction"])
     if "active_fraction" not in tags:
         return (
             "kept",
-            (
-                f"kept: v{version}'s evaluation has no {ACTIVE_FRACTION}, so posterior collapse cannot be ruled out; "
-                f"re-run the evaluate stage; {stays}."
-            ),
-            champion_value,
+            f"kept: v{version}'s evaluation has no {ACTIVE_FRACTION}, so posterior collapse cannot be ruled out; "
+            f"re-run the evaluate stage; {stays}.",
         )
     active = float(tags["active_fraction"])
     if active < floor:
         return (
             "kept",
-            (
-                f"kept: posterior collapse: only {active:.1%} of v{version}'s latent dimensions are active "
-                f"(registry.min_active_fraction {floor:.1%}); lower loss.kl_weight and retrain; {stays}."
-            ),
-            champion_value,
+            f"kept: posterior collapse: only {active:.1%} of v{version}'s latent dimensions are active "
+            f"(registry.min_active_fraction {floor:.1%}); lower loss.kl_weight and retrain; {stays}.",
         )
-    if champion is None:
-        return "promoted", f"promoted: no champion yet; {name} {value!r}; champion -> v{version}.", None
-    theirs = champion.tags
-    if theirs.get("objective") != name or theirs.get("eval_key") != tags["eval_key"] or "objective_value" not in theirs:
-        # Numbers from different evaluations (or a hand-set champion) say nothing about which is better.
-        reason = (
-            f"kept: champion v{champion.version} was not evaluated like v{version} "
-            f"(objective {theirs.get('objective')!r} vs {name!r}, eval key {theirs.get('eval_key')!r} vs "
-            f"{tags['eval_key']!r}); {name} {value!r} is not compared; champion stays v{champion.version}."
-        )
-        champion_value = float(theirs["objective_value"]) if "objective_value" in theirs else None
-        return "kept", reason, champion_value
-    champion_value = float(theirs["objective_value"])
-    if value < champion_value:
+    if champion is None or difference is None:
         return (
             "promoted",
-            (
-                f"promoted: {name} {value!r} beats champion v{champion.version}'s {champion_value!r} "
-                f"(lower is better); champion -> v{version}."
-            ),
-            champion_value,
+            f"promoted: no champion yet; {name} {float(tags['objective_value']):.4g}; champion -> v{version}.",
+        )
+    low, high = difference.interval
+    measured = (
+        f"{name} {difference.challenger:.4g} vs champion v{champion.version}'s {difference.champion:.4g} "
+        f"on the same images: {difference.relative:+.1%} (bounds {low:+.1%} to {high:+.1%}, each one-sided at "
+        f"{gate.min_confidence:.0%})"
+    )
+    if again:
+        measured += f"; the champion was evaluated again like v{version}: {again}"
+    if high < -gate.min_improvement:
+        return (
+            "promoted",
+            f"promoted: {measured}; lower by more than {gate.min_improvement:.0%}; champion -> v{version}.",
         )
     return (
         "kept",
-        (
-            f"kept: {name} {value!r} does not beat champion v{champion.version}'s {champion_value!r} "
-            f"(lower is better); champion stays v{champion.version}."
-        ),
-        champion_value,
+        f"kept: {measured}; promotion needs {name} lower by more than {gate.min_improvement:.0%} at "
+        f"{gate.min_confidence:.0%} confidence (registry.min_improvement, min_confidence); {stays}.",
     )

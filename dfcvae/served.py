@@ -209,9 +209,11 @@ def log_model(
     run_id: str,
     sampler: Path | None = None,
     serve: ServeConfig | None = None,
+    extra: dict[str, Path] | None = None,
 ) -> str:
     """Log the pyfunc model on `run_id` with its attachments (the evaluation's sampler file when
-    given) and the registering config's serve section; returns its models:/ URI."""
+    given, `extra`: more pyfunc artifact name -> file) and the registering config's serve section;
+    returns its models:/ URI."""
     example = input_example(state)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.json"
@@ -224,6 +226,7 @@ def log_model(
             "metrics": str(metrics_path),
             **{f"grid_{grid.stem}": str(grid) for grid in grids},
             **({SAMPLER_ARTIFACT: str(sampler)} if sampler else {}),
+            **{name: str(path) for name, path in (extra or {}).items()},
         }
         info = Model.log(
             artifact_path=None,

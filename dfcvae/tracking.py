@@ -10,7 +10,6 @@ that does not start.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import hashlib
 import json
 import os
@@ -141,25 +140,23 @@ def _create_experiment(cfg: MlflowConfig, uri: str) -> str:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, timeout_s: float) -> Iterator[None]:
-    """An inter-process lock (flock); released by the kernel if the holder dies."""
+    """An inter-process lock (filelock's flock on POSIX: released by the kernel if the holder dies).
+    TimeoutError, one sentence, when another holder keeps it past `timeout_s`."""
+    import filelock
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a") as handle:
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() > deadline:
-                    raise TimeoutError(
-                        f"lock {path} still held after {timeout_s:.0f} s: another process (a registration, "
-                        "a store being created) is running or hung; wait for it, then run again."
-                    ) from None
-                time.sleep(0.05)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
+    lock = filelock.FileLock(path, timeout=timeout_s, is_singleton=False, thread_local=False)
+    try:
+        lock.acquire(poll_interval=0.05)
+    except filelock.Timeout:
+        raise TimeoutError(
+            f"lock {path} still held after {timeout_s:.0f} s: another process (a registration, "
+            "a store being created) is running or hung; wait for it, then run again."
+        ) from None
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def training_run(cfg: Config) -> tuple[str, str] | None:

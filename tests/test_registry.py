@@ -40,6 +40,7 @@ from dfcvae.registry import (
     register_model,
 )
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, save_sampler
+from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
 from pipeline import register as register_stage
 from tests.conftest import assert_loopback_only, tiny_config, url_answers, wait_until
 
@@ -61,17 +62,38 @@ def cfg(tmp_path, monkeypatch) -> Config:
     return tiny_config(tmp_path)
 
 
+def fake_scores(objective: float, seed: int, n: int = 200, d: int = 16) -> Scores:
+    """Scores whose fid_sum is `objective` plus a little: the test images' features are fixed, the
+    samples are those features permuted and shifted by half the objective (the FID of a shifted
+    copy is the squared shift), the reconstructions shifted by the other half plus seeded noise."""
+    real = np.random.default_rng(0).normal(size=(n, d))
+    rng = np.random.default_rng(seed)
+    shift = np.full(d, math.sqrt(abs(objective) / 2 / d)) if math.isfinite(objective) else np.zeros(d)
+    recon = real + shift + 0.01 * rng.normal(size=(n, d))
+    samples = real[rng.permutation(n)] + shift
+    return Scores({"psnr": 20 - objective / 10 + rng.normal(size=n)}, real, recon, samples)
+
+
 def write_outputs(
-    cfg: Config, seed: int, objective: float, run_status: str = "FINISHED", active_fraction: float | None = 1.0
+    cfg: Config,
+    seed: int,
+    objective: float,
+    run_status: str = "FINISHED",
+    active_fraction: float | None = 1.0,
+    scores: Scores | None = None,
 ) -> str:
-    """What the train and evaluate stages leave behind, at cfg's paths; returns the run id."""
+    """What the train and evaluate stages leave behind, at cfg's paths; returns the run id.
+    metrics.json's objective is the scores' (`fake_scores(objective, seed)` unless given), or
+    `objective` itself when it is not finite."""
     train_dir, eval_dir = Path(cfg.train.out_dir), Path(cfg.eval.out_dir)
     train_dir.mkdir(parents=True, exist_ok=True)
     eval_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     model = DFCVAE(cfg.model, cfg.data.image_size)
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 7}, train_dir / "model.pt")
-    metrics = {cfg.eval.objective: objective, "test/fid_samples": 1.0}
+    stored = Scores.load((scores or fake_scores(objective, seed)).save(eval_dir / SCORES_FILE))
+    value = objective_value(cfg.eval.objective, *stored.fids()) if math.isfinite(objective) else objective
+    metrics = {cfg.eval.objective: value, "test/fid_samples": 1.0}
     if active_fraction is not None:
         metrics["test/active_fraction"] = active_fraction
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -107,7 +129,7 @@ def registered(cfg: Config, seed: int, objective: float) -> tuple[Path, str]:
     return weights, cfg.registry.model_name
 
 
-def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
+def test_champion_moves_only_for_a_clearly_better_objective(cfg, tmp_path):
     manifest = Path(cfg.data.shards_dir) / "manifest.json"
     manifest.parent.mkdir(parents=True)
     manifest.write_text('{"source": "synthetic"}')
@@ -126,25 +148,41 @@ def test_champion_moves_only_for_a_better_objective(cfg, tmp_path):
     write_outputs(cfg, seed=2, objective=12.5)  # worse
     register_stage.main(["--params", str(params)])
     worse = json.loads(record.read_text())
-    assert worse["decision"] == "kept" and worse["challenger_objective"] == 12.5 and worse["champion_objective"] == 10.0
+    assert worse["decision"] == "kept" and worse["challenger_objective"] == pytest.approx(12.5, rel=0.05)
+    assert worse["champion_objective"] == pytest.approx(10.0, rel=0.05) and worse["difference"] > 0.15
     assert aliases(cfg) == {CHAMPION: 1, CHALLENGER: 2}
-    assert "12.5" in client.get_model_version(name, "2").description and "10" in worse["reason"]
+    assert client.get_model_version(name, "2").description == worse["reason"]
+    assert f"{worse['challenger_objective']:.4g} vs champion v1's {worse['champion_objective']:.4g}" in worse["reason"]
 
-    write_outputs(cfg, seed=3, objective=8.0)  # better
+    write_outputs(cfg, seed=3, objective=9.8)  # 2% lower: within the noise the gate allows for
+    register_stage.main(["--params", str(params)])
+    slightly = json.loads(record.read_text())
+    assert slightly["decision"] == "kept" and slightly["difference"] < 0
+    assert slightly["difference_interval"][1] > -cfg.registry.min_improvement
+    assert "promotion needs fid_sum lower by more than 5% at 95% confidence" in slightly["reason"]
+
+    write_outputs(cfg, seed=4, objective=8.0)  # 20% lower
     register_stage.main(["--params", str(params)])
     better = json.loads(record.read_text())
     assert better["decision"] == "promoted" and better["previous_champion_version"] == 1
-    assert aliases(cfg) == {CHAMPION: 3, CHALLENGER: 3}
-    version = client.get_model_version(name, "3")
-    assert version.description == better["reason"] and "8" in version.description and "10" in version.description
+    assert aliases(cfg) == {CHAMPION: 4, CHALLENGER: 4}
+    low, high = better["difference_interval"]
+    assert low <= better["difference"] <= high < -cfg.registry.min_improvement
+    assert (better["min_confidence"], better["min_improvement"]) == (0.95, cfg.registry.min_improvement)
+    assert better["per_image"][0]["name"] == "psnr" and better["per_image"][0]["relative"] > 0
+    version = client.get_model_version(name, "4")
+    assert version.description == better["reason"] and "lower by more than 5%" in better["reason"]
+    assert json.loads(version.tags["objective_difference_interval"]) == better["difference_interval"]
+    assert version.tags["champion_compared"] == "1"
     assert version.tags["data.manifest_hash"] == hashlib.sha256(manifest.read_bytes()).hexdigest()
     assert version.tags["git_commit"] and version.tags["objective"] == cfg.eval.objective
-    downloaded = mlflow.artifacts.download_artifacts(f"models:/{name}/3", dst_path=str(tmp_path / "dl"))
+    downloaded = mlflow.artifacts.download_artifacts(f"models:/{name}/4", dst_path=str(tmp_path / "dl"))
     attached = {p.name for p in Path(downloaded).rglob("*")}
-    assert {f"{g}.png" for g in GRIDS} | {"metrics.json", "config.json", "model.pt"} <= attached
+    assert {f"{g}.png" for g in GRIDS} | {"metrics.json", "config.json", "model.pt", SCORES_FILE} <= attached
 
 
 def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
+    from dfcvae.registry import scores_on
     from pipeline.shard import write_shards
 
     old = cfg.with_overrides(
@@ -160,19 +198,25 @@ def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challeng
     # New shards (another order seed: a new manifest hash, as new images give): a new evaluation.
     new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
     write_shards(new, workers=2)
-    write_outputs(new, seed=2, objective=1e9)
+    champion = scores_on(new, f"models:/{new.registry.model_name}/1")  # what the gate will measure
+    # A challenger scored on the new evaluation that reconstructs nothing of the images: worse.
+    worse_scores = Scores(champion.per_image, champion.real, champion.real[::-1] * 3, champion.samples * 3)
+    write_outputs(new, seed=2, objective=0.0, scores=worse_scores)
     worse = register(new)
-    again = float(MlflowClient().get_model_version(new.registry.model_name, "2").tags["champion_reevaluated"])
-    assert math.isfinite(again) and again > 0 and again != 10.0
-    assert worse.decision == "kept" and worse.champion_objective == again
-    assert f"champion v1 evaluated again like v2: {new.eval.objective} {again!r}; 10.0 on its own" in worse.reason
-    write_outputs(new, seed=3, objective=again / 2)
-    better = register(new)  # compared with the champion's number on this evaluation, not its old one
-    assert better.decision == "promoted" and better.champion_objective == again
+    version = MlflowClient().get_model_version(new.registry.model_name, "2")
+    again = float(version.tags["champion_objective_value"])
+    assert worse.decision == "kept" and worse.champion_scored_again and worse.champion_objective == again
+    assert again == pytest.approx(objective_value(new.eval.objective, *champion.fids()))
+    assert "the champion was evaluated again like v2: evaluated on another evaluation" in worse.reason
+    # One that reconstructs perfectly and samples real images: clearly better, compared on the same numbers.
+    better_scores = Scores(champion.per_image, champion.real, champion.real, champion.real[::-1])
+    write_outputs(new, seed=3, objective=0.0, scores=better_scores)
+    better = register(new)
+    assert better.decision == "promoted" and better.champion_objective == pytest.approx(again)
     assert aliases(new) == {CHAMPION: 3, CHALLENGER: 3}
-    write_outputs(new, seed=4, objective=again)  # evaluated like champion v3: compared directly
+    write_outputs(new, seed=4, objective=0.0, scores=worse_scores)  # evaluated like champion v3: its stored scores
     same = register(new)
-    assert same.decision == "kept" and same.champion_objective == again / 2 and "evaluated again" not in same.reason
+    assert same.decision == "kept" and not same.champion_scored_again and "evaluated again" not in same.reason
 
 
 def test_a_collapsed_model_is_never_promoted_and_the_record_says_why(cfg):
@@ -208,7 +252,8 @@ CONCURRENT = textwrap.dedent("""
     run_id = json.loads((out / "run.json").read_text())["run_id"]
     metrics = Path(cfg.eval.out_dir) / "metrics.json"
     result = register_model(cfg, out / "model.pt", metrics, cfg.eval.out_dir, run_id=run_id)
-    print(json.dumps({"version": result.version, "decision": result.decision}))
+    print(json.dumps({"version": result.version, "decision": result.decision, "lock_held_s": result.lock_held_s,
+                      "scored_again": result.champion_scored_again}))
 """)
 
 
@@ -265,14 +310,10 @@ def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_pat
     assert MlflowClient(f"sqlite:///{db}").get_experiment_by_name("first-use") is not None
 
 
-def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champion(cfg, tmp_path):
-    write_outputs(cfg, seed=1, objective=10.0)
-    register(cfg)
-    objectives = {"a": 5.0, "b": 7.0}  # both beat v1; only 5.0 may end up champion
+def register_together(configs: dict[str, Config], tmp_path: Path) -> dict[str, dict]:
+    """Each config's registration in its own process, all let go at one instant; -> their results."""
     procs, go = {}, tmp_path / "go"
-    for key, objective in objectives.items():
-        sub = cfg.with_overrides({"train.out_dir": str(tmp_path / key / "train"), "eval.out_dir": str(tmp_path / key)})
-        write_outputs(sub, seed=ord(key), objective=objective)
+    for key, sub in configs.items():
         (tmp_path / f"{key}.json").write_text(json.dumps(sub.to_dict()))
         procs[key] = subprocess.Popen(
             [sys.executable, "-c", CONCURRENT, str(tmp_path / f"{key}.json"), str(tmp_path / f"{key}.ready"), str(go)],
@@ -289,6 +330,19 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
         out, _ = proc.communicate()
         assert proc.returncode == 0
         results[key] = json.loads(out.strip().splitlines()[-1])
+    return results
+
+
+def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champion(cfg, tmp_path):
+    write_outputs(cfg, seed=1, objective=10.0)
+    register(cfg)
+    objectives = {"a": 5.0, "b": 7.0}  # both beat v1; only 5.0 may end up champion
+    configs = {}
+    for key, objective in objectives.items():
+        sub = cfg.with_overrides({"train.out_dir": str(tmp_path / key / "train"), "eval.out_dir": str(tmp_path / key)})
+        write_outputs(sub, seed=ord(key), objective=objective)
+        configs[key] = sub
+    results = register_together(configs, tmp_path)
 
     versions = {key: r["version"] for key, r in results.items()}
     assert sorted(versions.values()) == [2, 3]
@@ -296,6 +350,41 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
     # Serialised decisions: "a" always wins; "b" wins only if it went first (and then loses the champion to "a").
     assert results["a"]["decision"] == "promoted"
     assert results["b"]["decision"] == ("promoted" if versions["b"] < versions["a"] else "kept")
+
+
+def test_the_champion_is_scored_again_outside_the_lock_while_another_registers(synthetic_cfg, cfg, tmp_path):
+    """Both challengers were evaluated on new shards, so the champion must be evaluated again (a full
+    evaluation, seconds); that happens before the lock, which each holds for well under a second."""
+    from dfcvae.registry import scores_on
+    from pipeline.shard import write_shards
+
+    old = cfg.with_overrides(
+        {
+            "data.raw_dir": synthetic_cfg.data.raw_dir,
+            "data.shards_dir": synthetic_cfg.data.shards_dir,
+            "eval.num_samples": 8,
+            "eval.probe_train_samples": 16,
+        }
+    )
+    write_outputs(old, seed=1, objective=10.0)
+    assert register(old).decision == "promoted"
+    new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
+    write_shards(new, workers=2)
+    champion = scores_on(new, f"models:/{new.registry.model_name}/1")
+    perfect = Scores(champion.per_image, champion.real, champion.real, champion.real[::-1])
+    close = Scores(champion.per_image, champion.real, champion.real * 1.02, champion.real[::-1] * 1.02)
+    configs = {}
+    for key, scores in (("a", perfect), ("b", close)):  # both far better than v1; "a" better than "b"
+        sub = new.with_overrides({"train.out_dir": str(tmp_path / key / "train"), "eval.out_dir": str(tmp_path / key)})
+        write_outputs(sub, seed=ord(key), objective=0.0, scores=scores)
+        configs[key] = sub
+    results = register_together(configs, tmp_path)
+
+    assert all(r["lock_held_s"] < 2.0 for r in results.values()), results
+    assert any(r["scored_again"] for r in results.values()), results  # at least the first scored v1 again
+    versions = {key: r["version"] for key, r in results.items()}
+    assert sorted(versions.values()) == [2, 3] and results["a"]["decision"] == "promoted"
+    assert aliases(new) == {CHAMPION: versions["a"], CHALLENGER: 3}
 
 
 FRESH = textwrap.dedent("""
