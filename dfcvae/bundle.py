@@ -34,6 +34,8 @@ CARD_METRICS = {
     "test/fid_samples_normal": "FID of samples z ~ N(0, T^2 I) (eval.temperature)",
     "test/fid_samples_gmm": "FID of samples from the Gaussian mixture on train latents",
     "test/fid_recon": "FID of reconstructions decode(mu) against the test images",
+    "test/kid_samples": "KID of prior samples (Bińkowski et al. 2018), unbiased at any image count",
+    "test/kid_recon": "KID of reconstructions",
     "test/psnr": "PSNR of reconstructions, dB",
     "test/ssim": "SSIM of reconstructions",
     "test/lpips": "LPIPS v0.1 of reconstructions (ImageNet backbone)",
@@ -105,6 +107,16 @@ def load_bundle_sampler(folder: str | Path) -> Sampler | None:
     return load_sampler(path) if path.is_file() else None
 
 
+def _interval(metrics: dict[str, Any], key: str) -> str:
+    """The card's interval cell: [low, high] from metrics.json's <key>_ci, ± the spread for KID, else -."""
+    if isinstance(metrics.get(f"{key}_ci"), list):
+        low, high = metrics[f"{key}_ci"]
+        return f"[{low:.4g}, {high:.4g}]"
+    if isinstance(metrics.get(f"{key}_std"), (int, float)):
+        return f"± {metrics[f'{key}_std']:.2g}"
+    return "-"
+
+
 def model_card(
     cfg: Config, state: dict[str, Any], metrics: dict[str, Any], pictures: dict[str, str], provenance: dict[str, Any]
 ) -> str:
@@ -148,14 +160,24 @@ def model_card(
     lines += ["", "## Metrics", ""]
     shown = [(key, what) for key, what in CARD_METRICS.items() if key in metrics]
     if shown:
-        lines += ["| metric | value | what |", "| --- | ---: | --- |"]
-        lines += [f"| `{key}` | {float(metrics[key]):.4g} | {what} |" for key, what in shown]
+        level = metrics.get("confidence")
+        lines += [
+            f"| metric | value | {f'{level:.0%} interval' if level else 'interval'} | what |",
+            "| --- | ---: | ---: | --- |",
+        ]
+        lines += [
+            f"| `{key}` | {float(metrics[key]):.4g} | {_interval(metrics, key)} | {what} |" for key, what in shown
+        ]
         count, network = metrics.get("test/fid_images"), provenance.get("fid_inception")
+        protocol = metrics.get("fid_protocol") or {}
         lines += [
             "",
             f"FID protocol: {int(count) if count else '?'} test images against as many prior samples "
-            f"(seed {cfg.eval.seed}) or reconstructions, Inception `{network or 'see the evaluation'}`; "
-            "FIDs compare only at the same image count and Inception network.",
+            f"(seed {cfg.eval.seed}, sampler `{protocol.get('sampler', cfg.eval.sampler)}`) or reconstructions, "
+            f"Inception `{network or protocol.get('inception', 'see the evaluation')}`, "
+            f"resize {protocol.get('resize', 'see the evaluation')}; FIDs compare only under one protocol. "
+            "Intervals: bootstrap over the test images and samples (dfcvae/uncertainty.py); KID: the value, "
+            "then its standard deviation over subsets.",
         ]
     else:
         lines.append("Not evaluated: this bundle came from a checkpoint without evaluation metrics.")

@@ -1,11 +1,15 @@
 """Stage `register`: the trained, evaluated model into the MLflow registry, champion gated.
 
 Inputs: train.out_dir/model.pt and run.json (the training run the model is logged on),
-eval.out_dir/metrics.json (it must hold eval.objective) and the PNG grids in eval.out_dir.
+eval.out_dir/metrics.json (it must hold eval.objective), scores.npz (what the champion gate
+compares) and the PNG grids in eval.out_dir.
 Output: registry.out_dir/registration.json, a DVC metrics file:
     model_name, version, decision ("promoted" | "kept"), reason (the version's description),
-    objective, challenger_objective, champion_objective (the champion compared with, or null),
-    previous_champion_version (or null), champion_version (after), run_id.
+    objective, challenger_objective, champion_objective (both on the same evaluation, or null),
+    previous_champion_version (or null), champion_version (after), run_id,
+    difference, difference_interval ((challenger - champion) / champion and its bounds, each
+    one-sided at min_confidence), min_confidence, min_improvement, champion_scored_again,
+    per_image (each per-image metric's paired difference), fid_protocol, lock_held_s.
 Refused, with nothing registered, when the training run failed or any metric is non-finite.
 """
 

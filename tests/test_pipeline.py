@@ -282,9 +282,10 @@ def test_retrain_on_new_images_trains_anew_reevaluates_the_champion_then_idles(f
     second = _registration(root)
     assert second["version"] == first["version"] + 1
     # The old champion was evaluated again on the new evaluation, and the decision follows those numbers.
-    assert f"champion v{first['version']} evaluated again like v{second['version']}" in second["reason"]
-    assert second["champion_objective"] != first["challenger_objective"]
-    better = second["challenger_objective"] < second["champion_objective"]
+    assert f"the champion was evaluated again like v{second['version']}" in second["reason"]
+    assert second["champion_scored_again"] and second["champion_objective"] != first["challenger_objective"]
+    # Promoted only on evidence: the bound of the paired difference below -registry.min_improvement.
+    better = second["difference_interval"][1] < -second["min_improvement"]
     assert second["decision"] == ("promoted" if better else "kept")
     assert _stale(root) == set()
     assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], root)

@@ -93,7 +93,12 @@ def write_outputs(
     torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 7}, train_dir / "model.pt")
     stored = Scores.load((scores or fake_scores(objective, seed)).save(eval_dir / SCORES_FILE))
     value = objective_value(cfg.eval.objective, *stored.fids()) if math.isfinite(objective) else objective
-    metrics = {cfg.eval.objective: value, "test/fid_samples": 1.0}
+    metrics = {
+        cfg.eval.objective: value,
+        "test/fid_samples": 1.0,
+        "test/fid_samples_ci": [0.5, 1.5],
+        "confidence": 0.95,
+    }
     if active_fraction is not None:
         metrics["test/active_fraction"] = active_fraction
     (eval_dir / "metrics.json").write_text(json.dumps(metrics))
@@ -726,6 +731,7 @@ def test_exported_bundle_holds_no_pickle_and_predicts_as_the_registered_model_wi
     version = MlflowClient().get_model_version_by_alias(name, "champion")
     assert version.tags["data.manifest_hash"] in card and f"version {version.version}" in card
     assert "FID protocol" in card and "![samples](samples.png)" in card
+    assert "| metric | value | 95% interval | what |" in card and "| `test/fid_samples` | 1 | [0.5, 1.5] |" in card
 
     x = torch.rand(3, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
     np.save(tmp_path / "x.npy", x.numpy())
