@@ -274,9 +274,10 @@ class EvalConfig:
     lpips_weights: str = "imagenet"
     # Uncertainty (dfcvae/uncertainty.py): two-sided percentile bootstrap intervals at `confidence`
     # over `bootstrap_resamples` resamples of the test images and samples (test/<metric>_ci); each
-    # FID resample at 10,000 images (more images than Inception features) costs about 2 CPU-seconds.
+    # FID resample at 10,000 images (more images than Inception features) costs about 7 CPU-seconds,
+    # at 120 images about 20 ms (docs/quality.md, Uncertainty).
     confidence: float = 0.95
-    bootstrap_resamples: int = 200
+    bootstrap_resamples: int = 50
     # KID (Bińkowski et al. 2018): its spread over this many random subsets of up to this many images.
     kid_subsets: int = 100
     kid_subset_size: int = 1000

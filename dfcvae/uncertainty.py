@@ -121,8 +121,9 @@ def fid_from_features(real: NDArray, fake: NDArray) -> float:
     With fewer images than dimensions (the usual case below 2048 images) the matrix root is taken
     in image space: with A = centred real^T / sqrt(N - 1) and B likewise, S1 = A A^T, S2 = B B^T,
     and the nonzero eigenvalues of S1 S2 are the squared singular values of A^T B (N x M), so
-    tr (S1 S2)^1/2 is A^T B's nuclear norm: an N x M SVD instead of D x D eigenproblems
-    (about 1 ms at 120 images). Otherwise `metrics.frechet_distance` on the moments.
+    tr (S1 S2)^1/2 is A^T B's nuclear norm: an N x M SVD instead of D x D eigenproblems.
+    Otherwise `metrics.frechet_distance` on the moments. On a 2-core machine: about 20 ms at 120
+    images, 7 CPU-s at 10,000.
     """
     x, y = np.asarray(real, np.float64), np.asarray(fake, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or min(len(x), len(y)) < 2:

@@ -5,7 +5,8 @@ was trained; every eval setting and the data paths from params.yaml), the shards
 train.out_dir/run.json when present (metrics and files are then logged to that MLflow run).
 Outputs (eval.out_dir), rewritten on every run; dfcvae/evaluate.py documents each:
     metrics.json (DVC metrics), probe.json and probe.csv (DVC plots), evaluation.json,
-    samples.png, reconstructions.png, interpolations.png, attribute_arithmetic.png.
+    scores.npz, samples.png, reconstructions.png, interpolations.png, attribute_arithmetic.png.
+Prints the main numbers, each with its bootstrap interval where it has one.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ SUMMARY = (
     "test/fid_recon",
     "test/fid_samples",
     "test/fid_sum",
+    "test/kid_recon",
+    "test/kid_samples",
     "test/fid_images",
     "test/fid_inception",
     "test/psnr",
@@ -35,7 +38,12 @@ SUMMARY = (
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     results = evaluate_trained(cfg)
-    print(json.dumps({k: results[k] for k in SUMMARY if k in results}, indent=2))
+    summary = {}
+    for key in (k for k in SUMMARY if k in results):
+        summary[key] = results[key]
+        if f"{key}_ci_low" in results:
+            summary[f"{key}_ci"] = [results[f"{key}_ci_low"], results[f"{key}_ci_high"]]
+    print(json.dumps(summary, indent=2))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""The champion gate's decision on real evaluations: the demo recipe trained with different seeds.
+
+tests/data/gate/ holds the scores.npz of `python -m pipeline.compare --seeds` runs of the demo
+profile (400 steps, 120 synthetic test images; tests/data/README.md): the DFC-VAE at five seeds and
+the plain VAE at seed 0. The decision is `registry.decide` on `uncertainty.paired_objective`, with
+params.yaml's registry settings and the demo's bootstrap, as `register_model` makes it.
+"""
+
+from __future__ import annotations
+
+from itertools import permutations
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import yaml
+
+from dfcvae.config import Config
+from dfcvae.registry import decide
+from dfcvae.uncertainty import Scores, paired_objective
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT / "tests" / "data" / "gate"
+# The demo profile the scores were measured with (its eval.bootstrap_resamples) over params.yaml.
+CFG = Config.load(ROOT / "params.yaml").with_overrides(yaml.safe_load((ROOT / "pipeline" / "demo.yaml").read_text()))
+BOOTSTRAP_SEEDS = range(3)  # the decision must not hang on the bootstrap's own draw
+
+
+def decision(challenger: Scores, champion: Scores, seed: int) -> tuple[str, str]:
+    gate = CFG.registry
+    difference = paired_objective(
+        challenger, champion, CFG.eval.objective, gate.min_confidence, CFG.eval.bootstrap_resamples, seed
+    )
+    tags = {
+        "objective": CFG.eval.objective,
+        "objective_value": repr(difference.challenger),
+        "min_active_fraction": repr(gate.min_active_fraction),
+        "active_fraction": "1.0",
+    }
+    return decide(SimpleNamespace(version=1), tags, 2, difference, gate)
+
+
+@pytest.fixture(scope="module")
+def dfc() -> list[Scores]:
+    found = [Scores.load(path) for path in sorted(DATA.glob("dfc_seed*.npz"))]
+    assert len(found) >= 5
+    return found
+
+
+def test_a_retrain_of_the_same_recipe_with_another_seed_is_never_promoted(dfc):
+    """Every ordered pair of the five seeds, at three bootstrap draws each: 60 decisions, all kept."""
+    outcomes = [decision(dfc[a], dfc[b], seed) for a, b in permutations(range(len(dfc)), 2) for seed in BOOTSTRAP_SEEDS]
+    assert len(outcomes) == 60
+    promoted = [reason for verdict, reason in outcomes if verdict == "promoted"]
+    assert not promoted, promoted[0]
+    assert all("promotion needs fid_sum lower by more than" in reason for _, reason in outcomes)
+
+
+def test_a_clearly_better_model_is_promoted_and_a_worse_one_kept(dfc):
+    """The DFC-VAE over the plain VAE of the same seed, shards and steps (FID halved): promoted from
+    every seed; the other way round, kept."""
+    plain = Scores.load(DATA / "plain_seed0.npz")
+    for challenger in dfc:
+        for seed in BOOTSTRAP_SEEDS:
+            verdict, reason = decision(challenger, plain, seed)
+            assert verdict == "promoted", reason
+            assert decision(plain, challenger, seed)[0] == "kept"
