@@ -11,7 +11,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # Lower layers never import higher ones (docs: ../shared/STYLE.md's layering).
 LAYERS = (
     {"config", "device", "ring", "weights", "metrics", "internals", "files", "sampler"},
-    {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster", "lpips_metric"},
+    {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster", "lpips_metric", "uncertainty"},
     {"checkpoint", "bundle"},
     {"step", "served"},
     {"worker", "evaluate"},
