@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -17,52 +16,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import ROOT, wait_until
+from tests.conftest import wait_until
+from tests.pipeline_repo import SMALL, _env, _params, _registration, _run, _stale, copy_project
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(1800)]
-
-SMALL = {
-    "data.synthetic_count": 240,
-    "data.samples_per_shard": 40,
-    "loader.batch_size": 16,
-    "train.steps": 30,
-    "train.log_every": 10,
-    "train.val_every": 15,
-    "train.checkpoint_every": 15,
-    "train.grid_every": 30,
-    "tune.num_samples": 1,  # the search itself is tests/test_tune.py's; here the stage runs once
-    "tune.steps": 4,
-    "tune.report_every": 2,
-    "tune.grace_period": 2,
-    "eval.num_samples": 32,
-    "eval.val_subset": 16,
-}
-
-
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_ADDRESS"))}
-    env["PATH"] = f"{Path(sys.executable).parent}:{env['PATH']}"
-    env.update(
-        GIT_AUTHOR_NAME="t", GIT_AUTHOR_EMAIL="t@localhost", GIT_COMMITTER_NAME="t", GIT_COMMITTER_EMAIL="t@localhost"
-    )
-    return env
-
-
-def _run(cmd: list[str], cwd: Path, timeout: int = 900) -> str:
-    result = subprocess.run(cmd, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=timeout)
-    assert result.returncode == 0, f"{cmd} failed:\n{result.stdout[-4000:]}\n{result.stderr[-4000:]}"
-    return result.stdout + result.stderr
-
-
-def copy_project(root: Path) -> None:
-    """The project's files (tracked, and untracked but not ignored) into root."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard"], cwd=ROOT, capture_output=True, text=True, check=True
-    ).stdout.split()
-    for name in listed:
-        if (ROOT / name).is_file():
-            (root / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(ROOT / name, root / name)
 
 
 @pytest.fixture(scope="module")
@@ -76,18 +33,6 @@ def repo(tmp_path_factory) -> Path:
     extra = [a for k, v in SMALL.items() for a in ("-S", f"{k}={json.dumps(v)}")]
     _run([sys.executable, "-m", "pipeline.demo", *extra], root, timeout=1200)
     return root
-
-
-def _params(root: Path) -> dict:
-    return yaml.safe_load((root / "params.yaml").read_text())
-
-
-def _stale(root: Path) -> set[str]:
-    return set(json.loads(_run(["dvc", "status", "--json"], root) or "{}"))
-
-
-def _registration(root: Path) -> dict:
-    return json.loads((root / "outputs/register/registration.json").read_text())
 
 
 def test_demo_ends_with_champion_with_grids_and_clean_status(repo):
@@ -218,74 +163,3 @@ def _lock_entries(repo: Path, stages: tuple[str, ...]) -> dict[str, dict]:
     except (yaml.YAMLError, KeyError, TypeError):  # caught mid-write
         lock = {}
     return {s: lock.get(s) for s in stages}
-
-
-@pytest.fixture(scope="module")
-def folder_repo(tmp_path_factory) -> tuple[Path, Path, list[Path]]:
-    """A repo whose data is a folder of photographs outside it, reproduced to a champion; and the
-    photographs held back to be added later."""
-    base = tmp_path_factory.mktemp("folder")
-    photos, held = base / "photos", base / "held"
-    _run([sys.executable, "-m", "bench.photos", "--out", str(photos), "--count", "100", "--size", "80"], ROOT)
-    held.mkdir()
-    added = []
-    for path in sorted(photos.iterdir())[-25:]:
-        added.append(held / path.name)
-        path.rename(added[-1])
-    root = base / "repo"
-    copy_project(root)
-    profile = yaml.safe_load((ROOT / "pipeline/demo.yaml").read_text())
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    for key, value in {
-        **profile,
-        **SMALL,
-        "data.source": "folder",
-        "data.folder_dir": str(photos),
-        "data.image_size": 32,
-        "model.hidden_channels": [8, 16],
-        "model.latent_dim": 8,
-        "tune.enabled": False,
-        "eval.num_samples": 16,
-        "eval.val_subset": 8,
-    }.items():
-        section, _, field = key.partition(".")
-        params[section][field] = value
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    _run(["git", "init", "-q"], root)
-    _run(["git", "add", "-A"], root)
-    _run(["git", "commit", "-qm", "project"], root)
-    _run(["dvc", "repro"], root, timeout=1200)
-    return root, photos, added
-
-
-def test_retrain_on_new_images_trains_anew_reevaluates_the_champion_then_idles(folder_repo):
-    root, photos, added = folder_repo
-    first = _registration(root)
-    assert first["decision"] == "promoted"
-    assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], root)
-    manifest = json.loads((root / "data/shards/manifest.json").read_text())
-
-    for path in added:  # new photographs in the user's folder, outside the repository
-        path.rename(photos / path.name)
-    out = _run([sys.executable, "-m", "pipeline.retrain"], root, timeout=1200)
-    assert "were added, removed or changed since the last fetch" in out
-    new_manifest = json.loads((root / "data/shards/manifest.json").read_text())
-    assert (
-        sum(s["count"] for s in new_manifest["splits"].values())
-        == 100
-        > sum(s["count"] for s in manifest["splits"].values())
-    )
-    # A new run on the new data, all its steps: not the old run resumed.
-    steps = _params(root)["train"]["steps"]
-    reports = [json.loads(line) for line in (root / "outputs/train/reports.jsonl").read_text().splitlines()]
-    assert max(r["step"] for r in reports) == steps and all(r["restored_from"] == 0 for r in reports)
-    second = _registration(root)
-    assert second["version"] == first["version"] + 1
-    # The old champion was evaluated again on the new evaluation, and the decision follows those numbers.
-    assert f"the champion was evaluated again like v{second['version']}" in second["reason"]
-    assert second["champion_scored_again"] and second["champion_objective"] != first["challenger_objective"]
-    # Promoted only on evidence: the bound of the paired difference below -registry.min_improvement.
-    better = second["difference_interval"][1] < -second["min_improvement"]
-    assert second["decision"] == ("promoted" if better else "kept")
-    assert _stale(root) == set()
-    assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], root)
