@@ -42,6 +42,7 @@ CARD_METRICS = {
     "test/reference_distance": "fixed-layer perceptual distance (eval.reference_*)",
     "test/active_fraction": "share of active latent dimensions (Burda et al. 2016)",
     "test/nyquist_ratio": "checkerboard measure, reconstructions / real (> 1: a checkerboard)",
+    "test/lattice_ratio": "lattice measure, reconstructions / real, worst period (> 1: a lattice)",
     "test/probe_accuracy_mean": "linear attribute probe on latent means, mean accuracy",
 }
 

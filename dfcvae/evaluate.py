@@ -30,6 +30,11 @@ the real images' statistics loaded between calls (a training run's validations).
     test/nyquist_power, _real, _ratio   power of period-2 patterns (metrics.nyquist_power) in the
                                         reconstructions, the real images, and their ratio: > 1 is
                                         a checkerboard the model adds
+    test/lattice_ratio_<p>              the reconstructions' high-pass energy peak by pixel phase
+                                        (metrics.phase_energy, lattice_peak) over the real images',
+                                        for p = 2 and each stride of perceptual.layers up to half
+                                        the image; test/lattice_ratio: the largest. Over 1: a
+                                        lattice fixed to the pixel grid (docs/quality.md)
     test/probe_accuracy_mean            the paper's attribute probe on latent means (fit on up to
     test/probe_baseline_mean            eval.probe_train_samples train images), majority baseline;
     test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
@@ -82,7 +87,7 @@ from dfcvae import data, metrics, tracking, uncertainty
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
-from dfcvae.features import build_reference, resolve_layers
+from dfcvae.features import build_reference, layer_strides, resolve_layers
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
@@ -495,6 +500,7 @@ class Measurements:
     latents: Tensor  # (N, latent_dim) float32, CPU
     attrs: Tensor  # (N, 40) int8
     pool: tuple[Tensor, Tensor]  # the first PICTURE_POOL images (uint8) and their attributes
+    phases: dict[int, tuple[Tensor, Tensor]]  # period -> metrics.phase_energy of (reconstructions, real images)
 
     @property
     def means(self) -> dict[str, float]:
@@ -526,6 +532,7 @@ def measure_test_split(
         values[lpips_key(cfg)] = []
     real, recon = [], []
     latents, attrs, pool = [], [], []
+    phases = {p: (0.0, 0.0) for p in lattice_periods(cfg)}
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
         for images, batch_attrs in iter_split(cfg, "test", cfg.eval.num_samples):
             x = data.prepare_batch(images, device, train=False)
@@ -538,6 +545,8 @@ def measure_test_split(
             values["nyquist_power_real"].append(metrics.nyquist_power(x).cpu())
             if lpips is not None:
                 values[lpips_key(cfg)].append(lpips(x, x_hat).double().flatten().cpu())
+            for period, (ours, theirs) in phases.items():
+                phases[period] = (ours + metrics.phase_energy(x_hat, period), theirs + metrics.phase_energy(x, period))
             real.append(inception(images))
             recon.append(inception(x_hat))
             latents.append(mu.float().cpu())
@@ -554,7 +563,15 @@ def measure_test_split(
         latents=torch.cat(latents),
         attrs=all_attrs,
         pool=(torch.cat(pool), all_attrs[:PICTURE_POOL]),
+        phases=phases,
     )
+
+
+def lattice_periods(cfg: Config) -> list[int]:
+    """2 and the stride of each layer of the perceptual network (perceptual.*) that fits an image
+    at least twice: the periods at which its features could reward a lattice."""
+    strides = layer_strides(cfg.perceptual.backbone, cfg.perceptual.layers).values()
+    return sorted({2} | {s for s in strides if 2 <= s <= cfg.data.image_size // 2})
 
 
 def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) -> dict[str, Any]:
@@ -669,14 +686,22 @@ def intervals_as_numbers(intervals: dict[str, list[float]]) -> dict[str, float]:
 
 
 def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:
-    """Active latent units over the test latent means, and the reconstructions' Nyquist power
-    against the real images' (test/nyquist_ratio > 1: the model adds a checkerboard)."""
+    """Active latent units over the test latent means, the reconstructions' Nyquist power against
+    the real images' (test/nyquist_ratio > 1: the model adds a checkerboard), and their lattice
+    peaks against the real images' per period (test/lattice_ratio_<p>; test/lattice_ratio, the
+    largest: over 1, a lattice the model draws at fixed positions)."""
     units = metrics.active_units(test.latents)
     ratio = test.means["nyquist_power"] / max(test.means["nyquist_power_real"], 1e-30)
+    lattice = {
+        f"test/lattice_ratio_{period}": metrics.lattice_peak(ours) / metrics.lattice_peak(theirs)
+        for period, (ours, theirs) in test.phases.items()
+    }
     return {
         "test/active_units": units,
         "test/active_fraction": units / test.latents.shape[1],
         "test/nyquist_ratio": ratio,
+        **lattice,
+        "test/lattice_ratio": max(lattice.values()),
     }
 
 

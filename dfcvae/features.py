@@ -106,6 +106,22 @@ def resolve_layers(backbone: str, layers: Sequence[str]) -> tuple[str, ...]:
     return tuple(layers)
 
 
+def layer_strides(backbone: str, layers: Sequence[str]) -> dict[str, int]:
+    """Each layer's stride: input pixels per feature-map position (1, 2, 4, ...), measured by
+    running the randomly initialised backbone on a 64 px input."""
+    spec = backbone_spec(backbone)
+    names = resolve_layers(backbone, layers)
+    features = spec.build().eval()
+    taps = {spec.layer_names(features).index(name): name for name in names}
+    out, h = {}, torch.zeros(1, 3, 64, 64)
+    with torch.no_grad():
+        for index, module in enumerate(features[: max(taps) + 1]):
+            h = module(h)
+            if index in taps:
+                out[taps[index]] = 64 // h.shape[-1]
+    return {name: out[name] for name in names}
+
+
 def _load_weights(features: nn.Sequential, backbone: str, weights: str) -> None:
     if weights == "random":
         log.warning(

@@ -350,6 +350,37 @@ def nyquist_power(images: Tensor) -> Tensor:
     return nyquist.mean(dim=1)
 
 
+def phase_energy(images: Tensor, period: int) -> Tensor:
+    """High-pass energy summed by pixel phase: a lattice's signature (issue: the lattice of strided
+    feature networks; Azulay and Weiss 2019, Zhang 2019).
+
+    images: (B, C, H, W) in [-1, 1]. Each image's high-pass part on the [0, 1] scale is the image
+    minus its 3x3 box blur, taken where the blur's window lies inside the image; its energy, summed
+    over channels, is averaged by phase (y mod period, x mod period) over the positions and summed
+    over the batch -> (period, period) float64. Add batches' maps (one image size), then read
+    `lattice_peak`. Real photographs cropped at
+    random offsets give a flat map; a pattern drawn at fixed positions of an s-pixel grid does not.
+    """
+    if images.ndim != 4 or period < 2 or min(images.shape[-2:]) < period + 2:
+        raise ValueError(f"need images (B, C, H, W) larger than period {period} + 2, got {tuple(images.shape)}.")
+    x = to_unit(images).double()
+    blurred = F.avg_pool2d(x, 3, stride=1)  # (B, C, H - 2, W - 2), centred on pixels 1 .. H - 2
+    energy = (x[..., 1:-1, 1:-1] - blurred).pow(2).sum(dim=(0, 1))  # (H - 2, W - 2)
+    h, w = energy.shape
+    rows, cols = (torch.arange(1, h + 1) % period), (torch.arange(1, w + 1) % period)  # each pixel's phase
+    index = (rows[:, None] * period + cols[None, :]).flatten()
+    sums = torch.zeros(period * period, dtype=torch.float64).index_add_(0, index, energy.flatten().cpu())
+    counts = torch.zeros(period * period, dtype=torch.float64).index_add_(
+        0, index, torch.ones(h * w, dtype=torch.float64)
+    )
+    return (sums / counts * (h * w) / (period * period)).view(period, period)
+
+
+def lattice_peak(phase_map: Tensor) -> float:
+    """The strongest phase over the mean phase of a `phase_energy` map: 1 for a flat map."""
+    return float(phase_map.max() / phase_map.mean().clamp(min=1e-30))
+
+
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
 
 

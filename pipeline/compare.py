@@ -80,6 +80,7 @@ MEASURED = (  # comparison.json key, table label, format: measured per run, summ
     ("mse", "MSE, [0, 1] scale (lower is better)", "{:.4f}"),
     ("reference_distance", "reference feature distance (lower is better)", "{:.3f}"),
     ("nyquist_ratio", "Nyquist power, reconstructions / real (over 1: a checkerboard)", "{:.2f}"),
+    ("lattice_ratio", "lattice peak, reconstructions / real, worst period (over 1: a lattice)", "{:.2f}"),
     ("active_fraction", "active latent dimensions (Burda et al.)", "{:.0%}"),
     ("probe_accuracy_mean", "attribute probe accuracy (higher is better)", "{:.3f}"),
     ("probe_baseline_mean", "majority-class baseline", "{:.3f}"),

@@ -29,6 +29,7 @@ SUMMARY = (
     "test/ssim",
     "test/active_fraction",
     "test/nyquist_ratio",
+    "test/lattice_ratio",
     "test/probe_accuracy_mean",
     "test/probe_baseline_mean",
 )

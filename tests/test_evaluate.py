@@ -32,6 +32,7 @@ from dfcvae.evaluate import (
     SAMPLE_ROWS,
     evaluate,
     grid_size,
+    lattice_periods,
     read_split,
     run_probe,
     tuning_objective,
@@ -154,6 +155,10 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     for name in ("recon", "samples"):  # KID from the same features, with its spread over subsets
         assert math.isfinite(saved[f"test/kid_{name}"]) and saved[f"test/kid_{name}_std"] > 0
     assert protocol["inception"] == evaluation["test/fid_inception"] and protocol["real_images"] == 16
+    periods = lattice_periods(cfg)  # 2 and the strides of the perceptual layers within the image
+    assert periods[0] == 2 and all(p <= SIZE // 2 for p in periods)
+    lattice = [saved[f"test/lattice_ratio_{p}"] for p in periods]
+    assert all(0 < r < 10 for r in lattice) and saved["test/lattice_ratio"] == max(lattice)
     assert protocol["manifest_hash"] == data.manifest_hash(cfg) and protocol["sampler"] == cfg.eval.sampler
     # The numbers are the stored per-image scores' and features'.
     scores = Scores.load(out / SCORES_FILE)

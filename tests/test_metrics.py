@@ -421,3 +421,35 @@ def test_lpips_without_the_imagenet_file_says_where_to_put_it(tmp_path, monkeypa
         LPIPS("alex", "imagenet")
     with pytest.raises(ConfigError, match="eval.lpips_net 'squeezenet' is not one of alex, vgg"):
         LPIPS("squeezenet", "random")
+
+
+# ---------------------------------------------------------------- the lattice measure
+
+
+def random_crops(count: int, size: int, seed: int) -> torch.Tensor:
+    """Crops of a photograph that ships with scikit-learn, at random offsets, in [-1, 1]."""
+    from sklearn.datasets import load_sample_image
+
+    photo = torch.from_numpy(load_sample_image("china.jpg")).permute(2, 0, 1).float() / 127.5 - 1  # (3, 427, 640)
+    rng = np.random.default_rng(seed)
+    tops, lefts = rng.integers(0, photo.shape[1] - size, count), rng.integers(0, photo.shape[2] - size, count)
+    return torch.stack([photo[:, t : t + size, left : left + size] for t, left in zip(tops, lefts, strict=True)])
+
+
+@pytest.mark.parametrize("period", [2, 4, 8])
+def test_the_lattice_measure_is_flat_on_photographs_and_flags_a_lattice_fixed_to_the_grid(period):
+    crops = random_crops(64, 64, period)
+    real = metrics.lattice_peak(metrics.phase_energy(crops, period))
+    assert real < 1.15  # random offsets: every phase alike
+    # A lattice at fixed positions: a dot every `period` px, 10% of the range, as a strided layer would reward.
+    lattice = crops.clone()
+    lattice[..., ::period, ::period] += 0.2
+    drawn = metrics.lattice_peak(metrics.phase_energy(lattice.clamp(-1, 1), period))
+    assert drawn > 1.3 * real
+    # Batches add: the map of all images is the sum of two halves' maps.
+    torch.testing.assert_close(
+        metrics.phase_energy(crops, period),
+        metrics.phase_energy(crops[:20], period) + metrics.phase_energy(crops[20:], period),
+    )
+    with pytest.raises(ValueError, match="larger than period"):
+        metrics.phase_energy(crops[..., :3, :3], period)
