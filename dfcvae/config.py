@@ -168,6 +168,9 @@ class LossConfig:
     feature_norm: str = "energy"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
     lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, eval.lpips_net and _weights; 0 = off
+    # Training's feature term on the same random window of x and x_hat, this many px smaller, at an
+    # offset in [0, feature_shift] (dfcvae/loss.py): against the lattice of strided features; 0 = off.
+    feature_shift: int = 0
 
 
 @dataclass(frozen=True)

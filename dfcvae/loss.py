@@ -12,6 +12,8 @@ feature term scale-free (the same beta means the same across backbones):
     unit    each position's channel vector scaled to unit length first, as LPIPS does
             (Zhang et al. 2018, eq. 1, without its learnt weights): 1/(2 H_l W_l) sum ||.||^2 in [0, 2]
 `loss.kl_warmup_steps` ramps alpha linearly from 0: alpha * min(1, step / warmup).
+`loss.feature_shift` s > 0: in training, the feature term compares the same random window of x and
+x_hat, cropped s px smaller at an offset in [0, s] (`shifted_crops`), against the lattice.
 Reductions run in float32, so the loss is well defined under bf16 autocast. Target features Phi(x) are computed
 without a graph; the reconstruction's features keep theirs so gradients reach
 the decoder. Logs are detached tensors (no device sync per step) keyed `split/name`.
@@ -65,6 +67,19 @@ def feature_distances_per_image(target: dict[str, Tensor], recon: dict[str, Tens
     return sum(0.5 * (recon[name].double() - target[name].double()).pow(2).flatten(1).mean(dim=1) for name in target)
 
 
+def shifted_crops(x: Tensor, recon: Tensor, shift: int) -> tuple[Tensor, Tensor]:
+    """The same random (H - shift) x (W - shift) window of both batches, its corner drawn from
+    [0, shift]^2 with the global RNG (seeded per step): a stride-s feature network then sees the
+    image on a grid that moves from step to step, so matching its features no longer rewards
+    energy at fixed phases of the pixel grid (the lattice; Zhang 2019). Index tensors, not Python
+    ints: no recompilation under torch.compile."""
+    h, w = x.shape[-2:]
+    corner = torch.randint(0, shift + 1, (2,), device=x.device)
+    rows = torch.arange(h - shift, device=x.device) + corner[0]
+    cols = torch.arange(w - shift, device=x.device) + corner[1]
+    return x.index_select(-2, rows).index_select(-1, cols), recon.index_select(-2, rows).index_select(-1, cols)
+
+
 def perceptual_term(perceptual: PerceptualNetwork, x: Tensor, recon: Tensor, norm: str = "none") -> dict[str, Tensor]:
     with torch.no_grad():
         target = perceptual(x)
@@ -99,7 +114,8 @@ def dfc_vae_loss(
     if cfg.perceptual_weight > 0:
         if perceptual is None:
             raise ConfigError("loss.perceptual_weight > 0 needs a perceptual network.")
-        per_layer = perceptual_term(perceptual, x, recon, cfg.feature_norm)
+        seen = shifted_crops(x, recon, cfg.feature_shift) if cfg.feature_shift > 0 and split == "train" else (x, recon)
+        per_layer = perceptual_term(perceptual, *seen, cfg.feature_norm)
         feature_loss = torch.stack(list(per_layer.values())).sum()
         loss = loss + cfg.perceptual_weight * feature_loss
         logs[f"{split}/perceptual"] = feature_loss.detach()

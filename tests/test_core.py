@@ -12,7 +12,7 @@ import yaml
 
 from dfcvae.config import PAPER_NETWORK, STORED_BEFORE_FIELD, Config, ConfigError, LossConfig, ModelConfig, load_yaml
 from dfcvae.features import BACKBONES, PerceptualNetwork, resolve_layers
-from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup
+from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup, shifted_crops
 from dfcvae.metrics import active_units, nyquist_power
 from dfcvae.model import DFCVAE
 
@@ -428,3 +428,38 @@ def test_the_lpips_network_of_the_loss_is_frozen():
     network = build_lpips(cfg, Runtime(torch.device("cpu")))
     assert not network.training and not any(p.requires_grad for p in network.parameters())
     assert build_lpips(Config(), Runtime(torch.device("cpu"))) is None  # off by default
+
+
+def test_the_shifted_feature_window_is_the_same_for_both_batches_and_moves_between_steps():
+    x = torch.rand(2, 3, 16, 16)
+    recon = x.flip(0)
+    corners = set()
+    for seed in range(40):
+        torch.manual_seed(seed)
+        a, b = shifted_crops(x, recon, 7)
+        assert a.shape == b.shape == (2, 3, 9, 9)
+        # The same window of each: find it in x and check recon's is the same place.
+        found = [(i, j) for i in range(8) for j in range(8) if torch.equal(x[..., i : i + 9, j : j + 9], a)]
+        assert len(found) == 1 and torch.equal(
+            recon[..., found[0][0] : found[0][0] + 9, found[0][1] : found[0][1] + 9], b
+        )
+        corners.add(found[0])
+    assert len(corners) > 20  # the grid moves from step to step
+    torch.manual_seed(3)
+    first = shifted_crops(x, recon, 7)[0]
+    torch.manual_seed(3)
+    assert torch.equal(first, shifted_crops(x, recon, 7)[0])  # seeded per step: a resumed run repeats it
+
+
+def test_the_feature_shift_applies_to_training_only():
+    from dfcvae.config import LossConfig
+
+    perceptual = PerceptualNetwork("mobilenet_v2", ["vae123"], "random")
+    x, recon = torch.rand(2, 3, 32, 32) * 2 - 1, torch.rand(2, 3, 32, 32) * 2 - 1
+    mu, logvar = torch.zeros(2, 4), torch.zeros(2, 4)
+    plain, shifted = LossConfig(), LossConfig(feature_shift=7)
+    val = [dfc_vae_loss(x, recon, mu, logvar, perceptual, c, split="val")[0] for c in (plain, shifted)]
+    assert torch.equal(val[0], val[1])
+    torch.manual_seed(0)
+    train = dfc_vae_loss(x, recon, mu, logvar, perceptual, shifted)[0]
+    assert not torch.equal(train, dfc_vae_loss(x, recon, mu, logvar, perceptual, plain)[0])
