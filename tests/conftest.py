@@ -44,6 +44,7 @@ TINY = {
 LONGEST_FIRST = (
     "test_pipeline.py",
     "test_tune.py",
+    "test_pipeline_folder.py",
     "test_train.py",
     "test_multinode.py",
     "test_compare.py",
