@@ -24,7 +24,7 @@ import numpy as np
 from numpy.typing import NDArray
 
 from dfcvae import metrics
-from dfcvae.config import ConfigError
+from dfcvae.config import ConfigError, UserError
 
 SCORES_FILE = "scores.npz"
 # Features are stored in float16: 10,000 images x 2048 features are 41 MB per set instead of 82.
@@ -41,7 +41,7 @@ OBJECTIVES: dict[str, Callable[[float, float], float]] = {
 }
 
 
-class ScoresError(ValueError):
+class ScoresError(UserError, ValueError):
     """Two evaluations' scores cannot be compared, or a scores file is not one."""
 
 
