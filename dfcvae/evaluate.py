@@ -83,11 +83,11 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import data, metrics, tracking, uncertainty
+from dfcvae import data, features, metrics, tracking, uncertainty
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
-from dfcvae.features import build_reference, layer_strides, resolve_layers
+from dfcvae.features import build_reference, resolve_layers
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
@@ -568,10 +568,8 @@ def measure_test_split(
 
 
 def lattice_periods(cfg: Config) -> list[int]:
-    """2 and the stride of each layer of the perceptual network (perceptual.*) that fits an image
-    at least twice: the periods at which its features could reward a lattice."""
-    strides = layer_strides(cfg.perceptual.backbone, cfg.perceptual.layers).values()
-    return sorted({2} | {s for s in strides if 2 <= s <= cfg.data.image_size // 2})
+    """`features.lattice_periods` of cfg's perceptual network and image size."""
+    return features.lattice_periods(cfg.perceptual.backbone, cfg.perceptual.layers, cfg.data.image_size)
 
 
 def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) -> dict[str, Any]:
@@ -636,9 +634,9 @@ def _measure_into(
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
-    for name, features in drawn.items():
+    for name, sampled in drawn.items():
         numbers[f"test/fid_samples_{name}"] = uncertainty.fid_from_features(
-            scores.real, features.astype(uncertainty.FEATURE_DTYPE)
+            scores.real, sampled.astype(uncertainty.FEATURE_DTYPE)
         )
     numbers["test/fid_images"] = test.count
     for name, fake in (("recon", scores.recon), ("samples", scores.samples)):

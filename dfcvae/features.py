@@ -14,6 +14,7 @@ Built to avoid what goes wrong in PyTorch-VAE's DFCVAE:
 
 from __future__ import annotations
 
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -106,9 +107,17 @@ def resolve_layers(backbone: str, layers: Sequence[str]) -> tuple[str, ...]:
     return tuple(layers)
 
 
-def layer_strides(backbone: str, layers: Sequence[str]) -> dict[str, int]:
+def lattice_periods(backbone: str, layers: Sequence[str], image_size: int) -> list[int]:
+    """2 and the stride of each layer that fits an image at least twice: the periods at which
+    matching these features could reward a lattice (`metrics.phase_energy`)."""
+    strides = layer_strides(backbone, tuple(layers)).values()
+    return sorted({2} | {s for s in strides if 2 <= s <= image_size // 2})
+
+
+@functools.lru_cache(maxsize=16)
+def layer_strides(backbone: str, layers: tuple[str, ...]) -> dict[str, int]:
     """Each layer's stride: input pixels per feature-map position (1, 2, 4, ...), measured by
-    running the randomly initialised backbone on a 64 px input."""
+    running the randomly initialised backbone on a 64 px input (once per backbone and layers)."""
     spec = backbone_spec(backbone)
     names = resolve_layers(backbone, layers)
     features = spec.build().eval()

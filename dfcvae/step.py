@@ -20,10 +20,10 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dfcvae import data
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
-from dfcvae.features import PerceptualNetwork, resolve_layers
+from dfcvae.features import PerceptualNetwork, lattice_periods, resolve_layers
 from dfcvae.loss import check_feature_norm, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.lpips_metric import LPIPS
-from dfcvae.metrics import active_units
+from dfcvae.metrics import active_units, lattice_peak, phase_energy
 from dfcvae.model import DFCVAE
 
 
@@ -213,11 +213,14 @@ def validate(
     lpips: LPIPS | None = None,
 ) -> dict[str, float]:
     """Loss parts, pixel MSE and the fixed-layer distance on fixed val batches (latent means),
-    and the active latent units over all of them (`metrics.active_units`). `lpips`: the loss's
+    the lattice ratios (val/lattice_ratio_<p>, as the evaluation's test/ ones) and the active
+    latent units over all of them (`metrics.active_units`). `lpips`: the loss's
     LPIPS network when loss.lpips_weight > 0 (`build_lpips`)."""
     model.eval()
     totals: dict[str, float] = {}
     means = []
+    periods = lattice_periods(cfg.perceptual.backbone, cfg.perceptual.layers, cfg.data.image_size)
+    phases = {p: [0.0, 0.0] for p in periods}  # period -> phase maps of (reconstructions, val images)
     for x in batches:
         with runtime.autocast():
             mu, logvar = model.encode(x)
@@ -227,6 +230,11 @@ def validate(
             logs["val/reference_distance"] = sum(feature_distances(reference(x), reference(recon)).values())
         for key, value in logs.items():
             totals[key] = totals.get(key, 0.0) + float(value) / len(batches)
+        for period, maps in phases.items():
+            maps[0] = maps[0] + phase_energy(recon.float(), period)
+            maps[1] = maps[1] + phase_energy(x.float(), period)
+    ratios = {p: lattice_peak(ours) / lattice_peak(theirs) for p, (ours, theirs) in phases.items()}
+    totals |= {f"val/lattice_ratio_{p}": r for p, r in ratios.items()} | {"val/lattice_ratio": max(ratios.values())}
     means = torch.cat(means)
     if len(means) >= 2:  # a variance over the data needs two images
         units = active_units(means)

@@ -125,6 +125,8 @@ def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg)
     assert run.data.tags["data.synthetic"] == "true" and run.data.tags["perceptual.backbone"] == "mobilenet_v2"
     assert len(client.get_metric_history(run_id, "train/loss")) == 3
     assert len(client.get_metric_history(run_id, "val/reference_distance")) == 2
+    lattice = client.get_metric_history(run_id, "val/lattice_ratio")  # the validations' lattice measure
+    assert len(lattice) == 2 and all(0 < m.value < 10 for m in lattice)
     grids = [
         a.path for folder in ("grids/samples", "grids/reconstructions") for a in client.list_artifacts(run_id, folder)
     ]
