@@ -164,7 +164,8 @@ def test_champion_moves_only_for_a_clearly_better_objective(cfg, tmp_path):
     slightly = json.loads(record.read_text())
     assert slightly["decision"] == "kept" and slightly["difference"] < 0
     assert slightly["difference_interval"][1] > -cfg.registry.min_improvement
-    assert "promotion needs fid_sum lower by more than 5% at 95% confidence" in slightly["reason"]
+    minimum = f"{cfg.registry.min_improvement:.0%}"
+    assert f"promotion needs fid_sum lower by more than {minimum} at 95% confidence" in slightly["reason"]
 
     write_outputs(cfg, seed=4, objective=8.0)  # 20% lower
     register_stage.main(["--params", str(params)])
@@ -176,7 +177,7 @@ def test_champion_moves_only_for_a_clearly_better_objective(cfg, tmp_path):
     assert (better["min_confidence"], better["min_improvement"]) == (0.95, cfg.registry.min_improvement)
     assert better["per_image"][0]["name"] == "psnr" and better["per_image"][0]["relative"] > 0
     version = client.get_model_version(name, "4")
-    assert version.description == better["reason"] and "lower by more than 5%" in better["reason"]
+    assert version.description == better["reason"] and f"lower by more than {minimum}" in better["reason"]
     assert json.loads(version.tags["objective_difference_interval"]) == better["difference_interval"]
     assert version.tags["champion_compared"] == "1"
     assert version.tags["data.manifest_hash"] == hashlib.sha256(manifest.read_bytes()).hexdigest()

@@ -8,6 +8,7 @@ import pytest
 from dfcvae import metrics
 from dfcvae.uncertainty import (
     FEATURE_DTYPE,
+    GramFID,
     Scores,
     ScoresError,
     fid_from_features,
@@ -44,6 +45,15 @@ def test_fid_from_features_equals_the_moment_formula(n):
     expected = metrics.frechet_distance(*metrics.feature_statistics(x), *metrics.feature_statistics(y))
     assert fid_from_features(x, y) == pytest.approx(expected, rel=1e-9)
     assert fid_from_features(x, x) == pytest.approx(0.0, abs=1e-9)
+
+
+def test_resampled_fids_from_gram_matrices_equal_the_direct_ones():
+    x, y = features(60, 300, seed=1), features(50, 300, 0.05, seed=2)
+    gram = GramFID(x, y)
+    rng = np.random.default_rng(0)
+    for _ in range(5):
+        i, j = rng.integers(0, 60, 60), rng.integers(0, 50, 50)
+        assert gram(i, j) == pytest.approx(fid_from_features(x[i], y[j]), rel=1e-7)
 
 
 def test_float16_features_move_fid_by_under_a_hundredth_of_a_percent():
