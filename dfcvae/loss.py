@@ -67,6 +67,15 @@ def feature_distances_per_image(target: dict[str, Tensor], recon: dict[str, Tens
     return sum(0.5 * (recon[name].double() - target[name].double()).pow(2).flatten(1).mean(dim=1) for name in target)
 
 
+def check_feature_shift(shift: int, image_size: int) -> None:
+    """loss.feature_shift must leave a window at least half the image: ConfigError otherwise."""
+    if not 0 <= shift <= image_size // 2:
+        raise ConfigError(
+            f"loss.feature_shift is {shift}; it must be 0 (off) to {image_size // 2} px for {image_size} px images, "
+            "for example the deepest perceptual layer's stride minus 1."
+        )
+
+
 def shifted_crops(x: Tensor, recon: Tensor, shift: int) -> tuple[Tensor, Tensor]:
     """The same random (H - shift) x (W - shift) window of both batches, its corner drawn from
     [0, shift]^2 with the global RNG (seeded per step): a stride-s feature network then sees the

@@ -21,7 +21,7 @@ from dfcvae import data
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, lattice_periods, resolve_layers
-from dfcvae.loss import check_feature_norm, dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.loss import check_feature_norm, check_feature_shift, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.metrics import active_units, lattice_peak, phase_energy
 from dfcvae.model import DFCVAE
@@ -81,6 +81,7 @@ def check_config(cfg: Config) -> None:
     if cfg.loss.perceptual_weight > 0:
         resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
     check_feature_norm(cfg.loss.feature_norm)
+    check_feature_shift(cfg.loss.feature_shift, cfg.data.image_size)
     if cfg.loss.lpips_weight > 0 and not cfg.eval.lpips_net:
         raise ConfigError("loss.lpips_weight > 0 needs eval.lpips_net (alex or vgg), the network it uses.")
     lr_factor(cfg)

@@ -463,3 +463,13 @@ def test_the_feature_shift_applies_to_training_only():
     torch.manual_seed(0)
     train = dfc_vae_loss(x, recon, mu, logvar, perceptual, shifted)[0]
     assert not torch.equal(train, dfc_vae_loss(x, recon, mu, logvar, perceptual, plain)[0])
+
+
+def test_a_feature_shift_that_leaves_no_window_fails_in_the_driver():
+    from dfcvae.step import check_config
+
+    cfg = Config()
+    check_config(cfg.with_overrides({"loss.feature_shift": 7}))
+    for shift in (-1, cfg.data.image_size):
+        with pytest.raises(ConfigError, match=f"loss.feature_shift is {shift}; it must be 0 \\(off\\) to 32 px"):
+            check_config(cfg.with_overrides({"loss.feature_shift": shift}))

@@ -623,6 +623,14 @@ def test_without_a_training_run_the_model_goes_on_a_new_finished_run(cfg):
     assert (run.info.run_name, run.info.status, result.decision) == ("register", "FINISHED", "promoted")
 
 
+def test_an_evaluation_without_per_image_scores_is_refused_with_one_sentence(cfg):
+    write_outputs(cfg, seed=1, objective=4.0)
+    (Path(cfg.eval.out_dir) / SCORES_FILE).unlink()  # an evaluate stage older than scores.npz
+    with pytest.raises(FileNotFoundError, match="scores.npz not found: re-run the evaluate stage"):
+        register(cfg)
+    assert MlflowClient().search_registered_models() == []
+
+
 def test_failed_runs_and_non_finite_metrics_are_refused(cfg):
     write_outputs(cfg, seed=1, objective=float("nan"))
     with pytest.raises(RegistrationError, match="non-finite metrics"):
