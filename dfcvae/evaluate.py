@@ -532,7 +532,7 @@ def measure_test_split(
         values[lpips_key(cfg)] = []
     real, recon = [], []
     latents, attrs, pool = [], [], []
-    phases = {p: (0.0, 0.0) for p in lattice_periods(cfg)}
+    phases = {p: (0.0, 0.0) for p in features.lattice_periods(cfg)}
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
         for images, batch_attrs in iter_split(cfg, "test", cfg.eval.num_samples):
             x = data.prepare_batch(images, device, train=False)
@@ -565,11 +565,6 @@ def measure_test_split(
         pool=(torch.cat(pool), all_attrs[:PICTURE_POOL]),
         phases=phases,
     )
-
-
-def lattice_periods(cfg: Config) -> list[int]:
-    """`features.lattice_periods` of cfg's perceptual network and image size."""
-    return features.lattice_periods(cfg.perceptual.backbone, cfg.perceptual.layers, cfg.data.image_size)
 
 
 def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) -> dict[str, Any]:
@@ -634,10 +629,12 @@ def _measure_into(
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
-    for name, sampled in drawn.items():
-        numbers[f"test/fid_samples_{name}"] = uncertainty.fid_from_features(
-            scores.real, sampled.astype(uncertainty.FEATURE_DTYPE)
-        )
+    for name, sampled in drawn.items():  # eval.sampler's is fid_samples, from the stored scores
+        if name == cfg.eval.sampler:
+            numbers[f"test/fid_samples_{name}"] = fid_samples
+        else:
+            rounded = sampled.astype(uncertainty.FEATURE_DTYPE)  # as the stored features are
+            numbers[f"test/fid_samples_{name}"] = uncertainty.fid_from_features(scores.real, rounded)
     numbers["test/fid_images"] = test.count
     for name, fake in (("recon", scores.recon), ("samples", scores.samples)):
         kid = uncertainty.kid(scores.real, fake, cfg.eval.kid_subset_size, cfg.eval.kid_subsets, cfg.eval.seed)

@@ -107,11 +107,11 @@ def resolve_layers(backbone: str, layers: Sequence[str]) -> tuple[str, ...]:
     return tuple(layers)
 
 
-def lattice_periods(backbone: str, layers: Sequence[str], image_size: int) -> list[int]:
-    """2 and the stride of each layer that fits an image at least twice: the periods at which
-    matching these features could reward a lattice (`metrics.phase_energy`)."""
-    strides = layer_strides(backbone, tuple(layers)).values()
-    return sorted({2} | {s for s in strides if 2 <= s <= image_size // 2})
+def lattice_periods(cfg: Config) -> list[int]:
+    """2 and the stride of each perceptual.layers layer that fits a data.image_size image at least
+    twice: the periods at which matching these features could reward a lattice (`metrics.phase_energy`)."""
+    strides = layer_strides(cfg.perceptual.backbone, tuple(cfg.perceptual.layers)).values()
+    return sorted({2} | {s for s in strides if 2 <= s <= cfg.data.image_size // 2})
 
 
 @functools.lru_cache(maxsize=16)

@@ -220,7 +220,7 @@ def validate(
     model.eval()
     totals: dict[str, float] = {}
     means = []
-    periods = lattice_periods(cfg.perceptual.backbone, cfg.perceptual.layers, cfg.data.image_size)
+    periods = lattice_periods(cfg)
     phases = {p: [0.0, 0.0] for p in periods}  # period -> phase maps of (reconstructions, val images)
     for x in batches:
         with runtime.autocast():

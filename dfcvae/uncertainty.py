@@ -15,6 +15,7 @@ Sources:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -103,16 +104,16 @@ class Scores:
         """(FID of the reconstructions, FID of the samples) against the real images; `images` and
         `samples` pick rows (a bootstrap resample), default all."""
         if images is not None and min(self.count, len(self.samples)) <= self.real.shape[1]:
-            recon, drawn = self._resampled()
+            recon, drawn = self._resamplers
+            samples = np.arange(len(self.samples)) if samples is None else samples
             return recon(images, images), drawn(images, samples)
         real, recon = (self.real, self.recon) if images is None else (self.real[images], self.recon[images])
         drawn = self.samples if samples is None else self.samples[samples]
         return fid_from_features(real, recon), fid_from_features(real, drawn)
 
-    def _resampled(self) -> tuple[Callable, Callable]:
-        if not hasattr(self, "_resamplers"):  # frozen: set once, beside the arrays it is made of
-            object.__setattr__(self, "_resamplers", (GramFID(self.real, self.recon), GramFID(self.real, self.samples)))
-        return self._resamplers
+    @functools.cached_property
+    def _resamplers(self) -> tuple[GramFID, GramFID]:
+        return GramFID(self.real, self.recon), GramFID(self.real, self.samples)
 
 
 def objective_value(name: str, fid_recon: float, fid_samples: float) -> float:

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfcvae import data, tracking
+from dfcvae import data, features, tracking
 from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
 from dfcvae.device import Runtime
@@ -32,7 +32,6 @@ from dfcvae.evaluate import (
     SAMPLE_ROWS,
     evaluate,
     grid_size,
-    lattice_periods,
     read_split,
     run_probe,
     tuning_objective,
@@ -155,7 +154,7 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     for name in ("recon", "samples"):  # KID from the same features, with its spread over subsets
         assert math.isfinite(saved[f"test/kid_{name}"]) and saved[f"test/kid_{name}_std"] > 0
     assert protocol["inception"] == evaluation["test/fid_inception"] and protocol["real_images"] == 16
-    periods = lattice_periods(cfg)  # 2 and the strides of the perceptual layers within the image
+    periods = features.lattice_periods(cfg)  # 2 and the strides of the perceptual layers within the image
     assert periods[0] == 2 and all(p <= SIZE // 2 for p in periods)
     lattice = [saved[f"test/lattice_ratio_{p}"] for p in periods]
     assert all(0 < r < 10 for r in lattice) and saved["test/lattice_ratio"] == max(lattice)

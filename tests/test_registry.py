@@ -187,7 +187,10 @@ def test_champion_moves_only_for_a_clearly_better_objective(cfg, tmp_path):
     assert {f"{g}.png" for g in GRIDS} | {"metrics.json", "config.json", "model.pt", SCORES_FILE} <= attached
 
 
-def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
+def champion_of_older_shards(synthetic_cfg: Config, cfg: Config, tmp_path: Path) -> tuple[Config, Scores]:
+    """Champion v1 registered on the synthetic shards; then new shards (another order seed: a new
+    manifest hash, as new images give), a new evaluation. -> (the new config, v1's scores on it:
+    what the gate will measure when it evaluates v1 again)."""
     from dfcvae.registry import scores_on
     from pipeline.shard import write_shards
 
@@ -201,10 +204,13 @@ def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challeng
     )
     write_outputs(old, seed=1, objective=10.0)
     assert register(old).decision == "promoted"
-    # New shards (another order seed: a new manifest hash, as new images give): a new evaluation.
     new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
     write_shards(new, workers=2)
-    champion = scores_on(new, f"models:/{new.registry.model_name}/1")  # what the gate will measure
+    return new, scores_on(new, f"models:/{new.registry.model_name}/1")
+
+
+def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
+    new, champion = champion_of_older_shards(synthetic_cfg, cfg, tmp_path)
     # A challenger scored on the new evaluation that reconstructs nothing of the images: worse.
     worse_scores = Scores(champion.per_image, champion.real, champion.real[::-1] * 3, champion.samples * 3)
     write_outputs(new, seed=2, objective=0.0, scores=worse_scores)
@@ -361,22 +367,7 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
 def test_the_champion_is_scored_again_outside_the_lock_while_another_registers(synthetic_cfg, cfg, tmp_path):
     """Both challengers were evaluated on new shards, so the champion must be evaluated again (a full
     evaluation, seconds); that happens before the lock, which each holds for well under a second."""
-    from dfcvae.registry import scores_on
-    from pipeline.shard import write_shards
-
-    old = cfg.with_overrides(
-        {
-            "data.raw_dir": synthetic_cfg.data.raw_dir,
-            "data.shards_dir": synthetic_cfg.data.shards_dir,
-            "eval.num_samples": 8,
-            "eval.probe_train_samples": 16,
-        }
-    )
-    write_outputs(old, seed=1, objective=10.0)
-    assert register(old).decision == "promoted"
-    new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
-    write_shards(new, workers=2)
-    champion = scores_on(new, f"models:/{new.registry.model_name}/1")
+    new, champion = champion_of_older_shards(synthetic_cfg, cfg, tmp_path)
     perfect = Scores(champion.per_image, champion.real, champion.real, champion.real[::-1])
     close = Scores(champion.per_image, champion.real, champion.real * 1.02, champion.real[::-1] * 1.02)
     configs = {}
