@@ -156,6 +156,9 @@ class PerceptualConfig:
     backbone: str = "vgg19_bn"  # vgg19_bn | vgg19 | vgg16 | mobilenet_v2
     layers: tuple[str, ...] = ("vae123",)  # layer names, or one preset: vae123 | vae345
     weights: str = "imagenet"  # imagenet | random | path to a state_dict file
+    # Blur before each subsampling of the network, same weights (Zhang 2019; dfcvae/features.py):
+    # against the lattice that matching strided features rewards (docs/quality.md).
+    antialias: bool = False
 
 
 @dataclass(frozen=True)

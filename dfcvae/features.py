@@ -9,7 +9,10 @@ Built to avoid what goes wrong in PyTorch-VAE's DFCVAE:
 - ReLUs are made out-of-place so a returned feature is never overwritten;
 - it is frozen and stays in eval mode: `train()` is overridden, so a parent's
   `.train()` cannot put its BatchNorm back into training mode;
-- it is a separate module, never inside the VAE: never in a checkpoint, never DDP-wrapped.
+- it is a separate module, never inside the VAE: never in a checkpoint, never DDP-wrapped;
+- with `antialias`, every subsampling step low-passes first (Zhang 2019, "Making convolutional
+  networks shift-invariant again"), with the same weights: matching strided features otherwise
+  rewards a lattice at the stride's period (Azulay and Weiss 2019; docs/quality.md).
 """
 
 from __future__ import annotations
@@ -131,6 +134,40 @@ def layer_strides(backbone: str, layers: tuple[str, ...]) -> dict[str, int]:
     return {name: out[name] for name in names}
 
 
+class Blur(nn.Module):
+    """The binomial low-pass [1, 2, 1] x [1, 2, 1] / 16 per channel, reflect-padded, then every
+    `stride`-th pixel: (B, C, H, W) -> (B, C, ceil(H / stride), ceil(W / stride)). Zhang 2019's
+    BlurPool with its 3-tap filter (antialiased-cnns, `antialiased_cnns/blurpool.py`)."""
+
+    def __init__(self, stride: int = 1):
+        super().__init__()
+        taps = torch.tensor([1.0, 2.0, 1.0])
+        self.register_buffer("kernel", (taps[:, None] * taps[None, :] / 16).view(1, 1, 3, 3), persistent=False)
+        self.stride = stride
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")
+        kernel = self.kernel.expand(x.shape[1], 1, 3, 3)
+        return nn.functional.conv2d(x, kernel, stride=self.stride, groups=x.shape[1])
+
+
+def blur_before_subsampling(module: nn.Module) -> None:
+    """Low-pass before every subsampling inside `module`, in place and with the same weights (Zhang
+    2019, sec. 3): a strided convolution becomes Blur then the convolution, which equals the
+    convolution at stride 1, blurred, then subsampled (blur and convolution commute); a 2 x 2 max
+    pool at stride 2 becomes the max pool at stride 1, then Blur at stride 2 (MaxBlurPool). Output
+    sizes are kept. Any other subsampling raises TypeError."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.Conv2d) and max(child.stride) > 1:
+            setattr(module, name, nn.Sequential(Blur(), child))
+        elif isinstance(child, nn.MaxPool2d):
+            if (child.kernel_size, child.stride, child.padding) not in ((2, 2, 0), ((2, 2), (2, 2), 0)):
+                raise TypeError(f"cannot antialias {child}: only a 2 x 2 max pool at stride 2")
+            setattr(module, name, nn.Sequential(nn.MaxPool2d(2, stride=1), Blur(stride=2)))
+        else:
+            blur_before_subsampling(child)
+
+
 def _load_weights(features: nn.Sequential, backbone: str, weights: str) -> None:
     if weights == "random":
         log.warning(
@@ -149,16 +186,18 @@ def _load_weights(features: nn.Sequential, backbone: str, weights: str) -> None:
 class PerceptualNetwork(nn.Module):
     """x in [-1, 1], (B, 3, H, W) -> {layer name: feature map}, frozen, eval mode forever."""
 
-    def __init__(self, backbone: str, layers: Sequence[str], weights: str):
+    def __init__(self, backbone: str, layers: Sequence[str], weights: str, antialias: bool = False):
         super().__init__()
         spec = backbone_spec(backbone)
-        self.backbone, self.weights = backbone, weights
+        self.backbone, self.weights, self.antialias = backbone, weights, antialias
         self.layers = resolve_layers(backbone, layers)
         features = spec.build()
         _load_weights(features, backbone, weights)
         names = spec.layer_names(features)
         self.taps = {names.index(name): name for name in self.layers}
         self.body = features[: max(self.taps) + 1]  # nothing past the deepest requested layer
+        if antialias:
+            blur_before_subsampling(self.body)
         for module in self.body.modules():
             if hasattr(module, "inplace"):
                 module.inplace = False  # a returned feature must not be overwritten by the next ReLU
@@ -169,7 +208,7 @@ class PerceptualNetwork(nn.Module):
 
     @classmethod
     def from_config(cls, cfg: PerceptualConfig) -> PerceptualNetwork:
-        return cls(cfg.backbone, cfg.layers, cfg.weights)
+        return cls(cfg.backbone, cfg.layers, cfg.weights, cfg.antialias)
 
     def train(self, mode: bool = True) -> PerceptualNetwork:
         return super().train(False)  # frozen: BatchNorm statistics must never update
@@ -191,6 +230,7 @@ class PerceptualNetwork(nn.Module):
             "perceptual.backbone": self.backbone,
             "perceptual.layers": ",".join(self.layers),
             "perceptual.weights": self.weights,
+            "perceptual.antialias": str(self.antialias).lower(),
         }
 
 

@@ -9,10 +9,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 import yaml
+from torch import Tensor
 
 from dfcvae.config import PAPER_NETWORK, STORED_BEFORE_FIELD, Config, ConfigError, LossConfig, ModelConfig, load_yaml
-from dfcvae.features import BACKBONES, PerceptualNetwork, resolve_layers
-from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup, shifted_crops
+from dfcvae.features import BACKBONES, Blur, PerceptualNetwork, resolve_layers
+from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup, perceptual_term, shifted_crops
 from dfcvae.metrics import active_units, nyquist_power
 from dfcvae.model import DFCVAE
 
@@ -473,3 +474,54 @@ def test_a_feature_shift_that_leaves_no_window_fails_in_the_driver():
     for shift in (-1, cfg.data.image_size):
         with pytest.raises(ConfigError, match=f"loss.feature_shift is {shift}; it must be 0 \\(off\\) to 32 px"):
             check_config(cfg.with_overrides({"loss.feature_shift": shift}))
+
+
+def phase_sensitivity(net: PerceptualNetwork, period: int) -> Tensor:
+    """The feature loss of the same noise drawn at one pixel phase (y mod period, x mod period) of
+    smooth images cropped at random offsets, per phase: (period, period)."""
+    torch.manual_seed(0)
+    smooth = torch.nn.functional.interpolate(torch.rand(16, 3, 24, 24), size=96, mode="bicubic").clamp(0, 1) * 2 - 1
+    x = torch.stack([smooth[i, :, o : o + 64, o : o + 64] for i, o in enumerate(torch.randint(0, 32, (16,)).tolist())])
+    noise, losses = 0.2 * torch.randn_like(x), torch.zeros(period, period)
+    with torch.no_grad():
+        for a in range(period):
+            for b in range(period):
+                mask = torch.zeros(1, 1, 64, 64)
+                mask[..., a::period, b::period] = 1
+                losses[a, b] = sum(perceptual_term(net, x, x + noise * mask, "energy").values())
+    return losses
+
+
+def test_the_antialiased_network_prices_an_error_alike_at_every_pixel_phase(mobilenet):
+    # Strided features see an error at some phases of their grid more than at others, so a VAE trained
+    # to match them puts its error where it is cheap: a lattice. Blur before subsampling evens that out.
+    antialiased = PerceptualNetwork("mobilenet_v2", ["vae123"], "imagenet", antialias=True)
+    plain, blurred = phase_sensitivity(mobilenet, 8), phase_sensitivity(antialiased, 8)
+    assert plain.max() / plain.min() > 1.7  # measured 1.86
+    assert blurred.max() / blurred.min() < 1.45  # measured 1.36
+
+
+@pytest.mark.parametrize("backbone, layers", [("mobilenet_v2", ["vae123"]), ("vgg19_bn", ["vae345"])])
+def test_antialiasing_keeps_each_layer_shape_and_weights(backbone, layers):
+    torch.manual_seed(0)
+    plain = PerceptualNetwork(backbone, layers, "random")
+    torch.manual_seed(0)
+    antialiased = PerceptualNetwork(backbone, layers, "random", antialias=True)
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    assert {k: v.shape for k, v in plain(x).items()} == {k: v.shape for k, v in antialiased(x).items()}
+    assert sorted(p.sum().item() for p in plain.parameters()) == sorted(
+        p.sum().item() for p in antialiased.parameters()
+    )
+    subsamplings = sum(
+        isinstance(m, torch.nn.MaxPool2d) or (isinstance(m, torch.nn.Conv2d) and max(m.stride) > 1)
+        for m in plain.modules()
+    )
+    assert (
+        sum(isinstance(m, Blur) for m in antialiased.modules())
+        == subsamplings
+        == (3 if backbone == "mobilenet_v2" else 4)
+    )
+    # A constant image passes each blur unchanged: the low-pass keeps the mean and the borders.
+    flat = torch.full((1, 5, 9, 9), 0.3)
+    torch.testing.assert_close(Blur()(flat), flat)
+    torch.testing.assert_close(Blur(stride=2)(flat), torch.full((1, 5, 5, 5), 0.3))
