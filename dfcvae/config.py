@@ -99,6 +99,7 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
     "model.init": "default",
     "loss.feature_norm": "none",
     "optim.betas": [0.9, 0.999],
+    "perceptual.antialias": False,
 }
 
 
@@ -146,7 +147,7 @@ class ModelConfig:
     latent_dim: int = 128
     # The paper's network (PAPER_NETWORK); a stored config without these keys is the older
     # transposed one (STORED_BEFORE_FIELD).
-    upsample: str = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | transposed
+    upsample: str = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | bilinear | transposed
     encoder_kernel: int = 4  # 3 | 4: the encoder's stride-2 convs (4 as the paper's code)
     init: str = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
 

@@ -9,11 +9,14 @@ The default shape follows PyTorch-VAE (channels 32-64-128-256-512, latent 128);
 each encoder stage halves the resolution, so any image size divisible by
 2**len(hidden_channels) works (64 and 128 px with the default).
 
-Two decoders (`model.upsample`):
+Three decoders (`model.upsample`):
     nearest     the paper's (houxianxu/DFC-VAE, CVAE.lua): x2 nearest-neighbour upsampling,
                 replication padding 1, 3x3 conv, BatchNorm, LeakyReLU(0.2); the last stage
                 maps straight to RGB. Every output pixel sees the same kernel taps, so it
                 cannot draw the period-2 checkerboard of a stride-2 transposed conv.
+    bilinear    the same with x2 bilinear upsampling (half-pixel centres): each stage's output
+                is a smooth interpolation, not 2 x 2 blocks, so no stage prints its grid into the
+                image at periods 2, 4, 8, ... (docs/quality.md, the lattice).
     transposed  3x3 stride-2 transposed convs (PyTorch-VAE's), then a 3x3 conv to RGB.
                 Kernel 3 over stride 2 covers output pixels unevenly (Odena et al. 2016,
                 "Deconvolution and checkerboard artifacts"). Models saved before the option
@@ -27,7 +30,7 @@ from torch import Tensor, nn
 
 from dfcvae.config import ConfigError, ModelConfig
 
-UPSAMPLING = ("nearest", "transposed")
+UPSAMPLING = ("nearest", "bilinear", "transposed")
 ENCODER_KERNELS = (3, 4)  # stride 2, padding 1: both halve an even size exactly
 INITS = ("default", "dcgan")
 
@@ -48,13 +51,13 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
     )
 
 
-def _resize_conv(c_in: int, c_out: int, bias: bool = False) -> list[nn.Module]:
-    # (B, c_in, s, s) -> (B, c_out, 2s, 2s)
-    return [nn.Upsample(scale_factor=2, mode="nearest"), nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=bias)]
+def _resize_conv(c_in: int, c_out: int, mode: str, bias: bool = False) -> list[nn.Module]:
+    # (B, c_in, s, s) -> (B, c_out, 2s, 2s); mode: nearest | bilinear
+    return [nn.Upsample(scale_factor=2, mode=mode), nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=bias)]
 
 
-def _up_nearest(c_in: int, c_out: int) -> nn.Sequential:
-    return nn.Sequential(*_resize_conv(c_in, c_out), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
+def _up_resize(c_in: int, c_out: int, mode: str) -> nn.Sequential:
+    return nn.Sequential(*_resize_conv(c_in, c_out, mode), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
 
 
 def check_architecture(cfg: ModelConfig) -> None:
@@ -103,10 +106,13 @@ class Decoder(nn.Module):
         channels = cfg.hidden_channels[::-1]  # 512 -> 32
         self.bottom = bottom_size(cfg, image_size)
         self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
-        up = _up_nearest if cfg.upsample == "nearest" else _up
-        self.ups = nn.Sequential(*(up(a, b) for a, b in zip(channels[:-1], channels[1:])))
-        if cfg.upsample == "nearest":  # the paper's last stage: upsample, pad, 3x3 conv to RGB
-            self.head = nn.Sequential(*_resize_conv(channels[-1], 3, bias=True), nn.Tanh())
+        pairs = list(zip(channels[:-1], channels[1:]))
+        if cfg.upsample == "transposed":
+            self.ups = nn.Sequential(*(_up(a, b) for a, b in pairs))
+        else:
+            self.ups = nn.Sequential(*(_up_resize(a, b, cfg.upsample) for a, b in pairs))
+        if cfg.upsample != "transposed":  # the paper's last stage: upsample, pad, 3x3 conv to RGB
+            self.head = nn.Sequential(*_resize_conv(channels[-1], 3, cfg.upsample, bias=True), nn.Tanh())
         else:  # the last upsampling returns to full resolution, then a 3x3 conv maps to RGB
             self.head = nn.Sequential(
                 _up(channels[-1], channels[-1]),

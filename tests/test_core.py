@@ -121,8 +121,8 @@ def test_what_is_not_an_integer_is_refused(value):
         ),
         (
             "train",
-            "model.upsample=bilinear",
-            "train: model.upsample 'bilinear' is not one of nearest, transposed; fix it in params.yaml.",
+            "model.upsample=bicubic",
+            "train: model.upsample 'bicubic' is not one of nearest, bilinear, transposed; fix it in params.yaml.",
         ),
         (
             "fetch",
@@ -319,8 +319,8 @@ def test_paper_network_has_no_transposed_conv_and_dcgan_init():
     assert all(m.kernel_size == (4, 4) for m in model.encoder.convs.modules() if isinstance(m, torch.nn.Conv2d))
     weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(float(weights.std()) - 0.02) < 0.002 and abs(float(weights.mean())) < 0.002
-    with pytest.raises(ValueError, match="model.upsample 'bilinear' is not one of nearest, transposed"):
-        DFCVAE(ModelConfig(upsample="bilinear"), 64)
+    with pytest.raises(ValueError, match="model.upsample 'bicubic' is not one of nearest, bilinear, transposed"):
+        DFCVAE(ModelConfig(upsample="bicubic"), 64)
 
 
 def test_nearest_decoder_draws_no_checkerboard_at_init():
