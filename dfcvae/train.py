@@ -36,7 +36,7 @@ def check_storage(cfg: Config, nodes: int) -> None:
     """ConfigError for a local scaling.storage_dir on a cluster of several nodes: a checkpoint on
     one node's disk does not survive that node, so the restart after its loss would find none.
     An autoscaling cluster may have one node at start: each worker checks again where it runs
-    (`local_storage_elsewhere`)."""
+    (`worker.train_loop_per_worker`: the loop config's storage_node)."""
     if nodes > 1 and local_storage(cfg):
         raise ConfigError(local_storage_message(cfg, f"a cluster of {nodes} nodes"))
 

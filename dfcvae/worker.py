@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
+from tqdm import tqdm
 
 from dfcvae import data, metrics, tracking
 from dfcvae.checkpoint import (
@@ -262,7 +263,7 @@ class Throughput:
             # as well, and the driver then shows every status line twice.
             sys.stdout.write(
                 f"[train] step {step}/{self.cfg.train.steps} loss {means['train/loss']:.4f} "
-                f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {format_seconds(eta)}\n"
+                f"kl {means['train/kl']:.3f} {ips:,.0f} img/s eta {tqdm.format_interval(max(int(eta), 0))}\n"
             )
             sys.stdout.flush()
         return means
@@ -384,12 +385,10 @@ def checkpoint_payload(
         **averaged,
         "optimizer": optimizer.state_dict(),
         "scheduler": scheduler.state_dict(),
-        "scaler": {},  # bf16 autocast needs no loss scaling
         "step": step,
         "epoch": step // batches_per_epoch,
         "batch_in_epoch": step % batches_per_epoch,
         "samples_seen": step * cfg.global_batch_size,
-        "rng": {"scheme": "seed_step(seed, rank, step)", "seed": cfg.train.seed},
         "config": cfg.to_dict(),
     }
 
@@ -431,11 +430,4 @@ def collapse_warning(cfg: Config, step: int, fraction: float) -> str | None:
         f"{bar}\nWARNING: POSTERIOR COLLAPSE at step {step}: {fraction:.0%} of the latent dimensions are "
         f"active (train.warn_active_fraction {limit:.0%}).\nThe decoder is ignoring the code: lower "
         f"loss.kl_weight (now {cfg.loss.kl_weight:g}) or set loss.kl_warmup_steps.\n{bar}\n"
-    )
-
-
-def format_seconds(seconds: float) -> str:
-    seconds = int(max(seconds, 0))
-    return (
-        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
     )
