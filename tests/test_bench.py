@@ -53,3 +53,31 @@ def test_reader_bench_smoke_reads_both_encodings(tmp_path):
     assert all(r["images_per_cpu_s"] > 0 for r in report["rows"])
     raw, png = (next(r for r in report["rows"] if r["encoding"] == e) for e in ("raw", "png"))
     assert png["bytes_per_image"] < raw["bytes_per_image"] and raw["bytes_per_image"] > 32 * 32 * 3
+
+
+def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_grid(synthetic_cfg, tmp_path):
+    import torch
+    from PIL import Image
+
+    from bench.lattice import main as lattice_main
+    from dfcvae.model import DFCVAE
+
+    params = tmp_path / "params.yaml"
+    params.write_text(json.dumps(synthetic_cfg.to_dict()))  # JSON is YAML
+    runs = []
+    for upsample in ("nearest", "transposed"):
+        torch.manual_seed(0)
+        cfg = synthetic_cfg.with_overrides({"model.upsample": upsample, "model.init": "dcgan"})
+        model = DFCVAE(cfg.model, cfg.data.image_size)
+        torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, tmp_path / f"{upsample}.pt")
+        runs += ["--run", f"{upsample}={tmp_path / f'{upsample}.pt'}"]
+    out = tmp_path / "lattice.png"
+    printed = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr("builtins.print", printed.append)
+        lattice_main(["--params", str(params), *runs, "--period", "2", "--out", str(out)])
+    peaks = {line.split(":")[0]: float(line.split()[-1]) for line in printed[:3]}
+    assert peaks["test images"] == 1.0  # each row over the test images'
+    assert peaks["transposed"] > peaks["nearest"] + 0.1  # untrained: the transposed one's grid (1.36 vs 1.22)
+    width, height = Image.open(out).size
+    assert height % 3 == 0 and height // 3 >= 32 * 3 and width > 4 * 32 * 3  # 3 rows of 4 images, 3x
