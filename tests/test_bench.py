@@ -7,6 +7,7 @@ import pytest
 from bench.throughput import format_table, main
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_smoke_writes_table_and_json(tmp_path):
     report = main(["--smoke", "--out", str(tmp_path / "bench.json")])

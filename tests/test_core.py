@@ -131,6 +131,7 @@ def test_what_is_not_an_integer_is_refused(value):
         ),
     ],
 )
+@pytest.mark.slow
 def test_a_config_mistake_is_one_line_without_traceback(stage, override, message):
     result = subprocess.run(
         [sys.executable, "-m", f"pipeline.{stage}", "--set", override, "--set", "tune.enabled=false"],
@@ -507,6 +508,7 @@ def phase_sensitivity(net: PerceptualNetwork, period: int) -> Tensor:
     return losses
 
 
+@pytest.mark.slow
 def test_the_antialiased_network_prices_an_error_alike_at_every_pixel_phase(mobilenet):
     # Strided features see an error at some phases of their grid more than at others, so a VAE trained
     # to match them puts its error where it is cheap: a lattice. Blur before subsampling evens that out.

@@ -42,6 +42,8 @@ from dfcvae.step import build_model, build_optimizer, build_perceptual, make_tra
 from dfcvae.uncertainty import SCORES_FILE, Scores
 from tests.conftest import tiny_config
 
+pytestmark = pytest.mark.slow  # a trained model and Inception features per module: about 60 s
+
 pytestmark = [pytest.mark.timeout(900), pytest.mark.usefixtures("one_thread")]
 
 SIZE = 32

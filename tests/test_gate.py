@@ -47,6 +47,7 @@ def dfc() -> list[Scores]:
     return found
 
 
+@pytest.mark.slow
 def test_a_retrain_of_the_same_recipe_with_another_seed_is_never_promoted(dfc):
     """Every ordered pair of the five seeds: 20 decisions, all kept. Seed 4 is 8.3% below the others,
     with a paired bound of -5.0% to -5.8%: a 5% minimum effect would have promoted it over seed 0."""
@@ -57,6 +58,7 @@ def test_a_retrain_of_the_same_recipe_with_another_seed_is_never_promoted(dfc):
     assert all("promotion needs fid_sum lower by more than" in reason for _, reason in outcomes)
 
 
+@pytest.mark.slow
 def test_a_clearly_better_model_is_promoted_and_a_worse_one_kept(dfc):
     """The DFC-VAE over the plain VAE of the same shards and steps (FID 43% lower): promoted, at two
     bootstrap draws; the other way round, kept."""

@@ -92,6 +92,7 @@ def test_fid_of_a_set_with_itself_is_zero(real_features: np.ndarray) -> None:
     assert metrics.fid(real_features, real_features) == pytest.approx(0.0, abs=1e-6)
 
 
+@pytest.mark.slow
 def test_fid_grows_with_noise(inception: metrics.InceptionFeatures, real_features: np.ndarray) -> None:
     images = smooth_images(N_FID)
     scores = [metrics.fid(real_features, noised(images, level), inception=inception) for level in NOISE_LEVELS]
@@ -156,6 +157,7 @@ def inception_like_features(n: int, d: int, seed: int) -> np.ndarray:
     return np.maximum(np.random.default_rng(seed).normal(size=(n, 64)) @ basis + 0.3, 0.0)
 
 
+@pytest.mark.slow
 def test_frechet_distance_stays_exact_where_torchmetrics_fid_goes_negative() -> None:
     # The demo's case: ~120 test images in 2048-d, covariances of rank <= 119. Against a copy shifted
     # by `shift`, with the same covariance, the exact distance is ||shift||^2.

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from dfcvae.config import Config
@@ -14,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 STEPS = 150
 
 
+@pytest.mark.slow
 def test_default_recipe_keeps_its_posterior_and_adds_no_checkerboard(synthetic_cfg, one_thread):
     """params.yaml's loss balance and decoder (alpha, beta, pixel weight, feature_norm; MobileNetV2
     ImageNet features) on the tiny model: at least half the latent dimensions stay active, and the

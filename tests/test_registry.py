@@ -134,6 +134,7 @@ def registered(cfg: Config, seed: int, objective: float) -> tuple[Path, str]:
     return weights, cfg.registry.model_name
 
 
+@pytest.mark.slow
 def test_champion_moves_only_for_a_clearly_better_objective(cfg, tmp_path):
     manifest = Path(cfg.data.shards_dir) / "manifest.json"
     manifest.parent.mkdir(parents=True)
@@ -209,6 +210,7 @@ def champion_of_older_shards(synthetic_cfg: Config, cfg: Config, tmp_path: Path)
     return new, scores_on(new, f"models:/{new.registry.model_name}/1")
 
 
+@pytest.mark.slow
 def test_when_the_data_changes_the_champion_is_evaluated_again_like_the_challenger(synthetic_cfg, cfg, tmp_path):
     new, champion = champion_of_older_shards(synthetic_cfg, cfg, tmp_path)
     # A challenger scored on the new evaluation that reconstructs nothing of the images: worse.
@@ -300,6 +302,7 @@ def test_a_dvc_temp_workspace_tracks_into_the_users_store(tmp_path, monkeypatch)
     assert tracking.tracking_uri(cfg.mlflow) == f"sqlite:///{temp / 'outputs/mlflow/mlflow.db'}"
 
 
+@pytest.mark.slow
 def test_four_processes_can_start_tracking_on_a_new_sqlite_store_at_once(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     db, artifacts, go = tmp_path / "new" / "mlflow.db", tmp_path / "artifacts", tmp_path / "go"
@@ -345,6 +348,7 @@ def register_together(configs: dict[str, Config], tmp_path: Path) -> dict[str, d
     return results
 
 
+@pytest.mark.slow
 def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champion(cfg, tmp_path):
     write_outputs(cfg, seed=1, objective=10.0)
     register(cfg)
@@ -364,6 +368,7 @@ def test_concurrent_registrations_get_distinct_versions_and_a_consistent_champio
     assert results["b"]["decision"] == ("promoted" if versions["b"] < versions["a"] else "kept")
 
 
+@pytest.mark.slow
 def test_the_champion_is_scored_again_outside_the_lock_while_another_registers(synthetic_cfg, cfg, tmp_path):
     """Both challengers were evaluated on new shards, so the champion must be evaluated again (a full
     evaluation, seconds); that happens before the lock, which each holds for well under a second."""
@@ -411,6 +416,7 @@ FRESH = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_champion_loads_in_a_fresh_process_and_matches_training_code(cfg, tmp_path):
     weights, name = registered(cfg, seed=5, objective=3.0)
     state = load_checkpoint(weights)
@@ -592,6 +598,7 @@ def stop(server: subprocess.Popen) -> None:
             continue
 
 
+@pytest.mark.slow
 def test_the_mlflow_ui_command_listens_on_loopback_only(cfg, tmp_path):
     """The UI command the demo prints serves the local store to this machine only."""
     write_outputs(cfg, seed=7, objective=2.0)  # a store with a run in it
@@ -709,6 +716,7 @@ NO_MLFLOW = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_exported_bundle_holds_no_pickle_and_predicts_as_the_registered_model_without_mlflow(cfg, tmp_path):
     from dfcvae.bundle import load_bundle_sampler
     from pipeline.export import export

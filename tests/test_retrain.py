@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -30,6 +32,7 @@ def test_outside_a_dvc_repository_retrain_says_so(tmp_path):
     )
 
 
+@pytest.mark.slow
 def test_while_another_dvc_process_holds_the_repository_retrain_gives_dvcs_reason(tmp_path):
     from dvc.lock import make_lock
 
@@ -48,6 +51,7 @@ def test_while_another_dvc_process_holds_the_repository_retrain_gives_dvcs_reaso
     ), last
 
 
+@pytest.mark.slow
 def test_new_images_in_the_source_folder_are_fetched_again_and_no_change_is_nothing_to_do(tmp_path):
     """The real fetch stage of dvc.yaml in a fresh repo, on a folder of images outside it."""
     import yaml

@@ -66,6 +66,7 @@ def test_init_from_a_missing_alias_fails_once_before_any_training(champion_delet
     assert not Path(resumed.scaling.storage_dir).exists()
 
 
+@pytest.mark.slow
 def test_the_readmes_commands_find_the_projects_store_without_a_variable(cfg, tmp_path):  # noqa: F811
     """`python -m pipeline.sample --model models:/dfcvae@champion` from the project's folder: the
     store of params.yaml, as the stages find it, and no stray ./mlflow.db."""

@@ -60,6 +60,7 @@ def run_cfg(synthetic_cfg: Config, tmp_path: Path, monkeypatch) -> Config:
     )
 
 
+@pytest.mark.slow
 def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
     """GCS, raylet, dashboard and job API, agents, the driver and its workers: 127.0.0.1 only."""
     import ray
@@ -92,6 +93,7 @@ def sockets_while(thread: threading.Thread, root_pid: int) -> list[tuple[str, in
     return sorted(seen)
 
 
+@pytest.mark.slow
 def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg):
     """Also: while it trains, every socket listening in the cluster's processes (the process
     group's rendezvous store and gloo in the workers, and what their DataLoader processes
@@ -134,6 +136,7 @@ def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg)
     assert (out / "log.csv").read_text().startswith("step,")
 
 
+@pytest.mark.slow
 def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
     cfg = synthetic_cfg.with_overrides({"train.steps": 200, "optim.lr": 2e-3})
     runtime = Runtime(torch.device("cpu"))
@@ -149,6 +152,7 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
 
+@pytest.mark.slow
 def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     # The KL warm-up spans the interruption at step 4: its factor must continue, not restart. The
     # EMA of the weights is on: model.pt holds it, and it must continue too.
@@ -215,6 +219,7 @@ def _checkpoint_at(cfg: Config, step: int) -> str:
     return str(found[0])
 
 
+@pytest.mark.slow
 def test_worker_killed_mid_run_resumes_to_the_final_step(ray_cluster, run_cfg):
     cfg = run_cfg.with_overrides(
         {
@@ -266,6 +271,7 @@ def _is_train_worker(process: psutil.Process) -> bool:
         return False
 
 
+@pytest.mark.slow
 def test_nonfinite_loss_stops_the_run_at_once_without_a_checkpoint_or_a_retry(ray_cluster, run_cfg, capfd):
     cfg = run_cfg.with_overrides(
         {"loss.kl_weight": float("inf"), "train.checkpoint_every": 1, "scaling.max_failures": 2}
@@ -324,6 +330,7 @@ def test_a_damaged_checkpoint_is_never_used(tmp_path):
     assert load_checkpoint(tmp_path / "before-digests.pt")["step"] == 3
 
 
+@pytest.mark.slow
 def test_a_moved_checkout_finds_its_run_and_a_damaged_latest_checkpoint_is_passed_over(
     ray_cluster, run_cfg, tmp_path, monkeypatch
 ):
