@@ -8,7 +8,7 @@ runs) or a model.pt itself. The figure has one row per entry: COLS test images (
 then each model's decode(mu) of them, each enlarged SCALE times with nearest neighbours so that
 single pixels stay visible, and at the right the row's `metrics.phase_energy` map at --period over
 all the test images (grey: the mean phase; white: twice it or more; black: zero). Each row's
-lattice peak (`metrics.lattice_peak`) over the test images' is printed and drawn on the map.
+lattice peak over the test images' (`metrics.lattice_ratio`) is printed and drawn on the map.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from PIL import Image, ImageDraw
 from dfcvae import data, evaluate
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config
-from dfcvae.metrics import lattice_peak, phase_energy
+from dfcvae.metrics import lattice_ratio, phase_energy
 from pipeline.compare import grid_image, label_font
 
 COLS = 4  # enlarged test images per row
@@ -50,8 +50,7 @@ def lattice_figure(cfg: Config, runs: dict[str, Path], period: int) -> tuple[Ima
             model = model_from_state(load_checkpoint(model_file(run)), "cpu")[0].eval()
             rows[label] = torch.cat([model.decode(model.encode(batch)[0]) for batch in x.split(64)])
     maps = {label: phase_energy(batch, period) for label, batch in rows.items()}
-    real = lattice_peak(maps["test images"])
-    peaks = {label: lattice_peak(m) / real for label, m in maps.items()}
+    peaks = {label: lattice_ratio(m, maps["test images"]) for label, m in maps.items()}
     strips = {}
     for label, batch in rows.items():
         strip = grid_image(batch[:COLS], nrow=COLS)

@@ -688,7 +688,7 @@ def collapse_and_checkerboard(test: Measurements) -> dict[str, float]:
     units = metrics.active_units(test.latents)
     ratio = test.means["nyquist_power"] / max(test.means["nyquist_power_real"], 1e-30)
     lattice = {
-        f"test/lattice_ratio_{period}": metrics.lattice_peak(ours) / metrics.lattice_peak(theirs)
+        f"test/lattice_ratio_{period}": metrics.lattice_ratio(ours, theirs)
         for period, (ours, theirs) in test.phases.items()
     }
     return {

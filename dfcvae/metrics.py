@@ -381,6 +381,12 @@ def lattice_peak(phase_map: Tensor) -> float:
     return float(phase_map.max() / phase_map.mean().clamp(min=1e-30))
 
 
+def lattice_ratio(phase_map: Tensor, real_map: Tensor) -> float:
+    """`lattice_peak` of a model's images over that of the real images they reconstruct (two
+    `phase_energy` maps at one period): about 1 without a lattice, above 1 with one."""
+    return lattice_peak(phase_map) / lattice_peak(real_map)
+
+
 ACTIVE_UNIT_THRESHOLD = 0.01  # Burda et al. 2016, sec. 5.2
 
 

@@ -107,13 +107,11 @@ class Decoder(nn.Module):
         self.bottom = bottom_size(cfg, image_size)
         self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
         pairs = list(zip(channels[:-1], channels[1:]))
-        if cfg.upsample == "transposed":
-            self.ups = nn.Sequential(*(_up(a, b) for a, b in pairs))
-        else:
+        if cfg.upsample != "transposed":  # the paper's stages; the last maps straight to RGB
             self.ups = nn.Sequential(*(_up_resize(a, b, cfg.upsample) for a, b in pairs))
-        if cfg.upsample != "transposed":  # the paper's last stage: upsample, pad, 3x3 conv to RGB
             self.head = nn.Sequential(*_resize_conv(channels[-1], 3, cfg.upsample, bias=True), nn.Tanh())
         else:  # the last upsampling returns to full resolution, then a 3x3 conv maps to RGB
+            self.ups = nn.Sequential(*(_up(a, b) for a, b in pairs))
             self.head = nn.Sequential(
                 _up(channels[-1], channels[-1]),
                 nn.Conv2d(channels[-1], 3, 3, padding=1),

@@ -23,7 +23,7 @@ from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, lattice_periods, resolve_layers
 from dfcvae.loss import check_feature_norm, check_feature_shift, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.lpips_metric import LPIPS
-from dfcvae.metrics import active_units, lattice_peak, phase_energy
+from dfcvae.metrics import active_units, lattice_ratio, phase_energy
 from dfcvae.model import DFCVAE
 
 
@@ -234,7 +234,7 @@ def validate(
         for period, maps in phases.items():
             maps[0] = maps[0] + phase_energy(recon.float(), period)
             maps[1] = maps[1] + phase_energy(x.float(), period)
-    ratios = {p: lattice_peak(ours) / lattice_peak(theirs) for p, (ours, theirs) in phases.items()}
+    ratios = {p: lattice_ratio(ours, theirs) for p, (ours, theirs) in phases.items()}
     totals |= {f"val/lattice_ratio_{p}": r for p, r in ratios.items()} | {"val/lattice_ratio": max(ratios.values())}
     means = torch.cat(means)
     if len(means) >= 2:  # a variance over the data needs two images

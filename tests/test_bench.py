@@ -56,7 +56,7 @@ def test_reader_bench_smoke_reads_both_encodings(tmp_path):
     assert png["bytes_per_image"] < raw["bytes_per_image"] and raw["bytes_per_image"] > 32 * 32 * 3
 
 
-def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_grid(synthetic_cfg, tmp_path):
+def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_grid(synthetic_cfg, tmp_path, capsys):
     import torch
     from PIL import Image
 
@@ -73,10 +73,8 @@ def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_g
         torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, tmp_path / f"{upsample}.pt")
         runs += ["--run", f"{upsample}={tmp_path / f'{upsample}.pt'}"]
     out = tmp_path / "lattice.png"
-    printed = []
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr("builtins.print", printed.append)
-        lattice_main(["--params", str(params), *runs, "--period", "2", "--out", str(out)])
+    lattice_main(["--params", str(params), *runs, "--period", "2", "--out", str(out)])
+    printed = capsys.readouterr().out.splitlines()
     peaks = {line.split(":")[0]: float(line.split()[-1]) for line in printed[:3]}
     assert peaks["test images"] == 1.0  # each row over the test images'
     assert peaks["transposed"] > peaks["nearest"] + 0.1  # untrained: the transposed one's grid (1.36 vs 1.22)
