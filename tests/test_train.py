@@ -31,7 +31,7 @@ from dfcvae.step import (
     seed_step,
 )
 from dfcvae.train import train
-from tests.conftest import LOOPBACK, assert_loopback_only
+from tests.conftest import LOOPBACK, assert_loopback_only, listening_sockets
 
 pytestmark = pytest.mark.timeout(600)
 
@@ -75,21 +75,19 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
 
 def sockets_while(thread: threading.Thread, root_pid: int) -> list[tuple[str, int, str, str]]:
     """(address, port, process, role) of every listening TCP socket seen in root_pid's process tree
-    while `thread` runs; role is "worker" for a Ray Train worker, "loader" for its DataLoader
-    processes, else "ray"."""
+    while `thread` runs, polled every 0.5 s; role is "worker" for a Ray Train worker, "loader" for
+    its DataLoader processes, else "ray"."""
     seen = set()
     while thread.is_alive():
-        for proc in psutil.Process(root_pid).children(recursive=True):
+        for ip, port, proc in listening_sockets(root_pid):
             try:
                 lines = " ".join(proc.cmdline())
                 parent = " ".join(proc.parent().cmdline()) if proc.parent() else ""
                 role = "loader" if "RayTrainWorker" in parent else "worker" if "RayTrainWorker" in lines else "ray"
-                for c in proc.net_connections(kind="tcp"):
-                    if c.status == psutil.CONN_LISTEN:
-                        seen.add((c.laddr.ip, c.laddr.port, proc.name(), role))
+                seen.add((ip, port, proc.name(), role))
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        time.sleep(0.05)
+        time.sleep(0.5)
     return sorted(seen)
 
 
