@@ -22,6 +22,7 @@ from dfcvae.config import ConfigError
 from dfcvae.weights import load_file_state_dict, load_imagenet_state_dict
 
 NETS = {"alex": "alexnet", "vgg": "vgg16"}  # lpips' name -> torchvision's (dfcvae.weights)
+RANDOM_BACKBONE_SEED = 0  # eval.lpips_weights: random
 
 
 class LPIPS(nn.Module):
@@ -43,8 +44,11 @@ class LPIPS(nn.Module):
             state = load_imagenet_state_dict(NETS[net], setting="eval.lpips_weights")
         elif weights != "random":
             state = load_file_state_dict(weights)
-        with warnings.catch_warnings():  # lpips passes torchvision's old `pretrained=` argument
-            warnings.simplefilter("ignore", UserWarning)
+        # A random backbone is drawn from a fixed seed, never from the process's RNG state, so one
+        # model scores the same in every run (the draw leaves the process's RNG as it was).
+        with warnings.catch_warnings(), torch.random.fork_rng(devices=[]):
+            warnings.simplefilter("ignore", UserWarning)  # lpips passes torchvision's old `pretrained=`
+            torch.manual_seed(RANDOM_BACKBONE_SEED)
             self.model = lpips.LPIPS(net=net, pretrained=True, pnet_rand=True, verbose=False)
         if state is not None:
             load_backbone(self.model.net, state)

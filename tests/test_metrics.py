@@ -409,6 +409,21 @@ def test_lpips_is_zero_for_identical_images_and_grows_with_noise():
     assert levels == sorted(levels) and levels[0] > 0
 
 
+def test_a_random_lpips_backbone_scores_alike_whatever_the_processs_rng_and_leaves_it_alone():
+    from dfcvae.lpips_metric import LPIPS
+
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    y = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    scores = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        scores.append(LPIPS("alex", "random")(x, y))
+        after = torch.rand(1)
+        torch.manual_seed(seed)
+        assert torch.equal(after, torch.rand(1))  # the draw used its own seed, not the process's
+    assert torch.equal(scores[0], scores[1])
+
+
 def test_lpips_without_the_imagenet_file_says_where_to_put_it(tmp_path, monkeypatch):
     from dfcvae.config import ConfigError
     from dfcvae.lpips_metric import LPIPS
