@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 SEARCH = {
     "tune.enabled": True,
     "tune.search_alg": "random",
-    "tune.num_samples": 1,  # x 3 layer sets of the grid = 3 trials
-    "tune.max_concurrent": 2,
+    "tune.num_samples": 1,  # x 2 layer sets of the grid = 2 trials, one after the other: the first
+    "tune.max_concurrent": 1,  # has finished while the second has not, whenever the driver is killed
     "tune.steps": 4,
     "tune.report_every": 2,
     "tune.grace_period": 2,
@@ -39,7 +39,7 @@ SEARCH = {
     "tune.space": {
         "loss.kl_weight": {"loguniform": [0.1, 10.0]},
         "loss.perceptual_weight": {"loguniform": [0.05, 5.0]},
-        "perceptual.layers": {"grid": ["vae123", "vae345", ["block1", "block6"]]},
+        "perceptual.layers": {"grid": ["vae123", ["block1", "block6"]]},
     },
     "scaling.num_workers": 1,
     "scaling.cpus_per_worker": 0.5,
@@ -136,10 +136,10 @@ def _results(cfg: Config) -> list[dict[str, str]]:
 def test_search_runs_asha_trials_with_a_nested_mlflow_run_each(search):
     cfg, client = search.cfg, search.client
     rows = _results(cfg)
-    assert len(rows) == 3
-    assert sorted(row["perceptual.layers"] for row in rows) == ["block1,block6", "vae123", "vae345"]
+    assert len(rows) == 2
+    assert sorted(row["perceptual.layers"] for row in rows) == ["block1,block6", "vae123"]
     for key in ("loss.kl_weight", "loss.perceptual_weight"):
-        assert len({row[key] for row in rows}) == 3
+        assert len({row[key] for row in rows}) == 2
     # ASHA: a trial ran all tune.steps, or was stopped at the rung at the grace period.
     for row in rows:
         assert (row["status"], int(row["steps"])) in {("completed", 4), ("stopped", 2)}, row
@@ -180,7 +180,7 @@ def test_best_overrides_name_the_trial_with_the_best_objective(search):
         if (trial_dir / "result.json").is_file():
             last = json.loads((trial_dir / "result.json").read_text().splitlines()[-1])
             finals[last["trial_id"]] = last
-    assert len(finals) == 3
+    assert len(finals) == 2
     full = [r for r in finals.values() if r["step"] >= cfg.tune.steps]  # stopped trials are not comparable
     winner = min(full, key=lambda r: r[tuning.OBJECTIVE])
     assert written["trial_id"] == winner["trial_id"] and written["metric"] == tuning.OBJECTIVE
@@ -226,7 +226,7 @@ def test_killed_search_resumes_without_rerunning_a_finished_trial(search):
     cfg = search.cfg
     assert "restoring the interrupted search" in search.restored.stdout
     rows = {row["trial_id"]: row for row in _results(cfg)}
-    assert search.finished in rows and len(rows) == 3
+    assert search.finished in rows and len(rows) == 2
     # The finished trial was not trained again: its Tune record and its Ray Train reports are
     # byte for byte those from before the kill, one report per report_every steps, none restored.
     trial_dir = tuning.experiment_path(cfg) / search.finished
