@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from dfcvae import data, evaluate
+from dfcvae import evaluate
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config
 from dfcvae.metrics import lattice_ratio, phase_energy
+from dfcvae.shards.loader import prepare_batch
 from pipeline.compare import grid_image, label_font
 
 COLS = 4  # enlarged test images per row
@@ -43,7 +44,7 @@ def phase_tile(phase_map: torch.Tensor, size: int) -> Image.Image:
 def lattice_figure(cfg: Config, runs: dict[str, Path], period: int) -> tuple[Image.Image, dict[str, float]]:
     """The figure (module docstring) and each row's peak over the test images'."""
     images, _ = evaluate.read_split(cfg, "test", cfg.eval.num_samples)
-    x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (N, 3, S, S) in [-1, 1]
+    x = prepare_batch(images, "cpu", train=False).contiguous()  # (N, 3, S, S) in [-1, 1]
     rows = {"test images": x}
     with torch.no_grad():
         for label, run in runs.items():

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import hashlib
 import json
 import os
 import tempfile
@@ -37,10 +36,12 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 from torchvision.models import vgg19_bn
 
-from dfcvae import data
 from dfcvae.config import Config
-from dfcvae.device import Runtime
+from dfcvae.device import Runtime, default_device
 from dfcvae.model import DFCVAE
+from dfcvae.shards.format import write_manifest
+from dfcvae.shards.loader import prepare_batch, train_stream
+from dfcvae.shards.plan import batches_per_epoch
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 
 # PyTorch-VAE's DFCVAE feature_layers (indices into vgg19_bn.features) and the named
@@ -221,13 +222,11 @@ def replicate_train_shards(shards_dir: Path, train_images: float) -> None:
             os.link(shards_dir / shard["name"], shards_dir / name)
             train["shards"].append({**shard, "name": name})
     train["count"] *= copies
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    manifest_path.write_text(text)
-    (shards_dir / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    write_manifest(shards_dir, manifest)
 
 
 def steps_for(cfg: Config, epochs: int) -> int:
-    return epochs * data.batches_per_epoch(cfg, "train", 1)
+    return epochs * batches_per_epoch(cfg, "train", 1)
 
 
 def finish(runtime: Runtime, images: int, start: float, cpu: float, epochs: int) -> dict:
@@ -239,13 +238,13 @@ def finish(runtime: Runtime, images: int, start: float, cpu: float, epochs: int)
 
 
 def measure_data_path(args, runtime: Runtime, shards_dir: str, batch: int, workers: int) -> dict:
-    """Shards -> float batches on the device through data.train_stream, as training reads them."""
+    """Shards -> float batches on the device through train_stream, as training reads them."""
     cfg = bench_config(args, LAYER_SETS["vae123"], batch, shards_dir, loader_workers=workers)
     images, start, steps = 0, None, steps_for(cfg, args.epochs)
-    for step, b in data.train_stream(cfg, device=runtime.device):
+    for step, b in train_stream(cfg, device=runtime.device):
         if step == steps:
             break
-        data.prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step))
+        prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step))
         if start is None:  # the first batch pays for the first workers' start-up, once per run
             synchronize(runtime.device)
             start, cpu = time.perf_counter(), time.process_time()
@@ -262,10 +261,10 @@ def measure_end_to_end(args, runtime: Runtime, shards_dir: str, layers, batch: i
     for _ in range(args.warmup):
         step_fn(x)
     images, start, steps = 0, None, steps_for(cfg, args.epochs)
-    for step, b in data.train_stream(cfg, device=runtime.device):
+    for step, b in train_stream(cfg, device=runtime.device):
         if step == steps:
             break
-        step_fn(data.prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step)))
+        step_fn(prepare_batch(b["image"], runtime.device, train=True, generator=seed_step(0, 0, step)))
         if start is None:
             synchronize(runtime.device)
             start, cpu = time.perf_counter(), time.process_time()
@@ -327,7 +326,7 @@ class Report:
 
 
 def run(args: argparse.Namespace) -> dict:
-    runtime = Runtime(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    runtime = Runtime(default_device())
     if runtime.on_gpu:
         torch.backends.cudnn.benchmark = True
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # fp32 baseline is fp32

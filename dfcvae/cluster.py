@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import socket
 
-from dfcvae.config import UserError
+from dfcvae.config import Config, UserError
 from dfcvae.internals import loopback_only_ray
 
 
@@ -41,6 +41,19 @@ def start_local_ray(num_cpus: int | None = None) -> str:
         address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
     )
     return context.address_info["gcs_address"]
+
+
+def local_storage(cfg: Config) -> bool:
+    """scaling.storage_dir is one machine's disk: not a URI, not declared shared (storage_shared)."""
+    return "://" not in cfg.scaling.storage_dir and not cfg.scaling.storage_shared
+
+
+def local_storage_message(cfg: Config, where: str) -> str:
+    return (
+        f"scaling.storage_dir={cfg.scaling.storage_dir} is a local path on {where}: a checkpoint on one "
+        "node's disk does not survive that node. Use object storage (s3://bucket/dfcvae/ray), or a path "
+        "every node mounts with scaling.storage_shared: true."
+    )
 
 
 def free_port() -> int:

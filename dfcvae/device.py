@@ -7,6 +7,11 @@ from dataclasses import dataclass
 import torch
 
 
+def default_device() -> torch.device:
+    """The first CUDA device where there is one, else the CPU: every stage's choice."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
 @dataclass(frozen=True)
 class Runtime:
     """What the hardware allows: bf16 autocast, channels_last, fused Adam on GPU only."""

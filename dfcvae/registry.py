@@ -47,11 +47,11 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-import torch
 from mlflow.tracking import MlflowClient
 
 from dfcvae.checkpoint import all_finite, download_registered, load_checkpoint, load_model
 from dfcvae.config import Config, RegistryConfig, UserError
+from dfcvae.device import default_device
 from dfcvae.sampler import SAMPLER_FILE
 from dfcvae.served import VAEModel, log_model  # noqa: F401 (VAEModel: older registered models name it here)
 from dfcvae.uncertainty import SCORES_FILE, Difference, Scores, ScoresError, paired_means, paired_objective
@@ -118,11 +118,11 @@ def evaluation_key(cfg: Config, manifest_hash: str, inception: str = "unknown") 
 
 def data_manifest_hash(cfg: Config) -> str:
     """The shard set's manifest hash; "unknown" only when there is no manifest at all."""
-    from dfcvae import data
+    from dfcvae.shards.format import DataError, manifest_hash
 
     try:
-        return data.manifest_hash(cfg)
-    except data.DataError as err:
+        return manifest_hash(cfg)
+    except DataError as err:
         if isinstance(err.__cause__, FileNotFoundError):
             return "unknown"
         raise
@@ -270,7 +270,7 @@ def scores_on(cfg: Config, uri: str) -> Scores:
     evaluation run into a temporary folder."""
     from dfcvae.evaluate import evaluate
 
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     model, _ = load_model(uri, device)
     with tempfile.TemporaryDirectory() as tmp:
         evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)

@@ -49,6 +49,7 @@ from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint
 from dfcvae.config import Config, ServeConfig
+from dfcvae.device import default_device
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import NormalSampler, load_sampler
 
@@ -70,7 +71,7 @@ class VAEModel(mlflow.pyfunc.PythonModel):
         checkpoint = Path(context.artifacts[REGISTERED_ARTIFACT])
         state = load_checkpoint(checkpoint)
         cfg = Config.from_stored(state["config"])
-        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = default_device()
         self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)
         self.model.load_state_dict(state["model"])
         self.model.to(self.device).eval()

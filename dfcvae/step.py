@@ -17,7 +17,6 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
-from dfcvae import data
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, lattice_periods, resolve_layers
@@ -25,6 +24,7 @@ from dfcvae.loss import check_feature_norm, check_feature_shift, dfc_vae_loss, f
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.metrics import active_units, lattice_ratio, phase_energy
 from dfcvae.model import DFCVAE
+from dfcvae.shards.loader import prepare_batch, train_stream
 
 
 class NonFiniteLossError(UserError, FloatingPointError):
@@ -49,19 +49,6 @@ def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
         return None
     net = PerceptualNetwork.from_config(cfg.perceptual)
     return net.to(runtime.device, memory_format=runtime.memory_format)
-
-
-def local_storage(cfg: Config) -> bool:
-    """scaling.storage_dir is one machine's disk: not a URI, not declared shared (storage_shared)."""
-    return "://" not in cfg.scaling.storage_dir and not cfg.scaling.storage_shared
-
-
-def local_storage_message(cfg: Config, where: str) -> str:
-    return (
-        f"scaling.storage_dir={cfg.scaling.storage_dir} is a local path on {where}: a checkpoint on one "
-        "node's disk does not survive that node. Use object storage (s3://bucket/dfcvae/ray), or a path "
-        "every node mounts with scaling.storage_shared: true."
-    )
 
 
 def build_lpips(cfg: Config, runtime: Runtime) -> LPIPS | None:
@@ -254,11 +241,11 @@ def train_in_process(cfg: Config, steps: int, runtime: Runtime, progress: bool =
     ema = build_ema(cfg, model)
     step_fn = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime, ema)
     start = time.perf_counter()
-    for step, batch in data.train_stream(cfg, device=runtime.device):
+    for step, batch in train_stream(cfg, device=runtime.device):
         if step >= steps:
             break
         generator = seed_step(cfg.train.seed, 0, step)
-        logs = step_fn(data.prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
+        logs = step_fn(prepare_batch(batch["image"], runtime.device, train=True, generator=generator))
         if progress and (step + 1) % max(steps // 5, 1) == 0:
             sys.stdout.write(
                 f"[train] step {step + 1}/{steps} loss {float(logs['train/loss']):.4f} "

@@ -15,7 +15,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
 
-from dfcvae.data import ATTRIBUTE_NAMES
+from dfcvae.shards.format import ATTRIBUTE_NAMES
 
 WIDTH, HEIGHT = 178, 218  # CelebA's aligned images
 MARGIN = 40  # faces are drawn on a larger canvas, rotated, then cropped
@@ -275,5 +275,5 @@ def _light(rng: random.Random, image: Image.Image) -> Image.Image:
 
 
 def attribute_row(a: dict[str, bool]) -> list[int]:
-    """The 40 CelebA columns (data.ATTRIBUTE_NAMES) as 1/-1: -1 for those not drawn."""
+    """The 40 CelebA columns (ATTRIBUTE_NAMES) as 1/-1: -1 for those not drawn."""
     return [(1 if a[name] else -1) if name in SYNTHETIC_ATTRIBUTES else -1 for name in ATTRIBUTE_NAMES]

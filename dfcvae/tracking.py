@@ -183,10 +183,12 @@ def git_commit() -> str:
 
 
 def code_digest() -> str:
-    """sha256 over the dfcvae package's Python files (names and bytes): the code a run executes."""
+    """sha256 over the dfcvae package's Python files, subpackages included (paths and bytes):
+    the code a run executes."""
     digest = hashlib.sha256()
-    for path in sorted(Path(__file__).parent.glob("*.py")):
-        digest.update(path.name.encode() + b"\0" + path.read_bytes())
+    package = Path(__file__).parent
+    for path in sorted(package.rglob("*.py")):
+        digest.update(path.relative_to(package).as_posix().encode() + b"\0" + path.read_bytes())
     return digest.hexdigest()
 
 
@@ -234,6 +236,17 @@ class RunLogger:
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         self.client.log_artifact(self.run_id, str(path), folder)
+
+    def tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
+    def status(self, status: str) -> None:
+        """Set the run's status (RUNNING again for a run being continued) without ending it."""
+        self.client.update_run(self.run_id, status=status)
+
+    def run(self) -> mlflow.entities.Run:
+        """The run as MLflow has it now: params, metrics, tags."""
+        return self.client.get_run(self.run_id)
 
     def finish(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.run_id, status)

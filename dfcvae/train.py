@@ -16,12 +16,13 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dfcvae import cluster, data, tracking
+from dfcvae import cluster, tracking
 from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.internals import lost_worker, torch_config
-from dfcvae.step import check_config, local_storage, local_storage_message
+from dfcvae.shards.format import manifest_hash, read_manifest
+from dfcvae.step import check_config
 from dfcvae.worker import LOG_FILE, read_log, train_loop_per_worker, write_log
 
 # Ray Train's wait for the nodes of a worker group (Ray Train V2), read by its controller.
@@ -37,8 +38,8 @@ def check_storage(cfg: Config, nodes: int) -> None:
     one node's disk does not survive that node, so the restart after its loss would find none.
     An autoscaling cluster may have one node at start: each worker checks again where it runs
     (`worker.train_loop_per_worker`: the loop config's storage_node)."""
-    if nodes > 1 and local_storage(cfg):
-        raise ConfigError(local_storage_message(cfg, f"a cluster of {nodes} nodes"))
+    if nodes > 1 and cluster.local_storage(cfg):
+        raise ConfigError(cluster.local_storage_message(cfg, f"a cluster of {nodes} nodes"))
 
 
 def identity_digest(cfg: Config, manifest_hash: str, code: str) -> str:
@@ -66,8 +67,8 @@ def train(cfg: Config) -> dict[str, float]:
         check_source(cfg.train.init_from)
     if "://" in cfg.scaling.storage_dir:
         cluster.check_remote_storage(cfg.scaling.storage_dir)
-    manifest, manifest_hash = data.read_manifest(cfg), data.manifest_hash(cfg)
-    run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, manifest_hash))
+    manifest, data_hash = read_manifest(cfg), manifest_hash(cfg)
+    run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, data_hash))
     logger = tracking.RunLogger(uri, run_id)
     # The run writes beside the previous outputs (its reports.jsonl there while it trains) and
     # swaps them in when it ends: a failed or interrupted run leaves the previous model whole.
@@ -78,11 +79,11 @@ def train(cfg: Config) -> dict[str, float]:
         cluster.init_ray()
         check_storage(cfg, cluster.alive_nodes())
         loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
-        if local_storage(cfg):  # the workers check they run where the checkpoints will be read
+        if cluster.local_storage(cfg):  # the workers check they run where the checkpoints will be read
             import ray
 
             loop_config["storage_node"] = ray.get_runtime_context().get_node_id()
-        result = fit(cfg, loop_config, run_name(cfg, manifest_hash, tracking.code_digest()))
+        result = fit(cfg, loop_config, run_name(cfg, data_hash, tracking.code_digest()))
         with result.checkpoint.as_directory() as checkpoint_dir:
             metrics = export_outputs(Path(checkpoint_dir), out_dir)
         write_json(metrics, out_dir / "metrics.json")

@@ -40,10 +40,11 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
-from dfcvae import data, tracking
+from dfcvae import tracking
 from dfcvae.config import Config, ConfigError
 from dfcvae.evaluate import Evaluator
 from dfcvae.features import resolve_layers
+from dfcvae.shards.format import manifest_hash, read_manifest
 from dfcvae.train import fit, identity_digest
 
 OBJECTIVE = "val/objective"  # dfcvae.evaluate.tuning_objective; lower is better
@@ -167,7 +168,7 @@ def experiment_name(cfg: Config) -> str:
     """Stable for one search, so a rerun after a kill restores it: the digest of its settings, its
     data and its code (identity_digest). A search over other shards (same path, new manifest) or
     other code is a new search, never a restored one whose trials were scored on other data."""
-    return f"search-{identity_digest(cfg, data.manifest_hash(cfg), tracking.code_digest())}"
+    return f"search-{identity_digest(cfg, manifest_hash(cfg), tracking.code_digest())}"
 
 
 def experiment_path(cfg: Config) -> Path:
@@ -204,7 +205,7 @@ def trial_run(cfg: Config, trial_id: str, trial_dir: Path, mlflow_uri: str, pare
         MlflowClient(tracking_uri=mlflow_uri).update_run(run_id, status="RUNNING")
         return run_id
     mlflow.set_tracking_uri(mlflow_uri)  # start_run uses the global client
-    tags = tracking.run_tags(cfg, data.read_manifest(cfg), data.manifest_hash(cfg))
+    tags = tracking.run_tags(cfg, read_manifest(cfg), manifest_hash(cfg))
     tags.update({"tune.trial_id": trial_id, "tune.experiment": trial_dir.parent.name})
     run_id = tracking.start_run(cfg, f"trial-{trial_id}", tags, parent_run_id=parent_run_id)
     path.write_text(json.dumps({"run_id": run_id}) + "\n")

@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from dfcvae import data, metrics, tracking
+from dfcvae import cluster, metrics, tracking
 from dfcvae.checkpoint import (
     DamagedCheckpointError,
     all_finite,
@@ -40,6 +40,8 @@ from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, build_reference
 from dfcvae.model import DFCVAE
+from dfcvae.shards.loader import make_loader, prepare_batch, train_stream
+from dfcvae.shards.plan import batches_per_epoch
 from dfcvae.step import (
     NonFiniteLossError,
     build_ema,
@@ -48,7 +50,6 @@ from dfcvae.step import (
     build_optimizer,
     build_perceptual,
     evaluated_model,
-    local_storage_message,
     make_train_step,
     seed_step,
     unwrap,
@@ -73,7 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     runtime = Runtime(ray.train.torch.get_device())
     node_id = ray.get_runtime_context().get_node_id()  # where this rank runs, in every report
     if loop_config.get("storage_node") not in (None, node_id):  # a worker the cluster placed elsewhere
-        raise ConfigError(local_storage_message(cfg, f"another node than the driver's (rank {rank})"))
+        raise ConfigError(cluster.local_storage_message(cfg, f"another node than the driver's (rank {rank})"))
     torch.backends.cudnn.benchmark = runtime.on_gpu
     seed_step(cfg.train.seed, rank, -1)
 
@@ -87,13 +88,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     history = History(cfg, loop_config, rank, start)
     throughput, guard = Throughput(cfg, rank, start), LossGuard()
     validation = Validation(cfg, runtime, loop_config.get("objective")) if rank == 0 else None
-    due, per_epoch = Intervals(cfg), data.batches_per_epoch(cfg, "train", world)
+    due, per_epoch = Intervals(cfg), batches_per_epoch(cfg, "train", world)
 
     for step, images in batches_from(cfg, rank, world, start, runtime.device):
         if step >= cfg.train.steps:
             break
         generator = seed_step(cfg.train.seed, rank, step)
-        logs = train_step(data.prepare_batch(images, runtime.device, train=True, generator=generator))
+        logs = train_step(prepare_batch(images, runtime.device, train=True, generator=generator))
         done = step + 1
         guard.check(logs["train/loss"], done)  # the previous step's loss: the host never waits
         throughput.add(logs)
@@ -174,19 +175,19 @@ def batches_from(
     cfg: Config, rank: int, world: int, start_step: int, device: torch.device
 ) -> Iterator[tuple[int, Tensor]]:
     """(step, uint8 images on `device`) from start_step on, across epochs; the position follows from the step."""
-    for step, batch in data.train_stream(cfg, rank=rank, world_size=world, start=start_step, device=device):
+    for step, batch in train_stream(cfg, rank=rank, world_size=world, start=start_step, device=device):
         yield step, batch["image"]
 
 
 def fixed_val_batches(cfg: Config, runtime: Runtime) -> list[Tensor]:
     """The first train.val_batches validation batches, in [-1, 1] on the device: the same images
     at every validation of every run."""
-    loader = data.make_loader(cfg, "val", train=False, num_workers=0)
+    loader = make_loader(cfg, "val", train=False, num_workers=0)
     batches = []
     for batch in loader:
         if len(batches) == cfg.train.val_batches:
             break
-        batches.append(data.prepare_batch(batch["image"], runtime.device, train=False))
+        batches.append(prepare_batch(batch["image"], runtime.device, train=False))
     return batches
 
 
@@ -328,7 +329,7 @@ class History:
         sys.stdout.write(message)
         sys.stdout.flush()
         if self.logger:
-            self.logger.client.set_tag(self.logger.run_id, "warning.posterior_collapse", f"step {step}: {fraction:.3f}")
+            self.logger.tag("warning.posterior_collapse", f"step {step}: {fraction:.3f}")
 
     def grids(self, grids: dict[str, tuple[Tensor, int]], step: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:

@@ -55,10 +55,12 @@ from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
 from torchvision.utils import make_grid
 
-from dfcvae import data, evaluate, tracking
+from dfcvae import evaluate, tracking
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config, ConfigError
 from dfcvae.files import write_json
+from dfcvae.shards.format import manifest_hash
+from dfcvae.shards.loader import prepare_batch
 from dfcvae.train import train
 from pipeline.common import best_overrides, command, parse_config
 
@@ -164,14 +166,14 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     trained = train(cfg)
     train_seconds = time.perf_counter() - start
     uri, run_id = tracking.training_run(cfg)
-    client = tracking.RunLogger(uri, run_id).client
-    client.set_tag(run_id, "compare.variant", variant.name)
-    client.set_tag(run_id, "compare.seed", str(variant.seed))
+    logger = tracking.RunLogger(uri, run_id)
+    logger.tag("compare.variant", variant.name)
+    logger.tag("compare.seed", str(variant.seed))
     status(f"{which}: trained in {train_seconds / 60:.1f} min; evaluating")
     start = time.perf_counter()
     numbers = evaluate.evaluate_trained(cfg)
     eval_seconds = time.perf_counter() - start
-    run = tracking.RunLogger(uri, run_id).client.get_run(run_id)
+    run = logger.run()
     row: dict[str, Any] = {"seed": variant.seed}
     row |= {key: _maybe(numbers, f"test/{key}") for key, _, _ in MEASURED}
     row |= {
@@ -252,7 +254,7 @@ def comparison(cfg: Config, runs: dict[str, list[dict[str, Any]]]) -> dict[str, 
         "seeds": summary[VARIANTS[0]]["seeds"],
         "confidence": CONFIDENCE,
         "shards_dir": cfg.data.shards_dir,
-        "manifest_hash": data.manifest_hash(cfg),
+        "manifest_hash": manifest_hash(cfg),
         "image_size": cfg.data.image_size,
         "model": cfg.to_dict()["model"],
         "batch_size": cfg.global_batch_size,
@@ -378,7 +380,7 @@ def write_pictures(cfg: Config, model_dirs: dict[str, Path], out_dir: Path) -> d
     """reconstructions.png and samples.png from each variant's model.pt; -> {file: [width, height]}."""
     models = {name: model_from_state(load_checkpoint(path / "model.pt"), "cpu")[0] for name, path in model_dirs.items()}
     images, _ = evaluate.read_split(cfg, "test", RECON_COLS)
-    x = data.prepare_batch(images, "cpu", train=False).contiguous()  # (C, 3, S, S) in [-1, 1]
+    x = prepare_batch(images, "cpu", train=False).contiguous()  # (C, 3, S, S) in [-1, 1]
     figures = {
         "reconstructions.png": reconstructions_figure(models, x),
         "samples.png": samples_figure(models, cfg.eval.seed),

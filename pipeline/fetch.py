@@ -55,9 +55,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from dfcvae.config import Config
-from dfcvae.data import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
 from dfcvae.files import DiskFullError, disk_full_message, staging_dir, swap_in
 from dfcvae.images import FETCH_REPORT, FOLDER_SUFFIXES, SOURCE_FILES, FolderListing, list_folder
+from dfcvae.shards.format import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, attribute_row, draw_face
 from pipeline.common import command, parse_config
 

@@ -28,12 +28,13 @@ import torch
 from dfcvae import metrics, tracking
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_model, model_from_state
 from dfcvae.config import Config
-from dfcvae.data import prepare_batch
+from dfcvae.device import default_device
 from dfcvae.evaluate import evaluation_mode
 from dfcvae.images import FOLDER_SUFFIXES, Rejected, list_folder, load_rgb, preprocess, resolve_crop
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import NormalSampler, Sampler, load_sampler
 from dfcvae.served import SAMPLER_ARTIFACT
+from dfcvae.shards.loader import prepare_batch
 from pipeline.common import command
 
 log = logging.getLogger(__name__)
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.n < 1:
         parser.error("--n must be at least 1.")
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = default_device()
     if str(args.model).startswith("models:/"):  # the project's store, found as the stages find it
         tracking.use_store(Config.load(args.params).mlflow)
     model, cfg, stored = load_with_sampler(str(args.model), device)

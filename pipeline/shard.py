@@ -4,7 +4,7 @@
 `<shards_dir>.partial/`, swapped in when complete; a failure leaves the previous set):
 
     <split>-NNNNNN.tar   data.samples_per_shard samples each (the last of a split may hold fewer);
-                         the sample format is documented in dfcvae/data.py
+                         the sample format is dfcvae/shards/format.py's
     manifest.json        per-split counts and shards (name, count, sha256), preprocessing,
                          source (celeba | synthetic | folder), raw image counts
     manifest.sha256      sha256 of manifest.json
@@ -33,32 +33,17 @@ Output is byte-identical on reruns: sorted inputs, fixed tar member metadata, no
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import multiprocessing
 import os
 import random
 import sys
-import tarfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
 from dfcvae.config import Config
-from dfcvae.data import (
-    ATTRIBUTE_NAMES,
-    FORMAT_VERSION,
-    IMAGE_MEMBERS,
-    META_MEMBER,
-    SPLITS,
-    DataError,
-    add_member,
-    check_split_counts,
-    encode_image,
-    encode_meta,
-    shard_name,
-)
 from dfcvae.files import DiskFullError, check_free_space, disk_full_message, staging_dir, swap_in
 from dfcvae.images import (
     FETCH_REPORT,
@@ -70,6 +55,17 @@ from dfcvae.images import (
     preprocess,
     resolve_crop,
 )
+from dfcvae.shards.format import (
+    ATTRIBUTE_NAMES,
+    FORMAT_VERSION,
+    IMAGE_MEMBERS,
+    SPLITS,
+    DataError,
+    check_split_counts,
+    shard_name,
+    write_manifest,
+)
+from dfcvae.shards.writer import Sample, write_shard
 from pipeline.common import command, parse_config
 
 CHECK_CHUNK = 256  # images per task in the check pass
@@ -150,26 +146,16 @@ def _check(task: tuple[Path, list[str], int | str, int, int]) -> list[tuple[str,
 
 def _write_shard(task: tuple[Path, Path, str, list[RawImage], int, int, int, str]) -> dict:
     image_dir, out_dir, name, images, crop, image_size, max_pixels, encoding = task
-    tmp = out_dir / (name + ".tmp")
-    with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
+
+    def samples():
         for image in images:
             try:
                 rgb, _ = load_rgb(image_dir / image.file, crop, max_pixels, image_size)
             except Rejected as e:
                 raise DataError(f"{image.file} changed while sharding ({e}): re-run the stage.") from None
-            ext, data = encode_image(preprocess(rgb, crop, image_size), encoding)
-            add_member(tar, f"{image.id}.{ext}", data)
-            add_member(tar, f"{image.id}.{META_MEMBER}", encode_meta(image.attrs, image.identity))
-    tmp.rename(out_dir / name)
-    return {"name": name, "count": len(images), "sha256": _sha256(out_dir / name)}
+            yield Sample(image.id, preprocess(rgb, crop, image_size), image.attrs, image.identity)
 
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+    return write_shard(out_dir / name, samples(), encoding)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -255,9 +241,7 @@ def _write_set(cfg: Config, info: dict, images: list[RawImage], raw_dir: Path, o
         "raw": counts,
         "splits": splits,
     }
-    text = json.dumps(manifest, indent=1, sort_keys=True) + "\n"
-    (out_dir / "manifest.json").write_text(text)
-    (out_dir / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "  manifest.json\n")
+    write_manifest(out_dir, manifest)
     return manifest
 
 

@@ -20,11 +20,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dfcvae import data, tracking
+from dfcvae import tracking
 from dfcvae import tune as search
 from dfcvae.cluster import init_ray
 from dfcvae.config import Config
 from dfcvae.files import write_json
+from dfcvae.shards.format import manifest_hash, read_manifest
 from dfcvae.train import absolute_paths
 from pipeline.common import command, parse_config
 
@@ -47,7 +48,7 @@ def tune(cfg: Config) -> dict[str, Any]:
         rows = search.run_search(cfg, space, path, uri, run_id)
         search.close_trial_runs(rows, uri)
         best = write_outputs(cfg, rows, None)
-        logger.client.set_tag(run_id, "tune.best_trial_id", best["trial_id"])
+        logger.tag("tune.best_trial_id", best["trial_id"])
         logger.metrics({"best/objective": best["objective"], "tune/trials": len(rows)}, 0)
         out = Path(cfg.tune.out_dir)
         for name in (search.RESULTS_FILE, search.PLOT_FILE, cfg.tune.best_overrides_path.name):
@@ -75,9 +76,9 @@ def search_run(cfg: Config, path: Path, uri: str) -> str:
     if record.is_file():
         previous = json.loads(record.read_text())
         if previous["tracking_uri"] == uri:
-            tracking.RunLogger(uri, previous["run_id"]).client.update_run(previous["run_id"], status="RUNNING")
+            tracking.RunLogger(uri, previous["run_id"]).status("RUNNING")
             return previous["run_id"]
-    tags = tracking.run_tags(cfg, data.read_manifest(cfg), data.manifest_hash(cfg))
+    tags = tracking.run_tags(cfg, read_manifest(cfg), manifest_hash(cfg))
     tags["tune.experiment"] = path.name
     run_id = tracking.start_run(cfg, "tune", tags)
     write_json({"run_id": run_id, "tracking_uri": uri}, record)

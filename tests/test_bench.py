@@ -29,20 +29,21 @@ def test_bench_smoke_writes_table_and_json(tmp_path):
 
 def test_replicated_shards_list_every_copy_with_a_matching_manifest_hash(tmp_path):
     from bench.throughput import make_shards, parse_args
-    from dfcvae import data
     from dfcvae.config import Config
+    from dfcvae.shards.format import manifest_hash, read_manifest
+    from dfcvae.shards.loader import make_loader
 
     args = parse_args(["--smoke", "--shard-images", "144"])  # 48 unique faces, train split 3 times over
     shards_dir = make_shards(args, tmp_path)
     cfg = Config().with_overrides(
         {"data.shards_dir": shards_dir, "data.image_size": 32, "loader.batch_size": 4, "loader.num_workers": 1}
     )
-    manifest = data.read_manifest(cfg)
+    manifest = read_manifest(cfg)
     train = manifest["splits"]["train"]
     assert len(train["shards"]) == 3 * len([s for s in train["shards"] if "-r" not in s["name"]])
-    keys = [k for b in data.make_loader(cfg, "train", train=False) for k in b["key"]]
+    keys = [k for b in make_loader(cfg, "train", train=False) for k in b["key"]]
     assert len(keys) >= train["count"] and len(set(keys)) == train["count"] // 3
-    assert (tmp_path / "shards/manifest.sha256").read_text().split()[0] == data.manifest_hash(cfg)
+    assert (tmp_path / "shards/manifest.sha256").read_text().split()[0] == manifest_hash(cfg)
 
 
 def test_reader_bench_smoke_reads_both_encodings(tmp_path):

@@ -12,8 +12,8 @@ import mlflow
 import pytest
 from PIL import Image
 
-from dfcvae import data
 from dfcvae.config import Config
+from dfcvae.shards.format import manifest_hash
 from pipeline.compare import VARIANTS, compare, figure_sizes, main, mean_interval, plain_kl_weight, verdict
 
 pytestmark = [pytest.mark.timeout(600), pytest.mark.usefixtures("one_thread")]
@@ -58,7 +58,7 @@ def test_both_variants_train_the_same_steps_on_the_same_shards_at_each_seed(comp
     cfg, found, out = compared
     rows, runs = found["result"]["runs"], found["runs"]
     assert set(rows) == set(VARIANTS)
-    shards = data.manifest_hash(cfg)
+    shards = manifest_hash(cfg)
     seeds = [cfg.train.seed + k for k in range(SEEDS)]
     for name in VARIANTS:
         assert [row["seed"] for row in rows[name]] == seeds

@@ -542,3 +542,23 @@ def test_antialiasing_keeps_each_layer_shape_and_weights(backbone, layers):
     flat = torch.full((1, 5, 9, 9), 0.3)
     torch.testing.assert_close(Blur()(flat), flat)
     torch.testing.assert_close(Blur(stride=2)(flat), torch.full((1, 5, 5, 5), 0.3))
+
+
+def test_the_code_digest_that_names_runs_covers_the_subpackages(tmp_path, monkeypatch):
+    """A run's name and a search's identity hash the package's code: a change to the shard
+    loader, in dfcvae/shards/, must change it as a change to dfcvae/model.py does."""
+    import shutil
+
+    from dfcvae import tracking
+
+    package = tmp_path / "dfcvae"
+    shutil.copytree(ROOT / "dfcvae", package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(tracking, "__file__", str(package / "tracking.py"))
+    before = tracking.code_digest()
+    for changed in ("shards/loader.py", "model.py"):
+        path = package / changed
+        original = path.read_text()
+        path.write_text(original + "\n# changed\n")
+        assert tracking.code_digest() != before, changed
+        path.write_text(original)
+    assert tracking.code_digest() == before

@@ -25,33 +25,47 @@ import pytest
 import torch
 from PIL import Image
 
-from dfcvae import data, ring
 from dfcvae.config import Config
-from dfcvae.data import ATTRIBUTE_NAMES, DataError, ShardError, encode_meta
 from dfcvae.images import SOURCE_FILES, preprocess
-from dfcvae.ring import BatchRing
+from dfcvae.shards import loader as shard_loader
+from dfcvae.shards import slots
+from dfcvae.shards import tar as tar_walker
+from dfcvae.shards.format import (
+    ATTRIBUTE_NAMES,
+    SPLITS,
+    DataError,
+    ShardError,
+    decode_attrs,
+    encode_attrs,
+    manifest_hash,
+    read_manifest,
+    split_member,
+)
+from dfcvae.shards.loader import PREFETCH, make_loader, prepare_batch, read_segment, train_stream
+from dfcvae.shards.plan import Segment, batches_per_epoch
+from dfcvae.shards.slots import BatchRing
+from dfcvae.shards.tar import tar_members
+from dfcvae.shards.writer import add_member
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, draw_face
 from pipeline.fetch import fetch, write_attrs, write_partition
 from pipeline.shard import write_shards
+from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def make_config(root: Path, overrides: dict | None = None) -> Config:
-    """33 synthetic faces at 32 px: train 27 in shards of 10, 10, 7; batches of 4 from 2 streams."""
-    base = {
-        "data.source": "synthetic",
+    """The tests' tiny config with 33 synthetic faces at 32 px: train 27 in shards of 10, 10, 7;
+    batches of 4 from 2 streams."""
+    small = {
         "data.synthetic_count": 33,
-        "data.raw_dir": str(root / "raw"),
-        "data.shards_dir": str(root / "shards"),
-        "data.image_size": 32,
         "data.samples_per_shard": 10,
         "loader.batch_size": 4,
         "loader.num_workers": 2,
         "loader.shuffle_buffer": 8,
         "train.seed": 0,
     }
-    return Config().with_overrides({**base, **(overrides or {})})
+    return tiny_config(root, **{**small, **(overrides or {})})
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +93,7 @@ def read_raw_tables(raw: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
 
 
 def epoch_batches(cfg: Config, split: str = "train", **kw) -> list[dict]:
-    return list(data.make_loader(cfg, split, **{"train": True, **kw}))
+    return list(make_loader(cfg, split, **{"train": True, **kw}))
 
 
 def sha256(path: Path) -> str:
@@ -93,23 +107,23 @@ def sha256(path: Path) -> str:
 def test_synthetic_round_trip(sharded):
     cfg = sharded
     partition, attrs = read_raw_tables(Path(cfg.data.raw_dir))
-    manifest = data.read_manifest(cfg)
+    manifest = read_manifest(cfg)
     assert manifest["source"] == "synthetic" and manifest["synthetic"] is True
     assert manifest["dataset"]["note"].startswith("procedurally drawn faces")
     assert manifest["preprocessing"]["image_size"] == 32
     assert manifest["attributes"] == list(ATTRIBUTE_NAMES)
     manifest_file = Path(cfg.data.manifest_path)
-    assert data.manifest_hash(cfg) == sha256(manifest_file)
-    assert (manifest_file.parent / "manifest.sha256").read_text().split()[0] == data.manifest_hash(cfg)
+    assert manifest_hash(cfg) == sha256(manifest_file)
+    assert (manifest_file.parent / "manifest.sha256").read_text().split()[0] == manifest_hash(cfg)
 
-    for k, split in enumerate(data.SPLITS):
+    for k, split in enumerate(SPLITS):
         expected = {key for key, part in partition.items() if part == k}
         info = manifest["splits"][split]
         assert info["count"] == len(expected) == sum(s["count"] for s in info["shards"])
         for shard in info["shards"]:
             assert shard["sha256"] == sha256(Path(cfg.data.shards_dir) / shard["name"])
         batches = epoch_batches(cfg, split, train=False)
-        assert len(batches) == data.batches_per_epoch(cfg, split, 1)
+        assert len(batches) == batches_per_epoch(cfg, split, 1)
         keys = [key for b in batches for key in b["key"]]
         assert set(keys) == expected
         for b in batches:
@@ -117,7 +131,7 @@ def test_synthetic_round_trip(sharded):
             assert b["attrs"].dtype == torch.int8 and b["attrs"].shape == (4, 40)
             for key, row in zip(b["key"], b["attrs"].tolist()):
                 assert row == [int(v == 1) for v in attrs[key]]
-            x = data.prepare_batch(b["image"], "cpu", train=True)
+            x = prepare_batch(b["image"], "cpu", train=True)
             assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
             assert -1.0 <= x.min() < x.max() <= 1.0
 
@@ -143,13 +157,13 @@ def test_shard_twice_is_byte_identical(sharded, tmp_path):
     again = sharded.with_overrides({"data.shards_dir": str(tmp_path / "again")})
     write_shards(again, workers=2)
     assert {p.name: sha256(p) for p in Path(again.data.shards_dir).iterdir()} == first
-    assert data.manifest_hash(again) == data.manifest_hash(sharded)
+    assert manifest_hash(again) == manifest_hash(sharded)
 
 
 def test_png_encoding_decodes_to_the_same_pixels(sharded, tmp_path):
     png = sharded.with_overrides({"data.encoding": "png", "data.shards_dir": str(tmp_path / "png")})
     write_shards(png, workers=2)
-    assert data.read_manifest(png)["preprocessing"]["encoding"] == "png"
+    assert read_manifest(png)["preprocessing"]["encoding"] == "png"
     raw_batches, png_batches = epoch_batches(sharded, train=False), epoch_batches(png, train=False)
     for a, b in zip(raw_batches, png_batches):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
@@ -157,7 +171,7 @@ def test_png_encoding_decodes_to_the_same_pixels(sharded, tmp_path):
 
 def test_shards_of_another_image_size_are_refused(sharded):
     with pytest.raises(DataError, match="are 32 px but data.image_size is 64.*dvc repro shard"):
-        data.make_loader(sharded.with_overrides({"data.image_size": 64}), "train", train=True)
+        make_loader(sharded.with_overrides({"data.image_size": 64}), "train", train=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,10 +180,10 @@ def test_shards_of_another_image_size_are_refused(sharded):
 
 def test_two_ranks_two_workers_uneven_shards(sharded):
     cfg = sharded
-    manifest = data.read_manifest(cfg)
+    manifest = read_manifest(cfg)
     assert [s["count"] for s in manifest["splits"]["train"]["shards"]] == [10, 10, 7]
     n = manifest["splits"]["train"]["count"]
-    per_rank = data.batches_per_epoch(cfg, "train", world_size=2)
+    per_rank = batches_per_epoch(cfg, "train", world_size=2)
     assert per_rank == 4  # ceil(27 / (2 * 4))
     ranks = [epoch_batches(cfg, rank=r, world_size=2, num_workers=2) for r in range(2)]
     assert [len(batches) for batches in ranks] == [per_rank, per_rank]
@@ -190,7 +204,7 @@ def test_order_is_seeded_and_independent_of_process_count(sharded):
     other_seed = cfg.with_overrides({"train.seed": 1})
     assert keys(epoch_batches(other_seed, rank=1, world_size=2, num_workers=0)) != keys(in_process)
     with pytest.raises(ValueError, match="must divide loader.num_workers"):
-        data.make_loader(cfg.with_overrides({"loader.num_workers": 3}), "train", train=True, num_workers=2)
+        make_loader(cfg.with_overrides({"loader.num_workers": 3}), "train", train=True, num_workers=2)
 
 
 @pytest.mark.parametrize("skip", [1, 2, 3])
@@ -205,10 +219,10 @@ def test_skip_batches_resumes_exactly(sharded, skip):
 def test_train_stream_crosses_epochs_as_make_loader_defines_them(sharded):
     """Steps run on across epoch boundaries (the next epoch's workers started early) in the
     order of make_loader per epoch, from any start step."""
-    per_epoch = data.batches_per_epoch(sharded, "train", 1)
+    per_epoch = batches_per_epoch(sharded, "train", 1)
     expected = [b["key"] for epoch in range(3) for b in epoch_batches(sharded, epoch=epoch)]
     start = per_epoch - 1  # the last batch of epoch 0
-    stream = data.train_stream(sharded, start=start)
+    stream = train_stream(sharded, start=start)
     got = [next(stream) for _ in range(per_epoch + 2)]
     stream.close()
     assert [step for step, _ in got] == list(range(start, start + per_epoch + 2))
@@ -224,7 +238,7 @@ def test_slots_deliver_what_the_in_process_path_reads(sharded):
     intact and equal to the in-process reading, images channels_last."""
     in_process = epoch_batches(sharded, batch_size=2, num_workers=0)
     through_slots = epoch_batches(sharded, batch_size=2, num_workers=2)
-    assert len(through_slots) == 14 > 2 * (data.PREFETCH * 2 + 2)
+    assert len(through_slots) == 14 > 2 * (PREFETCH * 2 + 2)
     for a, b in zip(in_process, through_slots):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"]) and torch.equal(a["attrs"], b["attrs"])
         assert b["image"].is_contiguous(memory_format=torch.channels_last)
@@ -248,19 +262,19 @@ def test_a_batch_waits_for_its_slot_and_a_closed_ring_lets_writers_go():
 
 
 def test_too_little_shared_memory_is_refused_in_words(sharded, monkeypatch):
-    monkeypatch.setattr(ring, "shared_memory_free", lambda: 2**20)
+    monkeypatch.setattr(slots, "shared_memory_free", lambda: 2**20)
     with pytest.raises(RuntimeError, match=r"needs 5 MiB of shared memory .* /dev/shm has 1 MiB free: .*--shm-size"):
-        data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=2)  # 6 slots of 256 images
-    assert data.make_loader(sharded, "train", train=True, batch_size=256, num_workers=0)  # no slots needed
+        make_loader(sharded, "train", train=True, batch_size=256, num_workers=2)  # 6 slots of 256 images
+    assert make_loader(sharded, "train", train=True, batch_size=256, num_workers=0)  # no slots needed
     # Training keeps three epochs' slots alive (6 slots of 4 images, ~73 KiB each): room for two is refused at once.
-    monkeypatch.setattr(ring, "shared_memory_free", lambda: 160_000)
-    assert data.make_loader(sharded, "train", train=True)
+    monkeypatch.setattr(slots, "shared_memory_free", lambda: 160_000)
+    assert make_loader(sharded, "train", train=True)
     with pytest.raises(RuntimeError, match="shared memory"):
-        next(data.train_stream(sharded))
+        next(train_stream(sharded))
 
 
 def test_a_loader_read_twice_gives_the_epoch_twice(sharded):
-    loader = data.make_loader(sharded, "train", train=True, num_workers=2)
+    loader = make_loader(sharded, "train", train=True, num_workers=2)
     first, second = list(loader), list(loader)
     assert len(first) == len(second) == len(loader)
     assert all(a["key"] == b["key"] and torch.equal(a["image"], b["image"]) for a, b in zip(first, second))
@@ -269,12 +283,12 @@ def test_a_loader_read_twice_gives_the_epoch_twice(sharded):
 def test_loader_processes_wait_for_slots_and_stop_when_the_consumer_does(sharded, monkeypatch):
     """With one slot the two loader processes take turns, and a consumer that stops early
     leaves no process waiting: the loader shuts down at once, not after DataLoader's timeout."""
-    monkeypatch.setattr(data, "BatchRing", lambda slots, *args, **kw: BatchRing(1, *args, **kw))
+    monkeypatch.setattr(shard_loader, "BatchRing", lambda slots, *args, **kw: BatchRing(1, *args, **kw))
     expected = epoch_batches(sharded, batch_size=2, num_workers=0)
     for a, b in zip(expected, epoch_batches(sharded, batch_size=2, num_workers=2)):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
     before = set(psutil.Process().children())
-    batches = iter(data.make_loader(sharded, "train", train=True, batch_size=2, num_workers=2))
+    batches = iter(make_loader(sharded, "train", train=True, batch_size=2, num_workers=2))
     next(batches)
     time.sleep(0.5)  # both processes are now waiting for the slot
     start = time.perf_counter()
@@ -320,10 +334,10 @@ def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_
         shard_keys = {m.name.split(".")[0] for m in tar}
     url = _truncate(shard_copy, "train-000001.tar", 0.6)
     cfg = shard_copy.with_overrides({"loader.corrupt_tolerance": 10})
-    loader = data.make_loader(cfg, "train", train=False, num_workers=0)
-    with caplog.at_level(logging.WARNING, logger="dfcvae.data"):
+    loader = make_loader(cfg, "train", train=False, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dfcvae.shards.loader"):
         batches = list(loader)
-    assert len(batches) == data.batches_per_epoch(cfg, "train", 1)
+    assert len(batches) == batches_per_epoch(cfg, "train", 1)
     assert all(len(b["key"]) == 4 for b in batches)
     survivors = shard_keys & {key for b in batches for key in b["key"]}
     assert 0 < len(survivors) < 10
@@ -331,7 +345,7 @@ def test_truncated_shard_is_skipped_and_counted_within_tolerance(sharded, shard_
     assert "train-000001.tar" in caplog.text and "skipp" in caplog.text
     small = shard_copy.with_overrides({"loader.corrupt_tolerance": 1})
     with pytest.raises(ShardError, match="train-000001.tar"):
-        list(data.make_loader(small, "train", train=False, num_workers=0))
+        list(make_loader(small, "train", train=False, num_workers=0))
 
 
 def _flip_a_pixel_byte(cfg: Config, name: str) -> set[str]:
@@ -354,17 +368,15 @@ def test_a_flipped_pixel_byte_is_caught_by_the_manifests_hash_before_use(shard_c
     with pytest.raises(ShardError, match=message):
         epoch_batches(checked, train=False, num_workers=workers)
     # Unchecked, the same shard decodes without a word: the check is what catches it.
-    assert len(epoch_batches(shard_copy, train=False, num_workers=workers)) == data.batches_per_epoch(
-        shard_copy, "train", 1
-    )
+    assert len(epoch_batches(shard_copy, train=False, num_workers=workers)) == batches_per_epoch(shard_copy, "train", 1)
 
 
 def test_a_shard_that_fails_its_hash_is_skipped_whole_within_tolerance(shard_copy):
     checked = shard_copy.with_overrides({"loader.verify_shards": True, "loader.corrupt_tolerance": 10})
     keys = _flip_a_pixel_byte(checked, "train-000001.tar")
-    loader = data.make_loader(checked, "train", train=False, num_workers=0)
+    loader = make_loader(checked, "train", train=False, num_workers=0)
     batches = list(loader)
-    assert len(batches) == data.batches_per_epoch(checked, "train", 1)
+    assert len(batches) == batches_per_epoch(checked, "train", 1)
     assert not keys & {key for b in batches for key in b["key"]}  # none of its samples is used
     assert loader.skipped == 10
 
@@ -393,7 +405,7 @@ def test_a_cut_shard_yields_exactly_its_whole_samples_then_fails(sharded, tmp_pa
         path.write_bytes(shard[:cut])
         keys = []
         with pytest.raises(ShardError, match="the shard is truncated"):
-            for sample in data._read_segment(data.Segment(str(path), 0, count, count), "npy"):
+            for sample in read_segment(Segment(str(path), 0, count, count), "npy"):
                 keys.append(sample["key"])
         assert keys == _samples_readable_before(shard, cut), cut
 
@@ -406,7 +418,7 @@ def test_a_header_field_that_is_not_a_number_is_a_checksum_error(sharded, tmp_pa
     shard[fourth + field.start : fourth + field.stop] = b"zz" * ((field.stop - field.start) // 2)
     names = []
     with pytest.raises(ValueError, match="^bad tar header checksum: the shard is corrupt$"):
-        for name, *_ in data._tar_members(io.BytesIO(bytes(shard))):
+        for name, *_ in tar_members(io.BytesIO(bytes(shard))):
             names.append(name)
     with tarfile.open(Path(sharded.data.shards_dir) / "train-000000.tar") as tar:
         assert names == [m.name for m in tar.getmembers()[:3]]
@@ -420,7 +432,7 @@ def test_a_negative_size_with_a_valid_checksum_is_refused_not_walked(sharded):
     header[148:156] = b"%06o\0 " % sum(header)
     shard[:512] = header
     with pytest.raises(ValueError, match="is not a number"):
-        list(data._tar_members(io.BytesIO(bytes(shard))))
+        list(tar_members(io.BytesIO(bytes(shard))))
 
 
 class _CountingReader(io.BytesIO):
@@ -437,9 +449,9 @@ class _CountingReader(io.BytesIO):
 def test_a_segment_that_ends_early_stops_reading_its_shard(sharded, monkeypatch):
     path = Path(sharded.data.shards_dir) / "train-000000.tar"
     stream = _CountingReader(path.read_bytes())
-    monkeypatch.setattr(data, "READ_BYTES", 4096)
-    monkeypatch.setattr(data, "open_url", lambda url: stream)
-    keys = [s["key"] for s in data._read_segment(data.Segment(str(path), 1, 3, 10), "npy")]
+    monkeypatch.setattr(tar_walker, "READ_BYTES", 4096)
+    monkeypatch.setattr(shard_loader, "open_url", lambda url: stream)
+    keys = [s["key"] for s in read_segment(Segment(str(path), 1, 3, 10), "npy")]
     with tarfile.open(path) as tar:
         members = tar.getmembers()
     assert keys == [m.name.split(".")[0] for m in members[2:6:2]]
@@ -450,36 +462,26 @@ def test_a_segment_that_ends_early_stops_reading_its_shard(sharded, monkeypatch)
 def test_a_pipe_that_fails_midway_delivers_the_samples_it_sent(sharded, monkeypatch):
     path = Path(sharded.data.shards_dir) / "train-000000.tar"
     half = path.stat().st_size // 2
-    monkeypatch.setattr(data, "READ_BYTES", 2048)
+    monkeypatch.setattr(tar_walker, "READ_BYTES", 2048)
     url = f"pipe:sh -c 'head -c {half} {path}; sleep 0.3; exit 3'"
     keys = []
     with pytest.raises(ShardError, match="exit 3"):
-        for sample in data._read_segment(data.Segment(url, 0, 10, 10), "npy"):
+        for sample in read_segment(Segment(url, 0, 10, 10), "npy"):
             keys.append(sample["key"])
     with tarfile.open(path) as tar:
         in_order = list(dict.fromkeys(m.name.split(".")[0] for m in tar))
     assert keys and keys == in_order[: len(keys)] and len(keys) < 10
 
 
-def test_sidecars_as_written_read_as_json_reads_them():
+def test_attributes_round_trip_as_40_bytes_and_anything_else_is_refused():
     rng = random.Random(0)
-    for identity in (None, 0, 7, 10177):
-        attrs = [rng.randint(0, 1) for _ in ATTRIBUTE_NAMES]
-        written = encode_meta(attrs, identity)
-        assert data._attrs_as_written(written) is not None  # the fast path is taken
-        assert data.decode_attrs(written).tolist() == attrs
-        spaced = json.dumps({"attrs": attrs, "identity": identity}).encode()  # another writer's spacing
-        assert data._attrs_as_written(spaced) is None and data.decode_attrs(spaced).tolist() == attrs
-    assert data.decode_attrs(encode_meta(None, 3)).tolist() == [-1] * len(ATTRIBUTE_NAMES)
-    values = b",".join([b"1"] * len(ATTRIBUTE_NAMES))
-    for bad in (
-        b'{"attrs":[' + values.replace(b"1", b"2", 1) + b"]}",  # not 0/1
-        b'{"attrs":[' + values + b"]",  # cut short
-        b'{"attrs":[' + values + b",1]}",
-    ):  # 41 values
-        assert data._attrs_as_written(bad) is None
-        with pytest.raises(ValueError):
-            data.decode_attrs(bad)
+    attrs = [rng.randint(0, 1) for _ in ATTRIBUTE_NAMES]
+    assert len(encode_attrs(attrs)) == len(ATTRIBUTE_NAMES)
+    assert decode_attrs(encode_attrs(attrs)).tolist() == attrs
+    assert decode_attrs(encode_attrs(None)).tolist() == [-1] * len(ATTRIBUTE_NAMES)  # unknown
+    for bad in (encode_attrs(attrs)[:-1], encode_attrs(attrs) + b"\0", bytes([2]) * len(ATTRIBUTE_NAMES)):
+        with pytest.raises(ValueError, match=r"\.attrs holds"):
+            decode_attrs(bad)
 
 
 class _Payload:
@@ -500,14 +502,14 @@ def test_pickle_members_are_never_loaded(shard_copy, tmp_path):
     with tarfile.open(path) as src, tarfile.open(fileobj=out, mode="w") as dst:
         for member in src:
             dst.addfile(member, src.extractfile(member))
-            if member.name.endswith(".json"):
+            if member.name.endswith(".attrs"):
                 for ext in ("pyd", "pth", "pickle"):
-                    info = tarfile.TarInfo(member.name.replace(".json", f".{ext}"))
+                    info = tarfile.TarInfo(member.name.replace(".attrs", f".{ext}"))
                     info.size = len(payload)
                     dst.addfile(info, io.BytesIO(payload))
     path.write_bytes(out.getvalue())
     batches = epoch_batches(shard_copy, train=False, num_workers=0)
-    assert len(batches) == data.batches_per_epoch(shard_copy, "train", 1)
+    assert len(batches) == batches_per_epoch(shard_copy, "train", 1)
     assert not sentinel.exists()
     pickle.loads(payload)  # the payload is live: loading it would have left the file
     assert sentinel.exists()
@@ -618,14 +620,14 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     assert counts == manifest["raw"]
     assert counts["in"] == len(BAD_IMAGES) == counts["written"] + counts["rejected"]
     assert counts["converted"] == sum(v[1] == "converted" for v in BAD_IMAGES.values())
-    assert counts["written"] == sum(manifest["splits"][s]["count"] for s in data.SPLITS)
+    assert counts["written"] == sum(manifest["splits"][s]["count"] for s in SPLITS)
     assert manifest["source"] == "folder" and manifest["synthetic"] is False and manifest["attributes"] == []
     assert manifest["dataset"]["split"] == "hash" and not set(METADATA_FILES) & set(source)
     skipped = {entry["file"]: entry["reason"] for entry in report["fetch"]["skipped"]}
     assert skipped["notes.txt"] == "not an image type read here (.txt)"
     assert skipped["good/._a.jpg"] == skipped["good/.DS_Store.png"] == "a hidden or macOS metadata file"
     assert skipped["__MACOSX"] == skipped[".thumbs"] == "a hidden or macOS metadata folder: not read"
-    batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
+    batch = next(iter(make_loader(cfg, "train", train=False, num_workers=0)))
     assert (batch["attrs"] == -1).all()  # folder data has no attributes
 
 
@@ -813,8 +815,8 @@ def test_celeba_layouts(tmp_path, layout):
     manifest = write_shards(cfg, workers=2)
     assert manifest["source"] == "celeba" and manifest["synthetic"] is False
     keys, rows = [], []
-    for split in data.SPLITS:
-        for b in data.make_loader(cfg, split, train=False, batch_size=1, num_workers=0):
+    for split in SPLITS:
+        for b in make_loader(cfg, split, train=False, batch_size=1, num_workers=0):
             keys += b["key"]
             rows += b["attrs"].tolist()
     assert sorted(keys) == sorted(partition)
@@ -866,16 +868,16 @@ def test_pipe_and_fsspec_urls_read_the_same_batches(sharded):
     # fsspec's memory filesystem hands every reader the same file object: one stream at a time
     one_stream = sharded.with_overrides({"loader.num_workers": 1})
     remote = one_stream.with_overrides({"data.shards_dir": "memory://shards"})
-    assert data.manifest_hash(remote) == data.manifest_hash(sharded)
+    assert manifest_hash(remote) == manifest_hash(sharded)
     assert [b["key"] for b in epoch_batches(remote, num_workers=0)] == [b["key"] for b in epoch_batches(one_stream)]
 
 
 def test_prepare_batch_scales_and_flips_only_when_training():
     images = torch.randint(0, 256, (32, 3, 8, 8), dtype=torch.uint8)
     expected = images.float() / 127.5 - 1
-    x = data.prepare_batch(images, "cpu", train=False)
+    x = prepare_batch(images, "cpu", train=False)
     assert torch.allclose(x, expected) and x.is_contiguous(memory_format=torch.channels_last)
-    y = data.prepare_batch(images, "cpu", train=True, generator=torch.Generator().manual_seed(0))
+    y = prepare_batch(images, "cpu", train=True, generator=torch.Generator().manual_seed(0))
     flipped = [not torch.allclose(y[i], expected[i]) for i in range(32)]
     for i in range(32):
         assert torch.allclose(y[i], expected[i].flip(2) if flipped[i] else expected[i])
@@ -943,14 +945,14 @@ def yaml_params(path: Path, data_overrides: dict) -> str:
 def _ours(cfg: Config, split: str) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """key -> ((H, W, 3) uint8 image, (40,) attributes) of every sample of `split`, by our loader."""
     samples = {}
-    for batch in data.make_loader(cfg, split, train=False, batch_size=4, num_workers=0):
+    for batch in make_loader(cfg, split, train=False, batch_size=4, num_workers=0):
         for key, image, attrs in zip(batch["key"], batch["image"], batch["attrs"]):
             samples[key] = (image.permute(1, 2, 0).numpy(), attrs.numpy())
     return samples
 
 
 def _shard_paths(cfg: Config, split: str) -> list[Path]:
-    manifest = data.read_manifest(cfg)
+    manifest = read_manifest(cfg)
     return [Path(cfg.data.shards_dir) / shard["name"] for shard in manifest["splits"][split]["shards"]]
 
 
@@ -959,15 +961,15 @@ def test_webdataset_reads_every_sample_of_our_shards(sharded):
     with the same pixels and attributes (members read as bytes: nothing of ours is unpickled)."""
     import webdataset as wds
 
-    for split in data.SPLITS:
+    for split in SPLITS:
         ours = _ours(sharded, split)
         seen = {}
         for sample in wds.WebDataset([str(p) for p in _shard_paths(sharded, split)], shardshuffle=False):
-            assert set(sample) >= {"__key__", "npy", "json"}
+            assert set(sample) >= {"__key__", "npy", "attrs"}
             image = np.load(io.BytesIO(sample["npy"]), allow_pickle=False)
-            attrs = json.loads(sample["json"])["attrs"]
+            attrs = np.frombuffer(sample["attrs"], np.int8)
             seen[sample["__key__"]] = (image, attrs)
-        assert len(seen) == data.read_manifest(sharded)["splits"][split]["count"]
+        assert len(seen) == read_manifest(sharded)["splits"][split]["count"]
         assert set(seen) == set(ours)
         for key, (image, attrs) in seen.items():
             assert image.dtype == np.uint8 and np.array_equal(image, ours[key][0])
@@ -975,7 +977,7 @@ def test_webdataset_reads_every_sample_of_our_shards(sharded):
 
 
 def test_our_loader_reads_shards_written_by_webdatasets_tarwriter(sharded, tmp_path):
-    """Shards written by webdataset's TarWriter with our member names (<key>.npy, <key>.json)
+    """Shards written by webdataset's TarWriter with our member names (<key>.npy, <key>.attrs)
     load through make_loader to the same samples."""
     import webdataset as wds
 
@@ -983,19 +985,19 @@ def test_our_loader_reads_shards_written_by_webdatasets_tarwriter(sharded, tmp_p
     shutil.copytree(sharded.data.shards_dir, out)
     rewritten = sharded.with_overrides({"data.shards_dir": str(out)})
     manifest = json.loads((out / "manifest.json").read_text())
-    for split in data.SPLITS:
+    for split in SPLITS:
         for shard in manifest["splits"][split]["shards"]:
             path = out / shard["name"]
             members = list(wds.WebDataset(str(path), shardshuffle=False))
             path.unlink()
             with wds.TarWriter(str(path)) as sink:
                 for sample in members:
-                    sink.write({"__key__": sample["__key__"], "npy": sample["npy"], "json": sample["json"]})
+                    sink.write({"__key__": sample["__key__"], "npy": sample["npy"], "attrs": sample["attrs"]})
             shard["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
     (out / "manifest.json").write_text(text)
     (out / "manifest.sha256").write_text(hashlib.sha256(text.encode()).hexdigest() + "\n")
-    for split in data.SPLITS:
+    for split in SPLITS:
         theirs, ours = _ours(rewritten, split), _ours(sharded, split)
         assert set(theirs) == set(ours)
         assert all(np.array_equal(theirs[k][0], ours[k][0]) and np.array_equal(theirs[k][1], ours[k][1]) for k in ours)
@@ -1009,10 +1011,10 @@ def test_pax_named_members_read_the_same_whatever_the_read_size(sharded, tmp_pat
     path = tmp_path / "theirs.tar"
     with wds.TarWriter(str(path)) as sink:
         for i in range(5):
-            sink.write({"__key__": f"{i:06d}", "npy": bytes([i]) * (700 + i), "json": b"{}"})
-    monkeypatch.setattr(data, "READ_BYTES", piece)
+            sink.write({"__key__": f"{i:06d}", "npy": bytes([i]) * (700 + i), "attrs": b"\0" * 40})
+    monkeypatch.setattr(tar_walker, "READ_BYTES", piece)
     with path.open("rb") as stream:
-        members = [(name, bytes(buf[at : at + size])) for name, buf, at, size in data._tar_members(stream)]
+        members = [(name, bytes(buf[at : at + size])) for name, buf, at, size in tar_members(stream)]
     with tarfile.open(path) as tar:
         expected = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
     assert members == expected and len(members) == 10
@@ -1042,21 +1044,32 @@ def test_long_and_dotted_member_names_read_as_tarfile_and_webdataset_name_them(t
     """Names over 100 characters (pax path records, GNU long names, the ustar prefix field) and
     dotted folders: the walk finds tarfile's names, and keys split as webdataset splits them."""
     folder = "shards.v2/" + "d" * (90 if fmt == tarfile.USTAR_FORMAT else 120)
-    names = [f"{folder}/{i:06d}.{ext}" for i in range(3) for ext in ("npy", "json")]
+    names = [f"{folder}/{i:06d}.{ext}" for i in range(3) for ext in ("npy", "attrs")]
     path = tmp_path / "long.tar"
     with tarfile.open(path, "w", format=fmt) as tar:
         for n, name in enumerate(names):
-            data.add_member(tar, name, bytes([n]) * (600 + n))
-    monkeypatch.setattr(data, "READ_BYTES", 1024)  # records and their members fall across reads
+            add_member(tar, name, bytes([n]) * (600 + n))
+    monkeypatch.setattr(tar_walker, "READ_BYTES", 1024)  # records and their members fall across reads
     with path.open("rb") as stream:
-        found = [(name, bytes(buf[at : at + size])) for name, buf, at, size in data._tar_members(stream)]
+        found = [(name, bytes(buf[at : at + size])) for name, buf, at, size in tar_members(stream)]
     with tarfile.open(path) as tar:
         assert found == [(m.name, tar.extractfile(m).read()) for m in tar.getmembers()]
     key = f"{folder}/000000"
-    assert [data.split_member(name) for name, _ in found[:2]] == [(key, "npy"), (key, "json")]
+    assert [split_member(name) for name, _ in found[:2]] == [(key, "npy"), (key, "attrs")]
+
+
+def test_a_member_name_repeated_within_a_sample_is_damage(sharded, tmp_path):
+    """As webdataset's group_by_keys treats it: two images for one key are never silently one."""
+    path = tmp_path / "twice.tar"
+    image = (Path(sharded.data.shards_dir) / "train-000000.tar").read_bytes()[512 : 512 + 16]
+    with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name in ("000001.npy", "000001.attrs", "000001.npy", "000002.npy", "000002.attrs"):
+            add_member(tar, name, image)
+    with pytest.raises(ShardError, match=r"twice\.tar: member 000001\.npy appears twice in sample 000001"):
+        list(read_segment(Segment(str(path), 0, 2, 2), "npy"))
 
 
 def test_a_malformed_pax_record_is_damage_not_a_hang():
     for body in (b"20 path=abc/def.npy\nX", b"99 path=x\n", b"5 a\n"):
         with pytest.raises(ValueError, match="malformed pax header"):
-            data._pax_records(body)
+            tar_walker._pax_records(body)

@@ -20,9 +20,11 @@ def project_imports(path: Path) -> set[str]:
             names = [node.module] + [f"{node.module}.{alias.name}" for alias in node.names]
         for name in names:
             if name.split(".")[0] in PACKAGES:
-                candidate = ROOT / (name.replace(".", "/") + ".py")
-                if candidate.is_file():
-                    found.add(str(candidate.relative_to(ROOT)))
+                parts = name.split(".")
+                # the module's file, and the __init__.py of every package above it, which Python runs first
+                candidates = [ROOT / (name.replace(".", "/") + ".py")]
+                candidates += [ROOT.joinpath(*parts[:i], "__init__.py") for i in range(2, len(parts) + 1)]
+                found |= {str(c.relative_to(ROOT)) for c in candidates if c.is_file()}
     return found
 
 

@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfcvae import data, features, tracking
+from dfcvae import features, tracking
 from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
 from dfcvae.device import Runtime
@@ -38,6 +38,8 @@ from dfcvae.evaluate import (
 )
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import SAMPLER_FILE, load_sampler
+from dfcvae.shards.format import ATTRIBUTE_NAMES, manifest_hash
+from dfcvae.shards.loader import prepare_batch
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from dfcvae.uncertainty import SCORES_FILE, Scores
 from tests.conftest import tiny_config
@@ -86,7 +88,7 @@ def model(cfg: Config) -> DFCVAE:
     for i in range(cfg.train.steps):
         generator = seed_step(cfg.train.seed, 0, i)
         batch = images[torch.randint(len(images), (cfg.loader.batch_size,), generator=generator)]
-        step(data.prepare_batch(batch, "cpu", train=True, generator=generator))
+        step(prepare_batch(batch, "cpu", train=True, generator=generator))
     return model.eval()
 
 
@@ -127,9 +129,9 @@ def test_the_papers_40_attribute_probe_counts_only_what_the_data_labels(cfg: Con
     from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES
 
     probe = run_probe(model, cfg.with_overrides({"eval.num_samples": 1000, "eval.probe_attributes": "all"}), "cpu")
-    assert set(probe["attributes"]) | set(probe["skipped"]) == set(data.ATTRIBUTE_NAMES)
+    assert set(probe["attributes"]) | set(probe["skipped"]) == set(ATTRIBUTE_NAMES)
     no_truth = {name for name, why in probe["skipped"].items() if why == "no ground truth in this data"}
-    assert no_truth == set(data.ATTRIBUTE_NAMES) - set(SYNTHETIC_ATTRIBUTES)
+    assert no_truth == set(ATTRIBUTE_NAMES) - set(SYNTHETIC_ATTRIBUTES)
     assert len(probe["attributes"]) >= 25  # a rare drawn attribute may lack a class in train
     accuracies = [v["accuracy"] for v in probe["attributes"].values()]
     assert probe["mean_accuracy"] == pytest.approx(sum(accuracies) / len(accuracies))
@@ -160,7 +162,7 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     assert periods[0] == 2 and all(p <= SIZE // 2 for p in periods)
     lattice = [saved[f"test/lattice_ratio_{p}"] for p in periods]
     assert all(0 < r < 10 for r in lattice) and saved["test/lattice_ratio"] == max(lattice)
-    assert protocol["manifest_hash"] == data.manifest_hash(cfg) and protocol["sampler"] == cfg.eval.sampler
+    assert protocol["manifest_hash"] == manifest_hash(cfg) and protocol["sampler"] == cfg.eval.sampler
     # The numbers are the stored per-image scores' and features'.
     scores = Scores.load(out / SCORES_FILE)
     assert scores.count == len(scores.samples) == cfg.eval.num_samples

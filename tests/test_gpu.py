@@ -4,11 +4,11 @@ batches delivered to the GPU."""
 import pytest
 import torch
 
-from dfcvae import data
 from dfcvae.config import Config
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
 from dfcvae.loss import dfc_vae_loss
+from dfcvae.shards.loader import make_loader
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step
 
 pytestmark = pytest.mark.gpu
@@ -93,8 +93,8 @@ def test_loader_copies_page_locked_slots_to_the_device(tmp_path):
     cfg = Config().with_overrides(
         {"data.shards_dir": shards, "data.image_size": 32, "loader.batch_size": 4, "loader.num_workers": 2}
     )
-    host = [b["image"] for b in data.make_loader(cfg, "train", train=False, num_workers=0)]
-    loader = data.make_loader(cfg, "train", train=False, device="cuda")
+    host = [b["image"] for b in make_loader(cfg, "train", train=False, num_workers=0)]
+    loader = make_loader(cfg, "train", train=False, device="cuda")
     on_device, locked = [], []
     for batch in loader:
         locked.append(loader.ring.page_locked)

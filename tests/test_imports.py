@@ -1,17 +1,21 @@
 """The import contract: dfcvae's modules form layers without cycles, and dfcvae never imports pipeline.
 
+A package (dfcvae/shards/) is one node of the layers; its own modules form layers of their own.
 Imports inside functions count too: one placed there to dodge a cycle is still a cycle.
 """
 
 import ast
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 # Lower layers never import higher ones (docs: ../shared/STYLE.md's layering).
 LAYERS = (
-    {"config", "device", "ring", "weights", "metrics", "internals", "files", "sampler"},
-    {"model", "features", "loss", "data", "tracking", "synthetic", "images", "cluster", "lpips_metric", "uncertainty"},
+    {"config", "device", "weights", "metrics", "internals", "files", "sampler"},
+    {"shards"},
+    {"model", "features", "loss", "tracking", "synthetic", "images", "cluster", "lpips_metric", "uncertainty"},
     {"checkpoint", "bundle"},
     {"step", "served"},
     {"worker", "evaluate"},
@@ -32,17 +36,26 @@ def imports(path: Path) -> set[str]:
     return {name for name in found if name.split(".")[0] in ("dfcvae", "pipeline")}
 
 
-def graph() -> dict[str, set[str]]:
-    """dfcvae module -> the dfcvae modules it imports."""
-    modules = {p.stem for p in (ROOT / "dfcvae").glob("*.py") if p.stem != "__init__"}
+# The shard package's own layers, and what it may import from the rest of dfcvae.
+SHARD_LAYERS = ({"format"}, {"tar", "writer", "plan", "slots"}, {"loader"})
+SHARDS_IMPORT_ONLY = {"config", "internals"}
+
+
+def graph(package: Path = ROOT / "dfcvae") -> dict[str, set[str]]:
+    """Module (or subpackage) of `package` -> the ones of `package` it imports."""
+    prefix = ".".join(package.relative_to(ROOT).parts)
+    files = {p.stem: [p] for p in package.glob("*.py") if p.stem != "__init__"}
+    files |= {p.parent.name: sorted(p.parent.glob("*.py")) for p in package.glob("*/__init__.py")}
+    depth = prefix.count(".") + 1
     return {
         name: {
-            part.split(".")[1]
-            for part in imports(ROOT / "dfcvae" / f"{name}.py")
-            if part.startswith("dfcvae.") and part.split(".")[1] in modules
+            part.split(".")[depth]
+            for path in paths
+            for part in imports(path)
+            if part.startswith(prefix + ".") and part.count(".") >= depth and part.split(".")[depth] in files
         }
         - {name}
-        for name in modules
+        for name, paths in files.items()
     }
 
 
@@ -72,17 +85,24 @@ def test_dfcvae_modules_import_each_other_without_cycles():
     assert find_cycle(graph()) is None, f"import cycle: {' -> '.join(find_cycle(graph()))}"
 
 
-def test_every_module_sits_in_a_layer_and_imports_only_its_own_or_lower_layers():
-    layer = {name: i for i, names in enumerate(LAYERS) for name in names}
-    edges = graph()
-    assert set(edges) == set(layer), f"place these modules in LAYERS: {sorted(set(edges) ^ set(layer))}"
+@pytest.mark.parametrize(("package", "layers"), [("dfcvae", LAYERS), ("dfcvae/shards", SHARD_LAYERS)])
+def test_every_module_sits_in_a_layer_and_imports_only_its_own_or_lower_layers(package, layers):
+    layer = {name: i for i, names in enumerate(layers) for name in names}
+    edges = graph(ROOT / package)
+    assert find_cycle(edges) is None, f"import cycle: {' -> '.join(find_cycle(edges))}"
+    assert set(edges) == set(layer), f"place these modules in the layers: {sorted(set(edges) ^ set(layer))}"
     upward = sorted(f"{a} -> {b}" for a, targets in edges.items() for b in targets if layer[b] > layer[a])
     assert not upward, f"imports that point up the layers: {upward}"
 
 
+def test_the_shard_package_imports_only_dfcvae_config_and_internals():
+    outside = graph()["shards"]
+    assert outside <= SHARDS_IMPORT_ONLY, f"dfcvae.shards imports {sorted(outside - SHARDS_IMPORT_ONLY)}"
+
+
 def test_dfcvae_never_imports_pipeline():
     offenders = {
-        p.name: sorted(n for n in imports(p) if n.startswith("pipeline")) for p in (ROOT / "dfcvae").glob("*.py")
+        p.name: sorted(n for n in imports(p) if n.startswith("pipeline")) for p in (ROOT / "dfcvae").rglob("*.py")
     }
     assert not {k: v for k, v in offenders.items() if v}
 

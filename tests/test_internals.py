@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from dfcvae import internals, tracking
-from dfcvae.ring import BatchRing
+from dfcvae.shards.slots import BatchRing
 
 
 def test_shared_storage_is_shared_memory():

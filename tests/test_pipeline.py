@@ -77,7 +77,8 @@ def test_loss_weight_change_reruns_from_tune_not_fetch_or_shard(repo):
     [
         ("dfcvae/weights.py", {"tune", "train", "evaluate", "register"}),
         ("dfcvae/model.py", {"tune", "train", "evaluate", "register"}),
-        ("dfcvae/data.py", {"fetch", "shard", "tune", "train", "evaluate", "register"}),
+        ("dfcvae/shards/format.py", {"fetch", "shard", "tune", "train", "evaluate", "register"}),
+        ("dfcvae/shards/loader.py", {"tune", "train", "evaluate", "register"}),
     ],
 )
 def test_changed_library_code_makes_every_stage_that_uses_it_stale(repo, code, users):

@@ -393,7 +393,7 @@ FRESH = textwrap.dedent("""
     import importlib.abc, json, sys
     import numpy as np
 
-    BLOCKED = ("dfcvae.features", "dfcvae.loss", "dfcvae.train", "dfcvae.data")
+    BLOCKED = ("dfcvae.features", "dfcvae.loss", "dfcvae.train", "dfcvae.shards")
 
     class NoTrainingCode(importlib.abc.MetaPathFinder):
         # The served model must not need the perceptual network, the loss or the data stack.

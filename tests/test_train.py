@@ -142,10 +142,10 @@ def test_loss_falls_well_below_its_start_in_200_steps(synthetic_cfg):
     model = build_model(cfg, runtime)
     optimizer, scheduler = build_optimizer(model, cfg, runtime)
     step = make_train_step(model, build_perceptual(cfg, runtime), optimizer, scheduler, cfg, runtime)
-    from dfcvae import data
+    from dfcvae.shards.loader import make_loader, prepare_batch
 
-    batch = next(iter(data.make_loader(cfg, "train", train=False, num_workers=0)))
-    x = data.prepare_batch(batch["image"], "cpu", train=False)
+    batch = next(iter(make_loader(cfg, "train", train=False, num_workers=0)))
+    x = prepare_batch(batch["image"], "cpu", train=False)
     losses = [float(step(x)["train/loss"]) for _ in range(200)]
     assert losses[-1] < 0.5 * losses[0], (losses[0], losses[-1])
 
