@@ -169,6 +169,16 @@ def test_png_encoding_decodes_to_the_same_pixels(sharded, tmp_path):
         assert a["key"] == b["key"] and torch.equal(a["image"], b["image"])
 
 
+def test_shards_of_the_json_sidecar_format_are_refused_in_one_sentence(shard_copy):
+    """Format 1 kept the attributes in <key>.json: such shards are refused before any read, with
+    the command that rewrites them, never read with every attribute missing."""
+    path = Path(shard_copy.data.shards_dir) / "manifest.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "format": 1}))
+    with pytest.raises(DataError, match=r"are format 1 and this version reads format 2 .*`dvc repro shard`"):
+        make_loader(shard_copy, "train", train=True)
+
+
 def test_shards_of_another_image_size_are_refused(sharded):
     with pytest.raises(DataError, match="are 32 px but data.image_size is 64.*dvc repro shard"):
         make_loader(sharded.with_overrides({"data.image_size": 64}), "train", train=True)
