@@ -110,3 +110,12 @@ def test_dfcvae_never_imports_pipeline():
 def test_the_cycle_finder_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
     assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_the_readmes_layout_lists_every_module():
+    readme = (ROOT / "README.md").read_text()
+    layout = readme[readme.index("## Layout") : readme.index("## Using it")]
+    listed = {line.split()[0] for line in layout.splitlines() if line.split()}
+    modules = {f"dfcvae/{p.name}" for p in (ROOT / "dfcvae").glob("*.py") if p.stem != "__init__"}
+    modules |= {p.name for p in (ROOT / "dfcvae" / "shards").glob("*.py") if p.stem != "__init__"}
+    assert not modules - listed, f"add to the README's layout: {sorted(modules - listed)}"
