@@ -17,13 +17,14 @@ docs/config.md says how to add a key."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -103,9 +104,45 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
 }
 
 
+# Closed choices: each is one Literal, checked once, where the config is read (_coerce); the code
+# that implements a choice derives its table from it (typing.get_args), and tests/test_core.py checks
+# that every table covers exactly these values.
+Source = Literal["celeba", "synthetic", "folder"]
+Encoding = Literal["raw", "png"]
+Upsample = Literal["nearest", "bilinear", "transposed"]
+EncoderKernel = Literal[3, 4]  # stride 2, padding 1: both halve an even size exactly
+Init = Literal["default", "dcgan"]
+FeatureNorm = Literal["none", "energy", "unit"]
+Schedule = Literal["constant", "exponential", "cosine"]
+CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]
+SearchAlg = Literal["random", "grid"]
+Objective = Literal["fid_samples", "fid_recon", "fid_sum"]
+SamplerName = Literal["normal", "gmm"]
+LpipsNet = Literal["alex", "vgg"]
+
+
+class Section:
+    """A params.yaml section: its closed choices (Literal fields) are checked however it is built,
+    from params.yaml or as a dataclass in code, by the one check that reading params.yaml uses."""
+
+    def __post_init__(self) -> None:
+        for name, hint in _literal_fields(type(self)).items():
+            _coerce(getattr(self, name), hint, f"{_section_name(type(self))}.{name}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> dict[str, Any]:
+    return {name: hint for name, hint in typing.get_type_hints(cls).items() if typing.get_origin(hint) is Literal}
+
+
+@functools.cache
+def _section_name(cls: type) -> str:
+    return next(name for name, hint in typing.get_type_hints(Config).items() if hint is cls)
+
+
 @dataclass(frozen=True)
-class DataConfig:
-    source: str = "celeba"  # celeba | synthetic | folder
+class DataConfig(Section):
+    source: Source = "celeba"
     celeba_dir: str = "data/celeba"  # where CelebA is looked for (folder, zip, txt or csv)
     folder_dir: str = ""  # source=folder: the user's image tree
     download: bool = True  # source=celeba: try torchvision's downloader when missing
@@ -118,7 +155,7 @@ class DataConfig:
     # "square" (the centre square of each image's shorter side), or "auto": square for a folder, else 148.
     crop_size: int | str = "auto"
     image_size: int = 64
-    encoding: str = "raw"  # raw | png
+    encoding: Encoding = "raw"
     samples_per_shard: int = 2000
     max_reject_fraction: float = 0.01  # shard fails if more raw images are unusable
     max_image_pixels: int = 50_000_000  # larger raw images are rejected (decompression bombs)
@@ -130,7 +167,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class LoaderConfig:
+class LoaderConfig(Section):
     batch_size: int = 256  # per worker; global batch = batch_size * scaling.num_workers
     num_workers: int = 4  # DataLoader processes per training worker
     shuffle_buffer: int = 5000
@@ -142,18 +179,18 @@ class LoaderConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(Section):
     hidden_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     latent_dim: int = 128
     # The paper's network (PAPER_NETWORK); a stored config without these keys is the older
     # transposed one (STORED_BEFORE_FIELD).
-    upsample: str = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | bilinear | transposed
-    encoder_kernel: int = 4  # 3 | 4: the encoder's stride-2 convs (4 as the paper's code)
-    init: str = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
+    upsample: Upsample = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | bilinear | transposed
+    encoder_kernel: EncoderKernel = 4  # the encoder's stride-2 convs (4 as the paper's code)
+    init: Init = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
 
 
 @dataclass(frozen=True)
-class PerceptualConfig:
+class PerceptualConfig(Section):
     backbone: str = "vgg19_bn"  # vgg19_bn | vgg19 | vgg16 | mobilenet_v2
     layers: tuple[str, ...] = ("vae123",)  # layer names, or one preset: vae123 | vae345
     weights: str = "imagenet"  # imagenet | random | path to a state_dict file
@@ -163,13 +200,13 @@ class PerceptualConfig:
 
 
 @dataclass(frozen=True)
-class LossConfig:
+class LossConfig(Section):
     kl_weight: float = 0.003  # alpha (Hou et al. 2017, eq. 4)
     perceptual_weight: float = 1.0  # beta
     pixel_weight: float = 1.0  # pixel MSE beside the features; 0 as in the paper
     # none: the paper's 1/(2 C H W) ||.||^2 per layer; energy: that divided by the layer's mean
     # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
-    feature_norm: str = "energy"
+    feature_norm: FeatureNorm = "energy"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
     lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, eval.lpips_net and _weights; 0 = off
     # Training's feature term on the same random window of x and x_hat, this many px smaller, at an
@@ -178,17 +215,17 @@ class LossConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(Section):
     lr: float = 1e-3  # for the global batch
     weight_decay: float = 0.0
-    schedule: str = "exponential"  # constant | exponential | cosine
+    schedule: Schedule = "exponential"
     min_lr_fraction: float = 0.1  # lr at the last step, as a fraction of lr
     grad_clip: float = 0.0  # max grad norm; 0 disables clipping
     betas: tuple[float, float] = (0.5, 0.999)  # Adam's; the paper's code uses (0.5, 0.999)
 
 
 @dataclass(frozen=True)
-class TrainConfig:
+class TrainConfig(Section):
     steps: int = 20000
     seed: int = 0
     log_every: int = 50
@@ -198,7 +235,7 @@ class TrainConfig:
     keep_checkpoints: int = 3
     grid_every: int = 2000
     compile: bool = True  # torch.compile on GPU
-    compile_mode: str = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs (see step.COMPILE_MODES)
+    compile_mode: CompileMode = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs
     out_dir: str = "outputs/train"
     init_from: str = ""  # checkpoint path or models:/ URI to start from
     # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
@@ -210,7 +247,7 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
-class ScalingConfig:
+class ScalingConfig(Section):
     num_workers: int = 4
     use_gpu: bool = True
     cpus_per_worker: float = 8.0
@@ -229,11 +266,11 @@ class ScalingConfig:
 
 
 @dataclass(frozen=True)
-class TuneConfig:
+class TuneConfig(Section):
     enabled: bool = True
     num_samples: int = 24
     max_concurrent: int = 4
-    search_alg: str = "random"  # random | grid
+    search_alg: SearchAlg = "random"
     steps: int = 3000  # training steps per trial
     grace_period: int = 1000  # ASHA: steps before a trial can be stopped
     reduction_factor: int = 3
@@ -248,11 +285,11 @@ class TuneConfig:
 
 
 @dataclass(frozen=True)
-class EvalConfig:
+class EvalConfig(Section):
     num_samples: int = 10000  # prior samples and test images for FID
     val_subset: int = 1024  # fixed val images for the cheap tuning objective
     batch_size: int = 256
-    objective: str = "fid_sum"  # fid_samples | fid_recon | fid_sum; lower is better
+    objective: Objective = "fid_sum"  # lower is better
     reference_backbone: str = "vgg19_bn"  # fixed perceptual distance, the same for all models
     reference_layers: tuple[str, ...] = ("vae345",)
     reference_weights: str = "imagenet"
@@ -272,12 +309,12 @@ class EvalConfig:
     # Prior samples (dfcvae/sampler.py): normal, z ~ N(0, temperature^2 I), or gmm, a Gaussian
     # mixture fit on train latent means. Every sampler's FID is reported (test/fid_samples_<name>);
     # this one's is test/fid_samples, draws samples.png, and goes with the registered model.
-    sampler: str = "gmm"  # measured: FID 155 against N(0, I)'s 226 on the demo (docs/quality.md)
+    sampler: SamplerName = "gmm"  # measured: FID 155 against N(0, I)'s 226 on the demo (docs/quality.md)
     temperature: float = 1.0
     gmm_components: int = 10
     # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg, "" for none; weights
     # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_random, test/lpips_file).
-    lpips_net: str = "alex"
+    lpips_net: LpipsNet = "alex"
     lpips_weights: str = "imagenet"
     # Uncertainty (dfcvae/uncertainty.py): two-sided percentile bootstrap intervals at `confidence`
     # over `bootstrap_resamples` resamples of the test images and samples (test/<metric>_ci); each
@@ -292,14 +329,14 @@ class EvalConfig:
 
 
 @dataclass(frozen=True)
-class ServeConfig:
+class ServeConfig(Section):
     # The most images one request may send or ask for (params.n): a reply of 64 images of 64 px
     # is ~15 MB of JSON. Read when the model is registered, and served with it.
     max_batch: int = 64
 
 
 @dataclass(frozen=True)
-class RegistryConfig:
+class RegistryConfig(Section):
     model_name: str = "dfcvae"
     out_dir: str = "outputs/register"
     # Serialises the champion decision across processes. A SQLite store uses `<db>.registry.lock`
@@ -317,7 +354,7 @@ class RegistryConfig:
 
 
 @dataclass(frozen=True)
-class MlflowConfig:
+class MlflowConfig(Section):
     experiment: str = "dfcvae"
     # Used when MLFLOW_TRACKING_URI is unset: a local SQLite store and artifact folder.
     local_db: str = "outputs/mlflow/mlflow.db"
@@ -467,6 +504,11 @@ def _build(cls: type, raw: Any, where: str, section: str = "") -> Any:
 def _coerce(value: Any, hint: Any, where: str) -> Any:
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
+    if origin is Literal:  # a closed choice
+        for option in args:
+            if value == option and (type(value) is type(option) or _number(value) is not None and _number(option)):
+                return option
+        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}; pick one.")
     if origin in (typing.Union, types.UnionType):
         for option in args:
             try:

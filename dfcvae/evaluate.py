@@ -92,7 +92,7 @@ from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
-from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, check_sampler, save_sampler
+from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, save_sampler
 from dfcvae.shards.format import ATTRIBUTE_NAMES, manifest_hash, read_manifest
 from dfcvae.shards.loader import make_loader, prepare_batch
 from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
@@ -213,7 +213,6 @@ def check_settings(cfg: Config) -> None:
     """The eval settings that would otherwise fail late: the objective, the sampler and the
     attribute names."""
     objective_value(cfg.eval.objective, 0.0, 0.0)
-    check_sampler(cfg.eval.sampler)
     if ALL_ATTRIBUTES in cfg.eval.arithmetic_attributes:
         raise ConfigError("eval.arithmetic_attributes: name the attributes (`all` is for eval.probe_attributes).")
     NormalSampler(cfg.model.latent_dim, cfg.eval.temperature)

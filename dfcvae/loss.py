@@ -21,12 +21,13 @@ the decoder. Logs are detached tensors (no device sync per step) keyed `split/na
 
 from __future__ import annotations
 
+import typing
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-from dfcvae.config import ConfigError, LossConfig
+from dfcvae.config import ConfigError, FeatureNorm, LossConfig
 from dfcvae.features import PerceptualNetwork
 
 
@@ -36,7 +37,7 @@ def kl_divergence(mu: Tensor, logvar: Tensor) -> Tensor:
     return (0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(dim=1)).mean()
 
 
-FEATURE_NORMS = ("none", "energy", "unit")
+FEATURE_NORMS = typing.get_args(FeatureNorm)
 _EPS = 1e-10
 
 

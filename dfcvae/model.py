@@ -30,10 +30,6 @@ from torch import Tensor, nn
 
 from dfcvae.config import ConfigError, ModelConfig
 
-UPSAMPLING = ("nearest", "bilinear", "transposed")
-ENCODER_KERNELS = (3, 4)  # stride 2, padding 1: both halve an even size exactly
-INITS = ("default", "dcgan")
-
 
 def _down(c_in: int, c_out: int, kernel: int) -> nn.Sequential:
     return nn.Sequential(
@@ -58,19 +54,6 @@ def _resize_conv(c_in: int, c_out: int, mode: str, bias: bool = False) -> list[n
 
 def _up_resize(c_in: int, c_out: int, mode: str) -> nn.Sequential:
     return nn.Sequential(*_resize_conv(c_in, c_out, mode), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2))
-
-
-def check_architecture(cfg: ModelConfig) -> None:
-    """ValueError naming the key when model.upsample, encoder_kernel or init is not one we build."""
-    for key, value, valid in (
-        ("upsample", cfg.upsample, UPSAMPLING),
-        ("encoder_kernel", cfg.encoder_kernel, ENCODER_KERNELS),
-        ("init", cfg.init, INITS),
-    ):
-        if value not in valid:
-            raise ConfigError(
-                f"model.{key} {value!r} is not one of {', '.join(map(str, valid))}; fix it in params.yaml."
-            )
 
 
 def dcgan_init(module: nn.Module) -> None:
@@ -134,11 +117,11 @@ def bottom_size(cfg: ModelConfig, image_size: int) -> int:
 
 
 class DFCVAE(nn.Module):
-    """Raises ValueError for an image size the stages cannot halve, or an unknown architecture value."""
+    """Raises ConfigError for an image size the stages cannot halve (the architecture's closed
+    choices, model.upsample and the rest, are checked where the config is read)."""
 
     def __init__(self, cfg: ModelConfig, image_size: int):
         super().__init__()
-        check_architecture(cfg)
         self.latent_dim = cfg.latent_dim
         self.image_size = image_size
         self.encoder = Encoder(cfg, image_size)

@@ -15,6 +15,7 @@ model, so the served model's `sample` mode and `pipeline.sample` draw as the eva
 
 from __future__ import annotations
 
+import typing
 from pathlib import Path
 
 import numpy as np
@@ -22,16 +23,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from dfcvae.config import ConfigError
+from dfcvae.config import ConfigError, SamplerName
 
-SAMPLERS = ("normal", "gmm")
+SAMPLERS = typing.get_args(SamplerName)
 SAMPLER_FILE = "sampler.safetensors"
-
-
-def check_sampler(name: str) -> str:
-    if name not in SAMPLERS:
-        raise ConfigError(f"eval.sampler '{name}' is not one of {', '.join(SAMPLERS)}.")
-    return name
 
 
 class NormalSampler:

@@ -20,7 +20,7 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, lattice_periods, resolve_layers
-from dfcvae.loss import check_feature_norm, check_feature_shift, dfc_vae_loss, feature_distances, kl_warmup
+from dfcvae.loss import check_feature_shift, dfc_vae_loss, feature_distances, kl_warmup
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.metrics import active_units, lattice_ratio, phase_energy
 from dfcvae.model import DFCVAE
@@ -55,37 +55,32 @@ def build_lpips(cfg: Config, runtime: Runtime) -> LPIPS | None:
     """The frozen LPIPS network for loss.lpips_weight > 0 (eval.lpips_net, eval.lpips_weights), else None."""
     if cfg.loss.lpips_weight == 0:
         return None
-    if not cfg.eval.lpips_net:
-        raise ConfigError("loss.lpips_weight > 0 needs eval.lpips_net (alex or vgg), the network it uses.")
     return LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(runtime.device)
 
 
 def check_config(cfg: Config) -> None:
     """What would otherwise fail inside the Ray workers, checked in the driver in a second:
-    ConfigError naming the key (architecture, image size, layers, feature norm, schedule)."""
+    ConfigError naming the key (image size, layers, feature shift, EMA decay; the closed choices
+    are checked where the config is read)."""
     with torch.device("meta"):  # shapes only, no memory
         DFCVAE(cfg.model, cfg.data.image_size)
     if cfg.loss.perceptual_weight > 0:
         resolve_layers(cfg.perceptual.backbone, cfg.perceptual.layers)
-    check_feature_norm(cfg.loss.feature_norm)
     check_feature_shift(cfg.loss.feature_shift, cfg.data.image_size)
-    if cfg.loss.lpips_weight > 0 and not cfg.eval.lpips_net:
-        raise ConfigError("loss.lpips_weight > 0 needs eval.lpips_net (alex or vgg), the network it uses.")
-    lr_factor(cfg)
     check_ema_decay(cfg)
-    check_compile_mode(cfg)
+
+
+# optim.schedule: the learning rate's factor at fraction t of train.steps, floor optim.min_lr_fraction.
+SCHEDULES: dict[str, Callable[[float, float], float]] = {
+    "constant": lambda t, floor: 1.0,
+    "exponential": lambda t, floor: floor**t,
+    "cosine": lambda t, floor: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * t)),
+}
 
 
 def lr_factor(cfg: Config) -> Callable[[int], float]:
-    steps, floor = max(cfg.train.steps, 1), cfg.optim.min_lr_fraction
-    schedules = {
-        "constant": lambda step: 1.0,
-        "exponential": lambda step: floor ** (min(step, steps) / steps),
-        "cosine": lambda step: floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, steps) / steps)),
-    }
-    if cfg.optim.schedule not in schedules:
-        raise ConfigError(f"optim.schedule '{cfg.optim.schedule}' is not one of {', '.join(schedules)}.")
-    return schedules[cfg.optim.schedule]
+    steps, floor, schedule = max(cfg.train.steps, 1), cfg.optim.min_lr_fraction, SCHEDULES[cfg.optim.schedule]
+    return lambda step: schedule(min(step, steps) / steps, floor)
 
 
 def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
@@ -104,15 +99,9 @@ def build_optimizer(model: nn.Module, cfg: Config, runtime: Runtime):
 COMPILE_MODES = {"default": False, "reduce-overhead": True, "max-autotune": True, "max-autotune-no-cudagraphs": False}
 
 
-def check_compile_mode(cfg: Config) -> str:
-    if cfg.train.compile_mode not in COMPILE_MODES:
-        raise ConfigError(f"train.compile_mode '{cfg.train.compile_mode}' is not one of {', '.join(COMPILE_MODES)}.")
-    return cfg.train.compile_mode
-
-
 def compiled(fn: Callable, cfg: Config, runtime: Runtime) -> tuple[Callable, bool]:
     """fn under torch.compile when train.compile and on GPU; -> (callable, uses CUDA graphs)."""
-    mode = check_compile_mode(cfg)
+    mode = cfg.train.compile_mode
     if not (cfg.train.compile and runtime.on_gpu):
         return fn, False
     return torch.compile(fn, mode=mode), COMPILE_MODES[mode]

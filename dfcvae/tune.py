@@ -82,7 +82,6 @@ DISTRIBUTIONS: dict[str, Callable[[Any], Any]] = {  # params.yaml name -> Ray Tu
 }
 # random: ranges and choices sampled num_samples times (grid keys crossed with them, as Tune does);
 # grid: every key enumerated (choice lists too), num_samples repeats; a range is an error.
-SEARCH_ALGS = ("random", "grid")
 FIXED_KEYS = (
     "train.steps",
     "train.checkpoint_every",
@@ -101,8 +100,6 @@ def parse_space(cfg: Config) -> dict[str, Any]:
     tune_cfg = cfg.tune
     if not tune_cfg.space:
         raise ConfigError("tune.space is empty: add at least one dotted key, or set tune.enabled: false.")
-    if tune_cfg.search_alg not in SEARCH_ALGS:
-        raise ConfigError(f"tune.search_alg '{tune_cfg.search_alg}' is not one of {', '.join(SEARCH_ALGS)}.")
     if not 0 < tune_cfg.report_every <= tune_cfg.grace_period <= tune_cfg.steps:
         raise ConfigError(
             f"tune: need 0 < report_every <= grace_period <= steps, got {tune_cfg.report_every}, "

@@ -454,8 +454,6 @@ def fetch(cfg: Config, workers: int | None = None) -> dict:
     CelebA or a folder is one process, bound by the disk.
     """
     d = cfg.data
-    if d.source not in SOURCES:
-        raise DataError(f"data.source: {d.source!r} is not one of {sorted(SOURCES)}; pick one.")
     if not math.isclose(sum(d.split_fractions), 1.0) or min(d.split_fractions) < 0:
         raise DataError(f"data.split_fractions={list(d.split_fractions)} must be three fractions >= 0 that sum to 1.")
     target = Path(d.raw_dir)

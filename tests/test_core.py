@@ -122,12 +122,12 @@ def test_what_is_not_an_integer_is_refused(value):
         (
             "train",
             "model.upsample=bicubic",
-            "train: model.upsample 'bicubic' is not one of nearest, bilinear, transposed; fix it in params.yaml.",
+            "train: overrides: model.upsample: 'bicubic' is not one of nearest, bilinear, transposed; pick one.",
         ),
         (
             "fetch",
             "data.source=flickr",
-            "fetch: data.source: 'flickr' is not one of ['celeba', 'folder', 'synthetic']; pick one.",
+            "fetch: overrides: data.source: 'flickr' is not one of celeba, synthetic, folder; pick one.",
         ),
     ],
 )
@@ -320,7 +320,7 @@ def test_paper_network_has_no_transposed_conv_and_dcgan_init():
     assert all(m.kernel_size == (4, 4) for m in model.encoder.convs.modules() if isinstance(m, torch.nn.Conv2d))
     weights = torch.cat([m.weight.flatten() for m in model.modules() if isinstance(m, torch.nn.Conv2d)])
     assert abs(float(weights.std()) - 0.02) < 0.002 and abs(float(weights.mean())) < 0.002
-    with pytest.raises(ValueError, match="model.upsample 'bicubic' is not one of nearest, bilinear, transposed"):
+    with pytest.raises(ValueError, match="model.upsample: 'bicubic' is not one of nearest, bilinear, transposed"):
         DFCVAE(ModelConfig(upsample="bicubic"), 64)
 
 
@@ -407,9 +407,9 @@ def test_kl_warmup_ramps_alpha_linearly_then_holds():
     torch.testing.assert_close(half, 0.5 * full)
 
 
-def test_the_lpips_term_alone_trains_the_vae_and_needs_its_network_configured():
+def test_the_lpips_term_alone_trains_the_vae_and_its_network_is_always_named():
     from dfcvae.device import Runtime
-    from dfcvae.step import build_model, build_optimizer, check_config, make_train_step
+    from dfcvae.step import build_model, build_optimizer, make_train_step
 
     cfg = Config().with_overrides(
         {
@@ -433,8 +433,8 @@ def test_the_lpips_term_alone_trains_the_vae_and_needs_its_network_configured():
     distances = [float(step(x)["train/lpips"]) for _ in range(15)]
     assert distances[0] > 0 and distances[-1] < distances[0]  # the only term in the loss, and it falls
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ConfigError, match="loss.lpips_weight > 0 needs eval.lpips_net"):
-        check_config(cfg.with_overrides({"eval.lpips_net": ""}))
+    with pytest.raises(ConfigError, match="eval.lpips_net: '' is not one of alex, vgg"):
+        cfg.with_overrides({"eval.lpips_net": ""})  # the loss's LPIPS always has its network
 
 
 def test_the_lpips_network_of_the_loss_is_frozen():
@@ -562,3 +562,32 @@ def test_the_code_digest_that_names_runs_covers_the_subpackages(tmp_path, monkey
         assert tracking.code_digest() != before, changed
         path.write_text(original)
     assert tracking.code_digest() == before
+
+
+def test_every_closed_choice_is_one_literal_that_its_implementation_covers_exactly():
+    """A value is checked once, where the config is read; each table that implements the choice
+    has exactly the Literal's values, so a value the config accepts always has an implementation."""
+    import typing
+
+    from dfcvae import config
+    from dfcvae.lpips_metric import NETS
+    from dfcvae.shards.format import IMAGE_MEMBERS
+    from dfcvae.step import COMPILE_MODES, SCHEDULES
+    from dfcvae.uncertainty import OBJECTIVES
+    from pipeline.fetch import SOURCES
+
+    tables = {
+        config.Source: SOURCES,
+        config.Encoding: IMAGE_MEMBERS,
+        config.Schedule: SCHEDULES,
+        config.CompileMode: COMPILE_MODES,
+        config.Objective: OBJECTIVES,
+        config.LpipsNet: NETS,
+    }
+    for choice, table in tables.items():
+        assert set(typing.get_args(choice)) == set(table), choice
+    cfg = Config()
+    for key, bad in (("model.upsample", "bicubic"), ("tune.search_alg", "bayes"), ("model.encoder_kernel", 5)):
+        with pytest.raises(ConfigError, match=rf"{key}: {bad!r} is not one of .*; pick one\."):
+            cfg.with_overrides({key: bad})
+    assert cfg.with_overrides({"model.encoder_kernel": 3.0}).model.encoder_kernel == 3  # as YAML may write it

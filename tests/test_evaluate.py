@@ -208,7 +208,7 @@ def test_misspelt_eval_settings_fail_before_any_work(cfg: Config, model: DFCVAE,
     wrong = {"eval.probe_attributes": ["Smilling"], "eval.out_dir": str(tmp_path / "eval")}
     with pytest.raises(ValueError, match="unknown attribute 'Smilling' in eval settings"):
         evaluate(model, cfg.with_overrides(wrong), "cpu")
-    with pytest.raises(ValueError, match="eval.objective 'fid' is not one of"):
+    with pytest.raises(ValueError, match="eval.objective: 'fid' is not one of"):
         evaluate(model, cfg.with_overrides({"eval.objective": "fid", "eval.out_dir": str(tmp_path / "eval")}), "cpu")
     assert not (tmp_path / "eval").exists()
 
@@ -244,7 +244,7 @@ def test_tuning_objective_is_the_configured_one_and_deterministic(cfg: Config, m
     assert first["val/objective"] == first["val/fid_sum"] == first["val/fid_recon"] + first["val/fid_samples"]
     samples = tuning_objective(model, cfg.with_overrides({"eval.objective": "fid_samples"}), "cpu")
     assert samples["val/objective"] == first["val/fid_samples"]
-    with pytest.raises(ValueError, match="eval.objective 'fid' is not one of"):
+    with pytest.raises(ValueError, match="eval.objective: 'fid' is not one of"):
         tuning_objective(model, cfg.with_overrides({"eval.objective": "fid"}), "cpu")
     model.eval()
 

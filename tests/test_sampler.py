@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from dfcvae.config import ConfigError
-from dfcvae.sampler import GaussianMixtureSampler, NormalSampler, check_sampler, load_sampler, save_sampler
+from dfcvae.config import Config, ConfigError
+from dfcvae.sampler import GaussianMixtureSampler, NormalSampler, load_sampler, save_sampler
 
 
 def clusters(n: int = 600) -> torch.Tensor:
@@ -47,8 +47,8 @@ def test_samplers_round_trip_through_safetensors_and_draw_the_same(tmp_path):
 
 
 def test_bad_sampler_settings_are_one_sentence():
-    with pytest.raises(ConfigError, match="eval.sampler 'vamp' is not one of normal, gmm"):
-        check_sampler("vamp")
+    with pytest.raises(ConfigError, match="eval.sampler: 'vamp' is not one of normal, gmm; pick one"):
+        Config().with_overrides({"eval.sampler": "vamp"})
     with pytest.raises(ConfigError, match="eval.temperature 0 must be positive"):
         NormalSampler(4, 0)
     with pytest.raises(ConfigError, match="at least 2 train latents"):
