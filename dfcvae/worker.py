@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.optim.swa_utils import AveragedModel
 from tqdm import tqdm
 
-from dfcvae import cluster, metrics, tracking
+from dfcvae import cluster, pictures, tracking
 from dfcvae.checkpoint import (
     DamagedCheckpointError,
     all_finite,
@@ -290,8 +290,8 @@ class Validation:
         """name -> (images, per row): prior samples from a fixed seed, val inputs over reconstructions."""
         generator = torch.Generator().manual_seed(self.cfg.train.seed)
         return {
-            "samples": metrics.sample_grid(model, GRID_SAMPLES, generator, nrow=8),
-            "reconstructions": metrics.reconstruction_grid(model, self.batches[0][:GRID_RECONSTRUCTIONS]),
+            "samples": pictures.sample_grid(model, GRID_SAMPLES, generator, nrow=8),
+            "reconstructions": pictures.reconstruction_grid(model, self.batches[0][:GRID_RECONSTRUCTIONS]),
         }
 
 
@@ -334,7 +334,7 @@ class History:
     def grids(self, grids: dict[str, tuple[Tensor, int]], step: int) -> None:
         with tempfile.TemporaryDirectory() as tmp:
             for name, (images, nrow) in grids.items():
-                path = metrics.save_grid(images, Path(tmp) / f"{name}_step{step:07d}.png", nrow)
+                path = pictures.save_grid(images, Path(tmp) / f"{name}_step{step:07d}.png", nrow)
                 self.logger.artifact(path, f"grids/{name}")
 
     def finish(self) -> None:

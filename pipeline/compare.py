@@ -53,9 +53,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
-from torchvision.utils import make_grid
 
-from dfcvae import evaluate, tracking
+from dfcvae import evaluate, pictures, tracking
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config, ConfigError
 from dfcvae.files import write_json
@@ -71,7 +70,6 @@ SAMPLE_ROWS, SAMPLE_COLS = 4, 4
 LABEL_WIDTH = 96  # px, the label column of reconstructions.png
 LABEL_HEIGHT = 22  # px, the label strip above each panel of samples.png
 PANEL_GAP = 12  # px between the two sample panels
-PAD = evaluate.GRID_PADDING
 MEASURED = (  # comparison.json key, table label, format: measured per run, summarised over seeds
     ("fid_samples", "FID prior samples (lower is better)", "{:.1f}"),
     ("fid_recon", "FID reconstructions (lower is better)", "{:.1f}"),
@@ -308,18 +306,12 @@ def write_markdown(result: dict[str, Any], path: Path) -> None:
 
 def figure_sizes(image_size: int) -> dict[str, tuple[int, int]]:
     """(width, height) in px of reconstructions.png and samples.png (module docstring)."""
-    recon_w, recon_h = evaluate.grid_size(1 + len(VARIANTS), RECON_COLS, image_size)
-    panel_w, panel_h = evaluate.grid_size(SAMPLE_ROWS, SAMPLE_COLS, image_size)
+    recon_w, recon_h = pictures.grid_size(1 + len(VARIANTS), RECON_COLS, image_size)
+    panel_w, panel_h = pictures.grid_size(SAMPLE_ROWS, SAMPLE_COLS, image_size)
     return {
         "reconstructions.png": (LABEL_WIDTH + recon_w, recon_h),
         "samples.png": (len(VARIANTS) * panel_w + (len(VARIANTS) - 1) * PANEL_GAP, LABEL_HEIGHT + panel_h),
     }
-
-
-def grid_image(images: Tensor, nrow: int) -> Image.Image:
-    """[-1, 1] images (N, 3, S, S) -> one PIL grid, as metrics.save_grid lays it out."""
-    grid = make_grid(((images.float().cpu() + 1) / 2).clamp(0, 1), nrow=nrow, padding=PAD)
-    return Image.fromarray(grid.mul(255).add(0.5).clamp(0, 255).byte().permute(1, 2, 0).numpy())
 
 
 def label_font() -> ImageFont.ImageFont:
@@ -336,13 +328,13 @@ def reconstructions_figure(models: dict, images: Tensor) -> Image.Image:
         for name in VARIANTS:
             model = models[name]
             rows.append(model.decode(model.encode(images.to(_device(model)))[0]).float().cpu())
-    grid = grid_image(torch.cat(rows), nrow=len(images))
+    grid = pictures.grid_image(torch.cat(rows), nrow=len(images))
     figure = Image.new("RGB", (LABEL_WIDTH + grid.width, grid.height), "white")
     figure.paste(grid, (LABEL_WIDTH, 0))
     draw, font = ImageDraw.Draw(figure), label_font()
-    step = images.shape[-1] + PAD
+    step = images.shape[-1] + pictures.GRID_PADDING
     for i, text in enumerate(("test images", *(LABELS[v] for v in VARIANTS))):
-        draw.text((6, PAD + i * step + step // 2), text, fill="black", font=font, anchor="lm")
+        draw.text((6, pictures.GRID_PADDING + i * step + step // 2), text, fill="black", font=font, anchor="lm")
     return figure
 
 
@@ -354,7 +346,7 @@ def samples_figure(models: dict, seed: int) -> Image.Image:
     with torch.no_grad():
         for name in VARIANTS:
             model = models[name]
-            panels.append(grid_image(model.decode(z.to(_device(model))), nrow=SAMPLE_COLS))
+            panels.append(pictures.grid_image(model.decode(z.to(_device(model))), nrow=SAMPLE_COLS))
     width = sum(p.width for p in panels) + PANEL_GAP * (len(panels) - 1)
     figure = Image.new("RGB", (width, LABEL_HEIGHT + panels[0].height), "white")
     draw, font = ImageDraw.Draw(figure), label_font()

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dfcvae import metrics, tracking
+from dfcvae import pictures, tracking
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, download_registered, load_checkpoint, load_model, model_from_state
 from dfcvae.config import Config
 from dfcvae.device import default_device
@@ -44,7 +44,7 @@ RECON_COLS = 8
 def sample_pictures(model: DFCVAE, n: int, seed: int, cols: int, sampler: Sampler | None = None) -> torch.Tensor:
     generator = torch.Generator().manual_seed(seed)
     z = (sampler or NormalSampler(model.latent_dim)).sample(n, generator)
-    images, _ = metrics.sample_grid(model, n, generator, nrow=cols, z=z)
+    images, _ = pictures.sample_grid(model, n, generator, nrow=cols, z=z)
     return images
 
 
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
         cols = args.nrow or math.ceil(math.sqrt(args.n))
         sampler = choose_sampler(args.sampler, stored, model.latent_dim, args.temperature)
         grid = sample_pictures(model, args.n, args.seed, cols, sampler)
-    path = metrics.save_grid(grid, args.out, nrow=cols)
+    path = pictures.save_grid(grid, args.out, nrow=cols)
     rows, cols = math.ceil(len(grid) / cols), min(cols, len(grid))
     print(f"wrote {path}: {rows} rows x {cols} images of {cfg.data.image_size} px")
 

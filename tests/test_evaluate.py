@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from dfcvae import features, tracking
+from dfcvae import features, pictures, tracking
 from dfcvae.checkpoint import load_model
 from dfcvae.config import Config
 from dfcvae.device import Runtime
@@ -31,7 +31,6 @@ from dfcvae.evaluate import (
     SAMPLE_COLS,
     SAMPLE_ROWS,
     evaluate,
-    grid_size,
     read_split,
     run_probe,
     tuning_objective,
@@ -226,7 +225,7 @@ def test_pictures_have_the_documented_grid_shapes(cfg: Config, evaluation: dict)
     for name, (rows, cols) in documented.items():
         with Image.open(out / name) as picture:
             assert picture.format == "PNG" and picture.mode == "RGB"
-            assert picture.size == grid_size(rows, cols, SIZE), name
+            assert picture.size == pictures.grid_size(rows, cols, SIZE), name
         assert (layout[name]["rows"], layout[name]["cols"]) == (rows, cols)
     assert layout["attribute_arithmetic.png"]["directions"] == list(cfg.eval.arithmetic_attributes)
 
@@ -302,7 +301,7 @@ def test_sample_command_writes_sample_and_reconstruction_grids(cfg: Config, mode
     save_model(model, cfg, tmp_path / "model.pt")
     main(["--model", str(tmp_path), "--out", str(tmp_path / "samples.png"), "--n", "6", "--seed", "3"])
     with Image.open(tmp_path / "samples.png") as picture:
-        assert picture.size == grid_size(2, 3, SIZE)  # ceil(sqrt(6)) = 3 columns
+        assert picture.size == pictures.grid_size(2, 3, SIZE)  # ceil(sqrt(6)) = 3 columns
 
     photos = tmp_path / "photos"
     (photos / "nested").mkdir(parents=True)
@@ -323,7 +322,8 @@ def test_sample_command_writes_sample_and_reconstruction_grids(cfg: Config, mode
         ]
     )
     with Image.open(tmp_path / "recon.png") as picture:
-        assert picture.size == grid_size(4, 2, SIZE)  # 3 images: 2 rows of inputs, each above its reconstructions
+        # 3 images: 2 rows of inputs, each above its reconstructions
+        assert picture.size == pictures.grid_size(4, 2, SIZE)
 
 
 def test_sample_command_draws_from_a_stored_sampler(cfg: Config, model: DFCVAE, tmp_path) -> None:

@@ -135,7 +135,7 @@ def test_a_picture_is_never_written_over_a_file_the_project_did_not_write(tmp_pa
     import torch
     from PIL import Image
 
-    from dfcvae.metrics import save_grid
+    from dfcvae.pictures import save_grid
 
     images = torch.zeros(4, 3, 8, 8)
     mine = tmp_path / "holiday.png"

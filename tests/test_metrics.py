@@ -15,7 +15,7 @@ from torch import nn
 from torchmetrics.functional.image import structural_similarity_index_measure
 from torchmetrics.image.fid import _compute_fid
 
-from dfcvae import metrics
+from dfcvae import metrics, pictures
 
 # Within this range FID on these images rises steeply and monotonically (about 170-210,
 # 330-380, 410-450 over image seeds); much stronger noise saturates Inception on so few images.
@@ -313,16 +313,16 @@ def model() -> TinyVAE:
 
 
 def test_sample_grid_shape_and_generator(model: TinyVAE) -> None:
-    images, cols = metrics.sample_grid(model, 10, torch.Generator().manual_seed(3))
+    images, cols = pictures.sample_grid(model, 10, torch.Generator().manual_seed(3))
     assert images.shape == (10, 3, 16, 16) and cols == 4  # 3 rows x 4 cols
-    again, _ = metrics.sample_grid(model, 10, torch.Generator().manual_seed(3))
+    again, _ = pictures.sample_grid(model, 10, torch.Generator().manual_seed(3))
     torch.testing.assert_close(images, again)
-    assert metrics.sample_grid(model, 6, torch.Generator(), nrow=3)[1] == 3
+    assert pictures.sample_grid(model, 6, torch.Generator(), nrow=3)[1] == 3
 
 
 def test_reconstruction_grid_puts_inputs_above_reconstructions(model: TinyVAE) -> None:
     x = smooth_images(5, size=16)
-    images, cols = metrics.reconstruction_grid(model, x)
+    images, cols = pictures.reconstruction_grid(model, x)
     assert images.shape == (10, 3, 16, 16) and cols == 5  # 2 rows x 5 cols
     torch.testing.assert_close(images[:5], x)
     torch.testing.assert_close(images[5:], model.decode(model.encode(x)[0]).detach())
@@ -330,7 +330,7 @@ def test_reconstruction_grid_puts_inputs_above_reconstructions(model: TinyVAE) -
 
 def test_interpolation_grid_runs_from_a_to_b(model: TinyVAE) -> None:
     a, b = smooth_images(3, size=16, seed=1), smooth_images(3, size=16, seed=2)
-    images, cols = metrics.interpolation_grid(model, a, b, steps=5)
+    images, cols = pictures.interpolation_grid(model, a, b, steps=5)
     assert images.shape == (15, 3, 16, 16) and cols == 5  # 3 rows x 5 cols
     rows = images.view(3, 5, 3, 16, 16)
     with torch.no_grad():
@@ -341,12 +341,12 @@ def test_interpolation_grid_runs_from_a_to_b(model: TinyVAE) -> None:
 def test_attribute_vector_and_arithmetic_grid(model: TinyVAE) -> None:
     latents = torch.tensor([[1.0, 0.0, 0, 0], [3.0, 2.0, 0, 0], [0.0, 0.0, 0, 0], [0.0, 4.0, 0, 0]])
     attrs = torch.tensor([[1, 0], [1, 1], [0, 1], [0, 0]])
-    torch.testing.assert_close(metrics.attribute_vector(latents, attrs, 0), torch.tensor([2.0, -1.0, 0, 0]))
+    torch.testing.assert_close(pictures.attribute_vector(latents, attrs, 0), torch.tensor([2.0, -1.0, 0, 0]))
     with pytest.raises(ValueError, match="with and without"):
-        metrics.attribute_vector(latents, torch.ones(4, 1), 0)
+        pictures.attribute_vector(latents, torch.ones(4, 1), 0)
 
     x = smooth_images(2, size=16)
-    images, cols = metrics.attribute_arithmetic_grid(model, x, torch.ones(4), [-1.0, 0.0, 1.0, 2.0])
+    images, cols = pictures.attribute_arithmetic_grid(model, x, torch.ones(4), [-1.0, 0.0, 1.0, 2.0])
     assert images.shape == (8, 3, 16, 16) and cols == 4  # 2 rows x 4 cols
     with torch.no_grad():
         torch.testing.assert_close(images.view(2, 4, 3, 16, 16)[:, 1], model.decode(model.encode(x)[0]))
@@ -354,16 +354,16 @@ def test_attribute_vector_and_arithmetic_grid(model: TinyVAE) -> None:
 
 def test_grids_leave_the_training_mode_as_it_was(model: TinyVAE) -> None:
     model.train()
-    metrics.reconstruction_grid(model, smooth_images(2, size=16))
+    pictures.reconstruction_grid(model, smooth_images(2, size=16))
     assert model.training
     model.eval()
-    metrics.sample_grid(model, 2, torch.Generator())
+    pictures.sample_grid(model, 2, torch.Generator())
     assert not model.training
 
 
 def test_save_grid_writes_a_png_of_the_grid(model: TinyVAE, tmp_path) -> None:
-    images, cols = metrics.interpolation_grid(model, smooth_images(3, size=16), smooth_images(3, size=16, seed=5), 4)
-    path = metrics.save_grid(images, tmp_path / "pictures" / "interpolation.png", nrow=cols)
+    images, cols = pictures.interpolation_grid(model, smooth_images(3, size=16), smooth_images(3, size=16, seed=5), 4)
+    path = pictures.save_grid(images, tmp_path / "pictures" / "interpolation.png", nrow=cols)
     with Image.open(path) as png:
         # make_grid: 2-pixel padding around every cell.
         assert png.format == "PNG" and png.size == (4 * 18 + 2, 3 * 18 + 2)
