@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from dfcvae.checkpoint import model_from_state
 from dfcvae.config import Config
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.model import DFCVAE
@@ -96,10 +97,8 @@ def load_bundle(folder: str | Path, device: torch.device | str = "cpu") -> tuple
     missing = [name for name in (WEIGHTS_FILE, CONFIG_FILE) if not (folder / name).is_file()]
     if missing:
         raise FileNotFoundError(f"{folder} is not a dfcvae bundle: {', '.join(missing)} missing.")
-    cfg = Config.from_stored(json.loads((folder / CONFIG_FILE).read_text()))
-    model = DFCVAE(cfg.model, cfg.data.image_size)
-    model.load_state_dict(load_file(folder / WEIGHTS_FILE))
-    return model.to(device).eval(), cfg
+    state = {"model": load_file(folder / WEIGHTS_FILE), "config": json.loads((folder / CONFIG_FILE).read_text())}
+    return model_from_state(state, device)
 
 
 def load_bundle_sampler(folder: str | Path) -> Sampler | None:

@@ -199,12 +199,16 @@ def load_state(source: str | Path) -> dict[str, Any]:
     return load_checkpoint(path)
 
 
-def model_from_state(state: dict, device: torch.device | str) -> tuple[DFCVAE, Config]:
-    """{"model": state_dict, "config": dict, ...} -> (DFCVAE in eval mode on device, its Config).
+def model_from_state(
+    state: dict, device: torch.device | str, model_class: type[DFCVAE] = DFCVAE
+) -> tuple[DFCVAE, Config]:
+    """{"model": state_dict, "config": dict, ...} -> (the VAE in eval mode on device, its Config):
+    the one way every stored model (model.pt, a registered version, a bundle) is built.
     A config stored before an architecture field existed loads as the architecture of such models
-    (`Config.from_stored`, STORED_BEFORE_FIELD)."""
+    (`Config.from_stored`, STORED_BEFORE_FIELD). model_class: the class to build, e.g. the one in
+    the code a registered version carries."""
     cfg = Config.from_stored(state["config"])
-    model = DFCVAE(cfg.model, cfg.data.image_size)
+    model = model_class(cfg.model, cfg.data.image_size)
     model.load_state_dict(state["model"])
     return model.to(device).eval(), cfg
 

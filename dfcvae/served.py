@@ -47,8 +47,8 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
-from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint
-from dfcvae.config import Config, ServeConfig
+from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint, model_from_state
+from dfcvae.config import ServeConfig
 from dfcvae.device import default_device
 from dfcvae.model import DFCVAE
 from dfcvae.sampler import NormalSampler, load_sampler
@@ -69,12 +69,9 @@ class VAEModel(mlflow.pyfunc.PythonModel):
 
     def load_context(self, context) -> None:
         checkpoint = Path(context.artifacts[REGISTERED_ARTIFACT])
-        state = load_checkpoint(checkpoint)
-        cfg = Config.from_stored(state["config"])
         self.device = default_device()
-        self.model = bundled_model_class(checkpoint.parent.parent)(cfg.model, cfg.data.image_size)
-        self.model.load_state_dict(state["model"])
-        self.model.to(self.device).eval()
+        model_class = bundled_model_class(checkpoint.parent.parent)
+        self.model, _ = model_from_state(load_checkpoint(checkpoint), self.device, model_class)
         stored = context.artifacts.get(SAMPLER_ARTIFACT)
         self.sampler = load_sampler(Path(stored)) if stored else None
         # The serve section of the config the model was registered with (config.json).
@@ -196,10 +193,8 @@ def model_signature(example: np.ndarray) -> ModelSignature:
 
 def input_example(state: dict, n: int = 2) -> np.ndarray:
     """Seeded prior samples from the model itself: realistic, deterministic images."""
-    cfg = Config.from_stored(state["config"])
-    model = DFCVAE(cfg.model, cfg.data.image_size)
-    model.load_state_dict(state["model"])
-    return model.eval().sample(n, torch.Generator().manual_seed(0)).numpy()  # (n, 3, H, W)
+    model, _ = model_from_state(state, "cpu")
+    return model.sample(n, torch.Generator().manual_seed(0)).numpy()  # (n, 3, H, W)
 
 
 def log_model(
