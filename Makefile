@@ -34,12 +34,12 @@ LINTED := dfcvae pipeline bench tests
 # ruff (configured in pyproject.toml) first: a lint or format finding fails in seconds, not after the suite.
 test: setup
 	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
-		&& python -m pytest -q -ra -n 2 --dist loadfile
+		&& python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
 
 # The fast tier while developing: lint, then every test not marked slow (under 3 minutes on 2 cores).
 check: setup
 	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
-		&& python -m pytest -q -ra -n 2 --dist loadfile -m "not slow"
+		&& python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
 
 bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput

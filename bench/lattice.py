@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from dfcvae import evaluate
+from dfcvae import evaluate, pictures
 from dfcvae.checkpoint import load_checkpoint, model_from_state
 from dfcvae.config import Config
 from dfcvae.metrics import lattice_ratio, phase_energy
 from dfcvae.shards.loader import prepare_batch
-from pipeline.compare import grid_image, label_font
+from pipeline.compare import label_font
 
 COLS = 4  # enlarged test images per row
 SCALE = 3  # px per image pixel
@@ -54,7 +54,7 @@ def lattice_figure(cfg: Config, runs: dict[str, Path], period: int) -> tuple[Ima
     peaks = {label: lattice_ratio(m, maps["test images"]) for label, m in maps.items()}
     strips = {}
     for label, batch in rows.items():
-        strip = grid_image(batch[:COLS], nrow=COLS)
+        strip = pictures.grid_image(batch[:COLS], nrow=COLS)
         strips[label] = strip.resize((strip.width * SCALE, strip.height * SCALE), Image.NEAREST)
     width, height = strips["test images"].size
     tile_size = height // 2
