@@ -6,7 +6,7 @@ import os
 import socket
 
 from dfcvae.config import Config, UserError
-from dfcvae.internals import loopback_only_ray
+from dfcvae.internals import loopback_only_ray, patient_dashboard_start
 
 
 def init_ray() -> None:
@@ -35,11 +35,16 @@ def start_local_ray(num_cpus: int | None = None) -> str:
     # One machine is never partly preempted; the watcher would be one more process per run.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     loopback_only_ray()
+    patient_dashboard_start()
     import ray
 
-    context = ray.init(
-        address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
-    )
+    try:
+        context = ray.init(
+            address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port
+        )
+    except BaseException:
+        ray.shutdown()  # a start that failed halfway leaves its GCS and dashboard running otherwise
+        raise
     return context.address_info["gcs_address"]
 
 

@@ -125,6 +125,35 @@ def loopback_only_ray() -> bool:
         return False
 
 
+DASHBOARD_STARTUP = "RAY_DASHBOARD_STARTUP_TIMEOUT_S"
+DASHBOARD_STARTUP_S = 900
+
+
+def patient_dashboard_start(seconds: int = DASHBOARD_STARTUP_S) -> bool:
+    """Wait up to `seconds` for a new local cluster's dashboard before ray.init fails.
+
+    Why: Ray waits 60 s, then fails ray.init with the cluster half started (a GCS and no raylet).
+    The dashboard starts ten module processes, and on a busy 2-core machine they took 7 minutes
+    to come up (a CI run, 2026-12-03); the project keeps the dashboard on (dfcvae.cluster).
+    Public: the environment variable, read when Ray is imported. Private:
+    `ray._private.ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S`, which the head's start-up reads,
+    for this process when it imported Ray first. Fallback when that constant is gone: the
+    variable alone (then a warning). -> True when this process waits `seconds` for certain.
+    """
+    os.environ.setdefault(DASHBOARD_STARTUP, str(seconds))
+    try:
+        from ray._private import ray_constants
+
+        current = ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S
+        ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S = max(int(current), seconds)
+        return True
+    except (ImportError, AttributeError) as err:
+        log.warning(
+            "Ray's dashboard start-up timeout not found (%s): set %s before Python imports Ray", err, DASHBOARD_STARTUP
+        )
+        return False
+
+
 LOOPBACK = {"127.0.0.1", "::1"}
 _STORE: dict[str, object] = {}  # in the rank-0 worker: the rendezvous store and its socket, kept alive
 

@@ -111,3 +111,17 @@ def test_lost_workers_are_known_by_ray_trains_health_check_and_without_it_by_pub
         public = internals.lost_worker_errors()
     assert ray.exceptions.RayActorError in public and WorkerHealthCheckFailedError not in public
     assert "lost workers known by public types" in caplog.text
+
+
+def test_a_local_clusters_dashboard_is_waited_for_and_without_rays_constant_the_variable_still_is(monkeypatch, caplog):
+    from ray._private import ray_constants
+
+    monkeypatch.delenv(internals.DASHBOARD_STARTUP, raising=False)
+    monkeypatch.setattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S", 60)
+    assert internals.patient_dashboard_start(900) is True
+    assert ray_constants.RAY_DASHBOARD_STARTUP_TIMEOUT_S == 900 and os.environ[internals.DASHBOARD_STARTUP] == "900"
+    monkeypatch.delenv(internals.DASHBOARD_STARTUP)
+    monkeypatch.delattr(ray_constants, "RAY_DASHBOARD_STARTUP_TIMEOUT_S")
+    with caplog.at_level(logging.WARNING, logger="dfcvae.internals"):
+        assert internals.patient_dashboard_start(900) is False
+    assert os.environ[internals.DASHBOARD_STARTUP] == "900" and "dashboard start-up timeout not found" in caplog.text
