@@ -261,6 +261,12 @@ class _Message:
     skipped: list[tuple[str, int]] = field(default_factory=list)  # (shard url, samples)
     error: str | None = None
 
+    def pin_memory(self) -> _Message:
+        """DataLoader's pin_memory calls this (CUDA, no slots): the tensors go to page-locked memory."""
+        if self.tensors is not None:
+            self.tensors = tuple(t.pin_memory() for t in self.tensors)
+        return self
+
 
 def _collate(batch: list[tuple]) -> tuple[torch.Tensor, torch.Tensor]:
     images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3)
