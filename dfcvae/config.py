@@ -104,9 +104,9 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
 }
 
 
-# Closed choices: each is one Literal, checked once, where the config is read (_coerce); the code
-# that implements a choice derives its table from it (typing.get_args), and tests/test_core.py checks
-# that every table covers exactly these values.
+# Closed choices: each is one Literal, checked once, where the config is read (_coerce). The code
+# that implements a choice keeps a table of it (FEATURE_NORMS and SAMPLERS take theirs from
+# typing.get_args), and tests/test_core.py checks that every table covers exactly these values.
 Source = Literal["celeba", "synthetic", "folder"]
 Encoding = Literal["raw", "png"]
 Upsample = Literal["nearest", "bilinear", "transposed"]
@@ -506,7 +506,9 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
     args = typing.get_args(hint)
     if origin is Literal:  # a closed choice
         for option in args:
-            if value == option and (type(value) is type(option) or _number(value) is not None and _number(option)):
+            if value == option and (
+                type(value) is type(option) or _number(value) is not None and _number(option) is not None
+            ):
                 return option
         raise ConfigError(f"{where}: {value!r} is not one of {', '.join(map(str, args))}; pick one.")
     if origin in (typing.Union, types.UnionType):
