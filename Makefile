@@ -34,7 +34,7 @@ LINTED := dfcvae pipeline bench tests
 # ruff (configured in pyproject.toml) first: a lint or format finding fails in seconds, not after the suite.
 test: setup
 	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
-		&& python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder
+		&& python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder --durations=25
 
 # The fast tier while developing: lint, then every test not marked slow (under 3 minutes on 2 cores).
 check: setup
