@@ -188,15 +188,22 @@ def check_source(source: str) -> None:
 
 
 def load_state(source: str | Path) -> dict[str, Any]:
-    """Any source -> its checkpoint: a `models:/` URI, model.pt, a checkpoint file, or a folder
-    holding model.pt or CHECKPOINT_FILE."""
+    """Any source -> its model as `published` gives it: a `models:/` URI, model.pt, a checkpoint
+    file, or a folder holding model.pt or CHECKPOINT_FILE."""
     source = str(source)
     if source.startswith("models:/"):
         return load_registered(source)
     path = Path(source)
     if path.is_dir() and (path / MODEL_FILE).is_file():
         path = path / MODEL_FILE
-    return load_checkpoint(path)
+    return published(load_checkpoint(path))
+
+
+def published(state: dict[str, Any]) -> dict[str, Any]:
+    """A training checkpoint -> {"model", "config", "step"}: the weights that are evaluated,
+    registered, served and exported. With train.ema_decay on, those are the EMA's ("ema"), as
+    validation during training scores them; the optimizer's and the raw weights stay behind."""
+    return {"model": state.get("ema", state["model"]), "config": state["config"], "step": state.get("step")}
 
 
 def model_from_state(

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dfcvae import cluster, tracking
-from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, save_checkpoint
+from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, published, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.internals import lost_worker, torch_config
@@ -217,9 +217,7 @@ def export_outputs(checkpoint_dir: Path, out_dir: Path) -> dict[str, float]:
     state = load_checkpoint(checkpoint_dir)
     rows = read_log(checkpoint_dir / LOG_FILE)
     out_dir.mkdir(parents=True, exist_ok=True)
-    # With train.ema_decay on, the EMA's weights are the model: evaluated, registered, served.
-    final = {"model": state.get("ema", state["model"]), "config": state["config"], "step": state["step"]}
-    save_checkpoint(final, out_dir)
+    save_checkpoint(published(state), out_dir)
     os.replace(out_dir / CHECKPOINT_FILE, out_dir / MODEL_FILE)
     write_log(rows, out_dir / LOG_FILE)
     metrics: dict[str, float] = {"step": state["step"], "samples_seen": state["samples_seen"]}

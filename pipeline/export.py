@@ -2,11 +2,14 @@
 
     python -m pipeline.export --model models:/dfcvae@champion --out DIR
     python -m pipeline.export --model outputs/train/model.pt --out DIR
+    python -m pipeline.export --model ... --out DIR --onnx     # adds encoder.onnx, decoder.onnx
 
 A registered model brings its metrics, grids and provenance (version tags: data manifest hash,
 git commit; the run's Inception identity). A model.pt brings the evaluate stage's metrics,
 pictures and sampler from eval.out_dir when evaluation.json says they are of these weights.
-Publishing DIR to a model hub is a separate, optional step (README, "Sharing a model").
+--onnx adds the VAE as two ONNX graphs with a dynamic batch, checked against torch in
+onnxruntime before the bundle is kept (dfcvae/onnx_export.py). Publishing DIR to a model hub
+is a separate, optional step (README, "Sharing a model").
 """
 
 from __future__ import annotations
@@ -34,25 +37,26 @@ from dfcvae.served import SAMPLER_ARTIFACT
 from pipeline.common import command, parse_config
 
 
-def export(cfg: Config, source: str, out: Path) -> Path:
-    """Write the bundle of `source` (a models:/ URI, model.pt or a checkpoint) into `out`."""
+def export(cfg: Config, source: str, out: Path, onnx: bool = False) -> Path:
+    """Write the bundle of `source` (a models:/ URI, model.pt or a checkpoint) into `out`, with its
+    ONNX graphs when `onnx`. A checkpoint gives its published weights (the EMA's when it has one)."""
     if source.startswith("models:/"):
-        return _export_registered(cfg, source, out)
+        return _export_registered(cfg, source, out, onnx)
     state = load_state(source)
     eval_dir = Path(cfg.eval.out_dir)
     evaluation = _read_json(eval_dir / "evaluation.json")
     if evaluation.get("model_sha256") != state_digest(state["model"]):  # another model's evaluation
         if evaluation:
             print(f"export: {eval_dir} evaluated other weights; the bundle goes without metrics or sampler")
-        return write_bundle(state, out)
+        return write_bundle(state, out, onnx=onnx)
     metrics = _read_json(eval_dir / "metrics.json")
     grids = {Path(name).stem: eval_dir / name for name in PICTURES if (eval_dir / name).is_file()}
     provenance = {"fid_inception": evaluation["inception"]}
     sampler = eval_dir / SAMPLER_FILE
-    return write_bundle(state, out, metrics, grids, provenance, sampler if sampler.is_file() else None)
+    return write_bundle(state, out, metrics, grids, provenance, sampler if sampler.is_file() else None, onnx)
 
 
-def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
+def _export_registered(cfg: Config, uri: str, out: Path, onnx: bool) -> Path:
     import mlflow
 
     client = mlflow.MlflowClient(tracking_uri=tracking.use_store(cfg.mlflow))
@@ -71,7 +75,7 @@ def _export_registered(cfg: Config, uri: str, out: Path) -> Path:
         metrics = _read_json(path["metrics"]) if "metrics" in path else {}
         grids = {name.removeprefix("grid_"): p for name, p in path.items() if name.startswith("grid_")}
         state = load_checkpoint(path[REGISTERED_ARTIFACT])
-        return write_bundle(state, out, metrics, grids, provenance, path.get(SAMPLER_ARTIFACT))
+        return write_bundle(state, out, metrics, grids, provenance, path.get(SAMPLER_ARTIFACT), onnx)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -83,9 +87,10 @@ def main(argv: list[str] | None = None) -> None:
     def options(parser) -> None:
         parser.add_argument("--model", required=True, help="models:/<name>@<alias>, model.pt or a checkpoint")
         parser.add_argument("--out", required=True, type=Path, help="the bundle folder to write")
+        parser.add_argument("--onnx", action="store_true", help="add encoder.onnx and decoder.onnx (onnxruntime)")
 
     cfg, args = parse_config(__doc__.splitlines()[0], argv, options)
-    out = export(cfg, args.model, args.out)
+    out = export(cfg, args.model, args.out, args.onnx)
     print(f"export: {args.model} -> {out} ({', '.join(sorted(p.name for p in out.iterdir()))})")
 
 

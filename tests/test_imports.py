@@ -16,7 +16,7 @@ LAYERS = (
     {"config", "device", "weights", "metrics", "internals", "files", "sampler"},
     {"shards"},
     {"model", "features", "loss", "tracking", "synthetic", "images", "cluster", "lpips_metric", "uncertainty"},
-    {"pictures"},
+    {"pictures", "onnx_export"},
     {"checkpoint", "bundle"},
     {"step", "served"},
     {"worker", "evaluate"},
