@@ -110,6 +110,15 @@ def test_the_files_that_describe_a_model_come_back_with_it_from_dvcs_cache(repo)
     assert _stale(repo) == set()
 
 
+def test_a_tagged_model_version_comes_back_by_name_with_dvc_artifacts_get(repo, tmp_path):
+    """dvc.yaml's `artifacts:` entry: a git tag in GTO's form names a version of model.pt."""
+    _run(["git", "add", "dvc.lock"], repo)
+    _run(["git", "commit", "-qm", "a trained model"], repo)
+    _run(["git", "tag", "-a", "dfcvae@v0.1.0", "-m", "Registering artifact dfcvae version v0.1.0"], repo)
+    _run(["dvc", "artifacts", "get", str(repo), "dfcvae", "-o", str(tmp_path / "model.pt")], tmp_path)
+    assert (tmp_path / "model.pt").read_bytes() == (repo / "outputs/train/model.pt").read_bytes()
+
+
 def test_retrain_is_idle_without_change_then_resumes_interrupted_run_on_new_data(repo):
     assert "nothing to do" in _run([sys.executable, "-m", "pipeline.retrain"], repo)
     first = _registration(repo)
