@@ -49,6 +49,7 @@ from typing import Any
 import mlflow
 from mlflow.tracking import MlflowClient
 
+from dfcvae import tracking
 from dfcvae.checkpoint import all_finite, download_registered, load_checkpoint, load_model
 from dfcvae.config import Config, RegistryConfig, UserError
 from dfcvae.device import default_device
@@ -188,8 +189,6 @@ def register_model(
     and mlflow sections, as the evaluate stage used them. Raises RegistrationError (refused),
     FileNotFoundError (a missing evaluation output), TimeoutError (the lock stayed held).
     """
-    from dfcvae import tracking
-
     model_path, metrics_path, grids_dir = Path(model_path), Path(metrics_path), Path(grids_dir)
     objective = cfg.eval.objective
     metrics = read_metrics(metrics_path, objective)
@@ -235,7 +234,7 @@ def register_model(
         tags["active_fraction"] = repr(float(metrics[ACTIVE_FRACTION]))
     try:
         sampler = grids_dir / SAMPLER_FILE
-        model_uri = log_model(
+        logged = log_model(
             state,
             model_path,
             metrics_path,
@@ -245,10 +244,11 @@ def register_model(
             cfg.serve,
             {SCORES_ARTIFACT: scores_path},
         )
+        link_evaluation(client, cfg, run_id, logged.model_id, metrics, int(state.get("step", 0)))
         result = register_if_better(
             client,
             cfg.registry,
-            model_uri,
+            logged.model_uri,
             run_id,
             tags,
             challenger,
@@ -263,6 +263,21 @@ def register_model(
     if new_run:
         client.set_terminated(run_id, "FINISHED")
     return dataclasses.replace(result, fid_protocol=protocol)
+
+
+def link_evaluation(
+    client: MlflowClient, cfg: Config, run_id: str, model_id: str, metrics: dict[str, Any], step: int
+) -> None:
+    """MLflow 3 lineage: the evaluation's test metrics (metrics.json's numbers) logged again, linked
+    to the logged model `model_id` and to the shards that scored them (`tracking.shards_dataset`,
+    also an input of the run in context "evaluation"), so a registered version leads to the data
+    that trained it (its run's "training" input) and to the data that scored it. Without a
+    manifest the metrics are linked to the model alone."""
+    dataset = tracking.shards_dataset(cfg)
+    if dataset is not None:
+        tracking.log_dataset(client, run_id, dataset, "evaluation")
+    numbers = {k: float(v) for k, v in metrics.items() if k.startswith("test/") and isinstance(v, (int, float))}
+    tracking.RunLogger(client.tracking_uri, run_id).metrics(numbers, step, model_id, dataset)
 
 
 def scores_on(cfg: Config, uri: str) -> Scores:

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from mlflow.exceptions import MlflowException
 from mlflow.models import Model, ModelSignature
+from mlflow.models.model import ModelInfo
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 from dfcvae.checkpoint import REGISTERED_ARTIFACT, load_checkpoint, model_from_state
@@ -206,10 +207,10 @@ def log_model(
     sampler: Path | None = None,
     serve: ServeConfig | None = None,
     extra: dict[str, Path] | None = None,
-) -> str:
+) -> ModelInfo:
     """Log the pyfunc model on `run_id` with its attachments (the evaluation's sampler file when
     given, `extra`: more pyfunc artifact name -> file) and the registering config's serve section;
-    returns its models:/ URI."""
+    returns MLflow's ModelInfo (its models:/ URI and the logged model's id)."""
     example = input_example(state)
     with tempfile.TemporaryDirectory() as tmp:
         config_path = Path(tmp) / "config.json"
@@ -237,7 +238,7 @@ def log_model(
             pip_requirements=_requirements(),
             step=int(state.get("step", 0)),
         )
-    return info.model_uri
+    return info
 
 
 def _requirements() -> list[str]:

@@ -22,10 +22,15 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import Metric
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
 from mlflow.tracking import MlflowClient
+from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dfcvae.config import Config, ConfigError, MlflowConfig
+from dfcvae.shards.format import DataError, manifest_hash, read_manifest, shard_url
+
+# MLflow stores at most 36 characters of a dataset's digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE).
+DATASET_DIGEST_CHARS = 36
 
 # Bounded retries: the client's default backoff can wait minutes on a dead server. Set when this
 # project starts talking to MLflow (`setup`, `RunLogger`), not at import; a value the user set wins.
@@ -207,8 +212,36 @@ def run_tags(cfg: Config, manifest: dict[str, Any] | None, manifest_hash: str | 
     }
 
 
-def start_run(cfg: Config, run_name: str, tags: dict[str, str], parent_run_id: str | None = None) -> str:
-    """Create a run with the flattened config as params and return its id."""
+def shards_dataset(cfg: Config) -> Dataset | None:
+    """cfg's shard set as an MLflow dataset (MLflow 3 lineage), or None when it has no manifest.
+
+    name "<source> shards"; digest: the manifest's sha256 (`shards.format.manifest_hash`), its
+    first DATASET_DIGEST_CHARS hex digits, as MLflow keeps no more; source: {"uri": the manifest's
+    URL}; profile: {"manifest_sha256": the whole hash, "splits": {split: image count}}. Raises
+    DataError for a manifest that is there but unreadable."""
+    try:
+        manifest, digest = read_manifest(cfg), manifest_hash(cfg)
+    except DataError as err:
+        if isinstance(err.__cause__, FileNotFoundError):
+            return None
+        raise
+    url = shard_url(cfg, "manifest.json")
+    scheme = url.split("://")[0] if "://" in url else "local"
+    profile = {"manifest_sha256": digest, "splits": {k: v["count"] for k, v in sorted(manifest["splits"].items())}}
+    return Dataset(
+        name=f"{manifest.get('source', 'unknown')} shards",
+        digest=digest[:DATASET_DIGEST_CHARS],
+        source_type=scheme,
+        source=json.dumps({"uri": url if "://" in url else str(Path(url).resolve())}),
+        profile=json.dumps(profile),
+    )
+
+
+def start_run(
+    cfg: Config, run_name: str, tags: dict[str, str], parent_run_id: str | None = None, data: str | None = None
+) -> str:
+    """Create a run with the flattened config as params and return its id. data: "training" or
+    "evaluation": the run also logs cfg's shards (`shards_dataset`) as its input in that context."""
     client = MlflowClient()
     experiment = mlflow.get_experiment_by_name(cfg.mlflow.experiment)
     all_tags = dict(tags)
@@ -218,7 +251,15 @@ def start_run(cfg: Config, run_name: str, tags: dict[str, str], parent_run_id: s
     params = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in cfg.flat().items()]
     for i in range(0, len(params), 100):
         client.log_batch(run.info.run_id, params=params[i : i + 100])
+    if data and (dataset := shards_dataset(cfg)) is not None:
+        log_dataset(client, run.info.run_id, dataset, data)
     return run.info.run_id
+
+
+def log_dataset(client: MlflowClient, run_id: str, dataset: Dataset, context: str) -> None:
+    """`dataset` as an input of the run, tagged with its context (MLflow's mlflow.data.context).
+    MLflow keeps one input per dataset and run: the first context logged stays."""
+    client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
 
 
 class RunLogger:
@@ -229,9 +270,16 @@ class RunLogger:
         self.client = MlflowClient(tracking_uri=uri)
         self.run_id = run_id
 
-    def metrics(self, values: dict[str, float], step: int) -> None:
+    def metrics(
+        self, values: dict[str, float], step: int, model_id: str | None = None, dataset: Dataset | None = None
+    ) -> None:
+        """Metrics at `step`; linked (MLflow 3) to the logged model `model_id` and to the
+        `dataset` that scored them when given."""
         now = int(time.time() * 1000)
-        batch = [Metric(k, float(v), now, step) for k, v in values.items()]
+        link = {"model_id": model_id}
+        if dataset is not None:
+            link |= {"dataset_name": dataset.name, "dataset_digest": dataset.digest}
+        batch = [Metric(k, float(v), now, step, **link) for k, v in values.items()]
         self.client.log_batch(self.run_id, metrics=batch)
 
     def artifact(self, path: Path, folder: str | None = None) -> None:

@@ -68,7 +68,7 @@ def train(cfg: Config) -> dict[str, float]:
     if "://" in cfg.scaling.storage_dir:
         cluster.check_remote_storage(cfg.scaling.storage_dir)
     manifest, data_hash = read_manifest(cfg), manifest_hash(cfg)
-    run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, data_hash))
+    run_id = tracking.start_run(cfg, "train", tracking.run_tags(cfg, manifest, data_hash), data="training")
     logger = tracking.RunLogger(uri, run_id)
     # The run writes beside the previous outputs (its reports.jsonl there while it trains) and
     # swaps them in when it ends: a failed or interrupted run leaves the previous model whole.

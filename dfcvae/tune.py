@@ -204,7 +204,7 @@ def trial_run(cfg: Config, trial_id: str, trial_dir: Path, mlflow_uri: str, pare
     mlflow.set_tracking_uri(mlflow_uri)  # start_run uses the global client
     tags = tracking.run_tags(cfg, read_manifest(cfg), manifest_hash(cfg))
     tags.update({"tune.trial_id": trial_id, "tune.experiment": trial_dir.parent.name})
-    run_id = tracking.start_run(cfg, f"trial-{trial_id}", tags, parent_run_id=parent_run_id)
+    run_id = tracking.start_run(cfg, f"trial-{trial_id}", tags, parent_run_id=parent_run_id, data="training")
     path.write_text(json.dumps({"run_id": run_id}) + "\n")
     return run_id
 

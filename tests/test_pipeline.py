@@ -43,6 +43,10 @@ def test_demo_ends_with_champion_with_grids_and_clean_status(repo):
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{repo / 'outputs/mlflow/mlflow.db'}")
     champion = client.get_model_version_by_alias(_params(repo)["registry"]["model_name"], "champion")
     assert str(champion.version) == str(registration["version"])
+    # Lineage: the train stage logged the shards it read as the run's input (tests/test_registry.py has the rest).
+    shards = repo / _params(repo)["data"]["shards_dir"]
+    inputs = client.get_run(champion.run_id).inputs.dataset_inputs
+    assert [i.dataset.digest for i in inputs] == [(shards / "manifest.sha256").read_text()[:36]]
     assert _stale(repo) == set()
     shown = _run(["dvc", "metrics", "show"], repo)
     assert "outputs/eval/metrics.json" in shown and "fid" in shown

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -40,6 +41,7 @@ from dfcvae.registry import (
     register_model,
 )
 from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, save_sampler
+from dfcvae.shards.format import write_manifest
 from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
 from pipeline import register as register_stage
 from tests.conftest import assert_loopback_only, tiny_config, url_answers, wait_until
@@ -105,7 +107,7 @@ def write_outputs(
     for i, name in enumerate(GRIDS):
         Image.new("RGB", (8, 8), (40 * i, 0, 0)).save(eval_dir / f"{name}.png")
     uri = tracking.setup(cfg.mlflow)
-    run_id = tracking.start_run(cfg, "train", {})
+    run_id = tracking.start_run(cfg, "train", {}, data="training")  # as the train stage starts its run
     tracking.RunLogger(uri, run_id).finish(run_status)
     (train_dir / "run.json").write_text(json.dumps({"run_id": run_id, "tracking_uri": uri}))
     return run_id
@@ -610,6 +612,52 @@ def test_the_mlflow_ui_command_listens_on_loopback_only(cfg, tmp_path):
         assert_loopback_only(server.pid)
     finally:
         stop(server)
+
+
+def test_a_registered_version_leads_to_the_data_that_trained_it_and_the_data_that_scored_it(
+    synthetic_cfg, cfg, tmp_path
+):
+    """MLflow 3 lineage, read back through MlflowClient alone: the version's run has the training
+    shards as its input, and its logged model's test metrics are linked to the shards that scored
+    them. Here the model is scored on a newer shard set than it trained on, so the two differ."""
+    trained = cfg.with_overrides({"data.shards_dir": synthetic_cfg.data.shards_dir})
+    write_outputs(trained, seed=1, objective=4.0)
+    newer = tmp_path / "newer_shards"
+    shutil.copytree(synthetic_cfg.data.shards_dir, newer)
+    manifest = json.loads((newer / "manifest.json").read_text())
+    manifest["splits"]["test"]["count"] -= 1  # another manifest: another hash
+    write_manifest(newer, manifest)
+    scored = trained.with_overrides({"data.shards_dir": str(newer)})
+    result = register(scored)
+
+    client = MlflowClient()
+    version = client.get_model_version(cfg.registry.model_name, str(result.version))
+    hashes = {
+        name: (Path(c.data.shards_dir) / "manifest.sha256").read_text().split()[0]
+        for name, c in (("trained", trained), ("scored", scored))
+    }
+    assert hashes["trained"] != hashes["scored"]
+    inputs = {
+        next(t.value for t in i.tags if t.key == "mlflow.data.context"): i.dataset
+        for i in client.get_run(version.run_id).inputs.dataset_inputs
+    }
+    assert (
+        {context: d.digest for context, d in inputs.items()}
+        == {
+            "training": hashes["trained"][:36],  # MLflow keeps 36 characters of a digest
+            "evaluation": hashes["scored"][:36],
+        }
+    )
+    profile = json.loads(inputs["evaluation"].profile)
+    assert profile == {
+        "manifest_sha256": hashes["scored"],
+        "splits": {k: v["count"] for k, v in manifest["splits"].items()},
+    }
+    # The version's source is its logged model (MLflow's SQL registry leaves ModelVersion.model_id empty).
+    assert version.source.startswith("models:/m-")
+    linked = client.get_logged_model(version.source.removeprefix("models:/")).metrics
+    assert {m.key for m in linked} >= {"test/fid_samples", "test/active_fraction"}
+    assert {(m.dataset_name, m.dataset_digest) for m in linked} == {("synthetic shards", hashes["scored"][:36])}
 
 
 def test_without_a_training_run_the_model_goes_on_a_new_finished_run(cfg):
