@@ -244,6 +244,9 @@ class TrainConfig(Section):
     # Exponential moving average of the VAE's weights and BatchNorm statistics, 0 = off. When on,
     # validation, the tuning objective, the grids, model.pt and so the registered model are the EMA's.
     ema_decay: float = 0.0
+    # Seconds between MLflow system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py),
+    # sampled on rank 0's node and logged to the run as system/*; 0 = off.
+    system_metrics_s: float = 10.0
 
 
 @dataclass(frozen=True)

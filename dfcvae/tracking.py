@@ -23,6 +23,7 @@ from typing import Any
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
@@ -260,6 +261,16 @@ def log_dataset(client: MlflowClient, run_id: str, dataset: Dataset, context: st
     """`dataset` as an input of the run, tagged with its context (MLflow's mlflow.data.context).
     MLflow keeps one input per dataset and run: the first context logged stays."""
     client.log_inputs(run_id, datasets=[DatasetInput(dataset, tags=[InputTag(MLFLOW_DATASET_CONTEXT, context)])])
+
+
+def system_metrics(uri: str, run_id: str, every_s: float, resume: bool) -> SystemMetricsMonitor:
+    """MLflow's system-metrics sampler, started: CPU, memory, disk and network of this node (and
+    its GPUs through nvidia-ml-py when there are some), logged to `run_id` as system/* every
+    `every_s` seconds from a background thread; `resume`: continue the run's step count. Stop it
+    with `.finish()`."""
+    monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resume, tracking_uri=uri)
+    monitor.start()
+    return monitor
 
 
 class RunLogger:

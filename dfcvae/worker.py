@@ -306,6 +306,11 @@ class History:
         run_id = loop_config.get("mlflow_run_id") if rank == 0 else None
         self.logger = tracking.RunLogger(loop_config["mlflow_uri"], run_id) if run_id else None
         self.warned_collapse = False
+        self.system = None
+        if self.logger and cfg.train.system_metrics_s > 0:
+            self.system = tracking.system_metrics(
+                loop_config["mlflow_uri"], run_id, cfg.train.system_metrics_s, start_step > 0
+            )
 
     def add(self, values: dict[str, float], step: int) -> None:
         self.latest |= values
@@ -338,6 +343,8 @@ class History:
                 self.logger.artifact(path, f"grids/{name}")
 
     def finish(self) -> None:
+        if self.system:
+            self.system.finish()
         if self.logger:
             steps = self.cfg.train.steps
             self.logger.metrics({"train/samples_seen": steps * self.cfg.global_batch_size}, steps)

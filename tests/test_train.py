@@ -97,6 +97,7 @@ def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg)
     group's rendezvous store and gloo in the workers, and what their DataLoader processes
     inherit) is on 127.0.0.1."""
     outcome = {}
+    run_cfg = run_cfg.with_overrides({"train.system_metrics_s": 1})  # a sample within the short run
     driver = threading.Thread(target=lambda: outcome.update(metrics=train(run_cfg)), daemon=True)
     driver.start()
     sockets = sockets_while(driver, os.getpid())
@@ -124,6 +125,12 @@ def test_two_worker_ddp_run_tracks_and_keeps_ranks_in_sync(ray_cluster, run_cfg)
     assert run.data.params["loss.kl_weight"] == str(run_cfg.loss.kl_weight)
     assert run.data.tags["data.synthetic"] == "true" and run.data.tags["perceptual.backbone"] == "mobilenet_v2"
     assert len(client.get_metric_history(run_id, "train/loss")) == 3
+    # MLflow's system metrics from rank 0, and the shards it read as the run's dataset input.
+    assert {"system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"} <= set(run.data.metrics)
+    manifest_sha256 = (Path(run_cfg.data.shards_dir) / "manifest.sha256").read_text().split()[0]
+    assert [(i.dataset.digest, i.tags[0].value) for i in run.inputs.dataset_inputs] == [
+        (manifest_sha256[:36], "training")
+    ]
     assert len(client.get_metric_history(run_id, "val/reference_distance")) == 2
     lattice = client.get_metric_history(run_id, "val/lattice_ratio")  # the validations' lattice measure
     assert len(lattice) == 2 and all(0 < m.value < 10 for m in lattice)
