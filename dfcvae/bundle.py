@@ -38,6 +38,8 @@ CARD_METRICS = {
     "test/fid_samples_normal": "FID of samples z ~ N(0, T^2 I) (eval.temperature)",
     "test/fid_samples_gmm": "FID of samples from the Gaussian mixture on train latents",
     "test/fid_recon": "FID of reconstructions decode(mu) against the test images",
+    "test/fid_samples_literature": "FID of 10,000 prior samples against 10,000 test images (Ghosh et al. 2020)",
+    "test/fid_recon_literature": "FID of reconstructions under that protocol",
     "test/kid_samples": "KID of prior samples (Bińkowski et al. 2018), unbiased at any image count",
     "test/kid_recon": "KID of reconstructions",
     "test/psnr": "PSNR of reconstructions, dB",

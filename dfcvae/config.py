@@ -118,6 +118,7 @@ CompileMode = Literal["default", "reduce-overhead", "max-autotune", "max-autotun
 SearchAlg = Literal["random", "grid"]
 Objective = Literal["fid_samples", "fid_recon", "fid_sum"]
 SamplerName = Literal["normal", "gmm"]
+FidProtocol = Literal["fast", "literature"]
 LpipsNet = Literal["alex", "vgg"]
 
 
@@ -328,6 +329,10 @@ class EvalConfig(Section):
     # KID (Bińkowski et al. 2018): its spread over this many random subsets of up to this many images.
     kid_subsets: int = 100
     kid_subset_size: int = 1000
+    # fast: the FIDs above. literature: also the FIDs of a published CelebA-64 protocol (Ghosh et
+    # al. 2020; evaluate.LITERATURE): the first 10,000 test images, 10,000 samples and
+    # reconstructions, test/fid_{samples,recon}_literature (docs/quality.md, which numbers they meet).
+    fid_protocol: FidProtocol = "fast"
     out_dir: str = "outputs/eval"
 
 

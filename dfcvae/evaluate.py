@@ -35,6 +35,10 @@ the real images' statistics loaded between calls (a training run's validations).
                                         for p = 2 and each stride of perceptual.layers up to half
                                         the image; test/lattice_ratio: the largest. Over 1: a
                                         lattice fixed to the pixel grid (docs/quality.md)
+    test/fid_samples_literature,        with eval.fid_protocol literature: FIDs under a published
+    test/fid_recon_literature           CelebA-64 protocol (LITERATURE, Ghosh et al. 2020): the first
+                                        10,000 test images against 10,000 samples of eval.sampler and
+                                        against their reconstructions (test/fid_literature_images)
     test/probe_accuracy_mean            the paper's attribute probe on latent means (fit on up to
     test/probe_baseline_mean            eval.probe_train_samples train images), majority baseline;
     test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
@@ -72,6 +76,7 @@ import csv
 import logging
 import math
 import shutil
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -561,6 +566,49 @@ def measure_test_split(
     )
 
 
+# The literature protocol (eval.fid_protocol: literature), as the code of Ghosh et al., "From
+# Variational to Deterministic Autoencoders", ICLR 2020 (arXiv:1903.12436) computes its CelebA FIDs
+# (github.com/ParthaEth/Regularized_autoencoders-RAE-: my_utility/fid_from_dir_computer.py takes
+# the first 10,000 test images as the reference, interpolation_fid_and_viz.py decodes 10,000 samples).
+LITERATURE = {
+    "source": "Ghosh et al. 2020 (RAE), arXiv:1903.12436",
+    "real_images": 10_000,
+    "generated_images": 10_000,
+}
+
+
+def literature_fids(
+    model: DFCVAE,
+    cfg: Config,
+    device: torch.device | str,
+    inception: metrics.InceptionFeatures,
+    sampler: Sampler,
+    test: Measurements,
+) -> dict[str, float]:
+    """FIDs under LITERATURE: the first real_images test images (all, if fewer) against
+    generated_images samples of `sampler` (seed eval.seed) and against the images' reconstructions
+    decode(mu). The test split's features already measured are reused when they cover those images."""
+    count = min(LITERATURE["real_images"], split_count(cfg, "test"))
+    if test.count >= count:
+        real, recon = test.real[:count], test.recon[:count]
+    else:
+        parts: tuple[list, list] = ([], [])
+        with evaluation_mode(model), tqdm(total=count, desc="evaluate: literature test", unit="img") as bar:
+            for images, _ in iter_split(cfg, "test", count):
+                x = prepare_batch(images, device, train=False)
+                parts[0].append(inception(images))
+                parts[1].append(inception(model.decode(model.encode(x)[0]).float()))
+                bar.update(len(x))
+        real, recon = np.concatenate(parts[0]), np.concatenate(parts[1])
+    n = LITERATURE["generated_images"]
+    samples = prior_features(model, n, cfg.eval.seed, cfg.eval.batch_size, inception, True, sampler)
+    return {
+        "test/fid_samples_literature": uncertainty.fid_from_features(real, samples),
+        "test/fid_recon_literature": uncertainty.fid_from_features(real, recon),
+        "test/fid_literature_images": float(count),
+    }
+
+
 def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) -> dict[str, Any]:
     """What an FID depends on besides the model: numbers measured under different protocols do
     not compare (the registry scores the champion again instead)."""
@@ -577,6 +625,7 @@ def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) 
         "gmm_components": cfg.eval.gmm_components,
         "seed": cfg.eval.seed,
         "feature_dtype": np.dtype(uncertainty.FEATURE_DTYPE).name,
+        "literature": LITERATURE if cfg.eval.fid_protocol == "literature" else None,
     }
 
 
@@ -606,6 +655,7 @@ def _evaluate(
 def _measure_into(
     model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures, out_dir: Path
 ) -> tuple[dict[str, float], str]:
+    start = time.perf_counter()
     test = measure_test_split(model, cfg, device, inception)
     train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
     samplers = build_samplers(cfg, train[0])
@@ -636,6 +686,11 @@ def _measure_into(
     numbers |= collapse_and_checkerboard(test)
     numbers |= probe_metrics(probe)
     intervals = uncertainty.intervals(scores, cfg.eval.confidence, cfg.eval.bootstrap_resamples, cfg.eval.seed)
+    seconds = {"evaluation": time.perf_counter() - start}
+    if cfg.eval.fid_protocol == "literature":
+        start = time.perf_counter()
+        numbers |= literature_fids(model, cfg, device, inception, samplers[cfg.eval.sampler], test)
+        seconds["literature_fids"] = time.perf_counter() - start
     protocol = fid_protocol(cfg, inception, test.count)
     extra = {f"test/{k}_ci": v for k, v in intervals.items()}
     write_outputs(
@@ -664,6 +719,7 @@ def _measure_into(
             "probe_train_images": len(train[0]),
             "probe_skipped": probe["skipped"],
             "pictures": layout,
+            "seconds": seconds,  # wall time: the evaluation without the literature FIDs, and those
         },
     )
     return numbers | intervals_as_numbers(intervals), inception.identity

@@ -64,6 +64,7 @@ ACTIVE_FRACTION = "test/active_fraction"  # the evaluation's share of active lat
 # (probe_train_samples counts: the Gaussian mixture sampler is fit on that many train latents.)
 EVAL_KEY_IGNORES = (
     "batch_size",
+    "fid_protocol",  # adds the literature FIDs; the objective's FIDs stay the same
     "out_dir",
     "probe_attributes",
     "arithmetic_attributes",

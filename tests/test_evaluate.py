@@ -203,6 +203,32 @@ def test_evaluate_writes_finite_metrics_and_the_objective(cfg: Config, evaluatio
     assert (out / "probe.csv").read_text().splitlines()[0] == "attribute,accuracy,baseline"
 
 
+def test_the_literature_protocol_at_the_fast_protocols_counts_gives_its_fids(
+    cfg: Config, model: DFCVAE, evaluation: dict, tmp_path, monkeypatch
+) -> None:
+    """eval.fid_protocol: literature scores the same images and samples as the fast protocol does
+    when its counts are the fast protocol's (here 16, not 10,000), whether it reuses the test
+    split's features or, after an evaluation of fewer images, measures them again."""
+    from dfcvae import evaluate as evaluation_module
+
+    count = int(evaluation["test/fid_images"])
+    monkeypatch.setitem(evaluation_module.LITERATURE, "real_images", count)
+    monkeypatch.setitem(evaluation_module.LITERATURE, "generated_images", count)
+    literature = cfg.with_overrides({"eval.fid_protocol": "literature", "eval.out_dir": str(tmp_path / "reused")})
+    reused = evaluate(model, literature, "cpu")
+    assert reused["test/fid_literature_images"] == count
+    assert reused["test/fid_samples_literature"] == pytest.approx(evaluation["test/fid_samples"], rel=1e-3)
+    assert reused["test/fid_recon_literature"] == pytest.approx(evaluation["test/fid_recon"], rel=1e-3)
+    fewer = literature.with_overrides({"eval.num_samples": count // 2, "eval.out_dir": str(tmp_path / "measured")})
+    measured = evaluate(model, fewer, "cpu")
+    for key in ("test/fid_samples_literature", "test/fid_recon_literature", "test/fid_literature_images"):
+        assert measured[key] == pytest.approx(reused[key], rel=1e-6)
+    written = json.loads((tmp_path / "reused" / "metrics.json").read_text())
+    assert written["fid_protocol"]["literature"]["source"].startswith("Ghosh et al. 2020")
+    seconds = json.loads((tmp_path / "reused" / "evaluation.json").read_text())["seconds"]
+    assert set(seconds) == {"evaluation", "literature_fids"} and min(seconds.values()) > 0
+
+
 def test_misspelt_eval_settings_fail_before_any_work(cfg: Config, model: DFCVAE, tmp_path) -> None:
     wrong = {"eval.probe_attributes": ["Smilling"], "eval.out_dir": str(tmp_path / "eval")}
     with pytest.raises(ValueError, match="unknown attribute 'Smilling' in eval settings"):
