@@ -28,7 +28,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dfcvae.config import Config, ConfigError, MlflowConfig
-from dfcvae.shards.format import DataError, manifest_hash, read_manifest, shard_url
+from dfcvae.shards.format import DataError, manifest_hash, manifest_json, shard_url
 
 # MLflow stores at most 36 characters of a dataset's digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE).
 DATASET_DIGEST_CHARS = 36
@@ -218,17 +218,19 @@ def shards_dataset(cfg: Config) -> Dataset | None:
 
     name "<source> shards"; digest: the manifest's sha256 (`shards.format.manifest_hash`), its
     first DATASET_DIGEST_CHARS hex digits, as MLflow keeps no more; source: {"uri": the manifest's
-    URL}; profile: {"manifest_sha256": the whole hash, "splits": {split: image count}}. Raises
-    DataError for a manifest that is there but unreadable."""
+    URL}; profile: {"manifest_sha256": the whole hash, "splits": {split: image count}}. A manifest
+    of any format version is described as it is: lineage records data, it does not judge it."""
     try:
-        manifest, digest = read_manifest(cfg), manifest_hash(cfg)
+        manifest, digest = manifest_json(cfg), manifest_hash(cfg)
     except DataError as err:
         if isinstance(err.__cause__, FileNotFoundError):
             return None
         raise
     url = shard_url(cfg, "manifest.json")
     scheme = url.split("://")[0] if "://" in url else "local"
-    profile = {"manifest_sha256": digest, "splits": {k: v["count"] for k, v in sorted(manifest["splits"].items())}}
+    splits = manifest.get("splits") if isinstance(manifest.get("splits"), dict) else {}
+    counts = {k: v.get("count") for k, v in sorted(splits.items()) if isinstance(v, dict)}
+    profile = {"manifest_sha256": digest, "splits": counts}
     return Dataset(
         name=f"{manifest.get('source', 'unknown')} shards",
         digest=digest[:DATASET_DIGEST_CHARS],

@@ -211,9 +211,15 @@ def _read_bytes(url: str) -> bytes:
         raise DataError(f"{url} not found: run `dvc repro shard` (or python -m pipeline.shard) first.") from e
 
 
+def manifest_json(cfg: Config) -> dict:
+    """The shard set's manifest.json as a dict, of any format version (what it says, for records);
+    DataError when it is missing."""
+    return json.loads(_read_bytes(shard_url(cfg, "manifest.json")))
+
+
 def read_manifest(cfg: Config) -> dict:
     """The shard set's manifest.json as a dict. DataError for shards of another format version."""
-    manifest = json.loads(_read_bytes(shard_url(cfg, "manifest.json")))
+    manifest = manifest_json(cfg)
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(
             f"the shards in {cfg.data.shards_dir} are format {manifest.get('format', 'unknown')} and this "
