@@ -19,16 +19,18 @@ import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import mlflow
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric
-from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dfcvae.config import Config, ConfigError, MlflowConfig
 from dfcvae.shards.format import DataError, manifest_hash, manifest_json, shard_url
+
+if TYPE_CHECKING:
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 
 # MLflow stores at most 36 characters of a dataset's digest (mlflow.utils.validation.MAX_DATASET_DIGEST_SIZE).
 DATASET_DIGEST_CHARS = 36
@@ -269,7 +271,10 @@ def system_metrics(uri: str, run_id: str, every_s: float, resume: bool) -> Syste
     """MLflow's system-metrics sampler, started: CPU, memory, disk and network of this node (and
     its GPUs through nvidia-ml-py when there are some), logged to `run_id` as system/* every
     `every_s` seconds from a background thread; `resume`: continue the run's step count. Stop it
-    with `.finish()`."""
+    with `.finish()`. Imported here: the monitor and nvidia-ml-py take 86 ms to import, which every
+    process that imports this module would otherwise pay."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
     monitor = SystemMetricsMonitor(run_id, sampling_interval=every_s, resume_logging=resume, tracking_uri=uri)
     monitor.start()
     return monitor
