@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.utils.mlflow_tags import MLFLOW_DATASET_CONTEXT
 
 from dfcvae.config import Config, ConfigError, MlflowConfig
-from dfcvae.shards.format import DataError, manifest_hash, manifest_json, shard_url
+from dfcvae.shards.format import DataError, manifest_json, shard_url
 
 if TYPE_CHECKING:
     from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
@@ -223,7 +223,7 @@ def shards_dataset(cfg: Config) -> Dataset | None:
     URL}; profile: {"manifest_sha256": the whole hash, "splits": {split: image count}}. A manifest
     of any format version is described as it is: lineage records data, it does not judge it."""
     try:
-        manifest, digest = manifest_json(cfg), manifest_hash(cfg)
+        manifest, digest = manifest_json(cfg)  # one read of the manifest, also from s3://
     except DataError as err:
         if isinstance(err.__cause__, FileNotFoundError):
             return None

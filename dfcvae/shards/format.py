@@ -211,15 +211,16 @@ def _read_bytes(url: str) -> bytes:
         raise DataError(f"{url} not found: run `dvc repro shard` (or python -m pipeline.shard) first.") from e
 
 
-def manifest_json(cfg: Config) -> dict:
-    """The shard set's manifest.json as a dict, of any format version (what it says, for records);
-    DataError when it is missing."""
-    return json.loads(_read_bytes(shard_url(cfg, "manifest.json")))
+def manifest_json(cfg: Config) -> tuple[dict, str]:
+    """(the shard set's manifest.json as a dict, of any format version, its sha256 as
+    `manifest_hash` gives it), from one read: what it says, for records. DataError when missing."""
+    data = _read_bytes(shard_url(cfg, "manifest.json"))
+    return json.loads(data), hashlib.sha256(data).hexdigest()
 
 
 def read_manifest(cfg: Config) -> dict:
     """The shard set's manifest.json as a dict. DataError for shards of another format version."""
-    manifest = manifest_json(cfg)
+    manifest, _ = manifest_json(cfg)
     if manifest.get("format") != FORMAT_VERSION:
         raise DataError(
             f"the shards in {cfg.data.shards_dir} are format {manifest.get('format', 'unknown')} and this "
