@@ -5,7 +5,9 @@ whatever the batch size): FID of reconstructions decode(mu) and of as many prior
 (seed `eval.seed`) against those real images. An `Evaluator` keeps the Inception network and
 the real images' statistics loaded between calls (a training run's validations).
 
-`evaluate` measures on the first `eval.num_samples` test images (all, if fewer):
+`evaluate` measures on the first `eval.num_samples` test images (all, if fewer) and returns an
+`Evaluation`; it writes nothing (pipeline/evaluate.py writes it into eval.out_dir and logs it).
+Its numbers:
     test/mse, test/psnr, test/ssim      pixels on the [0, 1] scale, reconstructions decode(mu)
     test/lpips                          LPIPS v0.1 (eval.lpips_net, ImageNet backbone; with
                                         eval.lpips_weights random: test/lpips_random), per image
@@ -44,17 +46,16 @@ the real images' statistics loaded between calls (a training run's validations).
     test/probe_{accuracy,baseline}/<A>  per attribute of eval.probe_attributes labelled in the data
                                         (`all`: CelebA's 40, the paper's table; attributes the data
                                         has no ground truth for are skipped, evaluation.json says)
-and writes into eval.out_dir:
-    metrics.json      the numbers above, plus the objective under its own name (eval.objective)
-    probe.json, .csv  one row per probed attribute: attribute, accuracy, baseline
-    probe.png         the same as bars: probe accuracy against the majority baseline
-    evaluation.json   Inception identity, image counts, seed, sampler, skipped attributes, picture grids
-    sampler.safetensors  eval.sampler as fitted here (the registered model samples with it)
-    scores.npz        what the numbers are made of (uncertainty.Scores): per-image metrics and the
-                      Inception features of the test images, reconstructions and samples; the
-                      registry's champion gate compares two models' scores image by image
-    PICTURES          PNG grids (dfcvae/pictures.py), 2 px between S x S images, so a grid of R rows and
-                      C columns is C (S + 2) + 2 px wide and R (S + 2) + 2 px high (`grid_size`):
+beside what they are made of and what shows them:
+    intervals         {metric: [low, high]}, the bootstrap intervals above
+    scores            uncertainty.Scores as stored: per-image metrics and the Inception features of
+                      the test images, reconstructions and samples; every number above comes from
+                      them, and the registry's champion gate compares two models' scores image by image
+    sampler           eval.sampler as fitted here (the registered model samples with it)
+    probe             one result per probed attribute: accuracy, baseline; the skipped, with why
+    details           how the numbers were made: Inception identity, image counts, seed, sampler,
+                      the FID protocol, the picture layout, the wall time
+    grids             PICTURES: per file, ([-1, 1] images (R C, 3, S, S), C columns), R rows of C:
       samples.png               SAMPLE_ROWS x SAMPLE_COLS prior samples (seed eval.seed, eval.sampler)
       reconstructions.png       2 x RECON_COLS: test images above their reconstructions
       interpolations.png        INTERP_PAIRS x INTERP_STEPS: from test image i to test image
@@ -72,14 +73,11 @@ interpolations and each attribute's block fewer rows.
 from __future__ import annotations
 
 import contextlib
-import csv
 import logging
 import math
-import shutil
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -88,19 +86,18 @@ from numpy.typing import NDArray
 from torch import Tensor
 from tqdm import tqdm
 
-from dfcvae import features, metrics, pictures, tracking, uncertainty
-from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state, state_digest
+from dfcvae import features, metrics, pictures, uncertainty
+from dfcvae.checkpoint import state_digest
 from dfcvae.config import Config, ConfigError
-from dfcvae.device import Runtime, default_device
+from dfcvae.device import Runtime
 from dfcvae.features import build_reference, resolve_layers
-from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.loss import feature_distances_per_image
 from dfcvae.lpips_metric import LPIPS
 from dfcvae.model import DFCVAE
-from dfcvae.sampler import SAMPLER_FILE, GaussianMixtureSampler, NormalSampler, Sampler, save_sampler
+from dfcvae.sampler import GaussianMixtureSampler, NormalSampler, Sampler
 from dfcvae.shards.format import ATTRIBUTE_NAMES, manifest_hash, read_manifest
 from dfcvae.shards.loader import make_loader, prepare_batch
-from dfcvae.uncertainty import SCORES_FILE, Scores, objective_value
+from dfcvae.uncertainty import Scores, objective_value
 
 log = logging.getLogger(__name__)
 
@@ -290,16 +287,13 @@ class Evaluator:
 
     __call__ = tuning_objective
 
-    def evaluate(
-        self, model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0
-    ) -> dict[str, Any]:
-        """The full evaluation (module docstring): files into eval.out_dir, metrics to `logger`.
+    def evaluate(self, model: DFCVAE, cfg: Config, device: torch.device | str) -> Evaluation:
+        """The full evaluation (module docstring); nothing is written.
 
-        logger: a dfcvae.tracking.RunLogger (metrics at `step`, files as artifacts under eval/) or None.
-        Returns the flat metrics (keys test/...), numbers plus the string test/fid_inception.
         Raises ConfigError for unknown eval settings or a test split under 2 images.
         """
-        return _evaluate(model, cfg, device, self.inception(device, cfg.eval.batch_size), logger, step)
+        check_settings(cfg)
+        return _evaluate(model, cfg, device, self.inception(device, cfg.eval.batch_size))
 
 
 def evaluation_config(params: Config, trained: Config) -> Config:
@@ -313,30 +307,14 @@ def evaluation_config(params: Config, trained: Config) -> Config:
     return params.with_overrides({f"model.{k}": v for k, v in trained.to_dict()["model"].items()})
 
 
-def evaluate_trained(cfg: Config) -> dict[str, Any]:
-    """The evaluate stage's work: train.out_dir/model.pt (its architecture from the config stored
-    with it) on cfg's test split, logged to the training run named in train.out_dir/run.json when
-    there is one. FileNotFoundError without model.pt."""
-    model_path = Path(cfg.train.out_dir) / MODEL_FILE
-    if not model_path.is_file():
-        raise FileNotFoundError(f"{model_path} not found: run the train stage first.")
-    device = default_device()
-    state = load_checkpoint(model_path)
-    model, trained = model_from_state(state, device)
-    cfg = evaluation_config(cfg, trained)
-    run = tracking.training_run(cfg)
-    logger = tracking.RunLogger(*run) if run else None
-    return Evaluator().evaluate(model, cfg, device, logger=logger, step=int(state.get("step", 0)))
-
-
 def tuning_objective(model: DFCVAE, cfg: Config, device: torch.device | str) -> dict[str, float]:
     """`Evaluator.tuning_objective` with a fresh evaluator (nothing kept after the call)."""
     return Evaluator().tuning_objective(model, cfg, device)
 
 
-def evaluate(model: DFCVAE, cfg: Config, device: torch.device | str, logger: Any = None, step: int = 0):
+def evaluate(model: DFCVAE, cfg: Config, device: torch.device | str) -> Evaluation:
     """`Evaluator.evaluate` with a fresh evaluator (nothing kept after the call)."""
-    return Evaluator().evaluate(model, cfg, device, logger, step)
+    return Evaluator().evaluate(model, cfg, device)
 
 
 # ---------------------------------------------------------------- the attribute probe
@@ -431,16 +409,19 @@ def arithmetic_directions(names: tuple[str, ...], train_latents: Tensor, train_a
     return vectors
 
 
-def write_pictures(
+Grids = dict[str, tuple[Tensor, int]]  # PICTURES file name -> ([-1, 1] images (N, 3, S, S), columns)
+
+
+def picture_grids(
     model: DFCVAE,
     cfg: Config,
     pool: tuple[Tensor, Tensor],
     train: tuple[Tensor, Tensor],
-    out_dir: Path,
     sampler: Sampler | None = None,
-) -> dict[str, dict[str, Any]]:
+) -> tuple[Grids, dict[str, dict[str, Any]]]:
     """The PICTURES from test images `pool` (uint8, int8 attrs) and train latent means, samples
-    from `sampler` (default N(0, I)); -> layout per file."""
+    from `sampler` (default N(0, I)); -> (the grids, their layout per file: rows, cols, image_size
+    and, for attribute_arithmetic.png, the directions)."""
     images, attrs = pool
     x = prepare_batch(images, "cpu", train=False).contiguous()  # (P, 3, H, W) in [-1, 1]
     generator = torch.Generator().manual_seed(cfg.eval.seed)
@@ -467,11 +448,10 @@ def write_pictures(
     grids["attribute_arithmetic.png"] = (torch.cat(blocks), len(ARITHMETIC_STRENGTHS))
     layout = {}
     for name, (grid, cols) in grids.items():
-        pictures.save_grid(grid, out_dir / name, nrow=cols)
         cols = min(cols, len(grid))
         layout[name] = {"rows": math.ceil(len(grid) / cols), "cols": cols, "image_size": int(x.shape[-1])}
     layout["attribute_arithmetic.png"]["directions"] = list(directions)
-    return layout
+    return grids, layout
 
 
 def _rows_without(attrs: Tensor, name: str) -> list[int]:
@@ -629,32 +609,41 @@ def fid_protocol(cfg: Config, inception: metrics.InceptionFeatures, count: int) 
     }
 
 
+@dataclass(frozen=True)
+class Evaluation:
+    """One full evaluation (module docstring), held in memory; pipeline/evaluate.py writes it."""
+
+    numbers: dict[str, float]  # test/<metric> (module docstring), without the intervals
+    objective: float  # eval.objective's value (details["objective"] names it)
+    intervals: dict[str, list[float]]  # <metric> -> [low, high] at eval.confidence
+    inception: str  # the FID Inception's identity (metrics.InceptionFeatures.identity)
+    scores: Scores  # as stored: every number comes from them
+    sampler: Sampler  # eval.sampler as fitted on the train latent means
+    probe: dict[str, Any]  # probe_latents' result
+    grids: Grids  # PICTURES
+    details: dict[str, Any]  # how the numbers were made
+
+    def flat(self) -> dict[str, Any]:
+        """The numbers as metrics: the intervals as test/<metric>_ci_low and _ci_high, plus the
+        string test/fid_inception."""
+        return self.numbers | intervals_as_numbers(self.intervals) | {"test/fid_inception": self.inception}
+
+    def metrics_record(self) -> dict[str, Any]:
+        """metrics.json: the numbers as floats, the objective under its own name, each interval as
+        test/<metric>_ci: [low, high], the confidence and the FID protocol."""
+        numbers = {k: float(v) for k, v in self.numbers.items()} | {self.details["objective"]: float(self.objective)}
+        intervals = {f"test/{k}_ci": v for k, v in self.intervals.items()}
+        protocol = self.details["fid_protocol"]
+        return numbers | intervals | {"confidence": self.details["bootstrap"]["confidence"], "fid_protocol": protocol}
+
+    def probe_rows(self) -> list[dict[str, Any]]:
+        """One row per probed attribute: attribute, accuracy, baseline."""
+        return [{"attribute": k, **v} for k, v in self.probe["attributes"].items()]
+
+
 def _evaluate(
-    model: DFCVAE,
-    cfg: Config,
-    device: torch.device | str,
-    inception: metrics.InceptionFeatures,
-    logger: Any,
-    step: int,
-) -> dict[str, Any]:
-    check_settings(cfg)
-    target = Path(cfg.eval.out_dir)
-    # Written beside the previous evaluation and swapped in whole: none of its files stays.
-    out_dir = staging_dir(target, ("evaluation.json", "metrics.json", "probe.json"))
-    try:
-        numbers, identity = _measure_into(model, cfg, device, inception, out_dir)
-    except BaseException:
-        shutil.rmtree(out_dir, ignore_errors=True)
-        raise
-    swap_in(out_dir, target)
-    if logger is not None:
-        log_to_run(logger, numbers, identity, target, step)
-    return {**numbers, "test/fid_inception": identity}
-
-
-def _measure_into(
-    model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures, out_dir: Path
-) -> tuple[dict[str, float], str]:
+    model: DFCVAE, cfg: Config, device: torch.device | str, inception: metrics.InceptionFeatures
+) -> Evaluation:
     start = time.perf_counter()
     test = measure_test_split(model, cfg, device, inception)
     train = latent_means(model, cfg, "train", cfg.eval.probe_train_samples, device)
@@ -663,13 +652,12 @@ def _measure_into(
         name: prior_features(model, test.count, cfg.eval.seed, cfg.eval.batch_size, inception, True, sampler)
         for name, sampler in samplers.items()
     }
-    save_sampler(samplers[cfg.eval.sampler], out_dir / SAMPLER_FILE)
     scored = {k: v for k, v in test.per_image.items() if k not in NOT_SCORED}
-    # Every number below comes from the stored arrays, as the registry's gate will read them.
-    scores = Scores.load(Scores(scored, test.real, test.recon, drawn[cfg.eval.sampler]).save(out_dir / SCORES_FILE))
+    # Every number below comes from the scores as stored, as the registry's gate will read them.
+    scores = Scores(scored, test.real, test.recon, drawn[cfg.eval.sampler]).as_stored()
     fid_recon, fid_samples = scores.fids()
     probe = probe_latents(train, (test.latents, test.attrs), cfg.eval.probe_attributes, ground_truth(cfg))
-    layout = write_pictures(model, cfg, test.pool, train, out_dir, samplers[cfg.eval.sampler])
+    grids, layout = picture_grids(model, cfg, test.pool, train, samplers[cfg.eval.sampler])
 
     numbers: dict[str, float] = {f"test/{k}": v for k, v in test.means.items()}
     numbers |= {"test/fid_recon": fid_recon, "test/fid_samples": fid_samples, "test/fid_sum": fid_recon + fid_samples}
@@ -692,37 +680,40 @@ def _measure_into(
         numbers |= literature_fids(model, cfg, device, inception, samplers[cfg.eval.sampler], test)
         seconds["literature_fids"] = time.perf_counter() - start
     protocol = fid_protocol(cfg, inception, test.count)
-    extra = {f"test/{k}_ci": v for k, v in intervals.items()}
-    write_outputs(
-        out_dir,
-        {**numbers, cfg.eval.objective: objective_value(cfg.eval.objective, fid_recon, fid_samples)},
-        extra | {"confidence": cfg.eval.confidence, "fid_protocol": protocol},
-        probe,
-        {
-            "inception": inception.identity,
-            "model_sha256": state_digest(model.state_dict()),  # which weights these numbers belong to
-            "fid_images": test.count,
-            "fid_prior_samples": test.count,
-            "fid_protocol": protocol,
-            "sampler": cfg.eval.sampler,
-            "temperature": cfg.eval.temperature,
-            "gmm_components": len(samplers["gmm"].weights) if "gmm" in samplers else None,
-            "seed": cfg.eval.seed,
-            "objective": cfg.eval.objective,
-            "bootstrap": {"confidence": cfg.eval.confidence, "resamples": cfg.eval.bootstrap_resamples},
-            "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights} if cfg.eval.lpips_net else None,
-            "reference": {
-                "backbone": cfg.eval.reference_backbone,
-                "weights": cfg.eval.reference_weights,
-                "layers": list(resolve_layers(cfg.eval.reference_backbone, cfg.eval.reference_layers)),
-            },
-            "probe_train_images": len(train[0]),
-            "probe_skipped": probe["skipped"],
-            "pictures": layout,
-            "seconds": seconds,  # wall time: the evaluation without the literature FIDs, and those
+    details = {
+        "inception": inception.identity,
+        "model_sha256": state_digest(model.state_dict()),  # which weights these numbers belong to
+        "fid_images": test.count,
+        "fid_prior_samples": test.count,
+        "fid_protocol": protocol,
+        "sampler": cfg.eval.sampler,
+        "temperature": cfg.eval.temperature,
+        "gmm_components": len(samplers["gmm"].weights) if "gmm" in samplers else None,
+        "seed": cfg.eval.seed,
+        "objective": cfg.eval.objective,
+        "bootstrap": {"confidence": cfg.eval.confidence, "resamples": cfg.eval.bootstrap_resamples},
+        "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights} if cfg.eval.lpips_net else None,
+        "reference": {
+            "backbone": cfg.eval.reference_backbone,
+            "weights": cfg.eval.reference_weights,
+            "layers": list(resolve_layers(cfg.eval.reference_backbone, cfg.eval.reference_layers)),
         },
+        "probe_train_images": len(train[0]),
+        "probe_skipped": probe["skipped"],
+        "pictures": layout,
+        "seconds": seconds,  # wall time: the evaluation without the literature FIDs, and those
+    }
+    return Evaluation(
+        numbers=numbers,
+        objective=objective_value(cfg.eval.objective, fid_recon, fid_samples),
+        intervals=intervals,
+        inception=inception.identity,
+        scores=scores,
+        sampler=samplers[cfg.eval.sampler],
+        probe=probe,
+        grids=grids,
+        details=details,
     )
-    return numbers | intervals_as_numbers(intervals), inception.identity
 
 
 def intervals_as_numbers(intervals: dict[str, list[float]]) -> dict[str, float]:
@@ -758,52 +749,3 @@ def probe_metrics(probe: dict[str, Any]) -> dict[str, float]:
         out[f"test/probe_accuracy/{name}"] = result["accuracy"]
         out[f"test/probe_baseline/{name}"] = result["baseline"]
     return out
-
-
-def write_outputs(
-    out_dir: Path, numbers: dict[str, float], extra: dict[str, Any], probe: dict[str, Any], details: dict[str, Any]
-) -> None:
-    """metrics.json holds `numbers` as floats beside `extra` (the intervals [low, high] as
-    test/<metric>_ci, the confidence, the FID protocol)."""
-    rows = [{"attribute": k, **v} for k, v in probe["attributes"].items()]  # accuracy, baseline
-    write_json({k: float(v) for k, v in numbers.items()} | extra, out_dir / "metrics.json")
-    write_json(rows, out_dir / "probe.json")
-    write_json(details, out_dir / "evaluation.json")
-    with (out_dir / "probe.csv").open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=["attribute", "accuracy", "baseline"])
-        writer.writeheader()
-        writer.writerows(rows)
-    plot_probe(rows, probe.get("skipped", {}), out_dir / "probe.png")
-
-
-def plot_probe(rows: list[dict[str, Any]], skipped: dict[str, str], path: Path) -> Path:
-    """Horizontal bars per probed attribute: probe accuracy over the majority baseline; the
-    attributes left out are named under the chart with their reason."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    height = 1.6 + 0.28 * max(len(rows), 1)
-    fig, ax = plt.subplots(figsize=(7, height))
-    names = [r["attribute"] for r in rows]
-    ax.barh(names, [r["accuracy"] for r in rows], color="#4c72b0", label="linear probe on latent means")
-    ax.scatter([r["baseline"] for r in rows], names, color="black", marker="|", s=120, label="majority baseline")
-    ax.set_xlim(0, 1)
-    ax.invert_yaxis()
-    ax.set_xlabel("test accuracy")
-    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.12 - 1.0 / height), ncol=2, fontsize=8, frameon=False)
-    if skipped:
-        ax.set_title(f"{len(rows)} probed; {len(skipped)} left out (evaluation.json says why)", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def log_to_run(logger: Any, numbers: dict[str, float], identity: str, out_dir: Path, step: int) -> None:
-    logger.metrics(numbers, step)
-    logger.tag("eval.fid_inception", identity)
-    files = ("metrics.json", "probe.json", "probe.csv", "probe.png", "evaluation.json", SAMPLER_FILE, SCORES_FILE)
-    for name in (*PICTURES, *files):
-        logger.artifact(out_dir / name, "eval")

@@ -282,15 +282,12 @@ def link_evaluation(
 
 
 def scores_on(cfg: Config, uri: str) -> Scores:
-    """A registered model's scores on cfg's evaluation (its test data and settings): the full
-    evaluation run into a temporary folder."""
+    """A registered model's scores on cfg's evaluation (its test data and settings), as stored."""
     from dfcvae.evaluate import evaluate
 
     device = default_device()
     model, _ = load_model(uri, device)
-    with tempfile.TemporaryDirectory() as tmp:
-        evaluate(model, cfg.with_overrides({"eval.out_dir": tmp}), device)
-        return Scores.load(Path(tmp) / SCORES_FILE)
+    return evaluate(model, cfg, device).scores
 
 
 def champion_scores(cfg: Config, client: MlflowClient, version, eval_key: str) -> tuple[Scores, str]:

@@ -51,7 +51,6 @@ OBJECTIVE = "val/objective"  # dfcvae.evaluate.tuning_objective; lower is better
 DONE_FILE = "search_done.json"  # in the experiment folder once the search has finished
 RUN_FILE = "mlflow_run.json"  # in a trial folder: its MLflow run, reused if the trial restarts
 RESULTS_FILE = "results.csv"  # in tune.out_dir, beside tune.best_overrides_path
-PLOT_FILE = "objective.png"
 LAYER_KEY = "perceptual.layers"
 
 
@@ -355,54 +354,5 @@ def read_results(path: Path) -> list[dict[str, str]]:
 
 
 def as_text(value: Any) -> str:
-    """A table cell or legend label: lists (custom layer sets) joined with ',', as Config.flat does."""
+    """A table cell: lists (custom layer sets) joined with ',', as Config.flat does."""
     return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-
-
-def plot_results(cfg: Config, rows: list[dict[str, Any]], path: Path) -> Path:
-    """Objective against alpha and beta (log axes), one colour per feature-layer set.
-
-    Filled dots ran all tune.steps; crosses were stopped early by ASHA.
-    """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import NullFormatter
-
-    base = cfg.flat()
-    axes_keys = (
-        ("loss.kl_weight", "alpha (loss.kl_weight)"),
-        ("loss.perceptual_weight", "beta (loss.perceptual_weight)"),
-    )
-    scored = [row for row in rows if math.isfinite(row["objective"])]
-    labels = sorted({as_text(row.get(LAYER_KEY, cfg.perceptual.layers)) for row in scored})
-    fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
-    for ax, (key, title) in zip(axes, axes_keys):
-        for i, label in enumerate(labels):
-            chosen = [r for r in scored if as_text(r.get(LAYER_KEY, cfg.perceptual.layers)) == label]
-            for status, marker in (("completed", "o"), ("stopped", "x")):
-                points = [r for r in chosen if r["status"] == status]
-                if points:
-                    ax.scatter(
-                        [float(r.get(key, base[key])) for r in points],
-                        [r["objective"] for r in points],
-                        color=f"C{i}",
-                        marker=marker,
-                        label=label,
-                    )
-                    label = None  # one legend entry per layer set
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # minor labels overlap over a decade or two
-        ax.set_xlabel(title)
-        ax.grid(True, alpha=0.3)
-    axes[0].set_ylabel(f"{OBJECTIVE} ({cfg.eval.objective}, lower is better)")
-    if labels:
-        axes[1].legend(title="perceptual.layers", fontsize="small")
-    stopped = sum(r["status"] == "stopped" for r in scored)
-    fig.suptitle(f"{len(scored)} of {len(rows)} trials scored ({stopped} stopped early by ASHA: x)")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path

@@ -72,10 +72,19 @@ class Scores:
         if wrong:
             raise ScoresError(f"per-image scores {', '.join(wrong)} do not have one value for each of the {n} images.")
 
+    def as_stored(self) -> Scores:
+        """These scores as `save` stores them and `load` reads them back: features in FEATURE_DTYPE,
+        per-image values in float64. Numbers computed from them equal those from the stored file."""
+        return Scores(
+            {k: np.asarray(v, np.float64) for k, v in self.per_image.items()},
+            **{k: getattr(self, k).astype(FEATURE_DTYPE) for k in FEATURE_SETS},
+        )
+
     def save(self, path: str | Path) -> Path:
         path = Path(path)
-        arrays = {f"features_{k}": getattr(self, k).astype(FEATURE_DTYPE) for k in FEATURE_SETS}
-        arrays |= {f"image_{k}": np.asarray(v, np.float64) for k, v in self.per_image.items()}
+        stored = self.as_stored()
+        arrays = {f"features_{k}": getattr(stored, k) for k in FEATURE_SETS}
+        arrays |= {f"image_{k}": v for k, v in stored.per_image.items()}
         with path.open("wb") as handle:  # np.savez would append .npz to any other name
             np.savez(handle, **arrays)
         return path

@@ -62,6 +62,7 @@ from dfcvae.shards.format import manifest_hash
 from dfcvae.shards.loader import prepare_batch
 from dfcvae.train import train
 from pipeline.common import best_overrides, command, parse_config
+from pipeline.evaluate import evaluate_trained
 
 VARIANTS = ("plain_vae", "dfc_vae")  # row order of the pictures and the table
 LABELS = {"plain_vae": "plain VAE", "dfc_vae": "DFC-VAE"}
@@ -169,7 +170,7 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
     logger.tag("compare.seed", str(variant.seed))
     status(f"{which}: trained in {train_seconds / 60:.1f} min; evaluating")
     start = time.perf_counter()
-    numbers = evaluate.evaluate_trained(cfg)
+    numbers = evaluate_trained(cfg)
     eval_seconds = time.perf_counter() - start
     run = logger.run()
     row: dict[str, Any] = {"seed": variant.seed}

@@ -5,9 +5,9 @@ Runs the same way as a DVC stage, from a shell, and under
 Outputs (tune.out_dir):
 - best_overrides.json: {"overrides": {dotted key: value}, "trial_id", "objective", "metric",
   "definition", "steps"}; the train stage applies the overrides over params.yaml;
-- results.csv: one row per trial (trial_id, each searched key, objective, steps, status), for `dvc plots`;
-- objective.png: the objective against alpha and beta, one colour per feature-layer set.
-With tune.enabled false it writes {"overrides": {}}, a header-only results.csv and an empty plot.
+- results.csv: one row per trial (trial_id, each searched key, objective, steps, status); DVC draws
+  the objective against alpha and beta from it (`dvc plots show`, dvc.yaml's `plots:`).
+With tune.enabled false it writes {"overrides": {}} and a header-only results.csv.
 Tune's experiment folder and the trials' runs live in tune.out_dir/ray (not a DVC out): a
 search whose driver was killed is restored from there on the next run, finished trials kept.
 MLflow: one run for the search, with a nested run per trial.
@@ -51,7 +51,7 @@ def tune(cfg: Config) -> dict[str, Any]:
         logger.tag("tune.best_trial_id", best["trial_id"])
         logger.metrics({"best/objective": best["objective"], "tune/trials": len(rows)}, 0)
         out = Path(cfg.tune.out_dir)
-        for name in (search.RESULTS_FILE, search.PLOT_FILE, cfg.tune.best_overrides_path.name):
+        for name in (search.RESULTS_FILE, cfg.tune.best_overrides_path.name):
             logger.artifact(out / name, "tune")
         logger.finish()
         return best
@@ -61,10 +61,8 @@ def tune(cfg: Config) -> dict[str, Any]:
 
 
 def write_outputs(cfg: Config, rows: list[dict[str, Any]], best: dict[str, Any] | None) -> dict[str, Any]:
-    """results.csv and the plot first (they explain a failure), then the best trial's overrides."""
-    out = Path(cfg.tune.out_dir)
-    search.write_results(cfg, rows, out / search.RESULTS_FILE)
-    search.plot_results(cfg, rows, out / search.PLOT_FILE)
+    """results.csv first (it explains a failure), then the best trial's overrides."""
+    search.write_results(cfg, rows, Path(cfg.tune.out_dir) / search.RESULTS_FILE)
     best = best if best is not None else search.best_overrides(cfg, rows)
     write_json(best, cfg.tune.best_overrides_path)
     return best

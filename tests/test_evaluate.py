@@ -30,6 +30,7 @@ from dfcvae.evaluate import (
     RECON_COLS,
     SAMPLE_COLS,
     SAMPLE_ROWS,
+    Evaluation,
     evaluate,
     read_split,
     run_probe,
@@ -41,6 +42,7 @@ from dfcvae.shards.format import ATTRIBUTE_NAMES, manifest_hash
 from dfcvae.shards.loader import prepare_batch
 from dfcvae.step import build_model, build_optimizer, build_perceptual, make_train_step, seed_step
 from dfcvae.uncertainty import SCORES_FILE, Scores
+from pipeline.evaluate import evaluate_into, write_evaluation
 from tests.conftest import tiny_config
 
 pytestmark = pytest.mark.slow  # a trained model and Inception features per module: about 60 s
@@ -92,8 +94,16 @@ def model(cfg: Config) -> DFCVAE:
 
 
 @pytest.fixture(scope="module")
-def evaluation(cfg: Config, model: DFCVAE) -> dict:
-    return evaluate(model, cfg, "cpu")
+def result(cfg: Config, model: DFCVAE) -> Evaluation:
+    """The library's evaluation, written into eval.out_dir as the evaluate stage writes it."""
+    result = evaluate(model, cfg, "cpu")
+    write_evaluation(result, Path(cfg.eval.out_dir))
+    return result
+
+
+@pytest.fixture(scope="module")
+def evaluation(result: Evaluation) -> dict:
+    return result.flat()
 
 
 def save_model(model: DFCVAE, cfg: Config, path) -> None:
@@ -215,12 +225,12 @@ def test_the_literature_protocol_at_the_fast_protocols_counts_gives_its_fids(
     monkeypatch.setitem(evaluation_module.LITERATURE, "real_images", count)
     monkeypatch.setitem(evaluation_module.LITERATURE, "generated_images", count)
     literature = cfg.with_overrides({"eval.fid_protocol": "literature", "eval.out_dir": str(tmp_path / "reused")})
-    reused = evaluate(model, literature, "cpu")
+    reused = evaluate_into(model, literature, "cpu")
     assert reused["test/fid_literature_images"] == count
     assert reused["test/fid_samples_literature"] == pytest.approx(evaluation["test/fid_samples"], rel=1e-3)
     assert reused["test/fid_recon_literature"] == pytest.approx(evaluation["test/fid_recon"], rel=1e-3)
     fewer = literature.with_overrides({"eval.num_samples": count // 2, "eval.out_dir": str(tmp_path / "measured")})
-    measured = evaluate(model, fewer, "cpu")
+    measured = evaluate_into(model, fewer, "cpu")
     for key in ("test/fid_samples_literature", "test/fid_recon_literature", "test/fid_literature_images"):
         assert measured[key] == pytest.approx(reused[key], rel=1e-6)
     written = json.loads((tmp_path / "reused" / "metrics.json").read_text())
@@ -232,13 +242,15 @@ def test_the_literature_protocol_at_the_fast_protocols_counts_gives_its_fids(
 def test_misspelt_eval_settings_fail_before_any_work(cfg: Config, model: DFCVAE, tmp_path) -> None:
     wrong = {"eval.probe_attributes": ["Smilling"], "eval.out_dir": str(tmp_path / "eval")}
     with pytest.raises(ValueError, match="unknown attribute 'Smilling' in eval settings"):
-        evaluate(model, cfg.with_overrides(wrong), "cpu")
+        evaluate_into(model, cfg.with_overrides(wrong), "cpu")
     with pytest.raises(ValueError, match="eval.objective: 'fid' is not one of"):
-        evaluate(model, cfg.with_overrides({"eval.objective": "fid", "eval.out_dir": str(tmp_path / "eval")}), "cpu")
+        evaluate_into(
+            model, cfg.with_overrides({"eval.objective": "fid", "eval.out_dir": str(tmp_path / "eval")}), "cpu"
+        )
     assert not (tmp_path / "eval").exists()
 
 
-def test_pictures_have_the_documented_grid_shapes(cfg: Config, evaluation: dict) -> None:
+def test_pictures_have_the_documented_grid_shapes(cfg: Config, result: Evaluation) -> None:
     out = Path(cfg.eval.out_dir)
     documented = {
         "samples.png": (SAMPLE_ROWS, SAMPLE_COLS),
@@ -249,9 +261,12 @@ def test_pictures_have_the_documented_grid_shapes(cfg: Config, evaluation: dict)
     assert set(documented) == set(PICTURES)
     layout = json.loads((out / "evaluation.json").read_text())["pictures"]
     for name, (rows, cols) in documented.items():
+        images, columns = result.grids[name]
+        assert images.shape == (rows * cols, 3, SIZE, SIZE) and columns == cols, name
+        assert images.min() >= -1 and images.max() <= 1
         with Image.open(out / name) as picture:
             assert picture.format == "PNG" and picture.mode == "RGB"
-            assert picture.size == pictures.grid_size(rows, cols, SIZE), name
+            assert picture.info.get(pictures.GRID_MARK[0]) == pictures.GRID_MARK[1]
         assert (layout[name]["rows"], layout[name]["cols"]) == (rows, cols)
     assert layout["attribute_arithmetic.png"]["directions"] == list(cfg.eval.arithmetic_attributes)
 
@@ -291,8 +306,8 @@ def test_evaluate_stage_uses_the_trained_architecture_and_logs_to_the_run(
 ) -> None:
     from mlflow.tracking import MlflowClient
 
-    from dfcvae.evaluate import evaluate_trained as run
     from dfcvae.evaluate import evaluation_config
+    from pipeline.evaluate import evaluate_trained as run
 
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     trained = cfg

@@ -365,8 +365,7 @@ def test_save_grid_writes_a_png_of_the_grid(model: TinyVAE, tmp_path) -> None:
     images, cols = pictures.interpolation_grid(model, smooth_images(3, size=16), smooth_images(3, size=16, seed=5), 4)
     path = pictures.save_grid(images, tmp_path / "pictures" / "interpolation.png", nrow=cols)
     with Image.open(path) as png:
-        # make_grid: 2-pixel padding around every cell.
-        assert png.format == "PNG" and png.size == (4 * 18 + 2, 3 * 18 + 2)
+        assert png.format == "PNG" and png.size == pictures.grid_size(3, cols, 16)  # 3 pairs, `cols` steps
 
 
 # ---------------------------------------------------------------- LPIPS
