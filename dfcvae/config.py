@@ -19,14 +19,13 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-import re
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
+from ruamel.yaml import YAML, YAMLError
 
 
 class UserError(Exception):
@@ -38,33 +37,14 @@ class ConfigError(UserError, ValueError):
     """A params.yaml problem, phrased so the user knows what to edit."""
 
 
-class YamlLoader(yaml.SafeLoader):
-    """PyYAML's safe loader with YAML 1.2's numbers: PyYAML follows YAML 1.1, which reads `1e-5`
-    (no dot) and `1e5` as strings, while YAML 1.2, DVC's writer (`dvc exp run -S` writes
-    `kl_weight: 1e-05`) and people write them as numbers."""
-
-
-YamlLoader.add_implicit_resolver(
-    "tag:yaml.org,2002:float",
-    re.compile(
-        r"""^(?:[-+]?(?:\.[0-9]+|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?
-                   |[-+]?\.(?:inf|Inf|INF)|\.(?:nan|NaN|NAN))$""",
-        re.X,
-    ),
-    list("-+0123456789."),
-)
-# The resolver above would also claim integers; PyYAML tries resolvers in order, so put int first.
-YamlLoader.yaml_implicit_resolvers = {
-    first: sorted(resolvers, key=lambda r: r[0] != "tag:yaml.org,2002:int")
-    for first, resolvers in YamlLoader.yaml_implicit_resolvers.items()
-}
-
-
 def load_yaml(text: str) -> Any:
-    """YAML text -> plain data, numbers as YAML 1.2 reads them; ConfigError for text that is not YAML."""
+    """YAML 1.2 text -> plain data, read by ruamel.yaml, the library DVC writes params.yaml with
+    (`dvc exp run -S` writes `kl_weight: 1e-05`): `1e-5` is a number and `yes` a string, where
+    YAML 1.1 (PyYAML) reads a string and a boolean. ConfigError for text that is not YAML, or
+    that gives one key twice."""
     try:
-        return yaml.load(text, Loader=YamlLoader)
-    except yaml.YAMLError as err:
+        return YAML(typ="safe", pure=True).load(text)
+    except YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err}); fix it there.") from None

@@ -80,10 +80,17 @@ def test_wrong_type_and_unknown_override_fail():
         ("-.inf", float("-inf")),
         ("true", True),
         ("1e", "1e"),
+        ("yes", "yes"),  # YAML 1.1 (PyYAML) reads a boolean
     ],
 )
 def test_numbers_read_as_yaml_1_2_dvc_and_people_write_them(text, value):
     assert load_yaml(text) == value and type(load_yaml(text)) is type(value)
+
+
+def test_a_key_given_twice_is_an_error_that_says_where(tmp_path):
+    (tmp_path / "params.yaml").write_text("loss:\n  kl_weight: 0.1\n  kl_weight: 0.2\n")
+    with pytest.raises(ConfigError, match=r'not valid YAML at line 3, column 3 \(found duplicate key "kl_weight"'):
+        Config.load(tmp_path / "params.yaml")
 
 
 def test_exponent_numbers_in_params_and_overrides(tmp_path):
