@@ -189,7 +189,9 @@ class LossConfig(Section):
     # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
     feature_norm: FeatureNorm = "energy"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
-    lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, eval.lpips_net and _weights; 0 = off
+    lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, with this network and these weights; 0 = off
+    lpips_net: LpipsNet = "alex"
+    lpips_weights: str = "imagenet"  # imagenet | random | a file (dfcvae/lpips_metric.py)
     # Training's feature term on the same random window of x and x_hat, this many px smaller, at an
     # offset in [0, feature_shift] (dfcvae/loss.py): against the lattice of strided features; 0 = off.
     feature_shift: int = 0
@@ -296,7 +298,7 @@ class EvalConfig(Section):
     sampler: SamplerName = "gmm"  # measured: FID 155 against N(0, I)'s 226 on the demo (docs/quality.md)
     temperature: float = 1.0
     gmm_components: int = 10
-    # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg, "" for none; weights
+    # LPIPS of reconstructions (dfcvae/lpips_metric.py): net alex | vgg; weights
     # imagenet (test/lpips, comparable with published numbers) | random | a file (test/lpips_random, test/lpips_file).
     lpips_net: LpipsNet = "alex"
     lpips_weights: str = "imagenet"

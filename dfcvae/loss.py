@@ -132,7 +132,7 @@ def dfc_vae_loss(
         logs.update({f"{split}/perceptual_{name}": v.detach() for name, v in per_layer.items()})
     if cfg.lpips_weight > 0:
         if lpips is None:
-            raise ConfigError("loss.lpips_weight > 0 needs the LPIPS network (eval.lpips_net).")
+            raise ConfigError("loss.lpips_weight > 0 needs the LPIPS network (loss.lpips_net).")
         distance = lpips(x, recon).mean()
         loss = loss + cfg.lpips_weight * distance
         logs[f"{split}/lpips"] = distance.detach()

@@ -29,19 +29,21 @@ class LPIPS(nn.Module):
     """Distance between image batches x, y (B, 3, H, W) in [-1, 1] -> (B,), 0 for identical images.
 
     net: alex | vgg; weights: imagenet | random | a file holding torchvision's state_dict of that
-    network (keys features.N.*). Raises ConfigError for an unknown net, FileNotFoundError when the
-    ImageNet file is neither cached nor downloadable (dfcvae.weights says where to put it).
+    network (keys features.N.*); setting: the params.yaml keys' prefix that errors name
+    (eval.lpips for the metric, loss.lpips for the loss). Raises ConfigError for an unknown net,
+    FileNotFoundError when the ImageNet file is neither cached nor downloadable (dfcvae.weights
+    says where to put it).
     """
 
-    def __init__(self, net: str = "alex", weights: str = "imagenet"):
+    def __init__(self, net: str = "alex", weights: str = "imagenet", setting: str = "eval.lpips"):
         super().__init__()
         import lpips
 
         if net not in NETS:
-            raise ConfigError(f"eval.lpips_net '{net}' is not one of {', '.join(NETS)}.")
+            raise ConfigError(f"{setting}_net '{net}' is not one of {', '.join(NETS)}.")
         state = None
         if weights == "imagenet":
-            state = load_imagenet_state_dict(NETS[net], setting="eval.lpips_weights")
+            state = load_imagenet_state_dict(NETS[net], setting=f"{setting}_weights")
         elif weights != "random":
             state = load_file_state_dict(weights)
         # A random backbone is drawn from a fixed seed, never from the process's RNG state, so one

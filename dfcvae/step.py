@@ -52,10 +52,10 @@ def build_perceptual(cfg: Config, runtime: Runtime) -> PerceptualNetwork | None:
 
 
 def build_lpips(cfg: Config, runtime: Runtime) -> LPIPS | None:
-    """The frozen LPIPS network for loss.lpips_weight > 0 (eval.lpips_net, eval.lpips_weights), else None."""
+    """The frozen LPIPS network for loss.lpips_weight > 0 (loss.lpips_net, loss.lpips_weights), else None."""
     if cfg.loss.lpips_weight == 0:
         return None
-    return LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(runtime.device)
+    return LPIPS(cfg.loss.lpips_net, cfg.loss.lpips_weights, setting="loss.lpips").to(runtime.device)
 
 
 def check_config(cfg: Config) -> None:

@@ -426,7 +426,7 @@ def test_the_lpips_term_alone_trains_the_vae_and_its_network_is_always_named():
             "loss.perceptual_weight": 0.0,
             "loss.pixel_weight": 0.0,
             "loss.lpips_weight": 1.0,
-            "eval.lpips_weights": "random",
+            "loss.lpips_weights": "random",
             "train.compile": False,
         }
     )
@@ -440,15 +440,15 @@ def test_the_lpips_term_alone_trains_the_vae_and_its_network_is_always_named():
     distances = [float(step(x)["train/lpips"]) for _ in range(15)]
     assert distances[0] > 0 and distances[-1] < distances[0]  # the only term in the loss, and it falls
     assert any(not torch.equal(before[k], v) for k, v in model.state_dict().items())
-    with pytest.raises(ConfigError, match="eval.lpips_net: '' is not one of alex, vgg"):
-        cfg.with_overrides({"eval.lpips_net": ""})  # the loss's LPIPS always has its network
+    with pytest.raises(ConfigError, match="loss.lpips_net: '' is not one of alex, vgg"):
+        cfg.with_overrides({"loss.lpips_net": ""})  # the loss's LPIPS always has its network
 
 
 def test_the_lpips_network_of_the_loss_is_frozen():
     from dfcvae.device import Runtime
     from dfcvae.step import build_lpips
 
-    cfg = Config().with_overrides({"loss.lpips_weight": 0.5, "eval.lpips_weights": "random"})
+    cfg = Config().with_overrides({"loss.lpips_weight": 0.5, "loss.lpips_weights": "random"})
     network = build_lpips(cfg, Runtime(torch.device("cpu")))
     assert not network.training and not any(p.requires_grad for p in network.parameters())
     assert build_lpips(Config(), Runtime(torch.device("cpu"))) is None  # off by default
