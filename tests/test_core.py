@@ -11,7 +11,16 @@ import torch.nn.functional as F
 import yaml
 from torch import Tensor
 
-from dfcvae.config import PAPER_NETWORK, STORED_BEFORE_FIELD, Config, ConfigError, LossConfig, ModelConfig, load_yaml
+from dfcvae.config import (
+    PAPER_NETWORK,
+    STORED_BEFORE_FIELD,
+    Config,
+    ConfigError,
+    LossConfig,
+    ModelConfig,
+    load_yaml,
+    render_params,
+)
 from dfcvae.features import BACKBONES, Blur, PerceptualNetwork, resolve_layers
 from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup, perceptual_term, shifted_crops
 from dfcvae.metrics import active_units, lattice_peak, nyquist_power, phase_energy
@@ -33,9 +42,30 @@ def test_committed_params_load_and_round_trip():
     assert all("." in key for key in cfg.flat())
 
 
-def test_dataclass_defaults_are_the_committed_params():
-    """One source: Config() (used by bench/ and tests) is the job params.yaml describes."""
+def test_params_yaml_is_written_from_the_dataclass_defaults():
+    """One source: the dataclass defaults. params.yaml is written from them (`make params`), so
+    Config() (used by bench/ and tests) is the job params.yaml describes."""
+    text = (ROOT / "params.yaml").read_text()
+    assert render_params(text) == text, "params.yaml is not dfcvae/config.py's defaults: run `make params`."
     assert Config() == Config.load(ROOT / "params.yaml")
+
+
+def test_writing_params_changes_only_what_the_defaults_changed():
+    text = (ROOT / "params.yaml").read_text()
+    edited = text.replace("  lpips_net: alex\n", "", 1).replace(
+        "  kl_warmup_steps: 0\n", "  kl_warmup_steps: 0\n  alpha: 2\n"
+    )
+    assert edited.count("lpips_net") == text.count("lpips_net") - 1 and "alpha: 2" in edited
+    cfg = Config().with_overrides({"loss.kl_weight": 0.5, "data.split_fractions": [0.7, 0.2, 0.1]})
+    rendered = render_params(edited, cfg)
+    assert Config.from_dict(load_yaml(rendered)) == cfg  # the removed key back, the stray one gone
+    changed = [line for line in rendered.splitlines() if line not in text.splitlines()]
+    assert changed == ["  split_fractions: [0.7, 0.2, 0.1]", "  kl_weight: 0.5"]  # the rest as written
+    assert [line for line in text.splitlines() if line not in rendered.splitlines()] == [
+        "  split_fractions: [0.8, 0.1, 0.1]",
+        "  kl_weight: 0.003",
+    ]
+    assert render_params(rendered, cfg) == rendered
 
 
 def test_a_stored_config_without_later_keys_keeps_its_meaning():
