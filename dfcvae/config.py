@@ -250,6 +250,10 @@ class ScalingConfig(Section):
     # How long a run (or its restart after a lost node) waits for nodes for all its workers
     # before it fails saying so; an autoscaler's new node usually takes minutes.
     node_wait_s: float = 600.0
+    # The network interface of the ranks' gloo and NCCL sockets (GLOO_SOCKET_IFNAME and
+    # NCCL_SOCKET_IFNAME); "": those variables where set, else the interface that holds the node's
+    # Ray address (lo on one machine). The rendezvous store listens on that address only.
+    socket_ifname: str = ""
 
 
 @dataclass(frozen=True)
@@ -559,6 +563,7 @@ def render_params(text: str, cfg: Config | None = None) -> str:
 
     from ruamel.yaml import YAML as RoundTrip
     from ruamel.yaml.comments import CommentedMap, CommentedSeq
+    from ruamel.yaml.scalarstring import DoubleQuotedScalarString
 
     def as_yaml(value: Any, nested: bool = False) -> Any:
         if isinstance(value, list):
@@ -570,7 +575,7 @@ def render_params(text: str, cfg: Config | None = None) -> str:
             if nested or not value:
                 mapping.fa.set_flow_style()
             return mapping
-        return value
+        return DoubleQuotedScalarString(value) if value == "" else value
 
     yaml = RoundTrip()
     yaml.width = 4096  # never wrap a long comment or value
@@ -593,11 +598,27 @@ def render_params(text: str, cfg: Config | None = None) -> str:
         for position, (key, value) in enumerate(values.items()):
             if key not in mapping:
                 mapping.insert(position, key, as_yaml(value))
+                if position == len(mapping) - 1 and position > 0:
+                    _move_trailing_lines(mapping, list(mapping)[position - 1], key)
             elif not _holds(mapping[key], hints[key], getattr(typed, key)):
                 mapping[key] = as_yaml(value)
     out = io.StringIO()
     yaml.dump(doc, out)
     return out.getvalue()
+
+
+def _move_trailing_lines(mapping: Any, previous: str, key: str) -> None:
+    """A key appended to a section goes before the blank line and comments that close the section,
+    which ruamel.yaml keeps with the previous last key."""
+    from ruamel.yaml.tokens import CommentToken
+
+    comments = mapping.ca.items.get(previous)
+    token = comments[2] if comments else None
+    if token is None or "\n" not in token.value:
+        return
+    line, rest = token.value.split("\n", 1)
+    comments[2] = CommentToken(line + "\n", token.start_mark, None) if line.strip() else None
+    mapping.ca.items[key] = [None, None, CommentToken("\n" + rest, token.start_mark, None), None]
 
 
 def _holds(written: Any, hint: Any, value: Any) -> bool:

@@ -154,20 +154,21 @@ def patient_dashboard_start(seconds: int = DASHBOARD_STARTUP_S) -> bool:
         return False
 
 
-LOOPBACK = {"127.0.0.1", "::1"}
 _STORE: dict[str, object] = {}  # in the rank-0 worker: the rendezvous store and its socket, kept alive
 
 
-def torch_config(backend: str, timeout_s: int = 1800):
-    """Ray Train's TorchConfig for `backend`, whose process group, when every worker's node is on
-    127.0.0.1 (this project's single-machine mode), rendezvouses through a store listening on
-    127.0.0.1 only, and whose gloo or NCCL sockets use the loopback interface.
+def torch_config(backend: str, timeout_s: int = 1800, socket_ifname: str = ""):
+    """Ray Train's TorchConfig for `backend`, whose process group rendezvouses through a store that
+    rank 0 serves on its node's own address only (127.0.0.1 on one machine, the node's cluster
+    address on a cluster), and whose gloo and NCCL sockets use `socket_ifname`, or where that is ""
+    and GLOO_SOCKET_IFNAME / NCCL_SOCKET_IFNAME are unset, the interface holding the node's address.
 
     Why: Ray Train's own setup has rank 0 start torch.distributed's TCPStore, which listens on
     every interface (`*:PORT`, no authentication), and the worker's DataLoader processes inherit
-    that socket. Here rank 0 binds a socket to 127.0.0.1 itself and hands it to the store
-    (`TCPStore(master_listen_fd=...)`, public). On a cluster whose nodes have real addresses Ray
-    Train's setup runs unchanged: those ports must stay inside the cluster network (README).
+    that socket; and gloo picks its interface from the host name, which on a multi-homed host can
+    be the wrong network. Here rank 0 binds a socket to its node's address itself and hands it to
+    the store (`TCPStore(master_listen_fd=...)`, public). tests/test_hosts.py checks both across
+    network namespaces.
 
     Private: `ray.train.torch.config._TorchBackend` (subclassed, to replace its on_start) and
     `_set_torch_distributed_env_vars` (LOCAL_RANK etc., as Ray Train sets them). Fallback when
@@ -181,28 +182,29 @@ def torch_config(backend: str, timeout_s: int = 1800):
         log.warning("Ray Train's torch backend internals not found (%s): its store listens on every interface", err)
         return TorchConfig(backend=backend, timeout_s=timeout_s)
 
-    class LoopbackTorchBackend(_TorchBackend):
+    class NodeAddressTorchBackend(_TorchBackend):
         def on_start(self, worker_group, backend_config) -> None:
             import ray
 
-            if not set(worker_group.execute(_node_address)) <= LOOPBACK:
-                return super().on_start(worker_group, backend_config)
             size, timeout = len(worker_group), backend_config.timeout_s
-            port = worker_group.execute_single(0, _serve_store, size, timeout)
+            address = worker_group.execute_single(0, _node_address)
+            port = worker_group.execute_single(0, _serve_store, address, size, timeout)
             worker_group.execute(_set_torch_distributed_env_vars)
             ray.get(
                 [
-                    worker_group.execute_single_async(rank, _join_process_group, backend, rank, size, port, timeout)
+                    worker_group.execute_single_async(
+                        rank, _join_process_group, backend, rank, size, address, port, timeout, socket_ifname
+                    )
                     for rank in range(size)
                 ]
             )
 
-    class LoopbackTorchConfig(TorchConfig):
+    class NodeAddressTorchConfig(TorchConfig):
         @property
         def backend_cls(self):
-            return LoopbackTorchBackend
+            return NodeAddressTorchBackend
 
-    return LoopbackTorchConfig(backend=backend, timeout_s=timeout_s)
+    return NodeAddressTorchConfig(backend=backend, timeout_s=timeout_s)
 
 
 def _node_address() -> str:
@@ -211,43 +213,61 @@ def _node_address() -> str:
     return ray.util.get_node_ip_address()
 
 
-def _serve_store(world_size: int, timeout_s: float) -> int:
-    """In rank 0: the rendezvous store on a socket bound to 127.0.0.1; -> its port."""
+def _serve_store(address: str, world_size: int, timeout_s: float) -> int:
+    """In rank 0: the rendezvous store on a socket bound to `address` (its node's); -> its port."""
     import datetime
     import socket
 
     import torch.distributed as dist
 
-    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    listener.bind(("127.0.0.1", 0))
+    listener = socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET, socket.SOCK_STREAM)
+    listener.bind((address, 0))
     listener.listen(128)
     port = listener.getsockname()[1]
     timeout = datetime.timedelta(seconds=timeout_s)
     store = dist.TCPStore(  # not waiting here for the other ranks: they connect in _join_process_group
-        "127.0.0.1", port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=listener.fileno()
+        address, port, world_size, True, timeout, wait_for_workers=False, master_listen_fd=listener.fileno()
     )
     _STORE.update(store=store, listener=listener)
     return port
 
 
-def _loopback_interface() -> str:
-    """The loopback interface's name: lo on Linux, lo0 on macOS."""
-    import socket
+def process_group_network() -> dict[str, str | None]:
+    """In a training worker: where its process group talks. "store": the rendezvous store's
+    address:port in rank 0 (None elsewhere); "socket_ifname": gloo's interface (GLOO_SOCKET_IFNAME)."""
+    listener = _STORE.get("listener")
+    store = None
+    if listener is not None:
+        host, port = listener.getsockname()[:2]
+        store = f"{host}:{port}"
+    return {"store": store, "socket_ifname": os.environ.get("GLOO_SOCKET_IFNAME")}
 
-    names = [name for _, name in socket.if_nameindex() if name.startswith("lo")]
-    return names[0] if names else "lo"
+
+def interface_of(address: str) -> str | None:
+    """The name of the network interface that holds `address` on this host (lo for 127.0.0.1),
+    or None when none does."""
+    import psutil
+
+    for name, addresses in psutil.net_if_addrs().items():
+        if any(a.address.split("%")[0] == address for a in addresses):
+            return name
+    return None
 
 
-def _join_process_group(backend: str, rank: int, world_size: int, port: int, timeout_s: float) -> None:
+def _join_process_group(
+    backend: str, rank: int, world_size: int, address: str, port: int, timeout_s: float, socket_ifname: str
+) -> None:
     import datetime
 
     import torch.distributed as dist
 
-    loopback = _loopback_interface()
-    os.environ["GLOO_SOCKET_IFNAME"] = loopback  # gloo's connections between ranks: loopback
-    os.environ["NCCL_SOCKET_IFNAME"] = loopback  # NCCL's bootstrap: loopback
+    own = interface_of(_node_address())
+    for variable in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):  # gloo's connections, NCCL's bootstrap
+        chosen = socket_ifname or os.environ.get(variable) or own
+        if chosen:
+            os.environ[variable] = chosen
     if backend == "nccl" and not {"TORCH_NCCL_ASYNC_ERROR_HANDLING", "TORCH_NCCL_BLOCKING_WAIT"} & set(os.environ):
         os.environ["TORCH_NCCL_ASYNC_ERROR_HANDLING"] = "1"  # as Ray Train sets it: a hung collective fails
     timeout = datetime.timedelta(seconds=timeout_s)
-    store = _STORE["store"] if rank == 0 else dist.TCPStore("127.0.0.1", port, world_size, False, timeout)
+    store = _STORE["store"] if rank == 0 else dist.TCPStore(address, port, world_size, False, timeout)
     dist.init_process_group(backend, store=store, rank=rank, world_size=world_size, timeout=timeout)

@@ -116,13 +116,17 @@ def report_log_callback(path: Path):
     """A Ray Train callback appending every rank's report to a JSON-lines audit log.
 
     Each line holds the rank's step, VAE digest and frozen-network digest: the record
-    that DDP ranks stayed bit-identical and the perceptual network never changed.
+    that DDP ranks stayed bit-identical and the perceptual network never changed; and where the
+    rank ran: its node's id and address, the rendezvous store's address (rank 0) and gloo's
+    interface (internals.process_group_network).
     """
     from ray.train import UserCallback
 
+    keys = ("step", "rank", "restored_from", "samples_seen", "weights_sha256", "perceptual_sha256")
+    keys += ("node_id", "node_address", "store", "socket_ifname")
+
     class ReportLog(UserCallback):
         def after_report(self, run_context, metrics, checkpoint):
-            keys = ("step", "rank", "node_id", "restored_from", "samples_seen", "weights_sha256", "perceptual_sha256")
             path.parent.mkdir(parents=True, exist_ok=True)
             with path.open("a") as handle:
                 for row in metrics:
@@ -151,7 +155,7 @@ def make_trainer(cfg: Config, loop_config: dict[str, Any], name: str, callbacks:
             resources_per_worker=resources,
             placement_strategy=scaling.placement_strategy,
         ),
-        torch_config=torch_config("nccl" if scaling.use_gpu else "gloo"),
+        torch_config=torch_config("nccl" if scaling.use_gpu else "gloo", socket_ifname=scaling.socket_ifname),
         run_config=RunConfig(
             name=name,
             storage_path=scaling.storage_dir,

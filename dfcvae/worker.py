@@ -39,6 +39,7 @@ from dfcvae.checkpoint import (
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork, build_reference
+from dfcvae.internals import process_group_network
 from dfcvae.model import DFCVAE
 from dfcvae.shards.loader import make_loader, prepare_batch, train_stream
 from dfcvae.shards.plan import batches_per_epoch
@@ -73,6 +74,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     rank, world = context.get_world_rank(), context.get_world_size()
     runtime = Runtime(ray.train.torch.get_device())
     node_id = ray.get_runtime_context().get_node_id()  # where this rank runs, in every report
+    where = {"node_id": node_id, "node_address": ray.util.get_node_ip_address(), **process_group_network()}
     if loop_config.get("storage_node") not in (None, node_id):  # a worker the cluster placed elsewhere
         raise ConfigError(cluster.local_storage_message(cfg, f"another node than the driver's (rank {rank})"))
     torch.backends.cudnn.benchmark = runtime.on_gpu
@@ -107,7 +109,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
             history.grids(validation.grids(evaluated_model(model, ema)), done)
         if due.checkpoint(done):
             values = {"step": done, "samples_seen": done * cfg.global_batch_size, "rank": rank, "restored_from": start}
-            values["node_id"] = node_id
+            values |= where
             values |= digests(model, perceptual) | history.latest
             state = checkpoint_payload(model, optimizer, scheduler, done, cfg, per_epoch, ema) if rank == 0 else None
             report(values, state, history.rows)

@@ -66,6 +66,8 @@ def test_writing_params_changes_only_what_the_defaults_changed():
         "  kl_weight: 0.003",
     ]
     assert render_params(rendered, cfg) == rendered
+    last = '  socket_ifname: ""\n'  # a section's last key: it goes back before the blank line that ends the section
+    assert last in text and render_params(text.replace(last, "")) == text
 
 
 def test_a_stored_config_without_later_keys_keeps_its_meaning():

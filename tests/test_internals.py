@@ -80,9 +80,10 @@ def test_importing_tracking_sets_no_environment_and_setup_bounds_mlflow_retries(
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "2" and os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] == "5"
 
 
-def test_torch_config_binds_the_store_to_loopback_through_ray_trains_backend():
+def test_torch_config_binds_the_store_to_the_nodes_address_through_ray_trains_backend():
     config = internals.torch_config("gloo")
-    assert config.backend == "gloo" and config.backend_cls.__name__ == "LoopbackTorchBackend"
+    assert config.backend == "gloo" and config.backend_cls.__name__ == "NodeAddressTorchBackend"
+    assert internals.interface_of("127.0.0.1") == "lo" and internals.interface_of("192.0.2.1") is None
 
 
 def test_torch_config_falls_back_to_ray_trains_own_when_its_backend_is_gone(monkeypatch, caplog):
