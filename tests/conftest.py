@@ -47,8 +47,8 @@ TINY = {
 LONGEST_FIRST = (
     "test_pipeline.py",  # 560
     "test_train.py",  # 460
+    "test_hosts.py",  # 240 (2026-12-04, alone)
     "test_tune.py",  # 230
-    "test_multinode.py",  # 220
     "test_pipeline_folder.py",  # 200
     "test_registry.py",  # 200
     "test_compare.py",  # 190

@@ -1,0 +1,351 @@
+"""Training across a real network: hosts in network namespaces (tests/hosts.py), Ray in cluster mode.
+
+Host A runs the Ray head and the driver (`python -m pipeline.train`), host B a worker node, host C
+the S3-compatible store (moto) and the MLflow tracking server whose artifacts go to it; host D joins
+as the replacement when B's cable is pulled. Every process runs inside its host and reaches the
+others only at their addresses, through the switch; credentials come from the environment, as on
+a cluster. Each of A, B and D offers one `trainer_slot`, and each of the two training workers needs
+one, so the ranks run on two hosts.
+
+Ray's GCS declares a node dead after health_check_failure_threshold checks, health_check_period_ms
+apart, have each failed or waited health_check_timeout_ms (RAY_<name> on the head). Ray's defaults
+(3000 ms, 10000 ms, 5) take up to a minute; the head here uses 1000, 1000 and 3.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from dfcvae.checkpoint import load_checkpoint
+from dfcvae.config import Config
+from tests import hosts
+from tests.conftest import ROOT, tiny_config, wait_until
+
+WHY_NOT = hosts.unavailable()
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.timeout(900),
+    pytest.mark.skipif(WHY_NOT is not None, reason=f"no network namespaces here: {WHY_NOT}"),
+]
+
+BUCKET = "dfcvae-hosts"
+SLOT = "trainer_slot"
+S3_PORT, MLFLOW_PORT, RAY_PORT = 9000, 5000, 6379
+HEALTH_CHECKS = {  # the head's: a node is dead within about 3 s of its last answer
+    "RAY_health_check_period_ms": "1000",
+    "RAY_health_check_timeout_ms": "1000",
+    "RAY_health_check_failure_threshold": "3",
+}
+
+
+@pytest.fixture(scope="module")
+def network():
+    net = hosts.Network(["a", "b", "c", "d"])
+    yield net
+    net.close()
+
+
+@pytest.fixture(scope="module")
+def env(network) -> dict[str, str]:
+    """What every process on every host gets: the store's and the tracking server's addresses,
+    the store's keys, the cluster's token mode."""
+    storage = network["c"].address
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "AWS_"))}
+    return base | {
+        "PATH": f"{Path(sys.executable).parent}:{base['PATH']}",
+        "PYTHONPATH": str(ROOT),
+        "RAY_AUTH_MODE": "token",
+        "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
+        "AWS_ACCESS_KEY_ID": "dfcvae-hosts",
+        "AWS_SECRET_ACCESS_KEY": "dfcvae-hosts",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{storage}:{S3_PORT}",
+        "MLFLOW_S3_ENDPOINT_URL": f"http://{storage}:{S3_PORT}",
+        "MLFLOW_TRACKING_URI": f"http://{storage}:{MLFLOW_PORT}",
+    }
+
+
+def python(host: hosts.Host, code: str, env: dict[str, str], timeout: float = 120) -> str:
+    return host.run([sys.executable, "-c", code], env, timeout)
+
+
+def answers(host: hosts.Host, url: str, env: dict[str, str]) -> bool:
+    """Whether `url` answers an HTTP request made from `host`."""
+    code = f"import urllib.request as u\ntry: u.urlopen({url!r}, timeout=3)\nexcept u.HTTPError: pass"
+    try:
+        python(host, code, env, timeout=20)
+        return True
+    except AssertionError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def storage(network, env, synthetic_cfg, tmp_path_factory) -> str:
+    """On host C: the bucket with the shards, and the tracking server; -> the shards' URL."""
+    c, a = network["c"], network["a"]
+    logs = tmp_path_factory.mktemp("storage")
+    s3 = c.start([sys.executable, "-m", "moto.server", "-H", c.address, "-p", str(S3_PORT)], env, logs / "s3.log")
+    wait_until(lambda: answers(a, env["AWS_ENDPOINT_URL"], env), "the store on host C", process=s3, log=logs / "s3.log")
+    shards = synthetic_cfg.data.shards_dir
+    python(
+        c,
+        f"import boto3, fsspec\nboto3.client('s3').create_bucket(Bucket={BUCKET!r})\n"
+        f"fsspec.filesystem('s3').put({str(shards) + '/'!r}, {BUCKET + '/shards/'!r}, recursive=True)",
+        env,
+    )
+    server = c.start(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            c.address,
+            "--port",
+            str(MLFLOW_PORT),
+            "--workers",
+            "1",
+            "--backend-store-uri",
+            f"sqlite:///{logs / 'mlflow.db'}",
+            "--artifacts-destination",
+            f"s3://{BUCKET}/mlflow",
+        ],
+        env,
+        logs / "mlflow.log",
+    )
+    health = f"{env['MLFLOW_TRACKING_URI']}/health"
+    wait_until(
+        lambda: answers(a, health, env), "the tracking server on host C", process=server, log=logs / "mlflow.log"
+    )
+    return f"s3://{BUCKET}/shards"
+
+
+def start_node(host: hosts.Host, env: dict[str, str], log: Path, head: hosts.Host | None = None):
+    """A Ray node on `host` with one trainer slot: the head when `head` is None, else joining it."""
+    where = ["--head", "--port", str(RAY_PORT), "--dashboard-host", host.address]
+    if head is not None:
+        where = ["--address", f"{head.address}:{RAY_PORT}"]
+    return host.start(
+        [
+            "ray",
+            "start",
+            "--block",
+            *where,
+            "--node-ip-address",
+            host.address,
+            "--num-cpus",
+            "1",
+            "--resources",
+            json.dumps({SLOT: 1}),
+            "--disable-usage-stats",
+            "--temp-dir",
+            f"/tmp/{host.name}",  # sockets live here: short, one per host
+        ],
+        env | (HEALTH_CHECKS if head is None else {}),
+        log,
+    )
+
+
+def alive_nodes(head: hosts.Host, env: dict[str, str]) -> dict[str, str]:
+    """Node id -> address of every node the head's GCS holds alive, asked from `head`."""
+    code = (
+        f"import json, ray\nray.init(address='{head.address}:{RAY_PORT}', logging_level='ERROR', log_to_driver=False)\n"
+        "print('nodes:', json.dumps({n['NodeID']: n['NodeManagerAddress'] for n in ray.nodes() if n['Alive']}))"
+    )
+    (line,) = [line for line in python(head, code, env).splitlines() if line.startswith("nodes: ")]
+    return json.loads(line.removeprefix("nodes: "))
+
+
+@pytest.fixture(scope="module")
+def cluster(network, env, storage, tmp_path_factory) -> dict[str, hosts.Host]:
+    """The head on A and a worker node on B."""
+    a, b = network["a"], network["b"]
+    logs = tmp_path_factory.mktemp("ray")
+    head = start_node(a, env, logs / "a.log")
+    wait_until(lambda: answers(a, f"http://{a.address}:8265/api/version", env), "Ray's head on A", process=head)
+    worker = start_node(b, env, logs / "b.log", head=a)
+    wait_until(lambda: len(alive_nodes(a, env)) == 2, "host B's node in the cluster", process=worker)
+    return {"a": a, "b": b}
+
+
+def drive(host: hosts.Host, params: Path, env: dict[str, str], log: Path):
+    """The train stage's command on `host`, joining the cluster whose head is there."""
+    command = [sys.executable, "-m", "pipeline.train", "--params", str(params)]
+    return host.start(command, env | {"RAY_ADDRESS": f"{host.address}:{RAY_PORT}"}, log)
+
+
+def run_config(tmp: Path, shards: str, storage: str, **overrides) -> Path:
+    """A params file for two workers, one per host, shards and checkpoints in the bucket."""
+    cfg: Config = tiny_config(
+        tmp,
+        **{
+            "data.shards_dir": shards,
+            "scaling.num_workers": 2,
+            "scaling.cpus_per_worker": 0.5,
+            "scaling.worker_resources": {SLOT: 1},
+            "scaling.placement_strategy": "SPREAD",
+            "scaling.storage_dir": f"s3://{BUCKET}/{storage}",
+            "scaling.node_wait_s": 120,
+            "scaling.max_failures": 2,
+            "train.steps": 24,
+            "train.log_every": 4,
+            "train.val_every": 24,
+            "train.val_batches": 1,
+            "train.checkpoint_every": 4,
+            "train.grid_every": 24,
+            "train.system_metrics_s": 0,
+            "optim.lr": 2e-3,
+            **overrides,
+        },
+    )
+    path = tmp / "params.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    return path
+
+
+def reports(params: Path) -> list[dict]:
+    out = Path(yaml.safe_load(params.read_text())["train"]["out_dir"])
+    for folder in (Path(f"{out}.partial"), out):
+        if (folder / "reports.jsonl").is_file():
+            return [json.loads(line) for line in (folder / "reports.jsonl").read_text().splitlines()]
+    return []
+
+
+def said(log: Path) -> str:
+    """The command's one-line verdict (`train: ...`) in its output, among the cluster's forwarded logs."""
+    lines = [line for line in log.read_text().splitlines() if line.startswith("train: ")]
+    assert len(lines) == 1, log.read_text()[-4000:]
+    return lines[0]
+
+
+def bucket_keys(network, env, prefix: str) -> list[str]:
+    code = (
+        f"import json, boto3\npages = boto3.client('s3').get_paginator('list_objects_v2').paginate("
+        f"Bucket={BUCKET!r}, Prefix={prefix!r})\n"
+        "print(json.dumps([i['Key'] for p in pages for i in p.get('Contents', [])]))"
+    )
+    return json.loads(python(network["c"], code, env).strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, env, storage, tmp_path_factory) -> tuple[Path, dict[str, list[str]]]:
+    """The run on A and B, the driver on A; -> its params file, and the addresses that A and B
+    listened on meanwhile."""
+    tmp = tmp_path_factory.mktemp("whole")
+    params = run_config(tmp, storage, "ray-whole")
+    driver = drive(cluster["a"], params, env, tmp / "driver.log")
+    listening: set[str] = set()
+    while driver.poll() is None:
+        listening |= {address for host in cluster.values() for address, _ in host.listening()}
+        time.sleep(0.5)
+    assert driver.returncode == 0, (tmp / "driver.log").read_text()[-4000:]
+    return params, listening
+
+
+def test_a_local_checkpoint_path_on_hosts_that_do_not_share_it_is_refused(cluster, env, storage, tmp_path):
+    params = run_config(tmp_path, storage, "unused", **{"scaling.storage_dir": str(tmp_path / "ray")})
+    log = tmp_path / "driver.log"
+    driver = drive(cluster["a"], params, env, log)
+    driver.wait(timeout=300)
+    assert driver.returncode == 1
+    assert "does not survive that node" in said(log)
+    assert not (tmp_path / "ray").exists()
+
+
+def test_two_hosts_train_from_and_into_the_bucket_over_the_network(uninterrupted, network, env):
+    params, listening = uninterrupted
+    a, b = network["a"], network["b"]
+    rows = reports(params)
+    steps = yaml.safe_load(params.read_text())["train"]["steps"]
+    last = [r for r in rows if r["step"] == steps]
+    assert sorted(r["rank"] for r in last) == [0, 1]
+    assert {r["node_address"] for r in last} == {a.address, b.address}, "the ranks did not run on hosts A and B"
+    assert len({r["weights_sha256"] for r in last}) == 1, "the ranks' VAE weights differ"
+    # Cluster mode: the rendezvous store listens on its node's address, not on every interface,
+    # and gloo's sockets use the interface that holds it.
+    (rank0,) = [r for r in last if r["rank"] == 0]
+    assert rank0["store"].rpartition(":")[0] == rank0["node_address"]
+    assert rank0["store"] in listening, (rank0["store"], sorted(listening))
+    port = rank0["store"].rpartition(":")[2]
+    assert not {f"*:{port}", f"0.0.0.0:{port}", f"[::]:{port}"} & listening, "the store listens on every interface"
+    assert all(r["store"] is None for r in last if r["rank"] != 0)
+    assert {r["socket_ifname"] for r in last} == {"eth0"}
+    assert any(key.endswith("checkpoint.pt") for key in bucket_keys(network, env, "ray-whole/"))
+    out = Path(yaml.safe_load(params.read_text())["train"]["out_dir"])
+    run_id = json.loads((out / "run.json").read_text())["run_id"]
+    stored = bucket_keys(network, env, "mlflow/")
+    assert any(key.endswith(f"{run_id}/artifacts/metrics.json") for key in stored), stored[:20]
+
+
+def test_a_host_cut_off_mid_run_is_declared_dead_and_the_run_ends_on_a_replacement(
+    uninterrupted, cluster, network, env, storage, tmp_path
+):
+    a, b, d = network["a"], network["b"], network["d"]
+    params = run_config(tmp_path, storage, "ray-cut")  # the same run in its own storage
+    driver = drive(a, params, env, tmp_path / "driver.log")
+    wait_until(
+        lambda: any(r["step"] >= 8 and r["node_address"] == b.address for r in reports(params)),
+        "a checkpoint at step 8 with a rank on host B",
+        process=driver,
+        log=tmp_path / "driver.log",
+    )
+    cut_after = max(r["step"] for r in reports(params))
+    b.cable(plugged=False)
+    cut = time.monotonic()
+    wait_until(lambda: b.address not in alive_nodes(a, env).values(), "host B declared dead", process=driver)
+    detected = time.monotonic() - cut
+    start_node(d, env, tmp_path / "d.log", head=a)  # the replacement, as an autoscaler would add it
+    wait_until(lambda: driver.poll() is not None, "the run's end", process=None)
+    ended = time.monotonic() - cut
+    b.cable(plugged=True)
+    assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
+    print(f"cut after step {cut_after}: B declared dead in {detected:.1f} s, the run ended {ended:.0f} s after the cut")
+    rows = reports(params)
+    resumed = [r for r in rows if r["restored_from"] > 0]
+    assert resumed, "no rank resumed from a checkpoint"
+    steps = yaml.safe_load(params.read_text())["train"]["steps"]
+    last = [r for r in rows if r["step"] == steps]
+    assert {r["node_address"] for r in last} == {a.address, d.address}
+    assert all(r["samples_seen"] == rows[-1]["samples_seen"] for r in last)
+    whole, _ = uninterrupted
+    assert last[0]["samples_seen"] == next(r for r in reports(whole) if r["step"] == steps)["samples_seen"]
+    reference = load_checkpoint(Path(yaml.safe_load(whole.read_text())["train"]["out_dir"]) / "model.pt")["model"]
+    resumed_model = load_checkpoint(Path(yaml.safe_load(params.read_text())["train"]["out_dir"]) / "model.pt")["model"]
+    for key, value in reference.items():
+        assert torch.allclose(value.float(), resumed_model[key].float(), atol=1e-6), key
+
+
+def test_without_a_replacement_a_cut_off_run_ends_after_node_wait_s_in_one_sentence(
+    uninterrupted, cluster, network, env, storage, tmp_path
+):
+    a, d = network["a"], network["d"]
+    if d.address not in alive_nodes(a, env).values():  # the test above leaves D in the cluster
+        start_node(d, env, tmp_path / "d.log", head=a)
+        wait_until(lambda: d.address in alive_nodes(a, env).values(), "host D's node in the cluster")
+    params = run_config(tmp_path, storage, "ray-alone", **{"scaling.node_wait_s": 10})
+    log = tmp_path / "driver.log"
+    driver = drive(a, params, env, log)
+    wait_until(
+        lambda: any(r["step"] >= 8 and r["node_address"] == d.address for r in reports(params)),
+        "a checkpoint at step 8 with a rank on host D",
+        process=driver,
+        log=log,
+    )
+    d.cable(plugged=False)
+    cut = time.monotonic()
+    try:
+        wait_until(lambda: driver.poll() is not None, "the run's end")
+    finally:
+        d.cable(plugged=True)
+    print(f"the run without a replacement ended {time.monotonic() - cut:.0f} s after the cut")
+    assert driver.returncode == 1
+    sentence = said(log)
+    assert sentence.startswith("train: no nodes for 2 workers") and "scaling.node_wait_s=10 s" in sentence, sentence
