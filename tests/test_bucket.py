@@ -40,27 +40,8 @@ def s3() -> str:
 
 
 def storage_config(tmp: Path, shards: str, **overrides) -> Config:
-    """Two workers, checkpoints in the bucket; `tmp` for the local outputs."""
-    return tiny_config(
-        tmp,
-        **{
-            "data.shards_dir": shards,
-            "scaling.num_workers": 2,
-            "scaling.cpus_per_worker": 0.5,
-            "scaling.placement_strategy": "SPREAD",
-            "scaling.storage_dir": f"s3://{BUCKET}/ray",
-            "scaling.node_wait_s": 60,
-            "scaling.max_failures": 2,
-            "train.steps": 24,
-            "train.log_every": 4,
-            "train.val_every": 24,
-            "train.val_batches": 1,
-            "train.checkpoint_every": 4,
-            "train.grid_every": 24,
-            "optim.lr": 2e-3,
-            **overrides,
-        },
-    )
+    """Checkpoints in the bucket; `tmp` for the local outputs. The run never starts: the storage check fails first."""
+    return tiny_config(tmp, **{"data.shards_dir": shards, "scaling.storage_dir": f"s3://{BUCKET}/ray", **overrides})
 
 
 def test_checkpoint_storage_that_cannot_be_written_is_one_sentence_before_ray_starts(s3, synthetic_cfg, tmp_path):
