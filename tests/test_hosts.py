@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -48,15 +49,15 @@ HEALTH_CHECKS = {  # the head's: a node is dead within about 3 s of its last ans
 
 @pytest.fixture(scope="module")
 def network():
-    net = hosts.Network(["a", "b", "c", "d"])
+    net = hosts.Network(["a", "b", "c", "d", "o"])
     yield net
     net.close()
 
 
 @pytest.fixture(scope="module")
-def env(network) -> dict[str, str]:
-    """What every process on every host gets: the store's and the tracking server's addresses,
-    the store's keys, the cluster's token mode."""
+def plain_env(network) -> dict[str, str]:
+    """What every process on every host gets, credentials aside: the store's and the tracking
+    server's addresses, the cluster's token mode."""
     storage = network["c"].address
     base = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "RAY_", "AWS_"))}
     return base | {
@@ -64,13 +65,18 @@ def env(network) -> dict[str, str]:
         "PYTHONPATH": str(ROOT),
         "RAY_AUTH_MODE": "token",
         "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",
-        "AWS_ACCESS_KEY_ID": "dfcvae-hosts",
-        "AWS_SECRET_ACCESS_KEY": "dfcvae-hosts",
         "AWS_DEFAULT_REGION": "us-east-1",
         "AWS_ENDPOINT_URL": f"http://{storage}:{S3_PORT}",
         "MLFLOW_S3_ENDPOINT_URL": f"http://{storage}:{S3_PORT}",
         "MLFLOW_TRACKING_URI": f"http://{storage}:{MLFLOW_PORT}",
     }
+
+
+@pytest.fixture(scope="module")
+def env(plain_env, storage) -> dict[str, str]:
+    """What the cluster's processes get: plain_env and the credentials (the bucket's keys, an
+    MLflow account)."""
+    return plain_env | storage["credentials"]
 
 
 def python(host: hosts.Host, code: str, env: dict[str, str], timeout: float = 120) -> str:
@@ -88,18 +94,47 @@ def answers(host: hosts.Host, url: str, env: dict[str, str]) -> bool:
 
 
 @pytest.fixture(scope="module")
-def storage(network, env, synthetic_cfg, tmp_path_factory) -> str:
-    """On host C: the bucket with the shards, and the tracking server; -> the shards' URL."""
+def storage(network, plain_env, synthetic_cfg, tmp_path_factory) -> dict:
+    """On host C: the bucket with the shards, which then takes only an IAM user's keys, and the
+    tracking server behind MLflow's basic-auth app; -> {"shards": their URL, "credentials": env}."""
     c, a = network["c"], network["a"]
     logs = tmp_path_factory.mktemp("storage")
-    s3 = c.start([sys.executable, "-m", "moto.server", "-H", c.address, "-p", str(S3_PORT)], env, logs / "s3.log")
-    wait_until(lambda: answers(a, env["AWS_ENDPOINT_URL"], env), "the store on host C", process=s3, log=logs / "s3.log")
-    shards = synthetic_cfg.data.shards_dir
-    python(
-        c,
-        f"import boto3, fsspec\nboto3.client('s3').create_bucket(Bucket={BUCKET!r})\n"
-        f"fsspec.filesystem('s3').put({str(shards) + '/'!r}, {BUCKET + '/shards/'!r}, recursive=True)",
-        env,
+    endpoint = plain_env["AWS_ENDPOINT_URL"]
+    s3 = c.start([sys.executable, "-m", "moto.server", "-H", c.address, "-p", str(S3_PORT)], plain_env, logs / "s3.log")
+    ready = f"{endpoint}/moto-api/data.json"  # moto's own API: not an S3 request
+    wait_until(lambda: answers(a, ready, plain_env), "the store on host C", process=s3, log=logs / "s3.log")
+    shards = str(synthetic_cfg.data.shards_dir) + "/"
+    setup = f"""import boto3, fsspec, json, urllib.request
+iam = boto3.client("iam")
+iam.create_user(UserName="dfcvae")
+key = iam.create_access_key(UserName="dfcvae")["AccessKey"]
+policy = {{"Version": "2012-10-17", "Statement": [{{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}}]}}
+iam.put_user_policy(UserName="dfcvae", PolicyName="bucket", PolicyDocument=json.dumps(policy))
+boto3.client("s3").create_bucket(Bucket={BUCKET!r})
+fsspec.filesystem("s3").put({shards!r}, {BUCKET + "/shards/"!r}, recursive=True)
+# From here on moto checks every request's signature and the IAM user's policy.
+reset = {endpoint + "/moto-api/reset-auth"!r}
+urllib.request.urlopen(urllib.request.Request(reset, data=b"0", headers={{"Content-Type": "text/plain"}}))
+print("keys:", json.dumps({{"AWS_ACCESS_KEY_ID": key["AccessKeyId"], "AWS_SECRET_ACCESS_KEY": key["SecretAccessKey"]}}))
+"""
+    unsigned = {"AWS_ACCESS_KEY_ID": "setup", "AWS_SECRET_ACCESS_KEY": "setup"}  # before auth is on
+    out = python(c, setup, plain_env | unsigned)
+    keys = json.loads(next(line for line in out.splitlines() if line.startswith("keys: ")).removeprefix("keys: "))
+    account = {"MLFLOW_TRACKING_USERNAME": "dfcvae", "MLFLOW_TRACKING_PASSWORD": secrets.token_urlsafe(16)}
+    (logs / "basic_auth.ini").write_text(
+        "[mlflow]\ndefault_permission = READ\n"
+        f"database_uri = sqlite:///{logs / 'auth.db'}\n"
+        "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+    )
+    server_env = (
+        plain_env
+        | keys
+        | {
+            "MLFLOW_AUTH_CONFIG_PATH": str(logs / "basic_auth.ini"),
+            "MLFLOW_AUTH_ADMIN_USERNAME": account["MLFLOW_TRACKING_USERNAME"],
+            "MLFLOW_AUTH_ADMIN_PASSWORD": account["MLFLOW_TRACKING_PASSWORD"],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
     )
     server = c.start(
         [
@@ -107,6 +142,8 @@ def storage(network, env, synthetic_cfg, tmp_path_factory) -> str:
             "-m",
             "mlflow",
             "server",
+            "--app-name",
+            "basic-auth",
             "--host",
             c.address,
             "--port",
@@ -118,14 +155,13 @@ def storage(network, env, synthetic_cfg, tmp_path_factory) -> str:
             "--artifacts-destination",
             f"s3://{BUCKET}/mlflow",
         ],
-        env,
+        server_env,
         logs / "mlflow.log",
     )
-    health = f"{env['MLFLOW_TRACKING_URI']}/health"
-    wait_until(
-        lambda: answers(a, health, env), "the tracking server on host C", process=server, log=logs / "mlflow.log"
-    )
-    return f"s3://{BUCKET}/shards"
+    health = f"{plain_env['MLFLOW_TRACKING_URI']}/health"
+    server_log = logs / "mlflow.log"
+    wait_until(lambda: answers(a, health, plain_env), "the tracking server on host C", process=server, log=server_log)
+    return {"shards": f"s3://{BUCKET}/shards", "credentials": keys | account}
 
 
 def start_node(host: hosts.Host, env: dict[str, str], log: Path, head: hosts.Host | None = None):
@@ -240,7 +276,7 @@ def uninterrupted(cluster, env, storage, tmp_path_factory) -> tuple[Path, dict[s
     """The run on A and B, the driver on A; -> its params file, and the addresses that A and B
     listened on meanwhile."""
     tmp = tmp_path_factory.mktemp("whole")
-    params = run_config(tmp, storage, "ray-whole")
+    params = run_config(tmp, storage["shards"], "ray-whole")
     driver = drive(cluster["a"], params, env, tmp / "driver.log")
     listening: set[str] = set()
     while driver.poll() is None:
@@ -251,13 +287,85 @@ def uninterrupted(cluster, env, storage, tmp_path_factory) -> tuple[Path, dict[s
 
 
 def test_a_local_checkpoint_path_on_hosts_that_do_not_share_it_is_refused(cluster, env, storage, tmp_path):
-    params = run_config(tmp_path, storage, "unused", **{"scaling.storage_dir": str(tmp_path / "ray")})
+    params = run_config(tmp_path, storage["shards"], "unused", **{"scaling.storage_dir": str(tmp_path / "ray")})
     log = tmp_path / "driver.log"
     driver = drive(cluster["a"], params, env, log)
     driver.wait(timeout=300)
     assert driver.returncode == 1
     assert "does not survive that node" in said(log)
     assert not (tmp_path / "ray").exists()
+
+
+def admitted_to_outsiders(manifest: str, policy: str) -> set[int]:
+    """The ports `policy` (a NetworkPolicy in infra/k8s/`manifest`) admits from pods that are not
+    its own kind: the ingress rules with ports whose `from` is not the policy's own pod selector."""
+    docs = yaml.safe_load_all((ROOT / "infra" / "k8s" / manifest).read_text())
+    (spec,) = [d["spec"] for d in docs if d and d["kind"] == "NetworkPolicy" and d["metadata"]["name"] == policy]
+    own = {"podSelector": spec["podSelector"]}
+    return {port["port"] for rule in spec["ingress"] if own not in rule["from"] for port in rule.get("ports", [])}
+
+
+def reachable(outsider: hosts.Host, host: hosts.Host, env: dict[str, str]) -> list[int]:
+    """The ports `host` listens on (any address) that `outsider` can open a connection to."""
+    ports = sorted({int(address.rpartition(":")[2]) for address, _ in host.listening()})
+    code = f"""import json, socket
+found = []
+for port in {ports}:
+    with socket.socket() as s:
+        s.settimeout(1)
+        if s.connect_ex(({host.address!r}, port)) == 0:
+            found.append(port)
+print("open:", json.dumps(found))
+"""
+    out = python(outsider, code, env)
+    return json.loads(next(line for line in out.splitlines() if line.startswith("open: ")).removeprefix("open: "))
+
+
+def status(outsider: hosts.Host, url: str, env: dict[str, str]) -> int:
+    """The HTTP status `url` answers `outsider`'s request without credentials with."""
+    code = f"""import urllib.request as u
+try:
+    print("status:", u.urlopen({url!r}, timeout=5).status)
+except u.HTTPError as err:
+    print("status:", err.code)
+"""
+    out = python(outsider, code, env)
+    return int(next(line for line in out.splitlines() if line.startswith("status: ")).removeprefix("status: "))
+
+
+def test_an_outsider_on_the_network_is_refused_by_every_service_the_policies_admit_it_to(
+    cluster, network, plain_env, storage, tmp_path
+):
+    """Host O shares the network but not the cluster's credentials (plain_env: no token, no MLflow
+    account, no bucket keys)."""
+    o, a, b, c = network["o"], network["a"], network["b"], network["c"]
+    seen = {host.name: reachable(o, host, plain_env) for host in (a, b, c)}
+    (tmp_path / "reachable.json").write_text(json.dumps(seen, indent=1))
+    print("ports an outsider reaches:", {name.rpartition("-")[2]: ports for name, ports in seen.items()})
+    # What infra/k8s's NetworkPolicies let a pod that is not a Ray pod reach: Ray's job API on the
+    # head, and the tracking server. Both are there, and both refuse a request without credentials.
+    ray_ports = admitted_to_outsiders("raycluster.yaml", "dfcvae-ray")
+    mlflow_ports = admitted_to_outsiders("mlflow.yaml", "dfcvae-mlflow")
+    assert ray_ports == {8265} and mlflow_ports == {MLFLOW_PORT}
+    assert ray_ports <= set(seen[a.name]) and mlflow_ports <= set(seen[c.name])
+    assert status(o, f"http://{a.address}:8265/api/jobs/", plain_env) in (401, 403)  # no Ray token
+    experiments = f"{plain_env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
+    assert status(o, experiments, plain_env) == 401  # no MLflow account
+    # The bucket: unsigned, and signed with keys it does not know.
+    unsigned = status(o, f"{plain_env['AWS_ENDPOINT_URL']}/{BUCKET}", plain_env)
+    assert unsigned in (403, 500)  # S3 answers 403 AccessDenied; moto, whose auth is basic, fails with 500
+    code = f"""import boto3, botocore
+try:
+    boto3.client("s3").list_objects_v2(Bucket={BUCKET!r})
+    print("listed")
+except botocore.exceptions.ClientError as err:
+    print("refused:", err.response["Error"]["Code"])
+"""
+    guessed = {"AWS_ACCESS_KEY_ID": "AKIAGUESSED", "AWS_SECRET_ACCESS_KEY": "guessed"}
+    assert python(o, code, plain_env | guessed).strip().splitlines()[-1] == "refused: InvalidAccessKeyId"
+    # Every other port an outsider reaches on the Ray hosts is Ray's own, which the policy admits
+    # from Ray pods only (docs/scaling.md lists them).
+    assert set(seen[a.name]) - ray_ports and set(seen[b.name]), seen
 
 
 def test_two_hosts_train_from_and_into_the_bucket_over_the_network(uninterrupted, network, env):
@@ -289,7 +397,7 @@ def test_a_host_cut_off_mid_run_is_declared_dead_and_the_run_ends_on_a_replaceme
     uninterrupted, cluster, network, env, storage, tmp_path
 ):
     a, b, d = network["a"], network["b"], network["d"]
-    params = run_config(tmp_path, storage, "ray-cut")  # the same run in its own storage
+    params = run_config(tmp_path, storage["shards"], "ray-cut")  # the same run in its own storage
     driver = drive(a, params, env, tmp_path / "driver.log")
     wait_until(
         lambda: any(r["step"] >= 8 and r["node_address"] == b.address for r in reports(params)),
@@ -330,7 +438,7 @@ def test_without_a_replacement_a_cut_off_run_ends_after_node_wait_s_in_one_sente
     if d.address not in alive_nodes(a, env).values():  # the test above leaves D in the cluster
         start_node(d, env, tmp_path / "d.log", head=a)
         wait_until(lambda: d.address in alive_nodes(a, env).values(), "host D's node in the cluster")
-    params = run_config(tmp_path, storage, "ray-alone", **{"scaling.node_wait_s": 10})
+    params = run_config(tmp_path, storage["shards"], "ray-alone", **{"scaling.node_wait_s": 10})
     log = tmp_path / "driver.log"
     driver = drive(a, params, env, log)
     wait_until(
