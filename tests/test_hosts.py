@@ -321,11 +321,14 @@ print("open:", json.dumps(found))
     return json.loads(next(line for line in out.splitlines() if line.startswith("open: ")).removeprefix("open: "))
 
 
-def status(outsider: hosts.Host, url: str, env: dict[str, str]) -> int:
-    """The HTTP status `url` answers `outsider`'s request without credentials with."""
+def status(outsider: hosts.Host, url: str, env: dict[str, str], body: dict | None = None) -> int:
+    """The HTTP status `url` answers `outsider`'s request (a POST of `body` as JSON when given)
+    without credentials with."""
+    data = None if body is None else json.dumps(body).encode()
     code = f"""import urllib.request as u
+request = u.Request({url!r}, data={data!r}, headers={{"Content-Type": "application/json"}})
 try:
-    print("status:", u.urlopen({url!r}, timeout=5).status)
+    print("status:", u.urlopen(request, timeout=5).status)
 except u.HTTPError as err:
     print("status:", err.code)
 """
@@ -348,7 +351,8 @@ def test_an_outsider_on_the_network_is_refused_by_every_service_the_policies_adm
     mlflow_ports = admitted_to_outsiders("mlflow.yaml", "dfcvae-mlflow")
     assert ray_ports == {8265} and mlflow_ports == {MLFLOW_PORT}
     assert ray_ports <= set(seen[a.name]) and mlflow_ports <= set(seen[c.name])
-    assert status(o, f"http://{a.address}:8265/api/jobs/", plain_env) in (401, 403)  # no Ray token
+    job = {"entrypoint": "python -m pipeline.train"}  # `ray job submit` without the token
+    assert status(o, f"http://{a.address}:8265/api/jobs/", plain_env, job) in (401, 403)
     experiments = f"{plain_env['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1"
     assert status(o, experiments, plain_env) == 401  # no MLflow account
     # The bucket: unsigned, and signed with keys it does not know.
