@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from numpy.typing import ArrayLike, NDArray
 from torch import Tensor
-from torchmetrics.functional.image import peak_signal_noise_ratio, structural_similarity_index_measure
 
 from dfcvae.device import default_device
 
@@ -285,6 +284,8 @@ def psnr(x: Tensor, y: Tensor) -> float:
 
 def psnr_per_image(x: Tensor, y: Tensor) -> Tensor:
     """`psnr` of each image pair -> (B,) float64 dB."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio  # 1 s to import: when used
+
     _check_pair(x, y)
     per_image = peak_signal_noise_ratio(
         to_unit(x).double(), to_unit(y).double(), data_range=1.0, reduction="none", dim=(1, 2, 3)
@@ -308,6 +309,8 @@ def ssim(x: Tensor, y: Tensor) -> float:
 
 def ssim_per_image(x: Tensor, y: Tensor) -> Tensor:
     """`ssim` of each image pair -> (B,) float64."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
     _check_pair(x, y)
     if min(x.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"SSIM needs images of at least {SSIM_WINDOW}x{SSIM_WINDOW}, got {tuple(x.shape[-2:])}.")
