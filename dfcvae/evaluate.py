@@ -501,14 +501,12 @@ def measure_test_split(
     """Per-image reconstruction metrics, Inception features and latent means of the first
     eval.num_samples test images."""
     reference = build_reference(cfg, Runtime(torch.device(device)))
-    lpips = LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(device) if cfg.eval.lpips_net else None
+    lpips = LPIPS(cfg.eval.lpips_net, cfg.eval.lpips_weights).to(device)
     total = min(cfg.eval.num_samples, split_count(cfg, "test"))
     if total < 2:
         raise ConfigError(f"the test split has {total} images; evaluation needs at least 2: re-shard with more data.")
-    names = [*RECONSTRUCTION_METRICS, "reference_distance", *NOT_SCORED]
+    names = [*RECONSTRUCTION_METRICS, "reference_distance", lpips_key(cfg), *NOT_SCORED]
     values: dict[str, list[Tensor]] = {name: [] for name in names}
-    if lpips is not None:
-        values[lpips_key(cfg)] = []
     real, recon = [], []
     latents, attrs, pool = [], [], []
     phases = {p: (0.0, 0.0) for p in features.lattice_periods(cfg)}
@@ -522,8 +520,7 @@ def measure_test_split(
             values["reference_distance"].append(feature_distances_per_image(reference(x), reference(x_hat)).cpu())
             values["nyquist_power"].append(metrics.nyquist_power(x_hat).cpu())
             values["nyquist_power_real"].append(metrics.nyquist_power(x).cpu())
-            if lpips is not None:
-                values[lpips_key(cfg)].append(lpips(x, x_hat).double().flatten().cpu())
+            values[lpips_key(cfg)].append(lpips(x, x_hat).double().flatten().cpu())
             for period, (ours, theirs) in phases.items():
                 phases[period] = (ours + metrics.phase_energy(x_hat, period), theirs + metrics.phase_energy(x, period))
             real.append(inception(images))
@@ -692,7 +689,7 @@ def _evaluate(
         "seed": cfg.eval.seed,
         "objective": cfg.eval.objective,
         "bootstrap": {"confidence": cfg.eval.confidence, "resamples": cfg.eval.bootstrap_resamples},
-        "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights} if cfg.eval.lpips_net else None,
+        "lpips": {"net": cfg.eval.lpips_net, "weights": cfg.eval.lpips_weights},
         "reference": {
             "backbone": cfg.eval.reference_backbone,
             "weights": cfg.eval.reference_weights,

@@ -179,7 +179,11 @@ def torch_config(backend: str, timeout_s: int = 1800, socket_ifname: str = ""):
     try:
         from ray.train.torch.config import _set_torch_distributed_env_vars, _TorchBackend
     except ImportError as err:
-        log.warning("Ray Train's torch backend internals not found (%s): its store listens on every interface", err)
+        log.warning(
+            "Ray Train's torch backend internals not found (%s): its store listens on every interface, "
+            "and scaling.socket_ifname is not applied",
+            err,
+        )
         return TorchConfig(backend=backend, timeout_s=timeout_s)
 
     class NodeAddressTorchBackend(_TorchBackend):

@@ -4,7 +4,8 @@
 from each host's `eth0` to a port on the bridge. Hosts reach each other only through their
 interfaces and the switch; the machine's own namespace has no interface on that network, so
 nothing else reaches them and they reach nothing else. `Network.close()` (also on failure) kills
-every process started in a host and deletes the namespaces, which deletes their interfaces.
+every process running in a host's namespace, whoever started it, deletes the namespaces, which
+deletes their interfaces, and removes each host's folder under /tmp.
 
 Making namespaces needs root and iproute2's `ip`; `unavailable()` says why not where it cannot.
 """
@@ -15,7 +16,6 @@ import os
 import shutil
 import signal
 import subprocess
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -60,10 +60,10 @@ class Host:
 
     def start(self, cmd: list[str], env: dict[str, str], log: Path) -> subprocess.Popen:
         """Start `cmd` on this host in its own process group, output into `log`; stopped by close()."""
-        handle = log.open("w")
-        process = subprocess.Popen(
-            self.command(cmd), env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        with log.open("w") as handle:
+            process = subprocess.Popen(
+                self.command(cmd), env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True
+            )
         self.processes.append(process)
         return process
 
@@ -85,13 +85,26 @@ class Host:
         ).stdout.splitlines()
         return [(p[2], p[3], line.split("users:", 1)[-1]) for line in out if len(p := line.split()) >= 4]
 
+    @property
+    def scratch(self) -> Path:
+        """This host's own folder (Ray's temp folder: its sockets need a short path)."""
+        return Path("/tmp") / self.name
+
     def stop(self) -> None:
+        """Kill every process in this host's namespace: those start() started, their children
+        (a dead leader's too), and any other."""
         for process in self.processes:
-            if process.poll() is None:
-                try:
-                    os.killpg(process.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
+            try:
+                os.killpg(process.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        inside = _ip("netns", "pids", self.name, check=False).stdout.split()
+        for pid in inside:
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for process in self.processes:
             process.wait(timeout=30)
         self.processes.clear()
 
@@ -111,6 +124,7 @@ class Network:
             for i, name in enumerate(names, start=1):
                 host = Host(f"{tag}-{name}", f"{subnet}.{i}", f"{tag}{name}p", self.switch)
                 _ip("netns", "add", host.name)
+                self.hosts[name] = host  # from here on close() deletes it
                 _ip(
                     "link",
                     "add",
@@ -129,7 +143,6 @@ class Network:
                 _ip("-n", host.name, "addr", "add", f"{host.address}/24", "dev", "eth0")
                 _ip("-n", host.name, "link", "set", "eth0", "up")
                 _ip("-n", host.name, "link", "set", "lo", "up")
-                self.hosts[name] = host
         except BaseException:
             self.close()
             raise
@@ -140,12 +153,6 @@ class Network:
     def close(self) -> None:
         for host in self.hosts.values():
             host.stop()
-        for name in [h.name for h in self.hosts.values()] + [self.switch]:
-            for _ in range(10):  # a process still inside keeps the namespace busy for a moment
-                if _ip("netns", "del", name, check=False).returncode == 0 or name not in _namespaces():
-                    break
-                time.sleep(0.5)
-
-
-def _namespaces() -> set[str]:
-    return {line.split()[0] for line in _ip("netns", "list").stdout.splitlines() if line.strip()}
+            shutil.rmtree(host.scratch, ignore_errors=True)
+            _ip("netns", "del", host.name, check=False)
+        _ip("netns", "del", self.switch, check=False)

@@ -183,7 +183,7 @@ def start_node(host: hosts.Host, env: dict[str, str], log: Path, head: hosts.Hos
             json.dumps({SLOT: 1}),
             "--disable-usage-stats",
             "--temp-dir",
-            f"/tmp/{host.name}",  # sockets live here: short, one per host
+            str(host.scratch),  # sockets live here: short, one per host
         ],
         env | (HEALTH_CHECKS if head is None else {}),
         log,
@@ -410,20 +410,23 @@ def test_a_host_cut_off_mid_run_is_declared_dead_and_the_run_ends_on_a_replaceme
         log=tmp_path / "driver.log",
     )
     cut_after = max(r["step"] for r in reports(params))
+    steps = yaml.safe_load(params.read_text())["train"]["steps"]
+    assert cut_after < steps, f"the run ended (step {cut_after}) before the cable could be pulled"
     b.cable(plugged=False)
     cut = time.monotonic()
-    wait_until(lambda: b.address not in alive_nodes(a, env).values(), "host B declared dead", process=driver)
-    detected = time.monotonic() - cut
-    start_node(d, env, tmp_path / "d.log", head=a)  # the replacement, as an autoscaler would add it
-    wait_until(lambda: driver.poll() is not None, "the run's end", process=None)
-    ended = time.monotonic() - cut
-    b.cable(plugged=True)
+    try:
+        wait_until(lambda: b.address not in alive_nodes(a, env).values(), "host B declared dead", process=driver)
+        detected = time.monotonic() - cut
+        start_node(d, env, tmp_path / "d.log", head=a)  # the replacement, as an autoscaler would add it
+        wait_until(lambda: driver.poll() is not None, "the run's end", process=None)
+        ended = time.monotonic() - cut
+    finally:
+        b.cable(plugged=True)
     assert driver.returncode == 0, (tmp_path / "driver.log").read_text()[-4000:]
     print(f"cut after step {cut_after}: B declared dead in {detected:.1f} s, the run ended {ended:.0f} s after the cut")
     rows = reports(params)
     resumed = [r for r in rows if r["restored_from"] > 0]
     assert resumed, "no rank resumed from a checkpoint"
-    steps = yaml.safe_load(params.read_text())["train"]["steps"]
     last = [r for r in rows if r["step"] == steps]
     assert {r["node_address"] for r in last} == {a.address, d.address}
     assert all(r["samples_seen"] == rows[-1]["samples_seen"] for r in last)
@@ -438,25 +441,29 @@ def test_a_host_cut_off_mid_run_is_declared_dead_and_the_run_ends_on_a_replaceme
 def test_without_a_replacement_a_cut_off_run_ends_after_node_wait_s_in_one_sentence(
     uninterrupted, cluster, network, env, storage, tmp_path
 ):
-    a, d = network["a"], network["d"]
-    if d.address not in alive_nodes(a, env).values():  # the test above leaves D in the cluster
+    a, b, d = network["a"], network["b"], network["d"]
+    # One worker host besides A, so that losing it leaves no free slot: B when this test runs
+    # alone, D after the test above replaced B with it.
+    if not {b.address, d.address} & set(alive_nodes(a, env).values()):
         start_node(d, env, tmp_path / "d.log", head=a)
         wait_until(lambda: d.address in alive_nodes(a, env).values(), "host D's node in the cluster")
     params = run_config(tmp_path, storage["shards"], "ray-alone", **{"scaling.node_wait_s": 10})
     log = tmp_path / "driver.log"
     driver = drive(a, params, env, log)
-    wait_until(
-        lambda: any(r["step"] >= 8 and r["node_address"] == d.address for r in reports(params)),
-        "a checkpoint at step 8 with a rank on host D",
-        process=driver,
-        log=log,
-    )
-    d.cable(plugged=False)
+
+    def other_host() -> hosts.Host | None:
+        """The host of the rank that is not on A, once it has reported step 8."""
+        ranks = [r for r in reports(params) if r["step"] >= 8 and r["node_address"] != a.address]
+        return next((h for h in (b, d) if ranks and h.address == ranks[-1]["node_address"]), None)
+
+    wait_until(lambda: other_host() is not None, "step 8 with a rank off host A", process=driver, log=log)
+    victim = other_host()
+    victim.cable(plugged=False)
     cut = time.monotonic()
     try:
         wait_until(lambda: driver.poll() is not None, "the run's end")
     finally:
-        d.cable(plugged=True)
+        victim.cable(plugged=True)
     print(f"the run without a replacement ended {time.monotonic() - cut:.0f} s after the cut")
     assert driver.returncode == 1
     sentence = said(log)
