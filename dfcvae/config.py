@@ -11,8 +11,9 @@ and reaches MLflow (`flat()`); `with_overrides()` applies dotted-key overrides
 The dataclass defaults are the one place values are written: params.yaml's
 values are written from them (`render_params`, `make params`), its comments
 kept, and tests/test_core.py checks that it is, so `Config()` in a benchmark or
-a test is the real job, never a third configuration. A config stored with a model is read by `from_stored()`, which
-gives keys added since it was written their old meaning (STORED_BEFORE_FIELD).
+a test is the real job, never a third configuration. A config stored with a
+model is read by `from_stored()`, which gives keys added since it was written
+their old meaning (STORED_BEFORE_FIELD).
 docs/config.md says how to add a key."""
 
 from __future__ import annotations
@@ -46,9 +47,14 @@ def load_yaml(text: str) -> Any:
     try:
         return YAML(typ="safe", pure=True).load(text)
     except YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err}); fix it there.") from None
+        raise yaml_error(err) from None
+
+
+def yaml_error(err: YAMLError) -> ConfigError:
+    """ruamel.yaml's error as one sentence: where, what, and to fix it there."""
+    mark = getattr(err, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+    return ConfigError(f"not valid YAML{where} ({getattr(err, 'problem', None) or err}); fix it there.")
 
 
 # The released DFC-VAE's network and optimiser (houxianxu/DFC-VAE, CVAE.lua and main_cvae.lua) as
@@ -583,7 +589,7 @@ def render_params(text: str, cfg: Config | None = None) -> str:
     try:
         doc = yaml.load(text) or CommentedMap()
     except YAMLError as err:
-        raise ConfigError(f"not valid YAML ({getattr(err, 'problem', None) or err}); fix it there.") from None
+        raise yaml_error(err) from None
     cfg = cfg or Config()
     wanted = cfg.to_dict()
     for section in [s for s in doc if s not in wanted]:

@@ -33,7 +33,7 @@ from dfcvae import tracking
 from dfcvae.checkpoint import MODEL_FILE, load_checkpoint, model_from_state
 from dfcvae.config import Config
 from dfcvae.device import default_device
-from dfcvae.evaluate import PICTURES, Evaluation, Evaluator, evaluation_config
+from dfcvae.evaluate import PICTURES, Evaluation, evaluate, evaluation_config
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.model import DFCVAE
 from dfcvae.pictures import save_grid
@@ -90,7 +90,7 @@ def evaluate_into(
     """Evaluate `model` (dfcvae.evaluate), write the files into eval.out_dir and, with a `logger`,
     log the metrics at `step` and the files as artifacts under eval/.
     -> Evaluation.flat(): the metrics, numbers plus the string test/fid_inception."""
-    evaluation = Evaluator().evaluate(model, cfg, device)
+    evaluation = evaluate(model, cfg, device)
     target = Path(cfg.eval.out_dir)
     write_evaluation(evaluation, target)
     flat = evaluation.flat()
