@@ -40,7 +40,7 @@ def shard_config(root: Path, image_size: int, encoding: str, images: int) -> Con
         {
             "data.source": "synthetic",
             "data.synthetic_count": images,
-            "data.raw_dir": str(root / "raw"),
+            "data.inventory_dir": str(root / "inventory"),
             "data.shards_dir": str(root / f"shards-{image_size}-{encoding}"),
             "data.image_size": image_size,
             "data.encoding": encoding,

@@ -196,7 +196,7 @@ def make_shards(args, root: Path) -> str:
         {
             "data.source": "synthetic",
             "data.synthetic_count": args.unique_images,
-            "data.raw_dir": str(root / "raw"),
+            "data.inventory_dir": str(root / "inventory"),
             "data.shards_dir": str(root / "shards"),
             "data.image_size": args.image_size,
             "data.samples_per_shard": max(args.unique_images // 32, 16),

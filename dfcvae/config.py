@@ -81,6 +81,14 @@ SEARCH_SPACE: dict[str, Any] = {
 # What a stored config (a model.pt, a registered model) written before a key existed meant by its
 # absence: the behaviour of the code of that time. `Config.from_stored` fills these in, so an old
 # model loads as the network it is; any other missing key takes today's default.
+# Keys that params.yaml no longer has -> why, and what to do (a stored config just drops them).
+REMOVED_KEYS: dict[str, str] = {
+    "data.raw_dir": (
+        "fetch writes an inventory to data.inventory_dir now, not a copy of the images: remove "
+        "data.raw_dir from params.yaml (and delete the old copy, data/raw), then run `dvc repro`"
+    ),
+}
+
 STORED_BEFORE_FIELD: dict[str, Any] = {
     "model.upsample": "transposed",
     "model.encoder_kernel": 3,
@@ -95,6 +103,7 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
 # that implements a choice keeps a table of it (FEATURE_NORMS and SAMPLERS take theirs from
 # typing.get_args), and tests/test_core.py checks that every table covers exactly these values.
 Source = Literal["celeba", "synthetic", "folder"]
+ShardEngine = Literal["auto", "local", "ray"]
 Encoding = Literal["raw", "png"]
 Upsample = Literal["nearest", "bilinear", "transposed"]
 EncoderKernel = Literal[3, 4]  # stride 2, padding 1: both halve an even size exactly
@@ -134,7 +143,7 @@ class DataConfig(Section):
     celeba_dir: str = "data/celeba"  # where CelebA is looked for (folder, zip, txt or csv)
     folder_dir: str = ""  # source=folder: the user's image tree
     download: bool = True  # source=celeba: try torchvision's downloader when missing
-    raw_dir: str = "data/raw"  # fetch output, CelebA's official layout
+    inventory_dir: str = "data/inventory"  # fetch output: an inventory of the source's images, not a copy
     shards_dir: str = "data/shards"  # shard output: <split>-NNNNNN.tar + manifest.json
     synthetic_count: int = 2000
     split_fractions: tuple[float, float, float] = (0.8, 0.1, 0.1)  # train/val/test
@@ -152,6 +161,15 @@ class DataConfig(Section):
     @property
     def manifest_path(self) -> Path:
         return Path(self.shards_dir) / "manifest.json"
+
+
+@dataclass(frozen=True)
+class ShardConfig(Section):
+    # Where the shard stage runs: "local" (worker processes here), "ray" (Ray tasks on the cluster
+    # at RAY_ADDRESS, or a local one), or "auto": ray when RAY_ADDRESS is set, else local.
+    engine: ShardEngine = "auto"
+    workers: int = 0  # shards written at once; 0 = the cores here (local) or the cluster's CPUs (ray)
+    max_retries: int = 3  # ray: times a task whose process or node died is run again
 
 
 @dataclass(frozen=True)
@@ -365,6 +383,7 @@ class MlflowConfig(Section):
 @dataclass(frozen=True)
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
+    shard: ShardConfig = field(default_factory=ShardConfig)
     loader: LoaderConfig = field(default_factory=LoaderConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     perceptual: PerceptualConfig = field(default_factory=PerceptualConfig)
@@ -406,6 +425,10 @@ class Config:
             section, key = dotted.split(".")
             if isinstance(raw.get(section), dict):
                 raw[section].setdefault(key, value)
+        for dotted in REMOVED_KEYS:
+            section, key = dotted.split(".")
+            if isinstance(raw.get(section), dict):
+                raw[section].pop(key, None)
         return cls.from_dict(raw, source=source)
 
     def to_dict(self) -> dict[str, Any]:
@@ -449,7 +472,7 @@ class Config:
 LOCATION_KEYS = (
     "data.celeba_dir",
     "data.folder_dir",
-    "data.raw_dir",
+    "data.inventory_dir",
     "data.shards_dir",
     "loader.shard_url",
     "train.out_dir",
@@ -487,6 +510,9 @@ def _build(cls: type, raw: Any, where: str, section: str = "") -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(raw) - set(names))
+    removed = next((REMOVED_KEYS[f"{section}.{k}"] for k in unknown if f"{section}.{k}" in REMOVED_KEYS), None)
+    if removed:
+        raise ConfigError(f"{where}: {removed}.")
     if unknown:
         what = f"key '{unknown[0]}' in section '{section}'" if section else f"section '{unknown[0]}'"
         raise ConfigError(f"{where}: unknown {what}; valid names are: {', '.join(names)}.")

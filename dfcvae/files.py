@@ -26,16 +26,20 @@ def write_json(data: Any, path: Path) -> None:
     os.replace(tmp, path)
 
 
+PLAN = ".dfcvae-plan"  # in a staging folder that can be resumed: the digest of the work it holds
 MARK = ".dfcvae-output"  # in every folder a stage replaces whole: the folder is the project's
 
 
-def staging_dir(target: Path, names: tuple[str, ...]) -> Path:
+def staging_dir(target: Path, names: tuple[str, ...], resume: str | None = None) -> Path:
     """A fresh, empty folder beside `target` (same file system, so it can be renamed into place) in
     which a stage writes `target`'s new contents: `<name>.partial`. A failed or interrupted earlier
     attempt's folder is cleared first; an earlier swap cut short between its renames is undone.
     UserError when `target` holds files but neither MARK nor any of `names`, the files this stage
     writes there (DVC may have removed the ones it tracks): the folder is someone else's, and
-    replacing it would delete their files."""
+    replacing it would delete their files.
+
+    resume: a digest of the work planned; an earlier attempt's folder made with the same digest
+    is kept as it is (its finished parts are reused), any other is cleared."""
     target = Path(target)
     recover_swap(target)
     if target.is_dir() and not any((target / name).exists() for name in (MARK, *names)):
@@ -46,10 +50,14 @@ def staging_dir(target: Path, names: tuple[str, ...]) -> Path:
                 "replaces the whole folder: point the setting at a folder of its own, or empty this one."
             )
     staging = target.with_name(target.name + ".partial")
+    if resume is not None and (staging / PLAN).is_file() and (staging / PLAN).read_text() == resume:
+        return staging
     if staging.exists():
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
     (staging / MARK).write_text("Written by dfcvae: its stage replaces this folder whole.\n")
+    if resume is not None:
+        (staging / PLAN).write_text(resume)
     return staging
 
 

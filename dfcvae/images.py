@@ -2,7 +2,7 @@
 
 `list_folder(root)` lists the image files of a tree (FOLDER_SUFFIXES), following symbolic links
 without looping, and every other file with the reason it was skipped.
-`load_rgb(path, crop, max_pixels)` opens one as RGB or raises `Rejected` with the reason for
+`load_rgb(file, crop, max_pixels)` opens one (a path or its bytes) as RGB or raises `Rejected` with the reason for
 the shard report (missing, not an image, corrupt, too large, too small, transparent, 16-bit);
 `preprocess` centre-crops and resizes it to the training size. Used by the fetch and shard
 stages and by `pipeline.sample` on a folder of the user's images.
@@ -10,6 +10,7 @@ stages and by `pipeline.sample` on a folder of the user's images.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from dataclasses import dataclass
@@ -34,9 +35,6 @@ NOT_READ = {  # suffix -> why, for image files Pillow cannot read here
     ),
     **dict.fromkeys((".svg", ".pdf", ".eps", ".ai"), "a vector or page format, not pixels: export it to PNG"),
 }
-# What fetch writes into data.raw_dir about a folder of the user's images, and shard reads back.
-SOURCE_FILES = "source_files.json"  # raw name -> the user's path, any bytes (os.fsencode's escapes)
-FETCH_REPORT = "fetch_report.json"  # files skipped and why, identical images, a carved split
 CONVERTIBLE_MODES = {"L", "P", "1", "CMYK", "YCbCr", "LA", "RGBA", "PA", "RGBX"}
 SIXTEEN_BIT_MODES = {"I;16", "I;16L", "I;16B", "I"}  # 16-bit grayscale PNG and TIFF open as one of these
 
@@ -64,17 +62,18 @@ def crop_side(img: Image.Image, crop: int | str) -> int:
     return min(img.size) if crop == "square" else crop
 
 
-def load_rgb(path: Path, crop: int | str, max_pixels: int, image_size: int = 1) -> tuple[Image.Image, str]:
-    """An RGB image from a raw file and a note on any conversion ("" if none); raises Rejected.
+def load_rgb(file: Path | bytes, crop: int | str, max_pixels: int, image_size: int = 1) -> tuple[Image.Image, str]:
+    """An RGB image from an image file (a path, or its bytes) and a note on any conversion ("" if
+    none); raises Rejected.
 
     crop: pixels or "square" (resolve_crop); a square crop must hold image_size pixels, so no
     image is upscaled."""
-    if not path.is_file():
+    if isinstance(file, Path) and not file.is_file():
         raise Rejected("file missing")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(path)
+            img = Image.open(io.BytesIO(file) if isinstance(file, bytes) else file)
             width, height = img.size
             if width * height > max_pixels:
                 raise Rejected(f"too large: {width}x{height} is over data.max_image_pixels={max_pixels}")

@@ -101,7 +101,14 @@ def train(cfg: Config) -> dict[str, float]:
 def absolute_paths(cfg: Config) -> Config:
     """Local relative paths made absolute: Ray workers do not share the driver's cwd. The MLflow
     store's are the user's repository's (tracking.store_path), even from a DVC temp workspace."""
-    keys = ("data.shards_dir", "data.raw_dir", "scaling.storage_dir", "train.out_dir", "tune.out_dir", "eval.out_dir")
+    keys = (
+        "data.shards_dir",
+        "data.inventory_dir",
+        "scaling.storage_dir",
+        "train.out_dir",
+        "tune.out_dir",
+        "eval.out_dir",
+    )
     flat = cfg.flat()
     paths = {k: str(Path(flat[k]).resolve()) for k in keys if flat[k] and "://" not in flat[k]}
     paths |= {

@@ -1,37 +1,32 @@
-"""Stage `fetch`: the raw dataset, in CelebA's official layout, under data.raw_dir.
+"""Stage `fetch`: an inventory of the source's images in data.inventory_dir, not a copy.
 
-`fetch(cfg)` replaces data.raw_dir whole (written beside it in `<raw_dir>.partial/`, swapped in
-when complete: a failure leaves the previous copy), with:
-
-    img_align_celeba/NNNNNN.jpg    images (178x218 for CelebA and synthetic; any size for folder)
-    list_eval_partition.txt        "NNNNNN.jpg P", P = 0 train, 1 val, 2 test
-    list_attr_celeba.txt           count, the 40 names, then "NNNNNN.jpg" and 40 values of 1/-1
-                                   (absent for data.source: folder, which has no attributes)
-    identity_CelebA.txt            "NNNNNN.jpg ID", when CelebA's file is there
-    source_files.json              data.source: folder only: {"NNNNNN.ext": "original/relative/path"}
-                                   (JSON: any name the filesystem allows, undecodable bytes as
-                                   os.fsencode's surrogate escapes)
-    fetch_report.json              data.source: folder only: files skipped and why, groups of
-                                   identical images, a split carved out of train/
-    dataset.json                   {"source": ..., ...}; `shard` copies it into the manifest
+`fetch(cfg)` replaces data.inventory_dir whole (written beside it in `<inventory_dir>.partial/`,
+swapped in when complete: a failure leaves the previous inventory) with dfcvae/inventory.py's
+files: images.parquet, one row per image (its path in the source, size, modification time,
+sha256 of its bytes, split, CelebA's attributes and identity), dataset.json and report.json.
+The images stay where they are; the shard stage reads them from there.
 
 data.source picks where the images come from (SOURCES):
     celeba     CelebA from data.celeba_dir, in any layout people have: img_align_celeba/ or
-               img_align_celeba.zip, the official .txt tables or Kaggle's .csv ones, flat or
-               in the Drive's Img/ Anno/ Eval/ folders or torchvision's celeba/ folder; when
-               missing and data.download is true, torchvision's downloader (checksums verified).
-               Counts are checked against data.celeba_counts and the 40 attribute names.
+               img_align_celeba.zip (read in place, member by member), the official .txt
+               tables or Kaggle's .csv ones, flat or in the Drive's Img/ Anno/ Eval/ folders or
+               torchvision's celeba/ folder; when missing and data.download is true,
+               torchvision's downloader (checksums verified). Counts are checked against
+               data.celeba_counts and the 40 attribute names.
     synthetic  data.synthetic_count procedurally drawn faces, deterministic for data.seed, whose
                SYNTHETIC_ATTRIBUTES are true by construction (the others are all -1); split
-               into train/val/test by data.split_fractions. Demo and test data, labelled so.
-    folder     every image file under data.folder_dir (recursive, FOLDER_SUFFIXES, symbolic
-               links followed), split into train/val/test by a seeded hash of each file's
-               content, so copies of one image share a split; or by the folder's own train/,
-               val/ and test/ folders, a missing val/ or test/ carved out of train/ by the
-               same hash. No attributes.
+               into train/val/test by data.split_fractions. Drawn by shard, when it reads them.
+               Demo and test data, labelled so.
+    folder     every image file under data.folder_dir, a local folder (recursive,
+               FOLDER_SUFFIXES, symbolic links followed) or any fsspec URL (s3://bucket/prefix,
+               read in parallel, credentials from the environment); split into train/val/test by
+               a seeded hash of each file's content, so copies of one image share a split; or by
+               the folder's own train/, val/ and test/ folders, a missing val/ or test/ carved out
+               of train/ by the same hash. No attributes.
 
-The stage does not track the contents of data.celeba_dir or data.folder_dir (they need not
-exist for other sources): after changing them, run `dvc repro -f fetch`.
+DVC does not track data.celeba_dir or data.folder_dir (they need not exist for other sources, and
+may not be local): `pipeline.retrain` lists the source again and compares it with the inventory
+(`inputs_changed`); after changing them by hand, run `dvc repro -f fetch`.
 """
 
 from __future__ import annotations
@@ -39,15 +34,11 @@ from __future__ import annotations
 import csv
 import errno
 import hashlib
-import json
 import math
-import multiprocessing
 import os
-import random
 import shutil
 import sys
 import zipfile
-import zlib
 from collections import Counter, defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -56,9 +47,21 @@ from tqdm import tqdm
 
 from dfcvae.config import Config
 from dfcvae.files import DiskFullError, disk_full_message, staging_dir, swap_in
-from dfcvae.images import FETCH_REPORT, FOLDER_SUFFIXES, SOURCE_FILES, FolderListing, list_folder
+from dfcvae.images import FOLDER_SUFFIXES
+from dfcvae.inventory import DATASET_FILE, Row, read_dataset, read_table, rows, write_inventory
 from dfcvae.shards.format import ATTRIBUTE_NAMES, SPLITS, DataError, check_split_counts
-from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, attribute_row, draw_face
+from dfcvae.sources import (
+    CelebaSource,
+    Entry,
+    FolderSource,
+    ImageSource,
+    SyntheticSource,
+    face_rng,
+    read_many,
+    source_from_record,
+    source_record,
+)
+from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, attribute_row, sample_attributes
 from pipeline.common import command, parse_config
 
 IMAGE_DIR = "img_align_celeba"
@@ -67,17 +70,6 @@ CELEBA_URL = "https://mmlab.ie.cuhk.edu.hk/projects/CelebA.html"
 
 # ---------------------------------------------------------------------------------------------
 # The official tables
-
-
-def write_partition(raw: Path, partition: dict[str, int]) -> None:
-    lines = (f"{name} {part}\n" for name, part in sorted(partition.items()))
-    (raw / "list_eval_partition.txt").write_text("".join(lines))
-
-
-def write_attrs(raw: Path, attrs: dict[str, list[int]]) -> None:
-    """CelebA's list_attr_celeba.txt: count, names, then one row of 1/-1 per image."""
-    rows = (f"{name} " + " ".join(f"{v:2d}" for v in values) + "\n" for name, values in sorted(attrs.items()))
-    (raw / "list_attr_celeba.txt").write_text(f"{len(attrs)}\n" + " ".join(ATTRIBUTE_NAMES) + "\n" + "".join(rows))
 
 
 def read_partition(path: Path) -> dict[str, int]:
@@ -151,7 +143,7 @@ def download_celeba(root: Path) -> None:
     CelebA(root=str(root), split="all", target_type="attr", download=True)
 
 
-def fetch_celeba(cfg: Config, raw: Path, workers: int) -> dict:
+def fetch_celeba(cfg: Config) -> tuple[list[Row], dict, dict | None]:
     root = Path(cfg.data.celeba_dir)
     files, missing = find_celeba(root)
     if files is None and cfg.data.download:
@@ -170,13 +162,33 @@ def fetch_celeba(cfg: Config, raw: Path, workers: int) -> dict:
         )
     partition, attrs = read_partition(files.partition), read_attrs(files.attrs)
     _check_celeba(files, partition, attrs, cfg.data.celeba_counts)
-    _copy_celeba_images(files.images, raw / IMAGE_DIR, sorted(partition))
-    write_partition(raw, partition)
-    write_attrs(raw, attrs)
-    if files.identity:
-        shutil.copyfile(files.identity, raw / "identity_CelebA.txt")
+    identity = read_identity(files.identity) if files.identity else {}
+    source = CelebaSource(str(files.images))
+    names = sorted(partition)
+    entries = source.list(names)
+    digests = hash_entries(source, entries, "fetch: hash")
+    inventory = [
+        Row(
+            Path(name).stem,
+            entry.path,
+            entry.size,
+            entry.mtime_ns,
+            digest,
+            partition[name],
+            bytes(int(v == 1) for v in attrs[name]),
+            identity.get(name),
+        )
+        for name, entry, digest in zip(names, entries, digests)
+    ]
     counts = [sum(p == k for p in partition.values()) for k in range(3)]
-    return {"source": "celeba", "counts": dict(zip(SPLITS, counts))}
+    info = {"source": "celeba", "counts": dict(zip(SPLITS, counts)), "read_from": source_record(source)}
+    return inventory, info, None
+
+
+def read_identity(path: Path) -> dict[str, int]:
+    """identity_CelebA.txt: "000001.jpg 2880" per line."""
+    pairs = (line.split() for line in path.read_text().splitlines() if line.strip())
+    return {name: int(value) for name, value in pairs}
 
 
 def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tuple[int, ...]) -> None:
@@ -225,65 +237,34 @@ def open_zip(path: Path) -> zipfile.ZipFile:
         ) from None
 
 
-def _copy_celeba_images(images: Path, dest: Path, names: list[str]) -> None:
-    if images.is_dir():
-        for name in tqdm(names, desc="fetch: copy", unit="img", mininterval=1):
-            shutil.copyfile(images / name, dest / name)
-        return
-    members = _image_members(images)
-    with open_zip(images) as z:
-        for name in tqdm(names, desc="fetch: unzip", unit="img", mininterval=1):
-            try:
-                (dest / name).write_bytes(z.read(members[name]))
-            except (zipfile.BadZipFile, zlib.error, EOFError) as err:
-                raise DataError(
-                    f"{images}: member {members[name]} cannot be read ({err}); the zip is damaged: "
-                    f"delete it and {_celeba_help(images.parent)}."
-                ) from None
-
-
 # ---------------------------------------------------------------------------------------------
 # source: synthetic
 
 
-def _synthetic_chunk(task: tuple[Path, int, list[int]]) -> list[list[int]]:
-    dest, seed, indices = task
-    rows = []
-    for i in indices:
-        image, a = draw_face(random.Random(f"synthetic:{seed}:{i}"))
-        image.save(dest / f"{i:06d}.jpg", quality=92)
-        rows.append(attribute_row(a))
-    return rows
-
-
-def make_synthetic(cfg: Config, raw: Path, workers: int) -> dict:
+def make_synthetic(cfg: Config) -> tuple[list[Row], dict, dict | None]:
+    """Rows for data.synthetic_count faces: their attributes (drawn first, from the face's own
+    generator), no bytes; shard draws each face when it reads it."""
     d = cfg.data
     n = d.synthetic_count
     counts = _split_counts(n, d.split_fractions)
     check_split_counts(
         dict(zip(SPLITS, counts)), f"data.synthetic_count={n} with data.split_fractions={list(d.split_fractions)}"
     )
-    indices = list(range(1, n + 1))
-    chunks = [indices[k : k + 64] for k in range(0, n, 64)]
-    attrs: dict[str, list[int]] = {}
-    with (
-        multiprocessing.get_context("fork").Pool(workers) as pool,
-        tqdm(total=n, desc="fetch: draw", unit="img", mininterval=1) as bar,
-    ):
-        for chunk, rows in zip(chunks, pool.imap(_synthetic_chunk, [(raw / IMAGE_DIR, d.seed, c) for c in chunks])):
-            attrs.update({f"{i:06d}.jpg": row for i, row in zip(chunk, rows)})
-            bar.update(len(chunk))
-    partition = {f"{i:06d}.jpg": 0 if i <= counts[0] else 1 if i <= counts[0] + counts[1] else 2 for i in indices}
-    write_partition(raw, partition)  # consecutive id ranges, as CelebA's partition
-    write_attrs(raw, attrs)
-    return {
+    inventory = []
+    for i in range(1, n + 1):
+        split = 0 if i <= counts[0] else 1 if i <= counts[0] + counts[1] else 2  # consecutive, as CelebA's
+        values = attribute_row(sample_attributes(face_rng(d.seed, i)))
+        inventory.append(Row(f"{i:06d}", f"{i:06d}.jpg", 0, 0, None, split, bytes(int(v == 1) for v in values)))
+    info = {
         "source": "synthetic",
         "note": "procedurally drawn faces, not CelebA: for demos and tests",
         "seed": d.seed,
         "count": n,
         "counts": dict(zip(SPLITS, counts)),
         "attributes_by_construction": list(SYNTHETIC_ATTRIBUTES),
+        "read_from": source_record(SyntheticSource(d.seed)),
     }
+    return inventory, info, None
 
 
 def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
@@ -294,6 +275,26 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
 
 
 # ---------------------------------------------------------------------------------------------
+# Reading every image once, for its hash
+
+
+def hash_entries(source: ImageSource, entries: list[Entry], desc: str) -> list[bytes]:
+    """sha256 of each entry's bytes, read from the source (in parallel for a remote one);
+    DataError naming the first image that cannot be read."""
+    digests = []
+    with tqdm(total=len(entries), desc=desc, unit="img", mininterval=1) as bar:
+        for entry, data in zip(entries, read_many(source, [e.path for e in entries])):
+            if isinstance(data, BaseException):
+                raise DataError(
+                    f"{source.location(entry.path)} cannot be read ({type(data).__name__}: {data}): "
+                    "fix or remove it, then run fetch again."
+                ) from data
+            digests.append(hashlib.sha256(data).digest())
+            bar.update()
+    return digests
+
+
+# ---------------------------------------------------------------------------------------------
 # source: folder
 
 
@@ -301,87 +302,81 @@ def _split_counts(n: int, fractions: tuple[float, float, float]) -> list[int]:
 SPLIT_FOLDERS = {"train": 0, "val": 1, "valid": 1, "validation": 1, "test": 2}
 
 
-def folder_split(root: Path, files: list[Path]) -> str:
+def folder_split(paths: list[str]) -> str:
     """ "folders" when every image lies under a top-level train/, val/ (valid/, validation/) or test/
     folder, with train and val or test present; otherwise "hash"."""
-    tops = {p.relative_to(root).parts[0].lower() if len(p.relative_to(root).parts) > 1 else "" for p in files}
+    tops = {p.split("/")[0].lower() if "/" in p else "" for p in paths}
     present = {SPLIT_FOLDERS.get(t) for t in tops}
     if tops <= set(SPLIT_FOLDERS) and 0 in present and present & {1, 2}:
         return "folders"
     return "hash"
 
 
-def copy_folder(cfg: Config, raw: Path, workers: int) -> dict:
-    """data.folder_dir -> raw copies; a file's split follows from its content (sha256 of its bytes),
-    so identical images always share a split (or, where the user's own train/val/test folders put
-    copies in different splits, are reported and left where the user put them)."""
+def inventory_folder(cfg: Config) -> tuple[list[Row], dict, dict | None]:
+    """Rows for every image under data.folder_dir; a file's split follows from its content (sha256
+    of its bytes), so identical images always share a split (or, where the user's own
+    train/val/test folders put copies in different splits, are reported and left where the user
+    put them)."""
     d = cfg.data
-    root = Path(d.folder_dir)
-    if not d.folder_dir or not root.is_dir():
-        raise DataError(f"data.folder_dir={d.folder_dir!r} is not a folder: set it to the folder of your images.")
-    listing = list_folder(root)
-    files = listing.images
-    if not files:
+    if not d.folder_dir:
+        raise DataError("data.folder_dir is empty: set it to the folder (or s3:// URL) of your images.")
+    source = FolderSource(d.folder_dir)
+    entries, skipped, links = source.list()
+    if not entries:
         raise DataError(
-            f"no image files under {root} ({len(listing.skipped)} other files, read: "
+            f"no image files under {d.folder_dir} ({len(skipped)} other files, read: "
             f"{'/'.join(sorted(FOLDER_SUFFIXES))}): put your images there."
         )
-    split_by = folder_split(root, files)
-    width = max(6, len(str(len(files))))
-    partition, sources, by_content = {}, {}, defaultdict(list)
-    user_splits = (
-        {SPLIT_FOLDERS[p.relative_to(root).parts[0].lower()] for p in files} if split_by == "folders" else set()
-    )
+    paths = [e.path for e in entries]
+    split_by = folder_split(paths)
+    width = max(6, len(str(len(entries))))
+    user_splits = {SPLIT_FOLDERS[p.split("/")[0].lower()] for p in paths} if split_by == "folders" else set()
     carved = {k for k in (1, 2) if split_by == "folders" and k not in user_splits}
-    for i, path in enumerate(tqdm(files, desc="fetch: copy", unit="img", mininterval=1), start=1):
-        rel = path.relative_to(root).as_posix()
-        suffix = ".jpg" if path.suffix.lower() == ".jpeg" else path.suffix.lower()
-        name = f"{i:0{width}d}{suffix}"
-        content = path.read_bytes()
-        (raw / IMAGE_DIR / name).write_bytes(content)
-        digest = hashlib.sha256(content).hexdigest()
+    digests = hash_entries(source, entries, "fetch: hash")
+    inventory, by_content = [], defaultdict(list)
+    for i, (entry, digest) in enumerate(zip(entries, digests), start=1):
+        hexdigest = digest.hex()
         if split_by == "folders":
-            partition[name] = _carve(
-                SPLIT_FOLDERS[rel.split("/")[0].lower()], carved, d.seed, digest, d.split_fractions
+            split = _carve(
+                SPLIT_FOLDERS[entry.path.split("/")[0].lower()], carved, d.seed, hexdigest, d.split_fractions
             )
         else:
-            partition[name] = _hash_split(d.seed, digest, d.split_fractions)
-        sources[name] = rel
-        by_content[digest].append(name)
-    counts = [sum(p == k for p in partition.values()) for k in range(3)]
+            split = _hash_split(d.seed, hexdigest, d.split_fractions)
+        inventory.append(Row(f"{i:0{width}d}", entry.path, entry.size, entry.mtime_ns, digest, split))
+        by_content[hexdigest].append(inventory[-1])
+    counts = [sum(r.split == k for r in inventory) for k in range(3)]
     how = (
         "the folder's own train/val/test folders"
         if split_by == "folders"
         else f"data.split_fractions={list(d.split_fractions)}"
     )
-    check_split_counts(dict(zip(SPLITS, counts)), f"{len(files)} images in {root}, split by {how}")
-    duplicates = _duplicates(by_content, partition, sources)
+    check_split_counts(dict(zip(SPLITS, counts)), f"{len(entries)} images in {d.folder_dir}, split by {how}")
+    duplicates = _duplicates(by_content)
     report = {
-        "skipped": [{"file": p.relative_to(root).as_posix(), "reason": r} for p, r in listing.skipped],
+        "skipped": [{"file": path, "reason": why} for path, why in skipped],
         "duplicates": duplicates,
-        "links_followed": listing.links_followed,
+        "links_followed": links,
         "carved": [_carve_note(k, d.split_fractions) for k in carved],
     }
-    _say_folder(root, listing, duplicates, report["carved"])
-    write_partition(raw, partition)
-    (raw / SOURCE_FILES).write_text(json.dumps(sources, indent=0, sort_keys=True) + "\n")
-    (raw / FETCH_REPORT).write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-    return {
+    _say_folder(d.folder_dir, skipped, duplicates, report["carved"])
+    info = {
         "source": "folder",
         "folder_dir": d.folder_dir,
-        "count": len(files),
+        "count": len(entries),
         "counts": dict(zip(SPLITS, counts)),
         "split": split_by,
         "split_key": "sha256 of the file's bytes",
-        "skipped": len(listing.skipped),
-        "links_followed": listing.links_followed,
+        "skipped": len(skipped),
+        "links_followed": links,
         "duplicates": {
             "groups": len(duplicates),
             "extra_copies": sum(len(g["files"]) - 1 for g in duplicates),
             "groups_across_splits": sum(len(set(g["splits"])) > 1 for g in duplicates),
         },
         "carved": report["carved"],
+        "read_from": source_record(source),
     }
+    return inventory, info, report
 
 
 def _unit_hash(seed: int, digest: str) -> float:
@@ -412,20 +407,20 @@ def _carve_note(k: int, fractions: tuple[float, float, float]) -> str:
     )
 
 
-def _duplicates(by_content: dict[str, list[str]], partition: dict[str, int], sources: dict[str, str]) -> list[dict]:
+def _duplicates(by_content: dict[str, list[Row]]) -> list[dict]:
     return [
-        {"sha256": digest, "files": [sources[n] for n in names], "splits": [SPLITS[partition[n]] for n in names]}
-        for digest, names in sorted(by_content.items())
-        if len(names) > 1
+        {"sha256": digest, "files": [r.path for r in group], "splits": [r.split_name for r in group]}
+        for digest, group in sorted(by_content.items())
+        if len(group) > 1
     ]
 
 
-def _say_folder(root: Path, listing: FolderListing, duplicates: list[dict], carved: list[str]) -> None:
+def _say_folder(root: str, skipped: list[tuple[str, str]], duplicates: list[dict], carved: list[str]) -> None:
     """One line each for what the user should know: skipped files, duplicates across splits, a carved split."""
-    if listing.skipped:
-        reasons = Counter(r.split(":")[0].split(" (")[0] for _, r in listing.skipped)
+    if skipped:
+        reasons = Counter(r.split(":")[0].split(" (")[0] for _, r in skipped)
         summary = ", ".join(f"{n} {reason}" for reason, n in reasons.most_common())
-        _warn(f"{len(listing.skipped)} files under {root} are not images read here ({summary}): report.json lists each")
+        _warn(f"{len(skipped)} files under {root} are not images read here ({summary}): report.json lists each")
     across = [g for g in duplicates if len(set(g["splits"])) > 1]
     if across:
         _warn(
@@ -444,92 +439,77 @@ def _warn(message: str) -> None:
 # ---------------------------------------------------------------------------------------------
 # The stage
 
-SOURCES = {"celeba": fetch_celeba, "synthetic": make_synthetic, "folder": copy_folder}
+SOURCES = {"celeba": fetch_celeba, "synthetic": make_synthetic, "folder": inventory_folder}
 
 
-def fetch(cfg: Config, workers: int | None = None) -> dict:
-    """Rewrite data.raw_dir from data.source; returns what dataset.json says about it.
-
-    workers: processes for drawing synthetic faces (default: all available cores); copying
-    CelebA or a folder is one process, bound by the disk.
-    """
+def fetch(cfg: Config) -> dict:
+    """Rewrite data.inventory_dir from data.source; returns what dataset.json says about it.
+    DataError (one sentence) for a source that is missing, unreadable or does not split."""
     d = cfg.data
     if not math.isclose(sum(d.split_fractions), 1.0) or min(d.split_fractions) < 0:
         raise DataError(f"data.split_fractions={list(d.split_fractions)} must be three fractions >= 0 that sum to 1.")
-    target = Path(d.raw_dir)
+    target = Path(d.inventory_dir)
     inputs = {"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source)
-    _check_not_inputs(target, Path(inputs) if inputs else None)
-    raw = staging_dir(target, (DATASET_FILE,))  # replaces raw_dir only when complete
-    (raw / IMAGE_DIR).mkdir()
+    _check_not_inputs(target, Path(inputs) if inputs and "://" not in inputs else None)
+    staging = staging_dir(target, (DATASET_FILE,))  # replaces inventory_dir only when complete
     try:
-        info = SOURCES[d.source](cfg, raw, workers or len(os.sched_getaffinity(0)))
-    except BaseException as err:  # the previous copy stays; nothing half-written is left
-        shutil.rmtree(raw, ignore_errors=True)
+        inventory, info, report = SOURCES[d.source](cfg)
+        write_inventory(staging, inventory, info, report)
+    except BaseException as err:  # the previous inventory stays; nothing half-written is left
+        shutil.rmtree(staging, ignore_errors=True)
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise DiskFullError(disk_full_message(raw.parent, _source_bytes(cfg), "a copy of the images")) from None
+            raise DiskFullError(disk_full_message(staging.parent, 200 * _count(cfg), "the inventory")) from None
         raise
-    digest = source_digest(cfg)  # after a download, too
-    (raw / DATASET_FILE).write_text(json.dumps(info, indent=1, sort_keys=True) + "\n")
-    if digest is not None:
-        (raw / INVENTORY_FILE).write_text(json.dumps({"source": d.source, "sha256": digest}) + "\n")
-    swap_in(raw, target)
+    swap_in(staging, target)
     return info
 
 
-DATASET_FILE = "dataset.json"
-
-
-def _source_bytes(cfg: Config) -> int:
-    """About how many bytes fetch copies: the folder's images, CelebA's files, or drawn faces."""
-    d = cfg.data
-    if d.source == "folder":
-        return sum(p.stat().st_size for p in list_folder(Path(d.folder_dir)).images)
-    if d.source == "celeba":
-        return sum(p.stat().st_size for p in Path(d.celeba_dir).rglob("*") if p.is_file())
-    return d.synthetic_count * 20_000  # a 178x218 JPEG at quality 92
-
-
-INVENTORY_FILE = "source_inventory.json"  # in data.raw_dir; not part of the manifest
-
-
-def source_digest(cfg: Config) -> str | None:
-    """sha256 over (path, size, mtime) of every file of data.celeba_dir or the images of
-    data.folder_dir: DVC does not track those folders (they may lie outside the repository), so
-    `pipeline.retrain` compares this with what the last fetch read. None for synthetic data, or
-    when the folder does not exist."""
-    d = cfg.data
-    root = Path({"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source) or "")
-    if d.source == "synthetic" or not str(root) or not root.is_dir():
-        return None
-    files = list_folder(root).images if d.source == "folder" else sorted(p for p in root.rglob("*") if p.is_file())
-    digest = hashlib.sha256()
-    for path in files:
-        stat = path.stat()
-        digest.update(os.fsencode(f"{path.relative_to(root).as_posix()}\0{stat.st_size}\0{stat.st_mtime_ns}\n"))
-    return digest.hexdigest()
+def _count(cfg: Config) -> int:
+    return cfg.data.synthetic_count if cfg.data.source == "synthetic" else sum(cfg.data.celeba_counts)
 
 
 def inputs_changed(cfg: Config) -> str | None:
-    """A sentence saying that data.celeba_dir or data.folder_dir changed since the last fetch, or None."""
-    current = source_digest(cfg)
-    recorded_file = Path(cfg.data.raw_dir) / INVENTORY_FILE
-    if current is None or not recorded_file.is_file():
+    """A sentence saying how data.celeba_dir or data.folder_dir differs from the inventory the last
+    fetch wrote (images added, removed, or changed in size or modification time), or None when it
+    does not, or when there is nothing to compare (synthetic data, no inventory, no source)."""
+    folder = Path(cfg.data.inventory_dir)
+    try:
+        info, recorded = read_dataset(folder), rows(read_table(folder))
+    except DataError:
         return None
-    recorded = json.loads(recorded_file.read_text())
-    if recorded == {"source": cfg.data.source, "sha256": current}:
-        return None
+    source = source_from_record(info.get("read_from", {"kind": "synthetic", "seed": 0}))
     key = "folder_dir" if cfg.data.source == "folder" else "celeba_dir"
-    return f"files in data.{key} ({getattr(cfg.data, key)}) were added, removed or changed since the last fetch"
+    try:
+        if isinstance(source, FolderSource):
+            current = source.list()[0]
+        elif isinstance(source, CelebaSource):
+            members = source.members()
+            current = source.list([Path(r.path).name for r in recorded if Path(r.path).name in members])
+        else:
+            return None
+    except (DataError, OSError, zipfile.BadZipFile) as err:
+        return f"data.{key} ({getattr(cfg.data, key)}) cannot be listed as the last fetch listed it ({err})"
+    before = {(r.path, r.size, r.mtime_ns) for r in recorded}
+    now = {(e.path, e.size, e.mtime_ns) for e in current}
+    if before == now:
+        return None
+    paths_before, paths_now = {p for p, _, _ in before}, {p for p, _, _ in now}
+    added, removed = len(paths_now - paths_before), len(paths_before - paths_now)
+    changed = len({p for p, _, _ in now - before} & paths_before)
+    return (
+        f"files in data.{key} ({getattr(cfg.data, key)}) changed since the last fetch "
+        f"({added} added, {removed} removed, {changed} changed)"
+    )
 
 
-def _check_not_inputs(raw: Path, inputs: Path | None) -> None:
-    """Refuse a raw_dir that holds the inputs or the project: replacing it would erase them."""
-    target = raw.resolve()
+def _check_not_inputs(target: Path, inputs: Path | None) -> None:
+    """Refuse an inventory_dir that holds the inputs or the project: replacing it would erase them."""
+    resolved = target.resolve()
     keep = [Path.cwd().resolve()] + ([inputs.resolve()] if inputs else [])
-    if any(target == k or target in k.parents for k in keep):
+    if any(resolved == k or resolved in k.parents for k in keep):
         raise DataError(
-            f"data.raw_dir={raw} holds the project or the input data and would be erased: "
-            "give it a folder of its own, such as data/raw."
+            f"data.inventory_dir={target} holds the project or the input data and would be erased: "
+            "give it a folder of its own, such as data/inventory."
         )
 
 
@@ -537,7 +517,8 @@ def _check_not_inputs(raw: Path, inputs: Path | None) -> None:
 def main(argv: list[str] | None = None) -> None:
     cfg, _ = parse_config(__doc__.splitlines()[0], argv)
     info = fetch(cfg)
-    print(f"fetch: {info['source']} {info.get('counts')} -> {cfg.data.raw_dir}")
+    where = cfg.data.inventory_dir
+    print(f"fetch: {info['source']} {info.get('counts')} -> {where} (an inventory; the images stay in place)")
 
 
 if __name__ == "__main__":

@@ -1,60 +1,67 @@
-"""Stage `shard`: the raw dataset (CelebA's layout, from `fetch`) -> webdataset tar shards.
+"""Stage `shard`: the images fetch inventoried, read where they lie -> webdataset tar shards.
 
-`write_shards(cfg)` reads data.raw_dir and replaces data.shards_dir whole (written beside it in
-`<shards_dir>.partial/`, swapped in when complete; a failure leaves the previous set):
+`write_shards(cfg)` reads data.inventory_dir, reads each image from its source (a folder, an
+s3:// prefix, CelebA's zip, the face generator), and replaces data.shards_dir whole, a local
+folder or any fsspec URL. The new set is written beside the old, in `<shards_dir>.partial`, and
+swapped in when complete; a failure leaves the previous set:
 
-    <split>-NNNNNN.tar   data.samples_per_shard samples each (the last of a split may hold fewer);
-                         the sample format is dfcvae/shards/format.py's
+    <split>-NNNNNN.tar   up to data.samples_per_shard samples each; the sample format is
+                         dfcvae/shards/format.py's
     manifest.json        per-split counts and shards (name, count, sha256), preprocessing,
                          source (celeba | synthetic | folder), raw image counts
     manifest.sha256      sha256 of manifest.json
-    report.json          every converted and rejected raw image, with the reason
+    report.json          every converted and rejected image, with the reason
+
+The plan. Which image goes into which shard is fixed by the inventory alone: each split's images,
+sorted by key, in a seeded order (data.seed: shards are mixtures, so the loader needs only a local
+shuffle), cut every data.samples_per_shard. One task writes one shard: it reads its images,
+checks each against the inventory's sha256, and writes those it can use. So the shards are
+byte-identical whatever the number of workers or machines (fixed tar metadata, no timestamps),
+and an image rejected leaves its shard one sample shorter.
 
 Preprocessing: a centre crop (data.crop_size: pixels, "square" = the centre square of the
 shorter side, "auto" = square for a folder of your images and CELEBA_CROP px for CelebA's
 aligned faces), then resize to data.image_size (bilinear with antialiasing, as torchvision's
-Resize on PIL images in PyTorch-VAE). The manifest records the crop; a pixel crop that keeps
-under a quarter of an image's area is counted there and warned about (a fixed 148 px crop of
-a 1024 px photograph keeps 2% of it).
+Resize on PIL images in PyTorch-VAE). A pixel crop that keeps under a quarter of an image's area
+is counted in the manifest and warned about.
 
-Raw images are checked first, in parallel over all cores. Outcomes, each recorded in report.json:
+Outcomes, each recorded in report.json:
     written     RGB, at least the crop on each side
     converted   grayscale, palette, CMYK, 1-bit, YCbCr or fully opaque alpha -> RGB, then written
-    rejected    missing file, not an image, truncated or corrupt, transparent pixels (no
-                background is safe to assume), 16-bit or float pixels, a side shorter than
-                a pixel crop (or, for "square", than data.image_size), more than
-                data.max_image_pixels pixels (decompression bombs)
-Images in = images written + images rejected. More than data.max_reject_fraction rejected fails
-the stage (after writing report.json). The accepted images of each split are written in a
-seeded order (data.seed), so shards are mixtures and the loader only needs a local shuffle.
-Output is byte-identical on reruns: sorted inputs, fixed tar member metadata, no timestamps.
+    rejected    not an image, truncated or corrupt, transparent pixels (no background is safe
+                to assume), 16-bit or float pixels, a side shorter than a pixel crop (or, for
+                "square", than data.image_size), more than data.max_image_pixels pixels
+An image missing, or whose bytes differ from the inventory's, changed after fetch: the stage
+stops and says to run fetch again; it is never silently used or left out. More than
+data.max_reject_fraction rejected fails the stage (after writing report.json).
+
+Where it runs (shard.engine): worker processes here, or Ray tasks on the cluster at RAY_ADDRESS
+("auto" picks Ray when it is set), each reading its images from the source and writing its shard
+straight to the partial set, so the source and data.shards_dir must be reachable from every node
+(object storage, or a path every node mounts). A task whose process or node dies is run again
+(shard.max_retries). Resumable: each finished shard leaves `<name>.json`, its manifest entry and
+report, after its tar; a rerun of the same plan keeps those and writes the rest. The manifest is
+assembled when every task is done and lists only finished shards.
 """
 
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
-import multiprocessing
 import os
-import random
 import sys
+import tempfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from tqdm import tqdm
 
-from dfcvae.config import Config
-from dfcvae.files import DiskFullError, check_free_space, disk_full_message, staging_dir, swap_in
-from dfcvae.images import (
-    FETCH_REPORT,
-    SMALL_CROP,
-    SOURCE_FILES,
-    Rejected,
-    crop_side,
-    load_rgb,
-    preprocess,
-    resolve_crop,
-)
+from dfcvae.config import Config, UserError
+from dfcvae.files import PLAN, DiskFullError, check_free_space, disk_full_message, staging_dir, swap_in
+from dfcvae.images import SMALL_CROP, Rejected, crop_side, load_rgb, preprocess, resolve_crop
+from dfcvae.inventory import Row, read_dataset, read_report, read_table, rows
 from dfcvae.shards.format import (
     ATTRIBUTE_NAMES,
     FORMAT_VERSION,
@@ -65,171 +72,308 @@ from dfcvae.shards.format import (
     write_manifest,
 )
 from dfcvae.shards.writer import Sample, write_shard
+from dfcvae.sources import ImageSource, filesystem, is_url, read_many, source_from_record, strip_scheme
 from pipeline.common import command, parse_config
 
-CHECK_CHUNK = 256  # images per task in the check pass
+SET_FILES = ("manifest.json", "manifest.sha256", "report.json")  # beside the shards
 
 
 @dataclass(frozen=True)
-class RawImage:
-    id: str  # key in the shards: the file name without extension
-    file: str  # name under img_align_celeba/
-    split: str
-    attrs: list[int] | None  # 0/1 in ATTRIBUTE_NAMES order
-    identity: int | None
+class ShardTask:
+    """One shard: its name, its images (inventory rows, in order), and how to read and write them."""
+
+    name: str
+    rows: list[Row]
+    source: ImageSource
+    out: str  # the partial set: a local folder or an fsspec URL
+    crop: int | str
+    image_size: int
+    max_pixels: int
+    encoding: str
+
+
+def plan(cfg: Config, table_rows: list[Row], source: ImageSource, out: str) -> list[ShardTask]:
+    """The shards and their images, from the inventory and the config alone (see the module's doc)."""
+    import random
+
+    d = cfg.data
+    crop = resolve_crop(d.crop_size, source_kind(source))
+    tasks = []
+    for split in range(len(SPLITS)):
+        chosen = sorted((r for r in table_rows if r.split == split), key=lambda r: r.key)
+        random.Random(f"{d.seed}:{SPLITS[split]}").shuffle(chosen)  # a mixture; the same for the same input
+        for k, start in enumerate(range(0, len(chosen), d.samples_per_shard)):
+            part = chosen[start : start + d.samples_per_shard]
+            name = shard_name(SPLITS[split], k)
+            tasks.append(ShardTask(name, part, source, out, crop, d.image_size, d.max_image_pixels, d.encoding))
+    return tasks
+
+
+def source_kind(source: ImageSource) -> str:
+    from dfcvae.sources import source_record
+
+    return source_record(source)["kind"]
+
+
+def plan_digest(tasks: list[ShardTask]) -> str:
+    """sha256 over everything a shard's bytes depend on, so a resumed set is the set planned."""
+    digest = hashlib.sha256(f"format {FORMAT_VERSION}\n".encode())
+    for t in tasks:
+        digest.update(f"{t.name} {t.crop} {t.image_size} {t.max_pixels} {t.encoding}\n".encode())
+        for r in t.rows:
+            digest.update(
+                f"{r.key} {r.path!r} {(r.sha256 or b'').hex()} {(r.attrs or b'').hex()} {r.identity}\n".encode()
+            )
+    return digest.hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
-# Reading the raw layout
+# One task (module-level, so worker processes and Ray tasks can run it)
 
 
-def read_raw(raw_dir: Path) -> tuple[dict, list[RawImage]]:
-    """dataset.json and the images listed in list_eval_partition.txt, sorted by file name."""
-    info_path, partition_path = raw_dir / "dataset.json", raw_dir / "list_eval_partition.txt"
-    if not info_path.is_file() or not partition_path.is_file():
-        raise DataError(f"{raw_dir} has no dataset.json or list_eval_partition.txt: run `dvc repro fetch` first.")
-    info = json.loads(info_path.read_text())
-    partition = {}
-    for line in partition_path.read_text().splitlines():
-        if line.strip():
-            name, part = line.split()
-            partition[name] = SPLITS[int(part)]
-    attrs = _read_attr_file(raw_dir / "list_attr_celeba.txt")
-    identity = _read_pairs(raw_dir / "identity_CelebA.txt")
-    if attrs is not None and set(attrs) != set(partition):
-        raise DataError(
-            f"list_attr_celeba.txt and list_eval_partition.txt in {raw_dir} list different images: "
-            "re-run `dvc repro fetch`."
-        )
-    images = [
-        RawImage(Path(name).stem, name, split, attrs[name] if attrs else None, identity.get(name))
-        for name, split in sorted(partition.items())
-    ]
-    return info, images
+def write_planned(task: ShardTask) -> dict:
+    """Read, check and write one shard; returns its record (also left as `<name>.json` beside it):
+    {"entry": manifest entry, "in": images, "converted": [...], "rejected": [...], "small": [...]}.
+    DataError when an image is gone or changed since fetch."""
+    if _exists(task.out, f"{task.name}.json"):  # finished by an earlier attempt of this plan
+        return json.loads(_read_text(task.out, f"{task.name}.json"))
+    listed: dict[str, list] = {"converted": [], "rejected": []}
+    small: list[float] = []
 
-
-def _read_attr_file(path: Path) -> dict[str, list[int]] | None:
-    if not path.is_file():
-        return None
-    lines = path.read_text().splitlines()
-    if tuple(lines[1].split()) != ATTRIBUTE_NAMES:
-        raise DataError(f"{path}: line 2 must be CelebA's 40 attribute names in order: re-run `dvc repro fetch`.")
-    return {row[0]: [int(v == "1") for v in row[1:]] for row in (line.split() for line in lines[2:] if line.strip())}
-
-
-def _read_pairs(path: Path) -> dict[str, int]:
-    if not path.is_file():
-        return {}
-    rows = (line.split() for line in path.read_text().splitlines() if line.strip())
-    return {name: int(value) for name, value in rows}
-
-
-# ---------------------------------------------------------------------------------------------
-# Workers (module-level so multiprocessing can run them)
-
-
-def _check(task: tuple[Path, list[str], int | str, int, int]) -> list[tuple[str, str, float]]:
-    """-> [(outcome, note, area kept)] per file: ("written" | "converted" | "rejected", reason or
-    conversion, the fraction of the image's area the crop keeps (1.0 for a rejected image))."""
-    image_dir, files, crop, max_pixels, image_size = task
-    out = []
-    for name in files:
-        try:
-            img, note = load_rgb(image_dir / name, crop, max_pixels, image_size)
-            kept = crop_side(img, crop) ** 2 / (img.width * img.height)
-            out.append(("converted", note, kept) if note else ("written", "", kept))
-        except Rejected as e:
-            out.append(("rejected", str(e), 1.0))
-    return out
-
-
-def _write_shard(task: tuple[Path, Path, str, list[RawImage], int, int, int, str]) -> dict:
-    image_dir, out_dir, name, images, crop, image_size, max_pixels, encoding = task
-
-    def samples():
-        for image in images:
+    def samples() -> Iterator[Sample]:
+        for row, data in zip(task.rows, read_many(task.source, [r.path for r in task.rows])):
+            if isinstance(data, FileNotFoundError) or (
+                isinstance(data, bytes) and row.sha256 is not None and hashlib.sha256(data).digest() != row.sha256
+            ):
+                what = "is gone" if isinstance(data, FileNotFoundError) else "has changed"
+                raise DataError(
+                    f"{task.source.location(row.path)} {what} since fetch listed it: run `dvc repro -f fetch` "
+                    "(or python -m pipeline.fetch) to take the source as it is now, then shard again."
+                )
+            if isinstance(data, DataError):
+                raise data
+            if isinstance(data, BaseException):
+                raise DataError(
+                    f"{task.source.location(row.path)} cannot be read ({type(data).__name__}: {data}): "
+                    "check the source and run shard again."
+                ) from data
             try:
-                rgb, _ = load_rgb(image_dir / image.file, crop, max_pixels, image_size)
+                rgb, note = load_rgb(data, task.crop, task.max_pixels, task.image_size)
             except Rejected as e:
-                raise DataError(f"{image.file} changed while sharding ({e}): re-run the stage.") from None
-            yield Sample(image.id, preprocess(rgb, crop, image_size), image.attrs, image.identity)
+                listed["rejected"].append({"file": row.path, "split": row.split_name, "reason": str(e)})
+                continue
+            kept = crop_side(rgb, task.crop) ** 2 / (rgb.width * rgb.height)
+            if kept < SMALL_CROP:
+                small.append(kept)
+            if note:
+                listed["converted"].append({"file": row.path, "split": row.split_name, "reason": note})
+            attrs = list(row.attrs) if row.attrs is not None else None
+            yield Sample(row.key, preprocess(rgb, task.crop, task.image_size), attrs, row.identity)
 
-    return write_shard(out_dir / name, samples(), encoding)
+    if is_url(task.out):
+        with tempfile.TemporaryDirectory() as tmp:
+            entry = write_shard(Path(tmp) / task.name, samples(), task.encoding)
+            filesystem(task.out).put_file(str(Path(tmp) / task.name), f"{strip_scheme(task.out)}/{task.name}")
+    else:
+        entry = write_shard(Path(task.out) / task.name, samples(), task.encoding)
+    record = {"entry": entry, "in": len(task.rows), **listed, "small": small}
+    _write_text(task.out, f"{task.name}.json", json.dumps(record, sort_keys=True))  # last: the shard is done
+    return record
+
+
+def _exists(out: str, name: str) -> bool:
+    return filesystem(out).exists(f"{strip_scheme(out)}/{name}") if is_url(out) else (Path(out) / name).is_file()
+
+
+def _read_text(out: str, name: str) -> str:
+    if is_url(out):
+        return filesystem(out).cat_file(f"{strip_scheme(out)}/{name}").decode()
+    return (Path(out) / name).read_text()
+
+
+def _write_text(out: str, name: str, text: str) -> None:
+    """Whole or not at all: an object store's put, or a local write renamed into place."""
+    if is_url(out):
+        filesystem(out).pipe_file(f"{strip_scheme(out)}/{name}", text.encode())
+        return
+    tmp = Path(out) / f"{name}.tmp"
+    tmp.write_text(text)
+    tmp.rename(Path(out) / name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Engines: where the tasks run
+
+
+def engine(cfg: Config) -> str:
+    return ("ray" if os.environ.get("RAY_ADDRESS") else "local") if cfg.shard.engine == "auto" else cfg.shard.engine
+
+
+def run_tasks(cfg: Config, tasks: list[ShardTask]) -> Iterator[dict]:
+    """Each task's record as it finishes, on shard.engine; a task's DataError is raised here."""
+    if not tasks:
+        return
+    if engine(cfg) == "ray":
+        yield from _run_on_ray(cfg, tasks)
+        return
+    import multiprocessing
+
+    workers = min(cfg.shard.workers or len(os.sched_getaffinity(0)), len(tasks))
+    if workers == 1:
+        yield from map(write_planned, tasks)
+        return
+    with multiprocessing.get_context("fork").Pool(workers) as pool:
+        yield from pool.imap_unordered(write_planned, tasks)
+
+
+def _run_on_ray(cfg: Config, tasks: list[ShardTask]) -> Iterator[dict]:
+    """Ray tasks, shard.workers (default: the cluster's CPUs) at a time, each retried
+    shard.max_retries times when its worker process or node dies."""
+    import ray
+
+    from dfcvae.cluster import init_ray
+
+    init_ray()
+    cpus = max(1.0, ray.cluster_resources().get("CPU", 1.0))
+    workers = cfg.shard.workers or int(cpus)
+    remote = ray.remote(write_planned).options(
+        num_cpus=min(1.0, cpus / workers), max_retries=cfg.shard.max_retries, retry_exceptions=False
+    )
+    pending, queue = [], list(tasks)
+    while queue or pending:
+        while queue and len(pending) < workers:
+            pending.append(remote.remote(queue.pop(0)))
+        done, pending = ray.wait(pending, num_returns=1)
+        try:
+            yield ray.get(done[0])
+        except ray.exceptions.RayTaskError as err:
+            for ref in pending:
+                ray.cancel(ref, force=True)
+            if isinstance(err.cause, UserError):
+                raise err.cause from None
+            raise
 
 
 # ---------------------------------------------------------------------------------------------
 # The stage
 
 
-def write_shards(cfg: Config, workers: int | None = None) -> dict:
-    """Shard data.raw_dir into data.shards_dir; returns the manifest.
+def write_shards(cfg: Config) -> dict:
+    """Shard the images data.inventory_dir lists into data.shards_dir; returns the manifest.
 
-    The new set is written beside the old, in `<shards_dir>.partial/`, and swapped in only when
-    complete: a failure (too many rejections, a full disk, an interruption) leaves the previous
-    set whole, and the failed attempt's report.json in the .partial folder.
-    workers: processes (default: all available cores). Raises DataError when more than
-    data.max_reject_fraction of the raw images are rejected (report.json says which and why),
-    DiskFullError when the disk holding data.shards_dir cannot take the new set.
-    """
+    Raises DataError when an image changed since fetch, or when more than
+    data.max_reject_fraction of the images are rejected (report.json in the partial set says
+    which and why); DiskFullError when the disk holding a local data.shards_dir cannot take the
+    set. An interrupted run (a failure, ^C) leaves its finished shards for the next to reuse."""
     d = cfg.data
     if min(d.image_size, d.samples_per_shard) < 1:
         raise DataError("data.image_size and data.samples_per_shard must be positive.")
-    raw_dir, out_dir = Path(d.raw_dir), Path(d.shards_dir)
-    if out_dir.resolve() == raw_dir.resolve() or out_dir.resolve() in raw_dir.resolve().parents:
-        raise DataError(f"data.shards_dir={out_dir} holds data.raw_dir and would erase it: give it its own folder.")
-    info, images = read_raw(raw_dir)
-    staging = staging_dir(out_dir, ("manifest.json", "report.json"))
+    inventory_dir, out = Path(d.inventory_dir), d.shards_dir
+    if not is_url(out) and (
+        Path(out).resolve() == inventory_dir.resolve() or Path(out).resolve() in inventory_dir.resolve().parents
+    ):
+        raise DataError(f"data.shards_dir={out} holds data.inventory_dir and would erase it: give it its own folder.")
+    table = read_table(inventory_dir)
+    info = read_dataset(inventory_dir)
+    images = rows(table)
+    source = source_from_record(info["read_from"])
+    _say_stale_copy(inventory_dir)
+    remote = is_url(out)
+    staging = _remote_staging(out) if remote else str(Path(out).with_name(Path(out).name + ".partial"))
+    tasks = plan(cfg, images, source, staging)
+    digest = plan_digest(tasks)
+    if remote:
+        _prepare_remote(staging, digest)
+    else:
+        staging_dir(Path(out), ("manifest.json", "report.json"), resume=digest)
+        check_free_space(Path(staging), _set_bytes(cfg, len(images)), "the shards")
     try:
-        manifest = _write_set(cfg, info, images, raw_dir, staging, workers or len(os.sched_getaffinity(0)))
+        records = _run_all(cfg, tasks, len(images))
+        manifest, report = _assemble(cfg, info, images, tasks, records, read_report(inventory_dir))
     except BaseException as err:
-        for tar in staging.glob("*.tar*"):  # keep report.json, drop what was written
-            tar.unlink()
+        if not remote:  # a shard cut short is never kept; finished ones are, for the next run
+            for tmp in Path(staging).glob("*.tmp"):
+                tmp.unlink()
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise DiskFullError(disk_full_message(staging, _set_bytes(cfg, len(images)), "the shards")) from None
+            raise DiskFullError(disk_full_message(Path(staging), _set_bytes(cfg, len(images)), "the shards")) from None
         raise
-    swap_in(staging, out_dir)
+    if remote:
+        _swap_remote(staging, out, manifest, report, [t.name for t in tasks])
+    else:
+        local = Path(staging)
+        for name in [t.name for t in tasks]:  # the done records, and the empty shards no split lists
+            (local / f"{name}.json").unlink(missing_ok=True)
+        listed = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
+        for tar in [*local.glob("*.tar"), *local.glob("*.tmp")]:
+            if tar.name not in listed:
+                tar.unlink()
+        (local / PLAN).unlink(missing_ok=True)
+        write_manifest(local, manifest)
+        swap_in(local, Path(out))
     return manifest
 
 
+def _run_all(cfg: Config, tasks: list[ShardTask], total: int) -> dict[str, dict]:
+    """Every task's record by shard name, with a progress bar of images done (rate and ETA)."""
+    records = {}
+    where = f"Ray, {cfg.shard.workers or 'all'} at a time" if engine(cfg) == "ray" else "local processes"
+    with tqdm(total=total, desc=f"shard ({where})", unit="img", mininterval=1, smoothing=0.1) as bar:
+        for record in run_tasks(cfg, tasks):
+            records[record["entry"]["name"]] = record
+            bar.update(record["in"])
+    return records
+
+
 def _set_bytes(cfg: Config, count: int) -> int:
-    """About how many bytes `count` samples take: raw pixels, the tar headers and the sidecar."""
+    """About how many bytes `count` samples take: raw pixels, the tar headers and the attributes."""
     return count * (cfg.data.image_size**2 * 3 + 3 * 512)
 
 
-def _write_set(cfg: Config, info: dict, images: list[RawImage], raw_dir: Path, out_dir: Path, workers: int) -> dict:
+def _assemble(
+    cfg: Config, info: dict, images: list[Row], tasks: list[ShardTask], records: dict[str, dict], fetch_report: dict
+) -> tuple[dict, dict]:
+    """The manifest and report.json from every task's record; DataError for too many rejections
+    or a split left empty (report.json is written first, into the partial set)."""
     d = cfg.data
-    crop = resolve_crop(d.crop_size, info["source"])
-    image_dir = raw_dir / "img_align_celeba"
-    check_free_space(out_dir, _set_bytes(cfg, len(images)), "the shards")
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        outcomes = _check_all(pool, image_dir, images, crop, cfg)
-        report = _report(images, outcomes, _read_json(raw_dir / SOURCE_FILES))
-        report["fetch"] = _read_json(raw_dir / FETCH_REPORT)
-        small = warn_small_crops(outcomes, crop)
-        (out_dir / "report.json").write_text(json.dumps(report, indent=1, sort_keys=True) + "\n")
-        counts = report["counts"]
-        if counts["rejected"] > d.max_reject_fraction * counts["in"]:
-            raise DataError(
-                f"{counts['rejected']} of {counts['in']} raw images were rejected, more than "
-                f"data.max_reject_fraction={d.max_reject_fraction}: see {out_dir / 'report.json'} for why, "
-                "then fix or remove those images (or raise the fraction); the previous shards are kept."
-            )
-        accepted = [im for im, (outcome, _, _) in zip(images, outcomes) if outcome != "rejected"]
-        check_split_counts(
-            {s: sum(im.split == s for im in accepted) for s in SPLITS},
-            f"after {counts['rejected']} rejections (report.json), {len(accepted)} usable raw images",
+    converted = [c for t in tasks for c in records[t.name]["converted"]]
+    rejected = [c for t in tasks for c in records[t.name]["rejected"]]
+    counts = {
+        "in": len(images),
+        "written": len(images) - len(rejected),
+        "converted": len(converted),
+        "rejected": len(rejected),
+    }
+    report = {"counts": counts, "converted": converted, "rejected": rejected, "fetch": fetch_report}
+    _write_text(tasks[0].out, "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
+    small = [k for t in tasks for k in records[t.name]["small"]]
+    if small:
+        warn_small_crops(small, len(images), tasks[0].crop)
+    if counts["rejected"] > d.max_reject_fraction * counts["in"]:
+        raise DataError(
+            f"{counts['rejected']} of {counts['in']} images were rejected, more than "
+            f"data.max_reject_fraction={d.max_reject_fraction}: see {tasks[0].out}/report.json for why, "
+            "then fix or remove those images (or raise the fraction); the previous shards are kept."
         )
-        splits = _write_all(pool, image_dir, out_dir, accepted, crop, cfg)
+    splits = {}
+    for split in SPLITS:
+        shards = [records[t.name]["entry"] for t in tasks if t.name.startswith(split + "-")]
+        shards = [s for s in shards if s["count"] > 0]
+        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
+    check_split_counts(
+        {s: splits[s]["count"] for s in SPLITS},
+        f"after {counts['rejected']} rejections (report.json), {counts['written']} usable images",
+    )
+    crop = tasks[0].crop
     manifest = {
         "format": FORMAT_VERSION,
         "source": info["source"],
         "synthetic": info["source"] == "synthetic",
-        "dataset": info,
-        "attributes": list(ATTRIBUTE_NAMES) if any(im.attrs for im in images) else [],
+        "dataset": {k: v for k, v in info.items() if k != "read_from"},
+        "attributes": list(ATTRIBUTE_NAMES) if any(r.attrs for r in images) else [],
         "preprocessing": {
             "crop_size": d.crop_size,
             "crop": crop if crop == "square" else f"{crop} px",
-            "images_with_crop_under_quarter_area": small,
+            "images_with_crop_under_quarter_area": len(small),
             "image_size": d.image_size,
             "resize": "bilinear, antialiased",
             "encoding": d.encoding,
@@ -238,80 +382,75 @@ def _write_set(cfg: Config, info: dict, images: list[RawImage], raw_dir: Path, o
         "raw": counts,
         "splits": splits,
     }
-    write_manifest(out_dir, manifest)
-    return manifest
+    return manifest, report
 
 
-def warn_small_crops(outcomes: list[tuple[str, str, float]], crop: int | str) -> int:
-    """How many usable images the crop keeps under SMALL_CROP of; a warning names them and the fix."""
-    small = [kept for outcome, _, kept in outcomes if outcome != "rejected" and kept < SMALL_CROP]
-    if small:
+def warn_small_crops(small: list[float], total: int, crop: int | str) -> None:
+    """A warning naming how many images the crop keeps under SMALL_CROP of, and the fix."""
+    print(
+        f"shard: WARNING: data.crop_size={crop} keeps under {SMALL_CROP:.0%} of the area of {len(small)} of "
+        f"{total} images (as little as {min(small):.1%}): the model sees only their centres. For "
+        "photographs of any size set data.crop_size: square (or auto).",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+def _say_stale_copy(inventory_dir: Path) -> None:
+    """An older fetch's copy of the images (data/raw) is read by nothing now: say what it holds."""
+    old = inventory_dir.with_name("raw")
+    if (old / "img_align_celeba").is_dir():
         print(
-            f"shard: WARNING: data.crop_size={crop} keeps under {SMALL_CROP:.0%} of the area of {len(small)} of "
-            f"{len(outcomes)} images (as little as {min(small):.1%}): the model sees only their centres. For "
-            "photographs of any size set data.crop_size: square (or auto).",
+            f"shard: {old} is a copy of the images an older fetch made; nothing reads it now: delete it.",
             file=sys.stderr,
             flush=True,
         )
-    return len(small)
 
 
-def _check_all(
-    pool, image_dir: Path, images: list[RawImage], crop: int | str, cfg: Config
-) -> list[tuple[str, str, float]]:
-    files = [im.file for im in images]
-    tasks = [
-        (image_dir, files[i : i + CHECK_CHUNK], crop, cfg.data.max_image_pixels, cfg.data.image_size)
-        for i in range(0, len(files), CHECK_CHUNK)
-    ]
-    outcomes = []
-    with tqdm(total=len(files), desc="shard: check", unit="img", mininterval=1) as bar:
-        for chunk in pool.imap(_check, tasks):
-            outcomes += chunk
-            bar.update(len(chunk))
-    return outcomes
+# ---------------------------------------------------------------------------------------------
+# A set in object storage
 
 
-def _read_json(path: Path) -> dict:
-    """A JSON file that fetch writes for data.source: folder only ({} for other sources)."""
-    return json.loads(path.read_text()) if path.is_file() else {}
+def _remote_staging(out: str) -> str:
+    return out.rstrip("/") + ".partial"
 
 
-def _report(images: list[RawImage], outcomes: list[tuple[str, str, float]], sources: dict[str, str]) -> dict:
-    counts = {"in": len(images), "written": 0, "converted": 0, "rejected": 0}
-    listed: dict[str, list] = {"converted": [], "rejected": []}
-    for image, (outcome, note, _) in zip(images, outcomes):
-        counts["rejected" if outcome == "rejected" else "written"] += 1
-        if outcome != "written":
-            entry = {"file": image.file, "split": image.split, "reason": note}
-            if image.file in sources:
-                entry["source"] = sources[image.file]  # the user's own file
-            listed[outcome].append(entry)
-    counts["converted"] = len(listed["converted"])
-    return {"counts": counts, **listed}
+def _prepare_remote(staging: str, digest: str) -> None:
+    """The partial set's prefix, kept when it holds this plan's work, else emptied."""
+    fs, base = filesystem(staging), strip_scheme(staging)
+    if fs.exists(f"{base}/{PLAN}") and fs.cat_file(f"{base}/{PLAN}").decode() == digest:
+        return
+    if fs.exists(base):
+        fs.rm(base, recursive=True)
+    fs.pipe_file(f"{base}/{PLAN}", digest.encode())
 
 
-def _write_all(pool, image_dir: Path, out_dir: Path, accepted: list[RawImage], crop: int | str, cfg: Config) -> dict:
-    d = cfg.data
-    tasks = []
-    for split in SPLITS:
-        ids = [im for im in accepted if im.split == split]
-        random.Random(f"{d.seed}:{split}").shuffle(ids)  # shards are mixtures; sorted input -> same order
-        for k, start in enumerate(range(0, len(ids), d.samples_per_shard)):
-            chunk = ids[start : start + d.samples_per_shard]
-            tasks.append(
-                (image_dir, out_dir, shard_name(split, k), chunk, crop, d.image_size, d.max_image_pixels, d.encoding)
-            )
-    results = {}
-    with tqdm(total=len(accepted), desc="shard: write", unit="img", mininterval=1) as bar:
-        for result in pool.imap_unordered(_write_shard, tasks):
-            results[result["name"]] = result
-            bar.update(result["count"])
-    splits = {}
-    for split in SPLITS:
-        shards = [results[name] for name in sorted(results) if name.startswith(split + "-")]
-        splits[split] = {"count": sum(s["count"] for s in shards), "shards": shards}
-    return splits
+def _swap_remote(staging: str, out: str, manifest: dict, report: dict, names: list[str]) -> None:
+    """Copy the finished set into out's prefix (server-side), the manifest last, then remove the
+    old set's other shards and the partial prefix. UserError when out holds objects this stage
+    did not write, which replacing the set would delete."""
+    fs, src, dst = filesystem(out), strip_scheme(staging), strip_scheme(out)
+    existing = fs.find(dst) if fs.exists(dst) else []
+    foreign = [k for k in existing if not (k.endswith(".tar") or k.rsplit("/", 1)[-1] in SET_FILES)]
+    if foreign:
+        raise UserError(
+            f"{out} holds objects this project did not write (such as {foreign[0]}), and the stage replaces "
+            "the whole set: point data.shards_dir at a prefix of its own."
+        )
+    listed = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+    if fs.exists(f"{dst}/manifest.json"):
+        fs.rm(f"{dst}/manifest.json")  # no manifest lists a shard while it is being replaced
+    for name in listed:
+        fs.copy(f"{src}/{name}", f"{dst}/{name}")
+    fs.copy(f"{src}/report.json", f"{dst}/report.json")
+    with tempfile.TemporaryDirectory() as tmp:
+        write_manifest(Path(tmp), manifest)
+        fs.put_file(f"{tmp}/manifest.sha256", f"{dst}/manifest.sha256")
+        fs.put_file(f"{tmp}/manifest.json", f"{dst}/manifest.json")
+    for key in existing:
+        if key.endswith(".tar") and key.rsplit("/", 1)[-1] not in listed:
+            fs.rm(key)
+    fs.rm(src, recursive=True)
 
 
 @command("shard")

@@ -68,7 +68,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def tiny_config(root: Path, **overrides) -> Config:
     """The committed params.yaml shrunk to CPU-test size, with every path under `root`."""
     paths = {
-        "data.raw_dir": str(root / "raw"),
+        "data.inventory_dir": str(root / "inventory"),
         "data.shards_dir": str(root / "shards"),
         "train.out_dir": str(root / "train"),
         "tune.out_dir": str(root / "tune"),

@@ -26,7 +26,8 @@ import torch
 from PIL import Image
 
 from dfcvae.config import Config
-from dfcvae.images import SOURCE_FILES, preprocess
+from dfcvae.images import preprocess
+from dfcvae.inventory import read_table, rows
 from dfcvae.shards import loader as shard_loader
 from dfcvae.shards import slots
 from dfcvae.shards import tar as tar_walker
@@ -47,7 +48,7 @@ from dfcvae.shards.slots import BatchRing
 from dfcvae.shards.tar import tar_members
 from dfcvae.shards.writer import add_member
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, draw_face
-from pipeline.fetch import fetch, write_attrs, write_partition
+from pipeline.fetch import fetch
 from pipeline.shard import write_shards
 from tests.conftest import tiny_config
 
@@ -71,8 +72,8 @@ def make_config(root: Path, overrides: dict | None = None) -> Config:
 @pytest.fixture(scope="module")
 def sharded(tmp_path_factory) -> Config:
     cfg = make_config(tmp_path_factory.mktemp("synthetic"))
-    fetch(cfg, workers=2)
-    write_shards(cfg, workers=2)
+    fetch(cfg)
+    write_shards(cfg)
     return cfg
 
 
@@ -84,12 +85,24 @@ def shard_copy(sharded, tmp_path) -> Config:
     return sharded.with_overrides({"data.shards_dir": str(tmp_path / "shards"), "loader.verify_shards": False})
 
 
-def read_raw_tables(raw: Path) -> tuple[dict[str, int], dict[str, list[int]]]:
-    partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
-    lines = (raw / "list_attr_celeba.txt").read_text().splitlines()
-    assert tuple(lines[1].split()) == ATTRIBUTE_NAMES
-    attrs = {row[0]: [int(v) for v in row[1:]] for row in map(str.split, lines[2:])}
-    return {Path(k).stem: int(v) for k, v in partition.items()}, {Path(k).stem: v for k, v in attrs.items()}
+def read_inventory(cfg: Config) -> tuple[dict[str, int], dict[str, list[int]]]:
+    """The inventory fetch wrote: key -> split (0/1/2), and key -> attributes (0/1) where it has them."""
+    found = rows(read_table(Path(cfg.data.inventory_dir)))
+    return {r.key: r.split for r in found}, {r.key: list(r.attrs) for r in found if r.attrs is not None}
+
+
+def write_partition(root: Path, partition: dict[str, int]) -> None:
+    """CelebA's list_eval_partition.txt: "000001.jpg 0" per image."""
+    (root / "list_eval_partition.txt").write_text(
+        "".join(f"{name} {part}\n" for name, part in sorted(partition.items()))
+    )
+
+
+def write_attrs(root: Path, attrs: dict[str, list[int]]) -> None:
+    """CelebA's list_attr_celeba.txt: count, the 40 names, then one row of 1/-1 per image."""
+    lines = [f"{name} " + " ".join(f"{v:2d}" for v in values) for name, values in sorted(attrs.items())]
+    text = f"{len(attrs)}\n" + " ".join(ATTRIBUTE_NAMES) + "\n" + "".join(line + "\n" for line in lines)
+    (root / "list_attr_celeba.txt").write_text(text)
 
 
 def epoch_batches(cfg: Config, split: str = "train", **kw) -> list[dict]:
@@ -106,7 +119,7 @@ def sha256(path: Path) -> str:
 
 def test_synthetic_round_trip(sharded):
     cfg = sharded
-    partition, attrs = read_raw_tables(Path(cfg.data.raw_dir))
+    partition, attrs = read_inventory(cfg)
     manifest = read_manifest(cfg)
     assert manifest["source"] == "synthetic" and manifest["synthetic"] is True
     assert manifest["dataset"]["note"].startswith("procedurally drawn faces")
@@ -155,14 +168,14 @@ def test_synthetic_attributes_are_visible(sharded):
 def test_shard_twice_is_byte_identical(sharded, tmp_path):
     first = {p.name: sha256(p) for p in Path(sharded.data.shards_dir).iterdir()}
     again = sharded.with_overrides({"data.shards_dir": str(tmp_path / "again")})
-    write_shards(again, workers=2)
+    write_shards(again)
     assert {p.name: sha256(p) for p in Path(again.data.shards_dir).iterdir()} == first
     assert manifest_hash(again) == manifest_hash(sharded)
 
 
 def test_png_encoding_decodes_to_the_same_pixels(sharded, tmp_path):
     png = sharded.with_overrides({"data.encoding": "png", "data.shards_dir": str(tmp_path / "png")})
-    write_shards(png, workers=2)
+    write_shards(png)
     assert read_manifest(png)["preprocessing"]["encoding"] == "png"
     raw_batches, png_batches = epoch_batches(sharded, train=False), epoch_batches(png, train=False)
     for a, b in zip(raw_batches, png_batches):
@@ -611,18 +624,16 @@ def _folder_config(tmp_path: Path, **overrides) -> Config:
 
 def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
     cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.5})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["source"] == "folder" and info["count"] == len(BAD_IMAGES)
-    raw = Path(cfg.data.raw_dir)
-    source = {rel: name for name, rel in json.loads((raw / SOURCE_FILES).read_text()).items()}
-    manifest = write_shards(cfg, workers=2)
+    source = {r.path for r in rows(read_table(Path(cfg.data.inventory_dir)))}  # the user's own paths
+    manifest = write_shards(cfg)
     report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
     outcome = {source_file: ("written", "") for source_file in source}
     for kind in ("converted", "rejected"):
         for entry in report[kind]:
-            rel = next(rel for rel, name in source.items() if name == entry["file"])
-            assert entry["source"] == rel  # every entry names the user's own file
-            outcome[rel] = (kind, entry["reason"])
+            assert entry["file"] in source  # every entry names the user's own file
+            outcome[entry["file"]] = (kind, entry["reason"])
     for rel, (_, expected, reason) in BAD_IMAGES.items():
         assert outcome[rel][0] == expected, rel
         assert reason in outcome[rel][1], (rel, outcome[rel])
@@ -643,9 +654,9 @@ def test_bad_raw_images_are_converted_or_rejected_with_reasons(tmp_path):
 
 def test_too_many_rejects_fail_the_stage_after_writing_the_report(tmp_path):
     cfg = _folder_config(tmp_path, **{"data.max_reject_fraction": 0.2})
-    fetch(cfg, workers=2)
-    with pytest.raises(DataError, match=r"6 of 15 raw images were rejected.*shards\.partial/report\.json"):
-        write_shards(cfg, workers=2)
+    fetch(cfg)
+    with pytest.raises(DataError, match=r"6 of 15 images were rejected.*shards\.partial/report\.json"):
+        write_shards(cfg)
     assert len(json.loads((Path(cfg.data.shards_dir + ".partial") / "report.json").read_text())["rejected"]) == 6
 
 
@@ -657,14 +668,11 @@ def test_a_folder_already_split_keeps_its_split_and_the_manifest_says_so(tmp_pat
         for i in range(n):
             (folder / split / "cats" / f"{i}.png").write_bytes(_png(_face(seed=i)))
     cfg = make_config(tmp_path, {"data.source": "folder", "data.folder_dir": str(folder)})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["split"] == "folders" and info["counts"] == {"train": 6, "val": 2, "test": 3}
-    raw = Path(cfg.data.raw_dir)
-    source = json.loads((raw / SOURCE_FILES).read_text())
-    partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
-    for name, rel in source.items():  # every test image stays in test, and so on
-        assert int(partition[name]) == {"train": 0, "valid": 1, "test": 2}[rel.split("/")[0]]
-    assert write_shards(cfg, workers=2)["dataset"]["split"] == "folders"
+    for row in rows(read_table(Path(cfg.data.inventory_dir))):  # every test image stays in test, and so on
+        assert row.split == {"train": 0, "valid": 1, "test": 2}[row.path.split("/")[0]]
+    assert write_shards(cfg)["dataset"]["split"] == "folders"
 
 
 def test_a_pixel_crop_of_large_photos_is_warned_about_and_auto_keeps_the_centre_square(tmp_path, capfd):
@@ -683,15 +691,15 @@ def test_a_pixel_crop_of_large_photos_is_warned_about_and_auto_keeps_the_centre_
             "data.max_reject_fraction": 0.5,
         },
     )
-    fetch(cfg, workers=2)
-    manifest = write_shards(cfg, workers=2)
+    fetch(cfg)
+    manifest = write_shards(cfg)
     assert manifest["preprocessing"]["crop"] == "148 px"
     assert manifest["preprocessing"]["images_with_crop_under_quarter_area"] == 6
     assert (
         "data.crop_size=148 keeps under 25% of the area of 6 of 7 images (as little as 9.1%)" in capfd.readouterr().err
     )
     square = cfg.with_overrides({"data.crop_size": "auto", "data.shards_dir": str(tmp_path / "square")})
-    manifest = write_shards(square, workers=2)
+    manifest = write_shards(square)
     assert manifest["preprocessing"]["crop"] == "square"
     assert manifest["preprocessing"]["images_with_crop_under_quarter_area"] == 0 and manifest["raw"]["rejected"] == 1
     report = json.loads((Path(square.data.shards_dir) / "report.json").read_text())
@@ -724,7 +732,7 @@ def test_an_empty_split_is_refused_at_fetch_with_the_numbers(tmp_path, overrides
         (folder / f"{i}.png").write_bytes(_png(_face(seed=i)))
     cfg = make_config(tmp_path, {"data.folder_dir": str(folder), **overrides})
     with pytest.raises(DataError, match=message):
-        fetch(cfg, workers=2)
+        fetch(cfg)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -816,22 +824,27 @@ def test_celeba_layouts(tmp_path, layout):
     attrs = _celeba_lookalike(tmp_path / "celeba", layout)
     cfg = _lookalike_config(tmp_path)
     info = fetch(cfg)
-    assert info == {"source": "celeba", "counts": {"train": 4, "val": 1, "test": 1}}
-    raw = Path(cfg.data.raw_dir)
-    partition, raw_attrs = read_raw_tables(raw)
-    assert raw_attrs == {Path(n).stem: v for n, v in attrs.items()}
-    assert sorted(p.name for p in (raw / "img_align_celeba").iterdir()) == sorted(attrs)
-    assert (raw / "identity_CelebA.txt").is_file() == (layout == "official-txt")
-    manifest = write_shards(cfg, workers=2)
+    assert info["source"] == "celeba" and info["counts"] == {"train": 4, "val": 1, "test": 1}
+    assert info["read_from"]["images"].endswith("img_align_celeba.zip" if layout == "drive-zip" else "img_align_celeba")
+    partition, raw_attrs = read_inventory(cfg)
+    assert raw_attrs == {Path(n).stem: [int(v == 1) for v in a] for n, a in attrs.items()}
+    assert sorted(p.name for p in Path(cfg.data.inventory_dir).iterdir()) == [
+        ".dfcvae-output",
+        "dataset.json",
+        "images.parquet",
+    ]
+    identities = [r.identity for r in rows(read_table(Path(cfg.data.inventory_dir)))]
+    assert identities == ([i + 100 for i in range(6)] if layout == "official-txt" else [None] * 6)
+    manifest = write_shards(cfg)
     assert manifest["source"] == "celeba" and manifest["synthetic"] is False
-    keys, rows = [], []
+    keys, attr_rows = [], []
     for split in SPLITS:
         for b in make_loader(cfg, split, train=False, batch_size=1, num_workers=0):
             keys += b["key"]
-            rows += b["attrs"].tolist()
+            attr_rows += b["attrs"].tolist()
     assert sorted(keys) == sorted(partition)
-    for key, row in zip(keys, rows):
-        assert row == [int(v == 1) for v in raw_attrs[key]]
+    for key, row in zip(keys, attr_rows):
+        assert row == raw_attrs[key]
 
 
 @pytest.mark.parametrize(
@@ -1038,7 +1051,7 @@ def test_the_40_attribute_probe_on_celeba_layout_data_counts_every_labelled_attr
     _celeba_lookalike(tmp_path / "celeba", "official-txt")
     cfg = _lookalike_config(tmp_path)
     fetch(cfg)
-    write_shards(cfg, workers=2)
+    write_shards(cfg)
     assert ground_truth(cfg) == set(ATTRIBUTE_NAMES)
     sizes = {"train": 4, "test": 1}
     latents = {split: torch.randn(n, 8, generator=torch.Generator().manual_seed(n)) for split, n in sizes.items()}

@@ -42,15 +42,15 @@ def test_a_full_disk_keeps_the_previous_shards_and_says_how_much_is_needed(tmp_p
     # The new set is written beside the old one and swapped in: the disk must hold both for a moment.
     with small_disk(tmp_path / "disk", 500) as disk:
         cfg = make_config(tmp_path, {"data.shards_dir": str(disk / "shards")})
-        fetch(cfg, workers=2)
-        write_shards(cfg, workers=2)  # 33 images of 32 px: about 150 KB
+        fetch(cfg)
+        write_shards(cfg)  # 33 images of 32 px: about 150 KB
         before = _manifest(cfg)
         bigger = cfg.with_overrides({"data.image_size": 64})  # about 460 KB: does not fit
         with pytest.raises(
             DiskFullError,
             match=r"the disk holding .*shards\.partial is full for the shards: .* MB free, about 0\.5 MB needed",
         ):
-            write_shards(bigger, workers=2)
+            write_shards(bigger)
         assert _manifest(cfg) == before  # the previous set, whole
         # The estimate passes but the disk fills while writing (a real ENOSPC in a worker process):
         # the same sentence, no retry, and no half-written shard left behind.
@@ -61,8 +61,8 @@ def test_a_full_disk_keeps_the_previous_shards_and_says_how_much_is_needed(tmp_p
             shard_stage.main(["--params", str(params)])
         assert str(stopped.value.code).startswith("shard: the disk holding ") and "\n" not in str(stopped.value.code)
         assert _manifest(cfg) == before
-        assert not list((disk / "shards.partial").glob("*.tar*"))
-        manifest = write_shards(cfg, workers=2)  # with the space there, the stage simply runs
+        assert not list((disk / "shards.partial").glob("*.tmp"))  # a finished shard may stay, for a rerun
+        manifest = write_shards(cfg)  # with the space there, the stage simply runs
         assert manifest["preprocessing"]["image_size"] == 32
 
 
@@ -70,37 +70,49 @@ def test_folders_the_project_did_not_write_are_never_replaced(tmp_path):
     mine = tmp_path / "my-photos"
     mine.mkdir()
     (mine / "holiday.txt").write_text("the user's own file")
-    cfg = make_config(tmp_path, {"data.raw_dir": str(mine)})
+    cfg = make_config(tmp_path, {"data.inventory_dir": str(mine)})
     with pytest.raises(UserError, match=r"my-photos holds files this project did not write \(such as holiday\.txt\)"):
-        fetch(cfg, workers=2)
+        fetch(cfg)
     cfg = make_config(tmp_path, {"data.shards_dir": str(mine)})
-    fetch(cfg, workers=2)
+    fetch(cfg)
     with pytest.raises(UserError, match="holds files this project did not write"):
-        write_shards(cfg, workers=2)
+        write_shards(cfg)
     assert [p.name for p in mine.iterdir()] == ["holiday.txt"]
 
 
-def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_recovers(tmp_path, monkeypatch):
+def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_resumes(tmp_path, monkeypatch):
     cfg = make_config(tmp_path)
-    fetch(cfg, workers=2)
-    write_shards(cfg, workers=2)
+    fetch(cfg)
+    write_shards(cfg)
     before = _manifest(cfg)
     interrupted = cfg.with_overrides({"data.seed": 5})
+    real = shard_stage.run_tasks
 
-    def killed(*args, **kwargs):
-        raise KeyboardInterrupt  # as Ctrl-C, or dvc's kill, mid-write
+    def killed(cfg, tasks):
+        yield from real(cfg, tasks[:1])  # one shard finishes,
+        raise KeyboardInterrupt  # then Ctrl-C, or dvc's kill, mid-write
 
     with monkeypatch.context() as patch:
-        patch.setattr(shard_stage, "_write_all", killed)
+        patch.setattr(shard_stage, "run_tasks", killed)
         with pytest.raises(KeyboardInterrupt):
-            write_shards(interrupted, workers=2)
+            write_shards(interrupted)
     assert _manifest(cfg) == before
+    partial = Path(cfg.data.shards_dir + ".partial")
+    finished = partial / "train-000000.tar"
+    assert (partial / "train-000000.tar.json").is_file() and not list(partial.glob("*.tmp"))
+    stamp = finished.stat().st_mtime_ns
     # A swap cut short between its two renames: the old set is put back before anything else.
     shards = Path(cfg.data.shards_dir)
     shards.rename(shards.with_name("shards.old"))
-    manifest = write_shards(interrupted, workers=2)
+    manifest = write_shards(interrupted)
     assert manifest["preprocessing"]["order_seed"] == 5 and json.loads(_manifest(cfg)) == manifest
+    assert (shards / "train-000000.tar").stat().st_mtime_ns == stamp  # resumed: the finished shard kept
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shards")) == ["shards"]
+    assert not [
+        p.name
+        for p in shards.iterdir()
+        if p.name.endswith(".json") and "manifest" not in p.name and p.name != "report.json"
+    ]
 
 
 def test_a_bundle_is_replaced_whole_and_never_over_the_users_files(tmp_path):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from dfcvae.config import Config
-from dfcvae.images import FETCH_REPORT, SOURCE_FILES
+from dfcvae.inventory import REPORT_FILE, read_table, rows
 from pipeline.fetch import fetch, inputs_changed
 from pipeline.shard import write_shards
 from tests.test_data import make_config
@@ -41,10 +41,7 @@ def _config(tmp_path: Path, folder: Path, **overrides) -> Config:
 
 def _splits(cfg: Config) -> dict[str, str]:
     """The user's relative path -> its split, from what fetch wrote."""
-    raw = Path(cfg.data.raw_dir)
-    names = json.loads((raw / SOURCE_FILES).read_text())
-    partition = dict(line.split() for line in (raw / "list_eval_partition.txt").read_text().splitlines())
-    return {rel: ("train", "val", "test")[int(partition[name])] for name, rel in names.items()}
+    return {r.path: r.split_name for r in rows(read_table(Path(cfg.data.inventory_dir)))}
 
 
 def test_identical_images_share_a_split_whatever_their_names(tmp_path):
@@ -58,12 +55,12 @@ def test_identical_images_share_a_split_whatever_their_names(tmp_path):
         for rel in copies[g]:
             _write(folder / rel, content)
     cfg = _config(tmp_path, folder, **{"data.split_fractions": [0.5, 0.25, 0.25]})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     split = _splits(cfg)
     for group in copies.values():
         assert len({split[rel] for rel in group}) == 1, group
     assert info["duplicates"] == {"groups": 24, "extra_copies": 48, "groups_across_splits": 0}
-    manifest = write_shards(cfg, workers=2)
+    manifest = write_shards(cfg)
     assert manifest["dataset"]["duplicates"]["groups"] == 24
     report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
     assert sorted(len(g["files"]) for g in report["fetch"]["duplicates"]) == [3] * 24
@@ -71,7 +68,7 @@ def test_identical_images_share_a_split_whatever_their_names(tmp_path):
     for i in range(30, 40):
         _write(folder / f"unique/{i:02d}.png", _encoded(_image(i), "PNG"))
     (folder / "unique/00.png").unlink()
-    fetch(cfg, workers=2)
+    fetch(cfg)
     again = _splits(cfg)
     assert all(again[rel] == split[rel] for rel in split if rel != "unique/00.png")
 
@@ -85,13 +82,13 @@ def test_copies_across_the_users_own_splits_are_reported_not_moved(tmp_path, cap
     _write(folder / "test/leak-1.png", (folder / "train/1.png").read_bytes())
     _write(folder / "val/leak-1.png", (folder / "train/1.png").read_bytes())
     cfg = _config(tmp_path, folder)
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["duplicates"] == {"groups": 2, "extra_copies": 3, "groups_across_splits": 2}
     err = capfd.readouterr().err
     assert "2 groups of identical images (5 files) lie in more than one of your train/val/test folders" in err
     split = _splits(cfg)
     assert split["test/leak-0.png"] == "test" and split["val/leak-1.png"] == "val"  # where the user put them
-    write_shards(cfg, workers=2)
+    write_shards(cfg)
     report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
     assert {tuple(sorted(g["splits"])) for g in report["fetch"]["duplicates"]} == {
         ("test", "train"),
@@ -112,16 +109,16 @@ def test_symbolic_links_to_files_and_folders_are_followed_once_and_counted(tmp_p
     (folder / "trip-again").symlink_to(elsewhere / "trip", target_is_directory=True)
     (folder / "gone.png").symlink_to(tmp_path / "deleted.png")
     cfg = _config(tmp_path, folder, **{"data.split_fractions": [0.6, 0.2, 0.2]})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["count"] == 31 + 28 + 1 and info["links_followed"] == 5
-    report = json.loads((Path(cfg.data.raw_dir) / FETCH_REPORT).read_text())
+    report = json.loads((Path(cfg.data.inventory_dir) / REPORT_FILE).read_text())
     skipped = {e["file"]: e["reason"] for e in report["skipped"]}
     assert skipped["own/loop"] == "the folder . again (through a link): read once"
     assert skipped["trip-again"].startswith("the folder trip again")
     assert skipped["gone.png"] == "a link to nothing"
     assert inputs_changed(cfg) is None
     _write(elsewhere / "trip/new.png", _encoded(_image(400), "PNG"))  # retrain sees it
-    assert "were added, removed or changed" in inputs_changed(cfg)
+    assert "changed since the last fetch (1 added, 0 removed, 0 changed)" in inputs_changed(cfg)
 
 
 def test_formats_pillow_reads_go_in_and_every_other_file_is_listed_with_its_reason(tmp_path, capfd):
@@ -145,13 +142,13 @@ def test_formats_pillow_reads_go_in_and_every_other_file_is_listed_with_its_reas
     for i in range(20):  # enough for three splits
         _write(folder / f"more/{i}.jpg", _encoded(_image(50 + i), "JPEG"))
     cfg = _config(tmp_path, folder, **{"data.split_fractions": [0.5, 0.25, 0.25]})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["count"] == 28 and info["skipped"] == 3
     assert "3 files under" in capfd.readouterr().err
-    manifest = write_shards(cfg, workers=2)
+    manifest = write_shards(cfg)
     report = json.loads((Path(cfg.data.shards_dir) / "report.json").read_text())
     assert report["counts"] == {**manifest["raw"], "in": 28, "rejected": 0, "written": 28}
-    notes = {e["source"]: e["reason"] for e in report["converted"]}
+    notes = {e["file"]: e["reason"] for e in report["converted"]}
     assert notes["e.gif"].startswith("GIF: the first of 3 frames")
     assert notes["g-16bit.png"] == "I;16 (16-bit) -> 8-bit RGB" and notes["f-palette.png"] == "P -> RGB"
     skipped = {e["file"]: e["reason"] for e in report["fetch"]["skipped"]}
@@ -171,10 +168,10 @@ def test_file_names_that_are_not_utf8_or_hold_a_newline_work(tmp_path):
     for i in range(12):
         _write(folder / f"{i}.png", _encoded(_image(20 + i), "PNG"))
     cfg = _config(tmp_path, folder, **{"data.split_fractions": [0.5, 0.25, 0.25]})
-    fetch(cfg, workers=2)
-    names = json.loads((Path(cfg.data.raw_dir) / SOURCE_FILES).read_text())
-    assert {os.fsencode(rel) for rel in names.values()} >= set(odd)  # the user's exact bytes
-    manifest = write_shards(cfg, workers=2)
+    fetch(cfg)
+    paths = {os.fsencode(r.path) for r in rows(read_table(Path(cfg.data.inventory_dir)))}
+    assert paths >= set(odd)  # the user's exact bytes
+    manifest = write_shards(cfg)
     assert manifest["raw"]["written"] == 16
     report = (Path(cfg.data.shards_dir) / "report.json").read_text()
     assert json.loads(report)["counts"]["in"] == 16
@@ -190,7 +187,7 @@ def test_a_folder_without_val_or_test_carves_it_out_of_train(tmp_path, capfd, mi
         for i in range(n):
             _write(folder / split / f"{i}.png", _encoded(_image(100 * offset + i), "PNG"))
     cfg = _config(tmp_path, folder, **{"data.split_fractions": [0.75, 0.125, 0.125]})
-    info = fetch(cfg, workers=2)
+    info = fetch(cfg)
     assert info["split"] == "folders"
     carved = info["counts"][carved_from_train]
     assert 0 < carved < 40 and info["counts"]["train"] == 40 - carved
@@ -199,5 +196,5 @@ def test_a_folder_without_val_or_test_carves_it_out_of_train(tmp_path, capfd, mi
     other = next(s for s in ("val", "test") if s != missing)
     assert all(split[rel] == other for rel in split if rel.startswith(other + "/"))  # the user's split kept
     assert {split[rel] for rel in split if rel.startswith("train/")} == {"train", missing}
-    manifest = write_shards(cfg, workers=2)
+    manifest = write_shards(cfg)
     assert manifest["dataset"]["carved"] == info["carved"] and len(info["carved"]) == 1

@@ -199,7 +199,7 @@ def champion_of_older_shards(synthetic_cfg: Config, cfg: Config, tmp_path: Path)
 
     old = cfg.with_overrides(
         {
-            "data.raw_dir": synthetic_cfg.data.raw_dir,
+            "data.inventory_dir": synthetic_cfg.data.inventory_dir,
             "data.shards_dir": synthetic_cfg.data.shards_dir,
             "eval.num_samples": 8,
             "eval.probe_train_samples": 16,
@@ -208,7 +208,7 @@ def champion_of_older_shards(synthetic_cfg: Config, cfg: Config, tmp_path: Path)
     write_outputs(old, seed=1, objective=10.0)
     assert register(old).decision == "promoted"
     new = old.with_overrides({"data.shards_dir": str(tmp_path / "new-shards"), "data.seed": 1})
-    write_shards(new, workers=2)
+    write_shards(new)
     return new, scores_on(new, f"models:/{new.registry.model_name}/1")
 
 

@@ -279,5 +279,5 @@ def test_a_search_is_restored_only_over_the_same_data_wherever_the_checkout_lies
     moved = here.with_overrides({"data.shards_dir": str(copy)})
     assert tuning.experiment_name(moved) == tuning.experiment_name(here)  # the same shards elsewhere
     resharded = moved.with_overrides({"data.seed": 1})  # another order of the same images: other shards
-    write_shards(resharded, workers=1)
+    write_shards(resharded)
     assert tuning.experiment_name(resharded.with_overrides({"data.seed": 0})) != tuning.experiment_name(here)
