@@ -42,15 +42,20 @@ def is_url(location: str) -> bool:
     return "://" in location and not location.startswith("file://")
 
 
-@functools.cache
 def filesystem(url: str):
-    """fsspec's filesystem for url's scheme, made once per process; DataError without its backend."""
+    """fsspec's filesystem for url's scheme, made once per process (s3fs's may not cross a fork);
+    DataError without its backend."""
+    return _filesystem(url.split("://", 1)[0], os.getpid())
+
+
+@functools.cache
+def _filesystem(scheme: str, pid: int):
     import fsspec
 
     try:
-        return fsspec.core.url_to_fs(url)[0]
+        return fsspec.filesystem(scheme, skip_instance_cache=True)
     except ImportError as e:
-        raise DataError(f"cannot read {url}: {e}; install the fsspec backend for that scheme (s3fs for s3://).") from e
+        raise DataError(f"cannot read {scheme}:// URLs: {e}; install the fsspec backend (s3fs for s3://).") from e
 
 
 def strip_scheme(url: str) -> str:
@@ -251,3 +256,13 @@ def source_record(source: ImageSource) -> dict:
 def source_from_record(record: dict) -> ImageSource:
     fields = {k: v for k, v in record.items() if k != "kind"}
     return SOURCE_KINDS[record["kind"]](**fields)
+
+
+def resolved(source: ImageSource) -> ImageSource:
+    """The source with a local path made absolute, so that worker processes (and Ray tasks,
+    which need not share this process's working folder) read the same files."""
+    if isinstance(source, FolderSource) and not is_url(source.root):
+        return FolderSource(str(Path(source.root.removeprefix("file://")).resolve()))
+    if isinstance(source, CelebaSource):
+        return CelebaSource(str(Path(source.images).resolve()))
+    return source

@@ -72,7 +72,7 @@ from dfcvae.shards.format import (
     write_manifest,
 )
 from dfcvae.shards.writer import Sample, write_shard
-from dfcvae.sources import ImageSource, filesystem, is_url, read_many, source_from_record, strip_scheme
+from dfcvae.sources import ImageSource, filesystem, is_url, read_many, resolved, source_from_record, strip_scheme
 from pipeline.common import command, parse_config
 
 SET_FILES = ("manifest.json", "manifest.sha256", "report.json")  # beside the shards
@@ -276,10 +276,10 @@ def write_shards(cfg: Config) -> dict:
     table = read_table(inventory_dir)
     info = read_dataset(inventory_dir)
     images = rows(table)
-    source = source_from_record(info["read_from"])
+    source = resolved(source_from_record(info["read_from"]))
     _say_stale_copy(inventory_dir)
     remote = is_url(out)
-    staging = _remote_staging(out) if remote else str(Path(out).with_name(Path(out).name + ".partial"))
+    staging = _remote_staging(out) if remote else str(Path(out).resolve().with_name(Path(out).name + ".partial"))
     tasks = plan(cfg, images, source, staging)
     digest = plan_digest(tasks)
     if remote:
