@@ -2,6 +2,7 @@
 
     python -m bench.prep_scale images --out /tmp/faces --count 100000
     python -m bench.prep_scale run --project CLONE --images /tmp/faces --out result.json
+    python -m bench.prep_scale throughput --images /tmp/faces --count 20000 --out result.json
 
 `images` draws --count distinct synthetic faces (dfcvae.synthetic, JPEG quality 92, about 5.5 kB
 each) into 1000-image subfolders, over all cores; an existing folder with that many is kept.
@@ -16,7 +17,15 @@ and times, each in a fresh process with its peak resident memory (the largest pr
     dvc status         the check a user (and the retrain command) runs afterwards
 
 and the disk each part takes: the source folder, the pipeline's outputs (data/raw and
-data/shards), and DVC's cache. The figures are in docs/data.md.
+data/shards), and DVC's cache.
+
+`throughput` fetches the folder once, keeps the first --count images of its inventory, and
+shards them (the params.yaml defaults: 64 px, raw encoding) with 1 and with 2 local worker
+processes, and as Ray tasks on a local cluster of 2 nodes of 1 CPU each (ray.cluster_utils, two
+raylets on this machine), --rounds times interleaved. Each run gives images per second of wall
+time and per CPU-second: the machine's busy CPU time during the run (psutil.cpu_times, all
+processes: a quiet machine is assumed), which counts Ray's own processes too.
+The figures are in docs/data.md.
 """
 
 from __future__ import annotations
@@ -29,6 +38,8 @@ import random
 import shutil
 import subprocess
 import sys
+import tempfile
+import time
 from pathlib import Path
 
 MEASURE = """
@@ -84,6 +95,10 @@ def _measure(cwd: Path, name: str, cmd: list[str]) -> dict:
 def run(project: Path, images: Path, out: Path) -> dict:
     from ruamel.yaml import YAML
 
+    subprocess.run(
+        ["git", "checkout", "--", "params.yaml", "dvc.yaml"], cwd=project, check=True
+    )  # an earlier run's edits
+    (project / "dvc.lock").unlink(missing_ok=True)
     yaml = YAML()
     params_path = project / "params.yaml"
     params = yaml.load(params_path)
@@ -123,12 +138,74 @@ def run(project: Path, images: Path, out: Path) -> dict:
     return result
 
 
+def _shard_run(cfg, engine: str, workers: int) -> dict:
+    import psutil
+
+    from pipeline.shard import write_shards
+
+    cfg = cfg.with_overrides({"shard.engine": engine, "shard.workers": workers})
+    before, t = psutil.cpu_times(), time.perf_counter()
+    manifest = write_shards(cfg)
+    wall, after = time.perf_counter() - t, psutil.cpu_times()
+    busy = sum(after) - after.idle - after.iowait - (sum(before) - before.idle - before.iowait)
+    images = manifest["raw"]["written"]
+    return {"wall_s": wall, "cpu_s": busy, "img_per_s": images / wall, "img_per_cpu_s": images / busy}
+
+
+def throughput(images: Path, count: int, rounds: int, out: Path) -> dict:
+    import pyarrow.parquet as pq
+    import ray
+    from ray.cluster_utils import Cluster
+
+    from dfcvae.config import Config
+    from dfcvae.inventory import INVENTORY_FILE, read_table
+    from pipeline.fetch import fetch
+
+    work = Path(tempfile.mkdtemp(prefix="prep-scale-"))
+    cfg = Config().with_overrides(
+        {
+            "data.source": "folder",
+            "data.folder_dir": str(images.resolve()),
+            "data.inventory_dir": str(work / "inventory"),
+            "data.shards_dir": str(work / "shards"),
+        }
+    )
+    fetch(cfg)
+    inventory = Path(cfg.data.inventory_dir)
+    pq.write_table(read_table(inventory).slice(0, count), inventory / INVENTORY_FILE, compression="zstd")
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    cluster.add_node(num_cpus=1)
+    ray.init(address=cluster.address)
+    runs: dict[str, list[dict]] = {"local, 1 process": [], "local, 2 processes": [], "Ray, 2 nodes x 1 CPU": []}
+    try:
+        for r in range(rounds):
+            for name, engine, workers in (
+                ("local, 1 process", "local", 1),
+                ("local, 2 processes", "local", 2),
+                ("Ray, 2 nodes x 1 CPU", "ray", 2),
+            ):
+                runs[name].append(_shard_run(cfg, engine, workers))
+                print(f"prep_scale: round {r + 1} {name}: {runs[name][-1]}", flush=True)
+    finally:
+        ray.shutdown()
+        cluster.shutdown()
+        shutil.rmtree(work, ignore_errors=True)
+    result = {"images": count, "cores": len(os.sched_getaffinity(0)), "rounds": rounds, "runs": runs}
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    return result
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("images")
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--count", type=int, default=100_000)
+    p = sub.add_parser("throughput")
+    p.add_argument("--images", type=Path, required=True)
+    p.add_argument("--count", type=int, default=20_000)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--out", type=Path, required=True)
     p = sub.add_parser("run")
     p.add_argument("--project", type=Path, required=True)
     p.add_argument("--images", type=Path, required=True)
@@ -136,6 +213,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.command == "images":
         make_images(args.out, args.count)
+    elif args.command == "throughput":
+        throughput(args.images, args.count, args.rounds, args.out)
     else:
         run(args.project, args.images, args.out)
 

@@ -135,7 +135,7 @@ def write_planned(task: ShardTask) -> dict:
     """Read, check and write one shard; returns its record (also left as `<name>.json` beside it):
     {"entry": manifest entry, "in": images, "converted": [...], "rejected": [...], "small": [...]}.
     DataError when an image is gone or changed since fetch."""
-    if _exists(task.out, f"{task.name}.json"):  # finished by an earlier attempt of this plan
+    if _exists(task.out, f"{task.name}.json") and _exists(task.out, task.name):  # an earlier attempt's, same plan
         return json.loads(_read_text(task.out, f"{task.name}.json"))
     listed: dict[str, list] = {"converted": [], "rejected": []}
     small: list[float] = []

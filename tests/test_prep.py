@@ -174,3 +174,24 @@ def test_a_shard_task_killed_mid_write_is_retried_and_no_partial_shard_is_listed
     uninterrupted = cfg.with_overrides({"shard.engine": "local", "data.shards_dir": str(tmp_path / "local")})
     write_shards(uninterrupted)
     assert _set(uninterrupted) == _set(cfg)
+
+
+def test_a_repository_from_before_the_inventory_is_told_what_to_run(tmp_path):
+    import yaml
+
+    from dfcvae.config import ConfigError
+
+    old = Config().to_dict()
+    old["data"]["raw_dir"] = "data/raw"  # params.yaml as an older checkout wrote it
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(ConfigError, match=r"remove data\.raw_dir from params\.yaml .*then run `dvc repro`\.$"):
+        Config.load(tmp_path / "params.yaml")
+    assert Config.from_stored(old).data.inventory_dir == "data/inventory"  # a model stored back then still loads
+    copy = tmp_path / "raw"  # an older fetch's copy where the inventory is looked for
+    (copy / "img_align_celeba").mkdir(parents=True)
+    (copy / "list_eval_partition.txt").write_text("000001.jpg 0\n")
+    cfg = tiny_config(tmp_path, **{"data.inventory_dir": str(copy)})
+    with pytest.raises(
+        DataError, match=r"holds a copy of the images made by an older fetch, not an inventory: run `dvc"
+    ):
+        write_shards(cfg)
