@@ -15,11 +15,11 @@ AWS_SECRET_ACCESS_KEY, AWS_ENDPOINT_URL, or the instance's role).
 
 from __future__ import annotations
 
-import functools
 import io
 import os
 import random
 import zipfile
+import zlib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -43,19 +43,14 @@ def is_url(location: str) -> bool:
 
 
 def filesystem(url: str):
-    """fsspec's filesystem for url's scheme, made once per process (s3fs's may not cross a fork);
-    DataError without its backend."""
-    return _filesystem(url.split("://", 1)[0], os.getpid())
-
-
-@functools.cache
-def _filesystem(scheme: str, pid: int):
+    """fsspec's filesystem for url (fsspec keeps one per process: its instance cache starts again
+    in a forked worker); DataError without the scheme's backend."""
     import fsspec
 
     try:
-        return fsspec.filesystem(scheme, skip_instance_cache=True)
+        return fsspec.core.url_to_fs(url)[0]
     except ImportError as e:
-        raise DataError(f"cannot read {scheme}:// URLs: {e}; install the fsspec backend (s3fs for s3://).") from e
+        raise DataError(f"cannot read {url}: {e}; install the fsspec backend for its scheme (s3fs for s3://).") from e
 
 
 def strip_scheme(url: str) -> str:
@@ -86,6 +81,7 @@ class FolderSource:
 
     def _list_url(self) -> tuple[list[Entry], list[tuple[str, str]], int]:
         fs, base = filesystem(self.root), strip_scheme(self.root)
+        fs.invalidate_cache(base)  # list the bucket as it is now, not as this process last saw it
         try:
             found = fs.find(base, detail=True)
         except (FileNotFoundError, PermissionError, OSError) as e:
@@ -125,6 +121,10 @@ def _mtime_ns(info: dict) -> int:
     value = info.get("LastModified") or info.get("mtime") or info.get("created")
     if value is None:
         return 0
+    if isinstance(value, str):  # ISO 8601, as some backends give it
+        from datetime import datetime
+
+        value = datetime.fromisoformat(value.replace("Z", "+00:00"))
     if hasattr(value, "timestamp"):
         return int(value.timestamp() * 1e9)
     return int(float(value) * 1e9)
@@ -134,20 +134,23 @@ def _mtime_ns(info: dict) -> int:
 class CelebaSource:
     """CelebA's aligned images: a folder of NNNNNN.jpg, or img_align_celeba.zip read member by member."""
 
-    images: str
+    images: str  # the folder, or the zip
+
+    @property
+    def zipped(self) -> bool:
+        return self.images.lower().endswith(".zip")
 
     def members(self) -> dict[str, zipfile.ZipInfo | None]:
-        """file name (NNNNNN.jpg) -> its zip member, or None in a folder."""
-        if Path(self.images).is_dir():
+        """file name (NNNNNN.jpg) -> its zip member, or None in a folder. OSError when the folder
+        or zip is not there; zipfile.BadZipFile for a zip that is not one."""
+        if not self.zipped:
             return dict.fromkeys(os.listdir(self.images))
-        return {
-            Path(info.filename).name: info
-            for info in _zip(self.images).infolist()
-            if info.filename.lower().endswith(".jpg")
-        }
+        infos = _zip(self.images).infolist()
+        return {Path(i.filename).name: i for i in infos if i.filename.lower().endswith(".jpg")}
 
     def list(self, names: list[str]) -> list[Entry]:
-        """An Entry for each of names, as the folder or the zip's central directory gives it."""
+        """An Entry for each of names, as the folder or the zip's central directory gives it;
+        KeyError for a name that is not there."""
         members = self.members()
         entries = []
         for name in names:
@@ -160,29 +163,32 @@ class CelebaSource:
         return entries
 
     def location(self, path: str) -> str:
-        return f"{self.images}/{path}" if Path(self.images).is_dir() else f"{self.images}:{path}"
+        return f"{self.images}:{path}" if self.zipped else f"{self.images}/{path}"
 
     def read(self, path: str) -> bytes:
-        if Path(self.images).is_dir():
+        """The image's bytes; FileNotFoundError when it (or the folder or zip) is gone, DataError
+        for a member the zip cannot give back."""
+        if not self.zipped:
             with open(os.path.join(self.images, path), "rb") as f:
                 return f.read()
         try:
             return _zip(self.images).read(path)
         except KeyError:
             raise FileNotFoundError(f"{self.images} has no member {path}") from None
-        except (zipfile.BadZipFile, EOFError, OSError) as err:
+        except (zipfile.BadZipFile, EOFError, zlib.error) as err:
             raise DataError(
                 f"{self.images}: member {path} cannot be read ({err}); the zip is damaged: replace it."
             ) from None
 
 
-_ZIPS: dict[tuple[str, int], zipfile.ZipFile] = {}
+_ZIPS: dict[tuple[str, int, int, int], zipfile.ZipFile] = {}
 
 
 def _zip(path: str) -> zipfile.ZipFile:
     """One open ZipFile per process (a forked worker must not share its parent's file offset):
     reading a member then seeks to it, without rereading the central directory."""
-    key = (path, os.getpid())
+    stat = os.stat(path)
+    key = (path, os.getpid(), stat.st_mtime_ns, stat.st_size)  # a zip replaced meanwhile is opened anew
     if key not in _ZIPS:
         _ZIPS[key] = zipfile.ZipFile(path)
     return _ZIPS[key]
@@ -254,6 +260,7 @@ def source_record(source: ImageSource) -> dict:
 
 
 def source_from_record(record: dict) -> ImageSource:
+    """The source a dataset.json's `read_from` names; KeyError for a kind this version lacks."""
     fields = {k: v for k, v in record.items() if k != "kind"}
     return SOURCE_KINDS[record["kind"]](**fields)
 

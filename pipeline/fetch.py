@@ -35,7 +35,6 @@ import csv
 import errno
 import hashlib
 import math
-import os
 import shutil
 import sys
 import zipfile
@@ -181,8 +180,19 @@ def fetch_celeba(cfg: Config) -> tuple[list[Row], dict, dict | None]:
         for name, entry, digest in zip(names, entries, digests)
     ]
     counts = [sum(p == k for p in partition.values()) for k in range(3)]
-    info = {"source": "celeba", "counts": dict(zip(SPLITS, counts)), "read_from": source_record(source)}
+    info = {
+        "source": "celeba",
+        "counts": dict(zip(SPLITS, counts)),
+        "read_from": source_record(source),
+        "tables": table_digests(files),
+    }
     return inventory, info, None
+
+
+def table_digests(files: CelebaFiles) -> dict[str, str]:
+    """sha256 of each of CelebA's tables fetch read: the retrain check compares them too."""
+    tables = [files.partition, files.attrs] + ([files.identity] if files.identity else [])
+    return {str(path): hashlib.sha256(path.read_bytes()).hexdigest() for path in tables}
 
 
 def read_identity(path: Path) -> dict[str, int]:
@@ -203,21 +213,15 @@ def _check_celeba(files: CelebaFiles, partition: dict, attrs: dict, expected: tu
     bad = next((name for name, row in attrs.items() if len(row) != 40 or not set(row) <= {1, -1}), None)
     if bad:
         raise DataError(f"{files.attrs}: the row for {bad} is not 40 values of 1/-1: use the official file.")
-    available = set(_image_members(files.images))
+    if files.images.is_file():
+        open_zip(files.images).close()  # a quota page or a cut download says so in one sentence
+    available = set(CelebaSource(str(files.images)).members())
     absent = sorted(set(partition) - available)
     if absent:
         raise DataError(
             f"{len(absent)} images listed in {files.partition} are not in {files.images} "
             f"(first: {absent[0]}): complete or replace the image folder."
         )
-
-
-def _image_members(images: Path) -> dict[str, str]:
-    """file name -> its name in the folder or zip; DataError for a zip that is not one."""
-    if images.is_dir():
-        return {name: name for name in os.listdir(images)}
-    with open_zip(images) as z:
-        return {Path(n).name: n for n in z.namelist() if n.lower().endswith(".jpg")}
 
 
 def open_zip(path: Path) -> zipfile.ZipFile:
@@ -450,7 +454,8 @@ def fetch(cfg: Config) -> dict:
         raise DataError(f"data.split_fractions={list(d.split_fractions)} must be three fractions >= 0 that sum to 1.")
     target = Path(d.inventory_dir)
     inputs = {"celeba": d.celeba_dir, "folder": d.folder_dir}.get(d.source)
-    _check_not_inputs(target, Path(inputs) if inputs and "://" not in inputs else None)
+    local = inputs and (inputs.startswith("file://") or "://" not in inputs)
+    _check_not_inputs(target, Path(inputs.removeprefix("file://")) if local else None)
     staging = staging_dir(target, (DATASET_FILE,))  # replaces inventory_dir only when complete
     try:
         inventory, info, report = SOURCES[d.source](cfg)
@@ -485,6 +490,9 @@ def inputs_changed(cfg: Config) -> str | None:
         elif isinstance(source, CelebaSource):
             members = source.members()
             current = source.list([Path(r.path).name for r in recorded if Path(r.path).name in members])
+            for path, digest in info.get("tables", {}).items():
+                if not Path(path).is_file() or hashlib.sha256(Path(path).read_bytes()).hexdigest() != digest:
+                    return f"data.celeba_dir's {Path(path).name} ({path}) changed since the last fetch"
         else:
             return None
     except (DataError, OSError, zipfile.BadZipFile) as err:

@@ -50,18 +50,23 @@ import errno
 import hashlib
 import json
 import os
+import random
+import re
+import socket
 import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 from tqdm import tqdm
 
 from dfcvae.config import Config, UserError
 from dfcvae.files import PLAN, DiskFullError, check_free_space, disk_full_message, staging_dir, swap_in
 from dfcvae.images import SMALL_CROP, Rejected, crop_side, load_rgb, preprocess, resolve_crop
-from dfcvae.inventory import Row, read_dataset, read_report, read_table, rows
+from dfcvae.inventory import INVENTORY_FILE, read_dataset, read_report, read_table, rows
 from dfcvae.shards.format import (
     ATTRIBUTE_NAMES,
     FORMAT_VERSION,
@@ -72,7 +77,17 @@ from dfcvae.shards.format import (
     write_manifest,
 )
 from dfcvae.shards.writer import Sample, write_shard
-from dfcvae.sources import ImageSource, filesystem, is_url, read_many, resolved, source_from_record, strip_scheme
+from dfcvae.sources import (
+    FolderSource,
+    ImageSource,
+    filesystem,
+    is_url,
+    read_many,
+    resolved,
+    source_from_record,
+    source_record,
+    strip_scheme,
+)
 from pipeline.common import command, parse_config
 
 SET_FILES = ("manifest.json", "manifest.sha256", "report.json")  # beside the shards
@@ -83,7 +98,7 @@ class ShardTask:
     """One shard: its name, its images (inventory rows, in order), and how to read and write them."""
 
     name: str
-    rows: list[Row]
+    images: pa.Table  # the inventory's rows for this shard, in the shard's order (dfcvae.inventory.SCHEMA)
     source: ImageSource
     out: str  # the partial set: a local folder or an fsspec URL
     crop: int | str
@@ -92,38 +107,52 @@ class ShardTask:
     encoding: str
 
 
-def plan(cfg: Config, table_rows: list[Row], source: ImageSource, out: str) -> list[ShardTask]:
-    """The shards and their images, from the inventory and the config alone (see the module's doc)."""
-    import random
-
+def plan(cfg: Config, table: pa.Table, source: ImageSource, out: str) -> list[ShardTask]:
+    """The shards and their images, from the inventory and the config alone (see the module's doc).
+    Works on the inventory's columns: 10 million images plan in seconds, as a few lists of ints."""
     d = cfg.data
-    crop = resolve_crop(d.crop_size, source_kind(source))
+    crop = resolve_crop(d.crop_size, source_record(source)["kind"])
+    table = table.sort_by("key")
+    splits = table.column("split").to_numpy()
     tasks = []
     for split in range(len(SPLITS)):
-        chosen = sorted((r for r in table_rows if r.split == split), key=lambda r: r.key)
+        chosen = np.flatnonzero(splits == split).tolist()  # in key order
         random.Random(f"{d.seed}:{SPLITS[split]}").shuffle(chosen)  # a mixture; the same for the same input
         for k, start in enumerate(range(0, len(chosen), d.samples_per_shard)):
-            part = chosen[start : start + d.samples_per_shard]
+            part = table.take(chosen[start : start + d.samples_per_shard])
             name = shard_name(SPLITS[split], k)
             tasks.append(ShardTask(name, part, source, out, crop, d.image_size, d.max_image_pixels, d.encoding))
     return tasks
 
 
-def source_kind(source: ImageSource) -> str:
-    from dfcvae.sources import source_record
+# What a shard's bytes depend on besides the inventory and the settings: this code, and Pillow's.
+SHARD_CODE = (
+    "pipeline.shard",
+    "dfcvae.images",
+    "dfcvae.sources",
+    "dfcvae.synthetic",
+    "dfcvae.shards.format",
+    "dfcvae.shards.writer",
+)
 
-    return source_record(source)["kind"]
 
+def plan_digest(cfg: Config, inventory_dir: Path, source: ImageSource) -> str:
+    """sha256 over everything a shard's bytes depend on (the inventory file, the source, the data
+    settings, the shard format, the code in SHARD_CODE and Pillow's version), so that a resumed
+    set is the set planned now."""
+    import importlib
 
-def plan_digest(tasks: list[ShardTask]) -> str:
-    """sha256 over everything a shard's bytes depend on, so a resumed set is the set planned."""
-    digest = hashlib.sha256(f"format {FORMAT_VERSION}\n".encode())
-    for t in tasks:
-        digest.update(f"{t.name} {t.crop} {t.image_size} {t.max_pixels} {t.encoding}\n".encode())
-        for r in t.rows:
-            digest.update(
-                f"{r.key} {r.path!r} {(r.sha256 or b'').hex()} {(r.attrs or b'').hex()} {r.identity}\n".encode()
-            )
+    import PIL
+
+    digest = hashlib.sha256()
+    with open(inventory_dir / INVENTORY_FILE, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    settings = {"format": FORMAT_VERSION, "source": source_record(source), "pillow": PIL.__version__}
+    settings |= {k: v for k, v in cfg.to_dict()["data"].items() if k not in ("inventory_dir", "shards_dir")}
+    digest.update(json.dumps(settings, sort_keys=True).encode())
+    for module in SHARD_CODE:
+        digest.update(Path(importlib.import_module(module).__file__).read_bytes())
     return digest.hexdigest()
 
 
@@ -137,11 +166,13 @@ def write_planned(task: ShardTask) -> dict:
     DataError when an image is gone or changed since fetch."""
     if _exists(task.out, f"{task.name}.json") and _exists(task.out, task.name):  # an earlier attempt's, same plan
         return json.loads(_read_text(task.out, f"{task.name}.json"))
+    _check_reachable(task)
     listed: dict[str, list] = {"converted": [], "rejected": []}
     small: list[float] = []
+    images = rows(task.images)
 
     def samples() -> Iterator[Sample]:
-        for row, data in zip(task.rows, read_many(task.source, [r.path for r in task.rows])):
+        for row, data in zip(images, read_many(task.source, [r.path for r in images])):
             if isinstance(data, FileNotFoundError) or (
                 isinstance(data, bytes) and row.sha256 is not None and hashlib.sha256(data).digest() != row.sha256
             ):
@@ -176,7 +207,7 @@ def write_planned(task: ShardTask) -> dict:
             filesystem(task.out).put_file(str(Path(tmp) / task.name), f"{strip_scheme(task.out)}/{task.name}")
     else:
         entry = write_shard(Path(task.out) / task.name, samples(), task.encoding)
-    record = {"entry": entry, "in": len(task.rows), **listed, "small": small}
+    record = {"entry": entry, "in": len(images), **listed, "small": small}
     _write_text(task.out, f"{task.name}.json", json.dumps(record, sort_keys=True))  # last: the shard is done
     return record
 
@@ -210,24 +241,40 @@ def engine(cfg: Config) -> str:
 
 
 def run_tasks(cfg: Config, tasks: list[ShardTask]) -> Iterator[dict]:
-    """Each task's record as it finishes, on shard.engine; a task's DataError is raised here."""
+    """Each task's record as it finishes, on shard.engine. A task's UserError or OSError is raised
+    here as it is; a worker process that died (killed, out of memory) is one sentence."""
     if not tasks:
         return
     if engine(cfg) == "ray":
         yield from _run_on_ray(cfg, tasks)
         return
-    import multiprocessing
-
     workers = min(cfg.shard.workers or len(os.sched_getaffinity(0)), len(tasks))
     if workers == 1:
         yield from map(write_planned, tasks)
         return
-    with multiprocessing.get_context("fork").Pool(workers) as pool:
-        yield from pool.imap_unordered(write_planned, tasks)
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+    from concurrent.futures.process import BrokenProcessPool
+
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork")) as pool:
+        futures = [pool.submit(write_planned, task) for task in tasks]
+        try:
+            for future in as_completed(futures):
+                yield future.result()
+        except BrokenProcessPool:
+            raise DataError(
+                RETRY_ADVICE.format(what="a shard worker process died (killed, or out of memory)")
+            ) from None
+        finally:
+            for future in futures:
+                future.cancel()
+
+
+RETRY_ADVICE = "{what}: run shard again; the shards already finished are kept and only the rest are written."
 
 
 def _run_on_ray(cfg: Config, tasks: list[ShardTask]) -> Iterator[dict]:
-    """Ray tasks, shard.workers (default: the cluster's CPUs) at a time, each retried
+    """Ray tasks, shard.workers (default: the cluster's CPUs) at a time, each run again
     shard.max_retries times when its worker process or node dies."""
     import ray
 
@@ -240,18 +287,27 @@ def _run_on_ray(cfg: Config, tasks: list[ShardTask]) -> Iterator[dict]:
         num_cpus=min(1.0, cpus / workers), max_retries=cfg.shard.max_retries, retry_exceptions=False
     )
     pending, queue = [], list(tasks)
-    while queue or pending:
-        while queue and len(pending) < workers:
-            pending.append(remote.remote(queue.pop(0)))
-        done, pending = ray.wait(pending, num_returns=1)
-        try:
+    try:
+        while queue or pending:
+            while queue and len(pending) < workers:
+                pending.append(remote.remote(queue.pop(0)))
+            done, pending = ray.wait(pending, num_returns=1)
             yield ray.get(done[0])
-        except ray.exceptions.RayTaskError as err:
-            for ref in pending:
-                ray.cancel(ref, force=True)
-            if isinstance(err.cause, UserError):
-                raise err.cause from None
-            raise
+    except ray.exceptions.RayTaskError as err:
+        if isinstance(err.cause, (UserError, OSError)):
+            raise err.cause from None
+        raise DataError(RETRY_ADVICE.format(what=f"a shard task failed ({_first_line(err.cause or err)})")) from err
+    except ray.exceptions.RayError as err:  # a worker or node lost more than shard.max_retries times
+        what = f"a shard task was lost {cfg.shard.max_retries + 1} times ({_first_line(err)})"
+        raise DataError(RETRY_ADVICE.format(what=what)) from None
+    finally:
+        for ref in pending:
+            ray.cancel(ref, force=True)
+
+
+def _first_line(err: BaseException) -> str:
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0] if lines else ''}"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -266,8 +322,12 @@ def write_shards(cfg: Config) -> dict:
     which and why); DiskFullError when the disk holding a local data.shards_dir cannot take the
     set. An interrupted run (a failure, ^C) leaves its finished shards for the next to reuse."""
     d = cfg.data
-    if min(d.image_size, d.samples_per_shard) < 1:
-        raise DataError("data.image_size and data.samples_per_shard must be positive.")
+    if min(d.image_size, d.samples_per_shard) < 1 or min(cfg.shard.workers, cfg.shard.max_retries) < 0:
+        raise DataError(
+            f"data.image_size={d.image_size} and data.samples_per_shard={d.samples_per_shard} must be positive, and "
+            f"shard.workers={cfg.shard.workers} and shard.max_retries={cfg.shard.max_retries} 0 or more: "
+            "fix params.yaml."
+        )
     inventory_dir, out = Path(d.inventory_dir), d.shards_dir
     if not is_url(out) and (
         Path(out).resolve() == inventory_dir.resolve() or Path(out).resolve() in inventory_dir.resolve().parents
@@ -275,42 +335,73 @@ def write_shards(cfg: Config) -> dict:
         raise DataError(f"data.shards_dir={out} holds data.inventory_dir and would erase it: give it its own folder.")
     table = read_table(inventory_dir)
     info = read_dataset(inventory_dir)
-    images = rows(table)
     source = resolved(source_from_record(info["read_from"]))
+    check_source(source)
     _say_stale_copy(inventory_dir)
     remote = is_url(out)
     staging = _remote_staging(out) if remote else str(Path(out).resolve().with_name(Path(out).name + ".partial"))
-    tasks = plan(cfg, images, source, staging)
-    digest = plan_digest(tasks)
+    digest = plan_digest(cfg, inventory_dir, source)
     if remote:
+        _check_remote_prefix(out)
         _prepare_remote(staging, digest)
     else:
         staging_dir(Path(out), ("manifest.json", "report.json"), resume=digest)
-        check_free_space(Path(staging), _set_bytes(cfg, len(images)), "the shards")
+        check_free_space(Path(staging), _set_bytes(cfg, table.num_rows), "the shards")
+    tasks = plan(cfg, table, source, staging)
     try:
-        records = _run_all(cfg, tasks, len(images))
-        manifest, report = _assemble(cfg, info, images, tasks, records, read_report(inventory_dir))
+        records = _run_all(cfg, tasks, table.num_rows)
+        manifest, report = _assemble(cfg, info, table, tasks, records, read_report(inventory_dir))
     except BaseException as err:
         if not remote:  # a shard cut short is never kept; finished ones are, for the next run
             for tmp in Path(staging).glob("*.tmp"):
                 tmp.unlink()
         if isinstance(err, OSError) and err.errno == errno.ENOSPC:
-            raise DiskFullError(disk_full_message(Path(staging), _set_bytes(cfg, len(images)), "the shards")) from None
+            needed = _set_bytes(cfg, table.num_rows)
+            raise DiskFullError(disk_full_message(Path(staging), needed, "the shards")) from None
         raise
+    listed = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
     if remote:
-        _swap_remote(staging, out, manifest, report, [t.name for t in tasks])
-    else:
-        local = Path(staging)
-        for name in [t.name for t in tasks]:  # the done records, and the empty shards no split lists
-            (local / f"{name}.json").unlink(missing_ok=True)
-        listed = {s["name"] for split in manifest["splits"].values() for s in split["shards"]}
-        for tar in [*local.glob("*.tar"), *local.glob("*.tmp")]:
-            if tar.name not in listed:
-                tar.unlink()
-        (local / PLAN).unlink(missing_ok=True)
-        write_manifest(local, manifest)
-        swap_in(local, Path(out))
+        _swap_remote(staging, out, manifest, listed)
+        return manifest
+    local = Path(staging)
+    absent = [name for name in listed if not (local / name).is_file()]
+    if absent:  # written by a task on another node, to its own disk
+        raise DataError(
+            f"{len(absent)} shards that tasks reported finished are not in {local} (such as {absent[0]}): on a "
+            "cluster of several nodes, data.shards_dir must be an s3:// prefix or a path every node mounts."
+        )
+    for name in [t.name for t in tasks]:  # the done records, and the empty shards no split lists
+        (local / f"{name}.json").unlink(missing_ok=True)
+    for tar in [*local.glob("*.tar"), *local.glob("*.tmp")]:
+        if tar.name not in listed:
+            tar.unlink()
+    (local / PLAN).unlink(missing_ok=True)
+    write_manifest(local, manifest)
+    swap_in(local, Path(out))
     return manifest
+
+
+def check_source(source: ImageSource) -> None:
+    """DataError in one sentence when the source the inventory names is not there at all (a local
+    path that is gone, or relative to another folder): not the same as an image changed."""
+    where = source.root if isinstance(source, FolderSource) else getattr(source, "images", None)
+    if where is None or is_url(where) or os.path.exists(where.removeprefix("file://")):
+        return
+    raise DataError(
+        f"{where}, the source that fetch listed, is not there (on {socket.gethostname()}, in {os.getcwd()}): "
+        "run shard where the source is, give data.celeba_dir or data.folder_dir as an absolute path every "
+        "node mounts (or an s3:// URL) and run fetch again."
+    )
+
+
+def _check_reachable(task: ShardTask) -> None:
+    """In a task, perhaps on another node: the source and the partial set must be there too."""
+    check_source(task.source)
+    if not is_url(task.out) and not os.path.isdir(task.out):
+        raise DataError(
+            f"{task.out} is not there on {socket.gethostname()}: on a cluster of several nodes, "
+            "data.shards_dir must be an s3:// prefix or a path every node mounts."
+        )
 
 
 def _run_all(cfg: Config, tasks: list[ShardTask], total: int) -> dict[str, dict]:
@@ -330,7 +421,7 @@ def _set_bytes(cfg: Config, count: int) -> int:
 
 
 def _assemble(
-    cfg: Config, info: dict, images: list[Row], tasks: list[ShardTask], records: dict[str, dict], fetch_report: dict
+    cfg: Config, info: dict, table: pa.Table, tasks: list[ShardTask], records: dict[str, dict], fetch_report: dict
 ) -> tuple[dict, dict]:
     """The manifest and report.json from every task's record; DataError for too many rejections
     or a split left empty (report.json is written first, into the partial set)."""
@@ -338,8 +429,8 @@ def _assemble(
     converted = [c for t in tasks for c in records[t.name]["converted"]]
     rejected = [c for t in tasks for c in records[t.name]["rejected"]]
     counts = {
-        "in": len(images),
-        "written": len(images) - len(rejected),
+        "in": table.num_rows,
+        "written": table.num_rows - len(rejected),
         "converted": len(converted),
         "rejected": len(rejected),
     }
@@ -347,7 +438,7 @@ def _assemble(
     _write_text(tasks[0].out, "report.json", json.dumps(report, indent=1, sort_keys=True) + "\n")
     small = [k for t in tasks for k in records[t.name]["small"]]
     if small:
-        warn_small_crops(small, len(images), tasks[0].crop)
+        warn_small_crops(small, table.num_rows, tasks[0].crop)
     if counts["rejected"] > d.max_reject_fraction * counts["in"]:
         raise DataError(
             f"{counts['rejected']} of {counts['in']} images were rejected, more than "
@@ -369,7 +460,7 @@ def _assemble(
         "source": info["source"],
         "synthetic": info["source"] == "synthetic",
         "dataset": {k: v for k, v in info.items() if k != "read_from"},
-        "attributes": list(ATTRIBUTE_NAMES) if any(r.attrs for r in images) else [],
+        "attributes": list(ATTRIBUTE_NAMES) if table.column("attrs").null_count < table.num_rows else [],
         "preprocessing": {
             "crop_size": d.crop_size,
             "crop": crop if crop == "square" else f"{crop} px",
@@ -418,6 +509,7 @@ def _remote_staging(out: str) -> str:
 def _prepare_remote(staging: str, digest: str) -> None:
     """The partial set's prefix, kept when it holds this plan's work, else emptied."""
     fs, base = filesystem(staging), strip_scheme(staging)
+    fs.invalidate_cache(base)
     if fs.exists(f"{base}/{PLAN}") and fs.cat_file(f"{base}/{PLAN}").decode() == digest:
         return
     if fs.exists(base):
@@ -425,19 +517,37 @@ def _prepare_remote(staging: str, digest: str) -> None:
     fs.pipe_file(f"{base}/{PLAN}", digest.encode())
 
 
-def _swap_remote(staging: str, out: str, manifest: dict, report: dict, names: list[str]) -> None:
-    """Copy the finished set into out's prefix (server-side), the manifest last, then remove the
-    old set's other shards and the partial prefix. UserError when out holds objects this stage
-    did not write, which replacing the set would delete."""
-    fs, src, dst = filesystem(out), strip_scheme(staging), strip_scheme(out)
-    existing = fs.find(dst) if fs.exists(dst) else []
-    foreign = [k for k in existing if not (k.endswith(".tar") or k.rsplit("/", 1)[-1] in SET_FILES)]
+SHARD_NAME = re.compile(r"^(train|val|test)-\d{6}\.tar$")  # format.shard_name's
+
+
+def _check_remote_prefix(out: str) -> list[str]:
+    """The keys under out (before any work): UserError when one is not a file of a shard set, which
+    replacing the set would delete."""
+    fs, dst = filesystem(out), strip_scheme(out)
+    fs.invalidate_cache(dst)  # listings this process cached may be stale: others write the bucket too
+    existing = [k for k in (fs.find(dst) if fs.exists(dst) else []) if k != dst]
+    ours = [k for k in existing if "/" not in k[len(dst) + 1 :]]
+    foreign = [
+        k
+        for k in existing
+        if k not in ours or not (SHARD_NAME.match(k.rsplit("/", 1)[-1]) or k.rsplit("/", 1)[-1] in SET_FILES)
+    ]
     if foreign:
         raise UserError(
             f"{out} holds objects this project did not write (such as {foreign[0]}), and the stage replaces "
             "the whole set: point data.shards_dir at a prefix of its own."
         )
-    listed = [s["name"] for split in manifest["splits"].values() for s in split["shards"]]
+    return existing
+
+
+def _swap_remote(staging: str, out: str, manifest: dict, listed: list[str]) -> None:
+    """Copy the finished set into out's prefix (server-side copies), the manifest last, then remove
+    the old set's other shards and the partial prefix. Not atomic as a folder's rename is: from
+    the first copy until the manifest is written, out has no manifest, which the loader refuses in
+    one sentence. A failure there leaves the partial prefix whole, and running shard again finishes
+    the copy without writing any shard again."""
+    fs, src, dst = filesystem(out), strip_scheme(staging), strip_scheme(out)
+    existing = _check_remote_prefix(out)
     if fs.exists(f"{dst}/manifest.json"):
         fs.rm(f"{dst}/manifest.json")  # no manifest lists a shard while it is being replaced
     for name in listed:
@@ -448,7 +558,7 @@ def _swap_remote(staging: str, out: str, manifest: dict, report: dict, names: li
         fs.put_file(f"{tmp}/manifest.sha256", f"{dst}/manifest.sha256")
         fs.put_file(f"{tmp}/manifest.json", f"{dst}/manifest.json")
     for key in existing:
-        if key.endswith(".tar") and key.rsplit("/", 1)[-1] not in listed:
+        if SHARD_NAME.match(key.rsplit("/", 1)[-1]) and key.rsplit("/", 1)[-1] not in listed:
             fs.rm(key)
     fs.rm(src, recursive=True)
 

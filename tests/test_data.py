@@ -48,7 +48,7 @@ from dfcvae.shards.slots import BatchRing
 from dfcvae.shards.tar import tar_members
 from dfcvae.shards.writer import add_member
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, draw_face
-from pipeline.fetch import fetch
+from pipeline.fetch import fetch, inputs_changed
 from pipeline.shard import write_shards
 from tests.conftest import tiny_config
 
@@ -833,6 +833,10 @@ def test_celeba_layouts(tmp_path, layout):
         "dataset.json",
         "images.parquet",
     ]
+    assert inputs_changed(cfg) is None
+    if layout == "official-txt":  # a table edited after fetch: the retrain check sees it
+        (tmp_path / "celeba" / "identity_CelebA.txt").write_text("000001.jpg 7\n")
+        assert "identity_CelebA.txt" in inputs_changed(cfg) and "changed since the last fetch" in inputs_changed(cfg)
     identities = [r.identity for r in rows(read_table(Path(cfg.data.inventory_dir)))]
     assert identities == ([i + 100 for i in range(6)] if layout == "official-txt" else [None] * 6)
     manifest = write_shards(cfg)

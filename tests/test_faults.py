@@ -85,33 +85,38 @@ def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_res
     fetch(cfg)
     write_shards(cfg)
     before = _manifest(cfg)
-    interrupted = cfg.with_overrides({"data.seed": 5})
     real = shard_stage.run_tasks
 
     def killed(cfg, tasks):
         yield from real(cfg, tasks[:1])  # one shard finishes,
         raise KeyboardInterrupt  # then Ctrl-C, or dvc's kill, mid-write
 
-    with monkeypatch.context() as patch:
-        patch.setattr(shard_stage, "run_tasks", killed)
-        with pytest.raises(KeyboardInterrupt):
-            write_shards(interrupted)
-    assert _manifest(cfg) == before
     partial = Path(cfg.data.shards_dir + ".partial")
     finished = partial / "train-000000.tar"
-    assert (partial / "train-000000.tar.json").is_file() and not list(partial.glob("*.tmp"))
+    firsts = []
+    for seed in (6, 5):  # the second plan differs: the first one's finished shard is not reused
+        with monkeypatch.context() as patch:
+            patch.setattr(shard_stage, "run_tasks", killed)
+            with pytest.raises(KeyboardInterrupt):
+                write_shards(cfg.with_overrides({"data.seed": seed}))
+        assert _manifest(cfg) == before
+        assert (partial / "train-000000.tar.json").is_file() and not list(partial.glob("*.tmp"))
+        firsts.append(finished.read_bytes())
+    assert firsts[0] != firsts[1]
     stamp = finished.stat().st_mtime_ns
     # A swap cut short between its two renames: the old set is put back before anything else.
     shards = Path(cfg.data.shards_dir)
     shards.rename(shards.with_name("shards.old"))
+    interrupted = cfg.with_overrides({"data.seed": 5})
     manifest = write_shards(interrupted)
     assert manifest["preprocessing"]["order_seed"] == 5 and json.loads(_manifest(cfg)) == manifest
     assert (shards / "train-000000.tar").stat().st_mtime_ns == stamp  # resumed: the finished shard kept
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("shards")) == ["shards"]
-    assert not [
-        p.name
-        for p in shards.iterdir()
-        if p.name.endswith(".json") and "manifest" not in p.name and p.name != "report.json"
+    assert sorted(p.name for p in shards.iterdir() if not p.name.endswith(".tar")) == [
+        ".dfcvae-output",
+        "manifest.json",
+        "manifest.sha256",
+        "report.json",
     ]
 
 

@@ -17,7 +17,7 @@ import psutil
 import pytest
 from PIL import Image
 
-from dfcvae.config import Config
+from dfcvae.config import Config, UserError
 from dfcvae.shards.format import DataError
 from pipeline.fetch import fetch, inputs_changed
 from pipeline.shard import write_shards
@@ -99,6 +99,13 @@ def test_a_bucket_source_and_a_bucket_set_match_the_local_ones(tmp_path, s3):  #
     report = json.loads((Path(remote.data.inventory_dir) / "report.json").read_text())
     assert report["skipped"] == [{"file": "notes.txt", "reason": "not an image type read here (.txt)"}]
     write_shards(local)
+    client.put_object(Bucket=BUCKET, Key="shards/keep/mine.tar", Body=b"the user's own")
+    with pytest.raises(
+        UserError, match=r"shards holds objects this project did not write \(such as .*keep/mine\.tar\)"
+    ):
+        write_shards(remote)  # refused before any work, the object untouched
+    assert client.get_object(Bucket=BUCKET, Key="shards/keep/mine.tar")["Body"].read() == b"the user's own"
+    client.delete_object(Bucket=BUCKET, Key="shards/keep/mine.tar")
     write_shards(remote)
     listed = sorted(o["Key"] for o in client.list_objects_v2(Bucket=BUCKET, Prefix="shards")["Contents"])
     assert not any(
@@ -149,7 +156,7 @@ def test_a_shard_task_killed_mid_write_is_retried_and_no_partial_shard_is_listed
     def kill_a_writer() -> None:
         deadline = time.monotonic() + 300
         while not killed and time.monotonic() < deadline:
-            for tmp in partial.glob("train-*.tar.tmp") if partial.is_dir() else []:
+            for tmp in partial.glob("train-*.tmp") if partial.is_dir() else []:
                 for proc in psutil.process_iter(["pid", "name"]):
                     try:
                         if any(f.path == str(tmp) for f in proc.open_files()):
@@ -195,3 +202,16 @@ def test_a_repository_from_before_the_inventory_is_told_what_to_run(tmp_path):
         DataError, match=r"holds a copy of the images made by an older fetch, not an inventory: run `dvc"
     ):
         write_shards(cfg)
+
+
+def test_a_shard_whose_images_are_all_rejected_is_left_out_of_the_manifest(tmp_path):
+    folder = _folder(tmp_path / "photos", {"train": 5, "val": 2, "test": 2})
+    (folder / "train" / "003.jpg").write_bytes(_photo(77, 48)[:300])  # cut short: rejected
+    cfg = _config(tmp_path, str(folder), **{"data.samples_per_shard": 1, "data.max_reject_fraction": 0.2})
+    fetch(cfg)
+    manifest = write_shards(cfg)
+    assert manifest["raw"]["rejected"] == 1 and manifest["splits"]["train"]["count"] == 4
+    listed = [s["name"] for s in manifest["splits"]["train"]["shards"]]
+    on_disk = sorted(p.name for p in Path(cfg.data.shards_dir).glob("train-*"))
+    assert len(listed) == 4 and sorted(listed) == on_disk  # the empty one neither listed nor left behind
+    assert all(s["count"] == 1 for s in manifest["splits"]["train"]["shards"])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import tarfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -36,10 +37,10 @@ def add_member(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 
 def write_shard(path: Path, samples: Iterable[Sample], encoding: str) -> dict:
-    """Write `samples` to the tar `path` (as path.tmp, renamed when complete), images in
+    """Write `samples` to the tar `path` (as path.<pid>.tmp, renamed when complete), images in
     data.encoding raw | png; returns the manifest's entry {"name", "count", "sha256"}.
-    Whatever iterating `samples` raises propagates, leaving path.tmp."""
-    tmp = path.with_name(path.name + ".tmp")
+    Whatever iterating `samples` raises propagates, leaving the .tmp file."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")  # its own name per attempt, on a shared disk too
     count = 0
     with tarfile.open(tmp, "w", format=tarfile.USTAR_FORMAT) as tar:
         for sample in samples:
