@@ -61,6 +61,7 @@ def _set(cfg: Config) -> dict[str, str]:
     }
 
 
+@pytest.mark.slow  # a Ray cluster, or the S3 server
 def test_shards_are_byte_identical_with_1_2_and_3_workers_and_on_ray(tmp_path, ray_cluster):
     folder = _folder(tmp_path / "photos", {"train": 21, "val": 6, "test": 5})
     base = _config(tmp_path, str(folder), **{"data.samples_per_shard": 4})
@@ -78,6 +79,7 @@ def test_shards_are_byte_identical_with_1_2_and_3_workers_and_on_ray(tmp_path, r
         assert files == first, key  # every tar, the manifest and the report
 
 
+@pytest.mark.slow  # a Ray cluster, or the S3 server
 def test_a_bucket_source_and_a_bucket_set_match_the_local_ones(tmp_path, s3):  # noqa: F811
     import boto3
 
@@ -145,6 +147,7 @@ def test_an_image_changed_or_gone_after_fetch_stops_the_stage_and_keeps_the_set(
     assert _set(cfg) == before  # the previous set, whole
 
 
+@pytest.mark.slow  # a Ray cluster, or the S3 server
 def test_a_shard_task_killed_mid_write_is_retried_and_no_partial_shard_is_listed(tmp_path, ray_cluster):
     """SIGKILL to the Ray worker process holding a shard's .tmp file open; Ray runs the task again."""
     folder = _folder(tmp_path / "photos", {"train": 60, "val": 2, "test": 2}, side=1600)  # about 1 s a shard
