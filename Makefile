@@ -55,4 +55,4 @@ bench: setup
 	source $(VENV)/bin/activate && python -m bench.throughput
 
 clean:
-	rm -rf outputs data/raw data/shards
+	rm -rf outputs data/inventory data/shards data/raw  # data/raw: an older fetch's copy
