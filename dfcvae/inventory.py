@@ -73,7 +73,8 @@ def write_inventory(folder: Path, rows: list[Row], dataset: dict, report: dict |
 
 
 def read_table(folder: Path) -> pa.Table:
-    """images.parquet as an Arrow table (SCHEMA); DataError naming the fix when it is not there.
+    """images.parquet as an Arrow table (SCHEMA); DataError naming the fix when it is not there,
+    cannot be read, or has another schema.
 
     A folder an older fetch wrote (a copy of the images, img_align_celeba/ and CelebA's tables)
     is named as such, with what to run."""
@@ -85,7 +86,10 @@ def read_table(folder: Path) -> pa.Table:
                 "`dvc repro fetch` (fetch now lists the images where they are), then delete that copy."
             )
         raise DataError(f"{path} not found: run `dvc repro fetch` (or python -m pipeline.fetch) first.")
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise DataError(f"{path} is not a readable inventory ({err}): run `dvc repro -f fetch`.") from None
     if table.schema.remove_metadata() != SCHEMA:
         raise DataError(f"{path} is not an inventory this version reads: run `dvc repro -f fetch`.")
     return table
@@ -97,6 +101,7 @@ def rows(table: pa.Table) -> list[Row]:
 
 
 def read_dataset(folder: Path) -> dict:
+    """dataset.json; DataError naming the fix when it is not there."""
     path = Path(folder) / DATASET_FILE
     if not path.is_file():
         raise DataError(f"{path} not found: run `dvc repro fetch` (or python -m pipeline.fetch) first.")
@@ -104,5 +109,6 @@ def read_dataset(folder: Path) -> dict:
 
 
 def read_report(folder: Path) -> dict:
+    """report.json, or {} (fetch writes one for a folder source only)."""
     path = Path(folder) / REPORT_FILE
     return json.loads(path.read_text()) if path.is_file() else {}
