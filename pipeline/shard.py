@@ -55,6 +55,7 @@ import re
 import socket
 import sys
 import tempfile
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -207,9 +208,19 @@ def write_planned(task: ShardTask) -> dict:
             filesystem(task.out).put_file(str(Path(tmp) / task.name), f"{strip_scheme(task.out)}/{task.name}")
     else:
         entry = write_shard(Path(task.out) / task.name, samples(), task.encoding)
-    record = {"entry": entry, "in": len(images), **listed, "small": small}
+    record = {"entry": entry, "in": len(images), **listed, "small": small, "node": _node()}
     _write_text(task.out, f"{task.name}.json", json.dumps(record, sort_keys=True))  # last: the shard is done
     return record
+
+
+def _node() -> str:
+    """Where this task runs: its Ray node's address, or this machine's name."""
+    if "ray" in sys.modules:
+        import ray
+
+        if ray.is_initialized():
+            return ray.util.get_node_ip_address()
+    return socket.gethostname()
 
 
 def _exists(out: str, name: str) -> bool:
@@ -412,7 +423,17 @@ def _run_all(cfg: Config, tasks: list[ShardTask], total: int) -> dict[str, dict]
         for record in run_tasks(cfg, tasks):
             records[record["entry"]["name"]] = record
             bar.update(record["in"])
+    nodes = Counter(r.get("node", "?") for r in records.values())
+    print(
+        f"shard: {len(records)} shards written on {len(nodes)} node{'s' * (len(nodes) != 1)} ({_counts(nodes)})",
+        file=sys.stderr,
+        flush=True,
+    )
     return records
+
+
+def _counts(nodes: Counter) -> str:
+    return ", ".join(f"{node}: {n}" for node, n in sorted(nodes.items()))
 
 
 def _set_bytes(cfg: Config, count: int) -> int:

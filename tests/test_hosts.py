@@ -397,6 +397,51 @@ def test_two_hosts_train_from_and_into_the_bucket_over_the_network(uninterrupted
     assert any(key.endswith(f"{run_id}/artifacts/metrics.json") for key in stored), stored[:20]
 
 
+def test_two_hosts_shard_photographs_from_the_bucket_into_the_bucket(cluster, network, env, storage, tmp_path):
+    """The data stages on the cluster: fetch on A lists and hashes photographs in the bucket on C;
+    shard's Ray tasks on A and B read them from there and write their shards straight back."""
+    from tests.test_prep import _folder
+
+    photos = _folder(tmp_path / "photos", {"train": 12, "val": 3, "test": 3})
+    upload = (
+        "import boto3, pathlib\n"
+        f"root = pathlib.Path({str(photos)!r})\n"
+        "for p in sorted(root.rglob('*.jpg')):\n"
+        "    key = 'photos/' + p.relative_to(root).as_posix()\n"
+        f"    boto3.client('s3').put_object(Bucket={BUCKET!r}, Key=key, Body=p.read_bytes())\n"
+    )
+    python(network["c"], upload, env)
+    cfg = tiny_config(
+        tmp_path,
+        **{
+            "data.source": "folder",
+            "data.folder_dir": f"s3://{BUCKET}/photos",
+            "data.shards_dir": f"s3://{BUCKET}/prepared",
+            "data.crop_size": "square",
+            "data.samples_per_shard": 3,
+            "shard.engine": "ray",
+            "shard.workers": 2,
+        },
+    )
+    params = tmp_path / "params.yaml"
+    params.write_text(yaml.safe_dump(cfg.to_dict()))
+    a = cluster["a"]
+    ray_env = env | {"RAY_ADDRESS": f"{a.address}:{RAY_PORT}"}
+    a.run([sys.executable, "-m", "pipeline.fetch", "--params", str(params)], ray_env)
+    log = tmp_path / "shard.log"
+    stage = a.start([sys.executable, "-m", "pipeline.shard", "--params", str(params)], ray_env, log)
+    assert stage.wait(timeout=300) == 0, log.read_text()[-4000:]
+    (line,) = [line for line in log.read_text().splitlines() if line.startswith("shard: 6 shards written")]
+    assert "on 2 nodes" in line and a.address in line and network["b"].address in line, line
+    keys = bucket_keys(network, env, "prepared")
+    assert sorted(k.removeprefix("prepared/") for k in keys if not k.endswith(".tar")) == [
+        "manifest.json",
+        "manifest.sha256",
+        "report.json",
+    ]
+    assert sum(k.endswith(".tar") for k in keys) == 6 and not bucket_keys(network, env, "prepared.partial")
+
+
 def test_a_host_cut_off_mid_run_is_declared_dead_and_the_run_ends_on_a_replacement(
     uninterrupted, cluster, network, env, storage, tmp_path
 ):
