@@ -81,3 +81,23 @@ def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_g
     assert peaks["transposed"] > peaks["nearest"] + 0.1  # untrained: the transposed one's grid (1.36 vs 1.22)
     width, height = Image.open(out).size
     assert height % 3 == 0 and height // 3 >= 32 * 3 and width > 4 * 32 * 3  # 3 rows of 4 images, 3x
+
+
+def test_photographs_split_by_photograph_hold_the_hash_layouts_crops_and_share_no_scene(tmp_path):
+    pytest.importorskip("skimage")
+    from bench.photos import PHOTOS, write_crops
+    from pipeline.fetch import folder_split
+
+    count = 2 * len(PHOTOS)
+    flat = write_crops(tmp_path / "hash", count, 16, seed=3)
+    split = write_crops(tmp_path / "photograph", count, 16, seed=3, layout="photograph")
+    assert [p.read_bytes() for p in flat] == [p.read_bytes() for p in split]  # the same crops, elsewhere
+    rel = [p.relative_to(tmp_path / "photograph").as_posix() for p in split]
+    assert folder_split(rel) == "folders" and folder_split([p.name for p in flat]) == "hash"
+    scenes = {}  # crop i comes from photograph i mod 8: every scene sits in one split
+    for i, r in enumerate(rel):
+        scenes.setdefault(r.split("/")[0], set()).add(i % len(PHOTOS))
+    assert set(scenes) == {"train", "val", "test"}
+    assert sum(len(s) for s in scenes.values()) == len(set().union(*scenes.values())) == len(PHOTOS)
+    with pytest.raises(ValueError, match="layout 'folders' is not one of hash, photograph"):
+        write_crops(tmp_path / "x", 1, 16, seed=0, layout="folders")
