@@ -141,7 +141,7 @@ def run(project: Path, images: Path, out: Path) -> dict:
 def _shard_run(cfg, engine: str, workers: int) -> dict:
     import psutil
 
-    from pipeline.shard import write_shards
+    from dfcvae.sharding import write_shards
 
     cfg = cfg.with_overrides({"shard.engine": engine, "shard.workers": workers})
     before, t = psutil.cpu_times(), time.perf_counter()
@@ -158,8 +158,8 @@ def throughput(images: Path, count: int, rounds: int, out: Path) -> dict:
     from ray.cluster_utils import Cluster
 
     from dfcvae.config import Config
+    from dfcvae.fetch import fetch
     from dfcvae.inventory import INVENTORY_FILE, read_table
-    from pipeline.fetch import fetch
 
     work = Path(tempfile.mkdtemp(prefix="prep-scale-"))
     cfg = Config().with_overrides(

@@ -28,11 +28,11 @@ import time
 from pathlib import Path
 
 from dfcvae.config import Config
+from dfcvae.fetch import fetch
+from dfcvae.sharding import write_shards
 from dfcvae.shards.format import ATTRS_MEMBER, IMAGE_MEMBERS, decode_attrs, decode_image, read_manifest
 from dfcvae.shards.loader import _VERIFIED, make_loader, read_segment
 from dfcvae.shards.plan import Segment
-from pipeline.fetch import fetch
-from pipeline.shard import write_shards
 
 
 def shard_config(root: Path, image_size: int, encoding: str, images: int) -> Config:

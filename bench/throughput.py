@@ -189,8 +189,8 @@ def measure_reference(args, device: torch.device, batch: int) -> dict:
 def make_shards(args, root: Path) -> str:
     """Shards of `args.unique_images` synthetic faces, the train shards repeated up to
     `args.shard_images` in all (see replicate_train_shards)."""
-    from pipeline.fetch import fetch
-    from pipeline.shard import write_shards
+    from dfcvae.fetch import fetch
+    from dfcvae.sharding import write_shards
 
     cfg = Config().with_overrides(
         {

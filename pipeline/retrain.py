@@ -21,8 +21,8 @@ import sys
 from pathlib import Path
 
 from dfcvae.config import Config, UserError
+from dfcvae.fetch import inputs_changed
 from pipeline.common import command
-from pipeline.fetch import inputs_changed
 
 
 def dvc(*args: str, capture: bool = False) -> str:

@@ -84,8 +84,8 @@ def tiny_config(root: Path, **overrides) -> Config:
 @pytest.fixture(scope="session")
 def synthetic_cfg(tmp_path_factory) -> Config:
     """Synthetic faces fetched and sharded once per test session (32 px, 120 images)."""
-    from pipeline.fetch import fetch
-    from pipeline.shard import write_shards
+    from dfcvae.fetch import fetch
+    from dfcvae.sharding import write_shards
 
     cfg = tiny_config(tmp_path_factory.mktemp("synthetic"))
     fetch(cfg)

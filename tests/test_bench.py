@@ -86,7 +86,7 @@ def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_g
 def test_photographs_split_by_photograph_hold_the_hash_layouts_crops_and_share_no_scene(tmp_path):
     pytest.importorskip("skimage")
     from bench.photos import PHOTOS, write_crops
-    from pipeline.fetch import folder_split
+    from dfcvae.fetch import folder_split
 
     count = 2 * len(PHOTOS)
     flat = write_crops(tmp_path / "hash", count, 16, seed=3)

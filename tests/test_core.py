@@ -609,11 +609,11 @@ def test_every_closed_choice_is_one_literal_that_its_implementation_covers_exact
     import typing
 
     from dfcvae import config
+    from dfcvae.fetch import SOURCES
     from dfcvae.lpips_metric import NETS
     from dfcvae.shards.format import IMAGE_MEMBERS
     from dfcvae.step import COMPILE_MODES, SCHEDULES
     from dfcvae.uncertainty import OBJECTIVES
-    from pipeline.fetch import SOURCES
 
     tables = {
         config.Source: SOURCES,

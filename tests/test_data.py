@@ -26,8 +26,10 @@ import torch
 from PIL import Image
 
 from dfcvae.config import Config
+from dfcvae.fetch import fetch, inputs_changed
 from dfcvae.images import preprocess
 from dfcvae.inventory import read_table, rows
+from dfcvae.sharding import write_shards
 from dfcvae.shards import loader as shard_loader
 from dfcvae.shards import slots
 from dfcvae.shards import tar as tar_walker
@@ -48,8 +50,6 @@ from dfcvae.shards.slots import BatchRing
 from dfcvae.shards.tar import tar_members
 from dfcvae.shards.writer import add_member
 from dfcvae.synthetic import SYNTHETIC_ATTRIBUTES, draw_face
-from pipeline.fetch import fetch, inputs_changed
-from pipeline.shard import write_shards
 from tests.conftest import tiny_config
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -68,8 +68,8 @@ SETTINGS = {
 
 @pytest.fixture(scope="module")
 def cfg(tmp_path_factory) -> Config:
-    from pipeline.fetch import fetch
-    from pipeline.shard import write_shards
+    from dfcvae.fetch import fetch
+    from dfcvae.sharding import write_shards
 
     cfg = tiny_config(tmp_path_factory.mktemp("evaluate"), **SETTINGS)
     fetch(cfg)

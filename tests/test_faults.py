@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 import yaml
 
+from dfcvae import sharding
 from dfcvae.config import UserError
+from dfcvae.fetch import fetch
 from dfcvae.files import DiskFullError
-from pipeline import shard as shard_stage
-from pipeline.fetch import fetch
-from pipeline.shard import write_shards
+from dfcvae.sharding import write_shards
+from pipeline.shard import main as shard_main
 from tests.test_data import make_config
 
 
@@ -57,8 +58,8 @@ def test_a_full_disk_keeps_the_previous_shards_and_says_how_much_is_needed(tmp_p
         params = tmp_path / "params.yaml"
         params.write_text(yaml.safe_dump(bigger.to_dict()))
         with monkeypatch.context() as patch, pytest.raises(SystemExit) as stopped:
-            patch.setattr(shard_stage, "_set_bytes", lambda cfg, count: 0)
-            shard_stage.main(["--params", str(params)])
+            patch.setattr(sharding, "_set_bytes", lambda cfg, count: 0)
+            shard_main(["--params", str(params)])
         assert str(stopped.value.code).startswith("shard: the disk holding ") and "\n" not in str(stopped.value.code)
         assert _manifest(cfg) == before
         assert not list((disk / "shards.partial").glob("*.tmp"))  # a finished shard may stay, for a rerun
@@ -85,7 +86,7 @@ def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_res
     fetch(cfg)
     write_shards(cfg)
     before = _manifest(cfg)
-    real = shard_stage.run_tasks
+    real = sharding.run_tasks
 
     def killed(cfg, tasks):
         yield from real(cfg, tasks[:1])  # one shard finishes,
@@ -96,7 +97,7 @@ def test_an_interrupted_shard_stage_leaves_the_previous_set_and_the_next_run_res
     firsts = []
     for seed in (6, 5):  # the second plan differs: the first one's finished shard is not reused
         with monkeypatch.context() as patch:
-            patch.setattr(shard_stage, "run_tasks", killed)
+            patch.setattr(sharding, "run_tasks", killed)
             with pytest.raises(KeyboardInterrupt):
                 write_shards(cfg.with_overrides({"data.seed": seed}))
         assert _manifest(cfg) == before

@@ -13,9 +13,9 @@ import pytest
 from PIL import Image
 
 from dfcvae.config import Config
+from dfcvae.fetch import fetch, inputs_changed
 from dfcvae.inventory import REPORT_FILE, read_table, rows
-from pipeline.fetch import fetch, inputs_changed
-from pipeline.shard import write_shards
+from dfcvae.sharding import write_shards
 from tests.test_data import make_config
 
 

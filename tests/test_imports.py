@@ -28,7 +28,7 @@ LAYERS = (
         "uncertainty",
     },
     {"pictures", "onnx_export", "sources"},
-    {"checkpoint", "bundle"},
+    {"checkpoint", "bundle", "fetch", "sharding"},
     {"step", "served"},
     {"worker", "evaluate"},
     {"train"},

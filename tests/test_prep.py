@@ -18,9 +18,9 @@ import pytest
 from PIL import Image
 
 from dfcvae.config import Config, UserError
+from dfcvae.fetch import fetch, inputs_changed
+from dfcvae.sharding import write_shards
 from dfcvae.shards.format import DataError
-from pipeline.fetch import fetch, inputs_changed
-from pipeline.shard import write_shards
 from tests.conftest import tiny_config
 from tests.test_bucket import BUCKET, s3  # noqa: F401  (the fixture)
 

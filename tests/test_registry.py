@@ -195,7 +195,7 @@ def champion_of_older_shards(synthetic_cfg: Config, cfg: Config, tmp_path: Path)
     manifest hash, as new images give), a new evaluation. -> (the new config, v1's scores on it:
     what the gate will measure when it evaluates v1 again)."""
     from dfcvae.registry import scores_on
-    from pipeline.shard import write_shards
+    from dfcvae.sharding import write_shards
 
     old = cfg.with_overrides(
         {

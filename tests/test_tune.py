@@ -268,7 +268,7 @@ def test_a_search_is_restored_only_over_the_same_data_wherever_the_checkout_lies
     again; new shards at the same path are a new search, never one whose trials saw other data."""
     import shutil
 
-    from pipeline.shard import write_shards
+    from dfcvae.sharding import write_shards
 
     here = search_config(synthetic_cfg, tmp_path / "here")
     elsewhere = search_config(synthetic_cfg, tmp_path / "elsewhere")

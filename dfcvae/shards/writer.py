@@ -1,6 +1,6 @@
 """Writing shards: samples -> one tar in the format of dfcvae.shards.format, byte-identical on reruns.
 
-The stage that decides what goes in each shard is pipeline/shard.py; the manifest that lists the
+What goes in each shard is decided by dfcvae/sharding.py (the shard stage); the manifest that lists the
 shards is written by `format.write_manifest`.
 """
 
