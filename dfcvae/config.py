@@ -96,6 +96,7 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
     "loss.feature_norm": "none",
     "optim.betas": [0.9, 0.999],
     "perceptual.antialias": False,
+    "loss.feature_shift": 0,
 }
 
 
@@ -188,9 +189,10 @@ class LoaderConfig(Section):
 class ModelConfig(Section):
     hidden_channels: tuple[int, ...] = (32, 64, 128, 256, 512)
     latent_dim: int = 128
-    # The paper's network (PAPER_NETWORK); a stored config without these keys is the older
-    # transposed one (STORED_BEFORE_FIELD).
-    upsample: Upsample = "nearest"  # decoder: nearest (x2 nearest, replication pad, 3x3 conv) | bilinear | transposed
+    # The paper's network (PAPER_NETWORK) but for bilinear upsampling, which with loss.feature_shift
+    # keeps the DFC-VAE's reconstructions free of a lattice (docs/quality.md); a stored config
+    # without these keys is the older transposed one (STORED_BEFORE_FIELD).
+    upsample: Upsample = "bilinear"  # decoder: nearest | bilinear (x2 resize, replication pad, 3x3 conv) | transposed
     encoder_kernel: EncoderKernel = 4  # the encoder's stride-2 convs (4 as the paper's code)
     init: Init = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
 
@@ -219,7 +221,8 @@ class LossConfig(Section):
     lpips_weights: str = "imagenet"  # imagenet | random | a file (dfcvae/lpips_metric.py)
     # Training's feature term on the same random window of x and x_hat, this many px smaller, at an
     # offset in [0, feature_shift] (dfcvae/loss.py): against the lattice of strided features; 0 = off.
-    feature_shift: int = 0
+    # 7 covers every phase of a stride-8 layer (MobileNetV2's block6), and of a stride-4 one twice.
+    feature_shift: int = 7
 
 
 @dataclass(frozen=True)

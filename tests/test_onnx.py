@@ -37,7 +37,7 @@ def _relative_error(have: np.ndarray, want: torch.Tensor) -> float:
     return (torch.from_numpy(have) - want).abs().max().item() / max(1.0, want.abs().max().item())
 
 
-@pytest.mark.parametrize(("upsample", "ema"), [("nearest", True), ("transposed", False)])
+@pytest.mark.parametrize(("upsample", "ema"), [("bilinear", True), ("nearest", False), ("transposed", False)])
 def test_onnx_graphs_compute_what_the_published_model_does_at_batch_1_and_7(tmp_path, upsample, ema):
     from pipeline.export import export
 
