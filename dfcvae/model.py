@@ -14,9 +14,10 @@ Three decoders (`model.upsample`):
                 replication padding 1, 3x3 conv, BatchNorm, LeakyReLU(0.2); the last stage
                 maps straight to RGB. Every output pixel sees the same kernel taps, so it
                 cannot draw the period-2 checkerboard of a stride-2 transposed conv.
-    bilinear    the same with x2 bilinear upsampling (half-pixel centres): each stage's output
-                is a smooth interpolation, not 2 x 2 blocks, so no stage prints its grid into the
-                image at periods 2, 4, 8, ... (docs/quality.md, the lattice).
+    bilinear    the default: the same with x2 bilinear upsampling (half-pixel centres): each
+                stage's output is a smooth interpolation, not 2 x 2 blocks, so no stage prints its
+                grid into the image at periods 2, 4, 8, ... With `loss.feature_shift` it keeps
+                the DFC-VAE's reconstructions free of a lattice (docs/quality.md, the lattice).
     transposed  3x3 stride-2 transposed convs (PyTorch-VAE's), then a 3x3 conv to RGB.
                 Kernel 3 over stride 2 covers output pixels unevenly (Odena et al. 2016,
                 "Deconvolution and checkerboard artifacts"). Models saved before the option
