@@ -25,7 +25,8 @@ shown" (one seed shows none):
 Outputs (--out-dir):
     <variant>/seed<s>/{train,ray,eval}   each run's train and evaluate outputs
     comparison.json    runs: per variant, one row per seed: FIDs (samples, recon), KIDs, PSNR, SSIM,
-                       MSE, probe accuracy and baseline, reference distance, steps, loss settings,
+                       MSE, probe accuracy and baseline, reference distance, steps, loss settings
+                       and the decoder (model.upsample),
                        the MLflow run, the shards' manifest hash, Inception identity and image
                        count, wall times; variants: per variant and metric the mean over seeds and
                        its interval; verdicts: per metric the paired difference, its interval and
@@ -93,6 +94,8 @@ SETTINGS = (  # the same in every run of a variant
     ("perceptual_weight", "loss.perceptual_weight", "{:.3g}"),
     ("pixel_weight", "loss.pixel_weight", "{:.3g}"),
     ("feature_norm", "loss.feature_norm", "{}"),
+    ("feature_shift", "loss.feature_shift", "{:d}"),
+    ("upsample", "model.upsample", "{}"),
 )
 CONFIDENCE = 0.95
 
@@ -183,6 +186,8 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
         "perceptual_weight": loss.perceptual_weight,
         "pixel_weight": loss.pixel_weight,
         "feature_norm": loss.feature_norm,
+        "feature_shift": loss.feature_shift,
+        "upsample": cfg.model.upsample,
         "perceptual": {"backbone": cfg.perceptual.backbone, "layers": list(cfg.perceptual.layers)},
         "tuned_overrides": variant.tuned,
         "mlflow_run_id": run_id,

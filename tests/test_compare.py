@@ -92,7 +92,7 @@ def test_plain_variant_has_no_perceptual_term(compared) -> None:
 
 @pytest.mark.slow
 def test_each_metric_has_its_mean_over_seeds_an_interval_and_a_verdict(compared) -> None:
-    _, found, out = compared
+    cfg, found, out = compared
     written = json.loads((out / "comparison.json").read_text())
     rows, runs, verdicts = written["variants"], written["runs"], written["verdicts"]
     assert {(row["fid_inception"], row["fid_images"]) for v in VARIANTS for row in runs[v]} == {
@@ -114,6 +114,9 @@ def test_each_metric_has_its_mean_over_seeds_an_interval_and_a_verdict(compared)
     table = (out / "comparison.md").read_text()
     assert "| | plain VAE | DFC-VAE | verdict |" in table and written["fid_inception"] in table
     assert f"seeds {', '.join(str(row['seed']) for row in runs['dfc_vae'])}" in table
+    decoder, shift = cfg.model.upsample, cfg.loss.feature_shift  # the recipe, in both variants
+    assert f"| model.upsample | {decoder} | {decoder} | |" in table
+    assert f"| loss.feature_shift | {shift} | {shift} | |" in table
 
 
 def test_verdicts_need_the_paired_interval_to_exclude_zero() -> None:
