@@ -176,6 +176,17 @@ def load_registered(uri: str) -> dict[str, Any]:
         return load_checkpoint(download_registered(uri, tmp)[REGISTERED_ARTIFACT])
 
 
+# The keys that decide a model's weights and what they compute. nearest and bilinear decoders
+# have the same weights, so only the stored config tells them apart.
+ARCHITECTURE_KEYS = (
+    "data.image_size",
+    "model.hidden_channels",
+    "model.latent_dim",
+    "model.upsample",
+    "model.encoder_kernel",
+)
+
+
 def check_source(source: str) -> None:
     """That `source` (as load_state takes it) is there, before work starts that would need it:
     RegistryError or FileNotFoundError, one sentence each."""
@@ -185,6 +196,35 @@ def check_source(source: str) -> None:
     path = Path(source)
     if not (path.is_file() or (path / MODEL_FILE).is_file() or (path / CHECKPOINT_FILE).is_file()):
         raise FileNotFoundError(f"{source} is not a model.pt, a checkpoint, or a folder holding one.")
+
+
+def init_from_state(source: str) -> dict[str, Any]:
+    """train.init_from's state: a `models:/` URI gives its weights at step 0 (a new run); a
+    checkpoint file or folder, or model.pt or a folder holding it, gives all it holds (a resumed
+    run). Raises as check_source and load_checkpoint do."""
+    check_source(source)
+    if source.startswith("models:/"):
+        state = load_registered(source)
+        return {"model": state["model"], "config": state["config"], "step": 0}
+    path = Path(source)
+    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+        path = path / MODEL_FILE
+    return load_checkpoint(path)
+
+
+def check_init_from(cfg: Config) -> None:
+    """ConfigError, in one sentence, when train.init_from holds a model built otherwise than cfg
+    builds one (ARCHITECTURE_KEYS): its weights would load into another decoder, or fail on their
+    shapes in every worker. Raises as init_from_state does when the source is not there."""
+    source = cfg.train.init_from
+    stored = Config.from_stored(init_from_state(source)["config"], source=source).flat()
+    ours = cfg.flat()
+    differ = [f"{key} {stored[key]} (this run: {ours[key]})" for key in ARCHITECTURE_KEYS if stored[key] != ours[key]]
+    if differ:
+        raise ConfigError(
+            f"train.init_from {source} holds a model built with {', '.join(differ)}: set these keys to "
+            "its values to fine-tune it, or clear train.init_from to train this architecture from scratch."
+        )
 
 
 def load_state(source: str | Path) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from dfcvae import cluster, tracking
-from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_source, load_checkpoint, published, save_checkpoint
+from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_init_from, load_checkpoint, published, save_checkpoint
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.internals import lost_worker, torch_config
@@ -64,7 +64,7 @@ def train(cfg: Config) -> dict[str, float]:
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
     if cfg.train.init_from:  # once, here: in the workers it would fail on every retry
-        check_source(cfg.train.init_from)
+        check_init_from(cfg)
     if "://" in cfg.scaling.storage_dir:
         cluster.check_remote_storage(cfg.scaling.storage_dir)
     manifest, data_hash = read_manifest(cfg), manifest_hash(cfg)

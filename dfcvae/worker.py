@@ -31,8 +31,8 @@ from dfcvae import cluster, pictures, tracking
 from dfcvae.checkpoint import (
     DamagedCheckpointError,
     all_finite,
+    init_from_state,
     load_checkpoint,
-    load_registered,
     save_checkpoint,
     state_digest,
 )
@@ -164,13 +164,8 @@ def load_latest_intact(checkpoint) -> dict:
 
 
 def init_state(cfg: Config) -> dict | None:
-    """A checkpoint to resume from (train.init_from): a path, or a models:/ URI (weights only)."""
-    source = cfg.train.init_from
-    if not source:
-        return None
-    if source.startswith("models:/"):  # weights only: a registered model starts a new run
-        return {"model": load_registered(source)["model"], "step": 0}
-    return load_checkpoint(source)
+    """train.init_from's state (init_from_state), or None when it is not set."""
+    return init_from_state(cfg.train.init_from) if cfg.train.init_from else None
 
 
 def batches_from(

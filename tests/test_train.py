@@ -17,7 +17,14 @@ import psutil
 import pytest
 import torch
 
-from dfcvae.checkpoint import DamagedCheckpointError, load_checkpoint, save_checkpoint, state_digest
+from dfcvae.checkpoint import (
+    DamagedCheckpointError,
+    check_init_from,
+    init_from_state,
+    load_checkpoint,
+    save_checkpoint,
+    state_digest,
+)
 from dfcvae.config import Config, ConfigError
 from dfcvae.device import Runtime
 from dfcvae.features import PerceptualNetwork
@@ -190,6 +197,31 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     # model.pt is the EMA: the final checkpoint's "ema", not its raw weights.
     final = load_checkpoint(_checkpoint_at(full, step=8))
     assert final["ema_updates"] == 8 and state_digest(a) == state_digest(final["ema"]) != state_digest(final["model"])
+
+
+def test_init_from_a_model_built_otherwise_stops_before_any_training(run_cfg, tmp_path):
+    # nearest and bilinear decoders have the same weights: only the stored config tells them apart,
+    # and loading one into the other would fine-tune a model that is not the one named.
+    nearest = run_cfg.with_overrides({"model.upsample": "nearest"})
+    weights = DFCVAE(nearest.model, nearest.data.image_size).state_dict()
+    source = save_checkpoint({"model": weights, "config": nearest.to_dict(), "step": 3}, tmp_path / "nearest")
+    for ours, named in (
+        (run_cfg.with_overrides({"model.upsample": "bilinear"}), r"model.upsample nearest \(this run: bilinear\)"),
+        (
+            nearest.with_overrides({"model.latent_dim": 4}),
+            rf"model.latent_dim {nearest.model.latent_dim} \(this run: 4\)",
+        ),
+    ):
+        ours = ours.with_overrides({"train.init_from": str(source.parent)})
+        started = time.monotonic()
+        with pytest.raises(ConfigError, match=rf"^train.init_from {source.parent} holds a model built with {named}: "):
+            train(ours)
+        assert time.monotonic() - started < 30 and not Path(ours.scaling.storage_dir).exists()
+    # The same architecture starts from those weights (and a folder holding model.pt is a source too).
+    shutil.copy(source, tmp_path / "nearest" / "model.pt")
+    source.unlink()
+    assert init_from_state(str(source.parent))["step"] == 3
+    check_init_from(nearest.with_overrides({"train.init_from": str(source.parent)}))
 
 
 def test_ema_follows_the_weights_with_its_decay():
