@@ -372,7 +372,7 @@ class RegistryConfig(Section):
     # lower than the champion's by at least min_improvement (a fraction of the champion's) with
     # probability min_confidence, over paired bootstrap resamples of the same test images and samples.
     min_confidence: float = 0.95
-    min_improvement: float = 0.10
+    min_improvement: float = 0.15
 
 
 @dataclass(frozen=True)

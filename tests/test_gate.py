@@ -1,7 +1,7 @@
 """The champion gate's decision on real evaluations: the demo recipe trained with different seeds.
 
 tests/data/gate/ holds the scores.npz of `python -m pipeline.compare --seeds` runs of the demo
-profile (400 steps, 120 synthetic test images; tests/data/README.md): the DFC-VAE at five seeds and
+profile (1,200 steps, 120 synthetic test images; tests/data/README.md): the DFC-VAE at five seeds and
 the plain VAE at seed 0. The decision is `registry.decide` on `uncertainty.paired_objective`, with
 params.yaml's registry settings and the demo's bootstrap, as `register_model` makes it.
 """
@@ -49,19 +49,20 @@ def dfc() -> list[Scores]:
 
 @pytest.mark.slow
 def test_a_retrain_of_the_same_recipe_with_another_seed_is_never_promoted(dfc):
-    """Every ordered pair of the five seeds: 20 decisions, all kept. Seed 4 is 8.3% below the others,
-    with a paired bound of -5.0% to -5.8%: a 5% minimum effect would have promoted it over seed 0."""
+    """Every ordered pair of the five seeds: 20 decisions, all kept. The widest gap, seed 2 over
+    seed 3, is 11.9% lower with a paired bound of -9.8%: the bootstrap covers the test images, not
+    the training seed."""
     outcomes = [decision(dfc[a], dfc[b], 0) for a, b in permutations(range(len(dfc)), 2)]
     assert len(outcomes) == 20
     promoted = [reason for verdict, reason in outcomes if verdict == "promoted"]
     assert not promoted, promoted[0]
-    assert all("promotion needs fid_sum lower by more than" in reason for _, reason in outcomes)
+    assert all("promotion needs fid_sum lower by more than 15%" in reason for _, reason in outcomes)
 
 
 @pytest.mark.slow
 def test_a_clearly_better_model_is_promoted_and_a_worse_one_kept(dfc):
-    """The DFC-VAE over the plain VAE of the same shards and steps (FID 43% lower): promoted, at two
-    bootstrap draws; the other way round, kept."""
+    """The DFC-VAE over the plain VAE of the same shards and steps (`fid_sum` 34% lower): promoted,
+    at two bootstrap draws; the other way round, kept."""
     plain = Scores.load(DATA / "plain_seed0.npz")
     for challenger in dfc[:2]:
         for seed in BOOTSTRAP_SEEDS:
@@ -70,8 +71,16 @@ def test_a_clearly_better_model_is_promoted_and_a_worse_one_kept(dfc):
             assert decision(plain, challenger, seed)[0] == "kept"
 
 
-def test_the_check_can_fail_a_5_percent_minimum_would_promote_the_lucky_seed(dfc):
-    """Seed 4 over seed 0 is 8.3% lower with a bound of -5.3%: the gate's minimum effect is what keeps it."""
-    loose = dataclasses.replace(CFG.registry, min_improvement=0.05)
-    assert decision(dfc[4], dfc[0], 0, loose)[0] == "promoted"
-    assert decision(dfc[4], dfc[0], 0)[0] == "kept"
+def test_the_check_can_fail_a_smaller_minimum_promotes_lucky_seeds(dfc):
+    """The minimum effect is what keeps retrains of one recipe: at 5%, three of the 20 are promoted;
+    at 9.5%, still seed 2 over seed 3, which is why the minimum is 15% and not the 10% that the
+    nearest recipe's spread (8.3% at most) had called for."""
+
+    def promoted(minimum: float) -> set[tuple[int, int]]:
+        gate = dataclasses.replace(CFG.registry, min_improvement=minimum)
+        pairs = permutations(range(len(dfc)), 2)
+        return {(a, b) for a, b in pairs if decision(dfc[a], dfc[b], 0, gate)[0] == "promoted"}
+
+    assert promoted(0.05) == {(2, 1), (2, 3), (4, 3)}
+    assert promoted(0.095) == {(2, 3)}
+    assert decision(dfc[2], dfc[3], 0)[0] == "kept"
