@@ -199,17 +199,22 @@ def check_source(source: str) -> None:
 
 
 def init_from_state(source: str) -> dict[str, Any]:
-    """train.init_from's state: a `models:/` URI gives its weights at step 0 (a new run); a
-    checkpoint file or folder, or model.pt or a folder holding it, gives all it holds (a resumed
-    run). Raises as check_source and load_checkpoint do."""
+    """train.init_from's state. A training checkpoint (file or folder) resumes: all it holds, its
+    step and optimizer included. A model as published (model.pt, a folder holding it, or a
+    `models:/` URI) has no optimizer state: its weights start a new run at step 0, where its own
+    step would have made a run of train.steps or fewer train nothing. Raises as check_source and
+    load_checkpoint do."""
     check_source(source)
     if source.startswith("models:/"):
         state = load_registered(source)
-        return {"model": state["model"], "config": state["config"], "step": 0}
-    path = Path(source)
-    if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
-        path = path / MODEL_FILE
-    return load_checkpoint(path)
+    else:
+        path = Path(source)
+        if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
+            path = path / MODEL_FILE
+        state = load_checkpoint(path)
+    if "optimizer" in state:
+        return state
+    return {"model": state["model"], "config": state["config"], "step": 0}
 
 
 def check_init_from(cfg: Config) -> None:

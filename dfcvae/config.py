@@ -248,7 +248,8 @@ class TrainConfig(Section):
     compile: bool = True  # torch.compile on GPU
     compile_mode: CompileMode = "default"  # torch.compile mode; reduce-overhead adds CUDA graphs
     out_dir: str = "outputs/train"
-    init_from: str = ""  # checkpoint path or models:/ URI to start from
+    # A training checkpoint to resume, or a model (model.pt, a models:/ URI) whose weights start a run at step 0.
+    init_from: str = ""
     # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
     # at a validation after the KL warm-up: the posterior is collapsing.
     warn_active_fraction: float = 0.1

@@ -217,11 +217,32 @@ def test_init_from_a_model_built_otherwise_stops_before_any_training(run_cfg, tm
         with pytest.raises(ConfigError, match=rf"^train.init_from {source.parent} holds a model built with {named}: "):
             train(ours)
         assert time.monotonic() - started < 30 and not Path(ours.scaling.storage_dir).exists()
-    # The same architecture starts from those weights (and a folder holding model.pt is a source too).
+    # The same architecture starts from those weights. A folder holding model.pt is a source too, and
+    # a published model (no optimizer state) starts a new run at step 0, not at its own step.
     shutil.copy(source, tmp_path / "nearest" / "model.pt")
     source.unlink()
-    assert init_from_state(str(source.parent))["step"] == 3
+    assert init_from_state(str(source.parent))["step"] == 0
     check_init_from(nearest.with_overrides({"train.init_from": str(source.parent)}))
+
+
+@pytest.mark.slow
+def test_init_from_a_trained_model_trains_all_its_steps_from_its_weights(ray_cluster, run_cfg, tmp_path):
+    # model.pt holds its run's last step and no optimizer: resuming at that step trained nothing
+    # and the stage failed on the missing checkpoint (AttributeError).
+    base = run_cfg.with_overrides({"scaling.num_workers": 1, "train.steps": 2, "train.checkpoint_every": 2})
+    train(base.with_overrides({"train.out_dir": str(tmp_path / "first")}))
+    again = base.with_overrides(
+        {
+            "train.out_dir": str(tmp_path / "again"),
+            "train.init_from": str(tmp_path / "first" / "model.pt"),
+            "scaling.storage_dir": str(tmp_path / "ray-again"),
+        }
+    )
+    assert train(again)["step"] == 2
+    reports = [json.loads(line) for line in (tmp_path / "again" / "reports.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["restored_from"]) for r in reports] == [(2, 0)]
+    first = load_checkpoint(tmp_path / "first" / "model.pt")["model"]
+    assert state_digest(load_checkpoint(tmp_path / "again" / "model.pt")["model"]) != state_digest(first)
 
 
 def test_ema_follows_the_weights_with_its_decay():
