@@ -199,15 +199,15 @@ def check_source(source: str) -> None:
 
 
 def init_from_state(source: str) -> dict[str, Any]:
-    """train.init_from's state. A training checkpoint (file or folder) resumes: all it holds, its
-    step and optimizer included. A model as published (model.pt, a folder holding it, or a
-    `models:/` URI) has no optimizer state: its weights start a new run at step 0, where its own
-    step would have made a run of train.steps or fewer train nothing. Raises as check_source and
-    load_checkpoint do."""
-    check_source(source)
+    """train.init_from's state. A training checkpoint (file or folder; a folder's CHECKPOINT_FILE
+    before its MODEL_FILE) resumes: all it holds, its step and optimizer included. A model as
+    published (model.pt, a folder holding it, or a `models:/` URI) has no optimizer state: its
+    weights start a new run at step 0, where its own step would have made a run of train.steps or
+    fewer train nothing. Raises RegistryError, FileNotFoundError, or as load_checkpoint does."""
     if source.startswith("models:/"):
         state = load_registered(source)
     else:
+        check_source(source)
         path = Path(source)
         if path.is_dir() and not (path / CHECKPOINT_FILE).is_file():
             path = path / MODEL_FILE
@@ -217,19 +217,35 @@ def init_from_state(source: str) -> dict[str, Any]:
     return {"model": state["model"], "config": state["config"], "step": 0}
 
 
-def check_init_from(cfg: Config) -> None:
-    """ConfigError, in one sentence, when train.init_from holds a model built otherwise than cfg
-    builds one (ARCHITECTURE_KEYS): its weights would load into another decoder, or fail on their
-    shapes in every worker. Raises as init_from_state does when the source is not there."""
+def pin_init_from(cfg: Config) -> str:
+    """train.init_from checked, as every worker and retry must read it: a `models:/` alias as the
+    version it names now (`models:/<name>/<version>`), so none loads a version moved there since;
+    a local path made absolute (workers do not share the driver's cwd). Raises ConfigError, in one
+    sentence, when the source holds a model built otherwise than cfg builds one (ARCHITECTURE_KEYS:
+    its weights would load into another decoder, or fail on their shapes in every worker), or a
+    training checkpoint already at train.steps; else as init_from_state does."""
     source = cfg.train.init_from
-    stored = Config.from_stored(init_from_state(source)["config"], source=source).flat()
+    if source.startswith("models:/"):
+        version = resolve_registered(source)
+        source = f"models:/{version.name}/{version.version}"
+    elif "://" not in source:
+        source = str(Path(source).resolve())
+    state = init_from_state(source)
+    stored = Config.from_stored(state["config"], source=source).flat()
     ours = cfg.flat()
     differ = [f"{key} {stored[key]} (this run: {ours[key]})" for key in ARCHITECTURE_KEYS if stored[key] != ours[key]]
     if differ:
         raise ConfigError(
-            f"train.init_from {source} holds a model built with {', '.join(differ)}: set these keys to "
-            "its values to fine-tune it, or clear train.init_from to train this architecture from scratch."
+            f"train.init_from {cfg.train.init_from} holds a model built with {', '.join(differ)}: set these keys "
+            "to its values to fine-tune it, or clear train.init_from to train this architecture from scratch."
         )
+    if state["step"] >= cfg.train.steps:
+        raise ConfigError(
+            f"train.init_from {cfg.train.init_from} is a training checkpoint at step {state['step']}, and "
+            f"train.steps is {cfg.train.steps}: raise train.steps to train on, or give its model.pt to start "
+            "a new run from its weights."
+        )
+    return source
 
 
 def load_state(source: str | Path) -> dict[str, Any]:

@@ -17,7 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from dfcvae import cluster, tracking
-from dfcvae.checkpoint import CHECKPOINT_FILE, MODEL_FILE, check_init_from, load_checkpoint, published, save_checkpoint
+from dfcvae.checkpoint import (
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    load_checkpoint,
+    pin_init_from,
+    published,
+    save_checkpoint,
+)
 from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.files import staging_dir, swap_in, write_json
 from dfcvae.internals import lost_worker, torch_config
@@ -63,8 +70,9 @@ def train(cfg: Config) -> dict[str, float]:
     check_config(cfg)
     cfg = absolute_paths(cfg)
     uri = tracking.setup(cfg.mlflow)
-    if cfg.train.init_from:  # once, here: in the workers it would fail on every retry
-        check_init_from(cfg)
+    # Checked once, here (in the workers it would fail on every retry), and pinned for them; the run's
+    # name keeps the source as given.
+    init_from = pin_init_from(cfg) if cfg.train.init_from else ""
     if "://" in cfg.scaling.storage_dir:
         cluster.check_remote_storage(cfg.scaling.storage_dir)
     manifest, data_hash = read_manifest(cfg), manifest_hash(cfg)
@@ -78,7 +86,8 @@ def train(cfg: Config) -> dict[str, float]:
     try:
         cluster.init_ray()
         check_storage(cfg, cluster.alive_nodes())
-        loop_config = {"config": cfg.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
+        workers = cfg.with_overrides({"train.init_from": init_from})
+        loop_config = {"config": workers.to_dict(), "mlflow_uri": uri, "mlflow_run_id": run_id}
         if cluster.local_storage(cfg):  # the workers check they run where the checkpoints will be read
             import ray
 

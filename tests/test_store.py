@@ -14,7 +14,7 @@ import pytest
 import yaml
 from mlflow.tracking import MlflowClient
 
-from dfcvae.checkpoint import RegistryError
+from dfcvae.checkpoint import RegistryError, init_from_state, pin_init_from
 from dfcvae.registry import CHAMPION
 from dfcvae.train import train
 from pipeline import export as export_stage
@@ -64,6 +64,16 @@ def test_init_from_a_missing_alias_fails_once_before_any_training(champion_delet
         train(resumed)
     assert time.monotonic() - started < 30  # no Ray workers started, nothing retried
     assert not Path(resumed.scaling.storage_dir).exists()
+
+
+def test_init_from_an_alias_is_pinned_to_the_version_it_names_for_the_workers(cfg):  # noqa: F811
+    """Every worker and retry loads the version checked before Ray starts, not one moved there since,
+    and a registered model's weights start a new run at step 0."""
+    write_outputs(cfg, seed=1, objective=5.0)
+    assert register(cfg).version == 1
+    source = cfg.with_overrides({"train.init_from": f"models:/{cfg.registry.model_name}@{CHAMPION}"})
+    assert pin_init_from(source) == f"models:/{cfg.registry.model_name}/1"
+    assert init_from_state(pin_init_from(source))["step"] == 0
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import struct
@@ -19,9 +20,9 @@ import torch
 
 from dfcvae.checkpoint import (
     DamagedCheckpointError,
-    check_init_from,
     init_from_state,
     load_checkpoint,
+    pin_init_from,
     save_checkpoint,
     state_digest,
 )
@@ -199,7 +200,7 @@ def test_resume_matches_uninterrupted_run(ray_cluster, run_cfg, tmp_path):
     assert final["ema_updates"] == 8 and state_digest(a) == state_digest(final["ema"]) != state_digest(final["model"])
 
 
-def test_init_from_a_model_built_otherwise_stops_before_any_training(run_cfg, tmp_path):
+def test_init_from_a_model_built_otherwise_stops_before_any_training(run_cfg, tmp_path, monkeypatch):
     # nearest and bilinear decoders have the same weights: only the stored config tells them apart,
     # and loading one into the other would fine-tune a model that is not the one named.
     nearest = run_cfg.with_overrides({"model.upsample": "nearest"})
@@ -214,15 +215,23 @@ def test_init_from_a_model_built_otherwise_stops_before_any_training(run_cfg, tm
     ):
         ours = ours.with_overrides({"train.init_from": str(source.parent)})
         started = time.monotonic()
-        with pytest.raises(ConfigError, match=rf"^train.init_from {source.parent} holds a model built with {named}: "):
+        sentence = rf"^train.init_from {re.escape(str(source.parent))} holds a model built with {named}: "
+        with pytest.raises(ConfigError, match=sentence):
             train(ours)
         assert time.monotonic() - started < 30 and not Path(ours.scaling.storage_dir).exists()
+    # A training checkpoint resumes at its step: one already at train.steps would train nothing.
+    done = {"model": weights, "config": nearest.to_dict(), "step": 6, "optimizer": {}, "scheduler": {}}
+    save_checkpoint(done, tmp_path / "done")
+    with pytest.raises(ConfigError, match=r"is a training checkpoint at step 6, and train.steps is 6: raise"):
+        pin_init_from(nearest.with_overrides({"train.steps": 6, "train.init_from": str(tmp_path / "done")}))
     # The same architecture starts from those weights. A folder holding model.pt is a source too, and
-    # a published model (no optimizer state) starts a new run at step 0, not at its own step.
+    # a published model (no optimizer state) starts a new run at step 0, not at its own step. A
+    # relative path reaches the workers absolute.
     shutil.copy(source, tmp_path / "nearest" / "model.pt")
     source.unlink()
     assert init_from_state(str(source.parent))["step"] == 0
-    check_init_from(nearest.with_overrides({"train.init_from": str(source.parent)}))
+    monkeypatch.chdir(tmp_path)
+    assert pin_init_from(nearest.with_overrides({"train.init_from": "nearest"})) == str(source.parent.resolve())
 
 
 @pytest.mark.slow
