@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 from mlflow.tracking import MlflowClient
 
@@ -71,9 +72,20 @@ def test_init_from_an_alias_is_pinned_to_the_version_it_names_for_the_workers(cf
     and a registered model's weights start a new run at step 0."""
     write_outputs(cfg, seed=1, objective=5.0)
     assert register(cfg).version == 1
-    source = cfg.with_overrides({"train.init_from": f"models:/{cfg.registry.model_name}@{CHAMPION}"})
-    assert pin_init_from(source) == f"models:/{cfg.registry.model_name}/1"
-    assert init_from_state(pin_init_from(source))["step"] == 0
+    name = cfg.registry.model_name
+    pinned = pin_init_from(cfg.with_overrides({"train.init_from": f"models:/{name}@{CHAMPION}"}))
+    assert pinned == f"models:/{name}/1"
+    checked = init_from_state(pinned)
+    assert checked["step"] == 0
+    # The alias moves to another model before a worker (or a retry) loads the source.
+    write_outputs(cfg, seed=2, objective=9.0)
+    assert register(cfg).version == 2
+    MlflowClient().set_registered_model_alias(name, CHAMPION, "2")
+    moved = init_from_state(f"models:/{name}@{CHAMPION}")["model"]
+    loaded = init_from_state(pinned)["model"]
+    first = next(k for k in loaded if loaded[k].is_floating_point())
+    assert not torch.equal(moved[first], checked["model"][first])  # the alias now names other weights
+    assert all(torch.equal(loaded[k], checked["model"][k]) for k in checked["model"])  # the pinned source does not
 
 
 @pytest.mark.slow
