@@ -175,7 +175,13 @@ def experiment_path(cfg: Config) -> Path:
 
 
 def run_trial(config: dict[str, Any], base: dict[str, Any], experiment: str, mlflow_uri: str, parent_run_id: str):
-    """A Tune function trainable: one Ray Train run of the base config with the trial's values."""
+    """A Tune function trainable: one Ray Train run of the base config with the trial's values.
+
+    It sets its MLflow run FINISHED when training returns, and nothing when it raises: the driver's
+    close_trial_runs sets FAILED for an errored trial. A trial that ASHA stops is torn down without
+    waiting for this thread (Ray's FunctionTrainable.cleanup finishes its session with timeout=0),
+    so whatever that teardown raises here can come after the driver has closed the run, and a
+    status written then would overwrite the driver's."""
     trial_id = tune.get_context().get_trial_id()
     # The trial's folder in the experiment (trial_dirname), not Tune's session-local trial dir,
     # which a restored search does not see again.
@@ -184,11 +190,7 @@ def run_trial(config: dict[str, Any], base: dict[str, Any], experiment: str, mlf
     run_id = trial_run(cfg, trial_id, trial_dir, mlflow_uri, parent_run_id)
     loop_config = {"config": cfg.to_dict(), "mlflow_uri": mlflow_uri, "mlflow_run_id": run_id, "objective": Evaluator()}
     logger = tracking.RunLogger(mlflow_uri, run_id)
-    try:
-        fit(cfg, loop_config, "train", callbacks=(TuneReportCallback(),))
-    except BaseException:
-        logger.finish("FAILED")
-        raise
+    fit(cfg, loop_config, "train", callbacks=(TuneReportCallback(),))
     logger.finish()
 
 
@@ -292,7 +294,8 @@ def _trial_run_id(trial_dir: Path) -> str:
 
 
 def close_trial_runs(rows: list[dict[str, Any]], mlflow_uri: str) -> None:
-    """Trials stopped by ASHA are killed mid-run: set their MLflow runs' final status here."""
+    """Every trial's MLflow run gets its final status here, from Tune's outcome (run_trial says why
+    the trial does not set it itself when it fails or is stopped)."""
     client = MlflowClient(tracking_uri=mlflow_uri)
     for row in rows:
         if row["run_id"]:

@@ -221,6 +221,25 @@ def test_only_a_trial_that_completed_the_budget_with_a_finite_objective_can_win(
         tuning.best_trial(rows[:2])
 
 
+def test_the_driver_sets_each_trial_runs_final_status_from_tunes_outcome(tmp_path):
+    """An errored trial's run ends FAILED, a completed or stopped one's FINISHED, each tagged with
+    Tune's status; a run the trial left RUNNING (it writes nothing when it fails) is closed too."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment = client.create_experiment("trials")
+    statuses = ("error", "stopped", "completed")
+    rows = [{"trial_id": s, "status": s, "run_id": client.create_run(experiment).info.run_id} for s in statuses]
+    rows.append({"trial_id": "never-started", "status": "error", "run_id": ""})  # no run: nothing to close
+    tuning.close_trial_runs(rows, uri)
+    runs = {row["status"]: client.get_run(row["run_id"]) for row in rows[:3]}
+    assert {s: run.info.status for s, run in runs.items()} == {
+        "error": "FAILED",
+        "stopped": "FINISHED",
+        "completed": "FINISHED",
+    }
+    assert all(run.data.tags["tune.status"] == s for s, run in runs.items())
+
+
 def test_killed_search_resumes_without_rerunning_a_finished_trial(search):
     cfg = search.cfg
     assert "restoring the interrupted search" in search.restored.stdout
