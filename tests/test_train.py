@@ -83,20 +83,38 @@ def test_the_local_cluster_listens_on_loopback_only(ray_cluster):
 
 def sockets_while(thread: threading.Thread, root_pid: int) -> list[tuple[str, int, str, str]]:
     """(address, port, process, role) of every listening TCP socket seen in root_pid's process tree
-    while `thread` runs, polled every 0.1 s (one scan costs about 20 ms; at 0.5 s a loaded machine
-    once missed the DataLoader process, which lives for the one epoch of a 6-step run); role is
-    "worker" for a Ray Train worker, "loader" for its DataLoader processes, else "ray"."""
-    seen = set()
+    while `thread` runs; role is "worker" for a Ray Train worker, "loader" for its DataLoader
+    processes, else "ray".
+
+    A DataLoader process lives about a second of a 6-step run, and a whole-tree scan on a loaded
+    machine missed it when polling every 0.5 s and every 0.1 s. So the process list alone is polled
+    every 20 ms, and each DataLoader process is read the moment it appears, held with SIGSTOP while
+    its sockets are listed, so that it cannot exit in between. The whole tree is scanned every 0.5 s."""
+    seen, loaders, last_scan = set(), set(), 0.0
     while thread.is_alive():
-        for ip, port, proc in listening_sockets(root_pid):
+        for proc in psutil.Process(root_pid).children(recursive=True):
             try:
-                lines = " ".join(proc.cmdline())
-                parent = " ".join(proc.parent().cmdline()) if proc.parent() else ""
-                role = "loader" if "RayTrainWorker" in parent else "worker" if "RayTrainWorker" in lines else "ray"
-                seen.add((ip, port, proc.name(), role))
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                if proc.pid in loaders or "RayTrainWorker" not in " ".join(proc.parent().cmdline()):
+                    continue
+                proc.suspend()
+                try:
+                    listening = [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
+                finally:
+                    proc.resume()
+                loaders.add(proc.pid)
+                seen.update((c.laddr.ip, c.laddr.port, proc.name(), "loader") for c in listening)
+            except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
                 continue
-        time.sleep(0.1)
+        if time.monotonic() - last_scan > 0.5:
+            last_scan = time.monotonic()
+            for ip, port, proc in listening_sockets(root_pid):
+                try:
+                    role = "worker" if "RayTrainWorker" in " ".join(proc.cmdline()) else "ray"
+                    if proc.pid not in loaders:
+                        seen.add((ip, port, proc.name(), role))
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        time.sleep(0.02)
     return sorted(seen)
 
 
