@@ -90,28 +90,39 @@ def sockets_while(thread: threading.Thread, root_pid: int) -> list[tuple[str, in
     machine missed it when polling every 0.5 s and every 0.1 s. So the process list alone is polled
     every 20 ms, and each DataLoader process is read the moment it appears, held with SIGSTOP while
     its sockets are listed, so that it cannot exit in between. The whole tree is scanned every 0.5 s."""
-    seen, loaders, last_scan = set(), set(), 0.0
+    seen, loaders, others, last_scan = set(), set(), set(), 0.0
+
+    def is_loader(proc: psutil.Process) -> bool:  # forked: its own command line is the worker's
+        parent = proc.parent()
+        return parent is not None and "RayTrainWorker" in " ".join(parent.cmdline())
+
     while thread.is_alive():
         for proc in psutil.Process(root_pid).children(recursive=True):
+            if proc.pid in loaders or proc.pid in others:
+                continue
             try:
-                if proc.pid in loaders or "RayTrainWorker" not in " ".join(proc.parent().cmdline()):
+                if not is_loader(proc):
+                    others.add(proc.pid)
                     continue
                 proc.suspend()
                 try:
+                    name = proc.name()
                     listening = [c for c in proc.net_connections(kind="tcp") if c.status == psutil.CONN_LISTEN]
                 finally:
                     proc.resume()
                 loaders.add(proc.pid)
-                seen.update((c.laddr.ip, c.laddr.port, proc.name(), "loader") for c in listening)
-            except (psutil.NoSuchProcess, psutil.AccessDenied, AttributeError):
+                seen.update((c.laddr.ip, c.laddr.port, name, "loader") for c in listening)
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
         if time.monotonic() - last_scan > 0.5:
             last_scan = time.monotonic()
             for ip, port, proc in listening_sockets(root_pid):
+                if proc.pid in loaders:
+                    continue
                 try:
-                    role = "worker" if "RayTrainWorker" in " ".join(proc.cmdline()) else "ray"
-                    if proc.pid not in loaders:
-                        seen.add((ip, port, proc.name(), role))
+                    worker = "RayTrainWorker" in " ".join(proc.cmdline())
+                    role = "loader" if is_loader(proc) else "worker" if worker else "ray"
+                    seen.add((ip, port, proc.name(), role))
                 except (psutil.NoSuchProcess, psutil.AccessDenied):
                     continue
         time.sleep(0.02)
