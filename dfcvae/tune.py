@@ -303,6 +303,20 @@ def close_trial_runs(rows: list[dict[str, Any]], mlflow_uri: str) -> None:
             client.set_terminated(row["run_id"], "FAILED" if row["status"] == "error" else "FINISHED")
 
 
+def kill_open_trial_runs(experiment: Path, mlflow_uri: str) -> list[str]:
+    """When the search itself fails (close_trial_runs never ran): the MLflow runs of its trials
+    still RUNNING are set KILLED, and their ids returned. A restored search sets each again
+    RUNNING when its trial restarts (trial_run), and closes it with Tune's outcome."""
+    client = MlflowClient(tracking_uri=mlflow_uri)
+    killed = []
+    for path in sorted(experiment.glob(f"*/{RUN_FILE}")):
+        run_id = json.loads(path.read_text())["run_id"]
+        if client.get_run(run_id).info.status == "RUNNING":
+            client.set_terminated(run_id, "KILLED")
+            killed.append(run_id)
+    return killed
+
+
 # ---------------------------------------------------------------- outputs
 
 

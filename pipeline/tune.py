@@ -56,6 +56,10 @@ def tune(cfg: Config) -> dict[str, Any]:
         logger.finish()
         return best
     except BaseException:
+        try:
+            search.kill_open_trial_runs(path, uri)
+        except Exception as e:  # the search's own error is the one to raise
+            print(f"[tune] could not close the trials' MLflow runs: {e}", flush=True)
         logger.finish("FAILED")
         raise
 

@@ -240,6 +240,26 @@ def test_the_driver_sets_each_trial_runs_final_status_from_tunes_outcome(tmp_pat
     assert all(run.data.tags["tune.status"] == s for s, run in runs.items())
 
 
+def test_a_failed_search_sets_its_trials_runs_still_running_killed(tmp_path):
+    """The search raised before close_trial_runs: no trial run is left RUNNING, a closed one keeps
+    its status, and a restart of the trial (trial_run) sets its run RUNNING again."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(tracking_uri=uri)
+    experiment_id = client.create_experiment("trials")
+    runs = {}
+    for trial_id, status in (("t1", "RUNNING"), ("t2", "FINISHED"), ("t3", "RUNNING")):
+        runs[trial_id] = client.create_run(experiment_id).info.run_id
+        if status != "RUNNING":
+            client.set_terminated(runs[trial_id], status)
+        (tmp_path / "exp" / trial_id).mkdir(parents=True)
+        (tmp_path / "exp" / trial_id / tuning.RUN_FILE).write_text(json.dumps({"run_id": runs[trial_id]}))
+    assert sorted(tuning.kill_open_trial_runs(tmp_path / "exp", uri)) == sorted([runs["t1"], runs["t3"]])
+    status = {t: client.get_run(run_id).info.status for t, run_id in runs.items()}
+    assert status == {"t1": "KILLED", "t2": "FINISHED", "t3": "KILLED"}
+    assert tuning.trial_run(None, "t1", tmp_path / "exp" / "t1", uri, "") == runs["t1"]
+    assert client.get_run(runs["t1"]).info.status == "RUNNING"
+
+
 def test_killed_search_resumes_without_rerunning_a_finished_trial(search):
     cfg = search.cfg
     assert "restoring the interrupted search" in search.restored.stdout
