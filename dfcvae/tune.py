@@ -28,6 +28,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -41,7 +42,7 @@ from ray.tune.schedulers import ASHAScheduler
 from ray.tune.search.basic_variant import BasicVariantGenerator
 
 from dfcvae import tracking
-from dfcvae.config import Config, ConfigError
+from dfcvae.config import Config, ConfigError, UserError
 from dfcvae.evaluate import Evaluator
 from dfcvae.features import resolve_layers
 from dfcvae.shards.format import manifest_hash, read_manifest
@@ -256,17 +257,32 @@ def prepare_experiment(cfg: Config) -> tuple[Path, bool]:
     return path, tune.Tuner.can_restore(str(path))
 
 
+class SearchInterrupted(UserError):
+    """The search was stopped by Ctrl-C, not done; a rerun of the same command restores it."""
+
+
 def run_search(
     cfg: Config, space: dict[str, Any], path: Path, mlflow_uri: str, parent_run_id: str
 ) -> list[dict[str, Any]]:
-    """Run (or finish) the search at `path` over `parse_space(cfg)`; one row per trial, by trial id."""
+    """Run (or finish) the search at `path` over `parse_space(cfg)`; one row per trial, by trial id.
+    SearchInterrupted, with the search left to restore, on Ctrl-C (SIGINT). Tune still ends the
+    search as if done on SIGUSR1, which it always catches."""
     trainable = tune.with_resources(
         tune.with_parameters(
             run_trial, base=cfg.to_dict(), experiment=str(path), mlflow_uri=mlflow_uri, parent_run_id=parent_run_id
         ),
         {"CPU": cfg.tune.driver_cpus},
     )
-    results = make_tuner(cfg, space, trainable, path).fit()
+    # Tune's own Ctrl-C handler ends the search as if it were done: the running trials are marked
+    # TERMINATED, and this function would declare a winner and mark the search finished.
+    os.environ["TUNE_DISABLE_SIGINT_HANDLER"] = "1"
+    try:
+        results = make_tuner(cfg, space, trainable, path).fit()
+    except KeyboardInterrupt:
+        raise SearchInterrupted(
+            f"the search was interrupted (Ctrl-C); its state is kept in {path}: run the same command again "
+            "to resume it."
+        ) from None
     rows = sorted((trial_row(cfg, result) for result in results), key=lambda row: row["trial_id"])
     (path / DONE_FILE).write_text(json.dumps({"trials": len(rows)}) + "\n")
     return rows

@@ -71,14 +71,16 @@ def tracking_uri(root: Path) -> str:
 class Interrupted:
     cfg: Config
     client: MlflowClient
-    finished: str  # the trial that had finished when the driver was killed
+    finished: str  # the trial that had finished when the driver was interrupted
     before: dict[str, bytes]  # its files at that moment
     restored: subprocess.CompletedProcess
 
 
 @pytest.fixture(scope="module")
 def search(ray_cluster, synthetic_cfg, tmp_path_factory) -> Interrupted:
-    """`python -m pipeline.tune`, SIGKILLed once a trial has finished, then run again to the end.
+    """`python -m pipeline.tune`, interrupted with Ctrl-C (SIGINT) once a trial has finished, then
+    run again to the end. The first run must end with status 1 and say how to resume, with no winner
+    written and the search not marked done (Tune's own Ctrl-C handler would return as if it were).
 
     The drivers join the test's cluster, as `ray job submit` joins a long-lived one.
     """
@@ -95,11 +97,16 @@ def search(ray_cluster, synthetic_cfg, tmp_path_factory) -> Interrupted:
         first = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         try:
             finished = _wait_for_a_finished_trial(experiment, first)
+            first.send_signal(signal.SIGINT)
+            first.wait(timeout=180)
         finally:
-            first.send_signal(signal.SIGKILL)
-            first.wait()
+            if first.poll() is None:
+                first.send_signal(signal.SIGKILL)
+                first.wait()
     killed = time.perf_counter()
-    assert not cfg.tune.best_overrides_path.exists()
+    said = (root / "first.log").read_text()
+    assert first.returncode == 1 and "tune: the search was interrupted (Ctrl-C)" in said, said[-3000:]
+    assert not cfg.tune.best_overrides_path.exists() and not (experiment / tuning.DONE_FILE).exists()
     trial_dir = experiment / finished
     before = {name: (trial_dir / name).read_bytes() for name in ("result.json", "train/reports.jsonl")}
 
