@@ -326,7 +326,7 @@ def kill_open_trial_runs(experiment: Path, mlflow_uri: str) -> list[str]:
     client = MlflowClient(tracking_uri=mlflow_uri)
     killed = []
     for path in sorted(experiment.glob(f"*/{RUN_FILE}")):
-        run_id = json.loads(path.read_text())["run_id"]
+        run_id = _trial_run_id(path.parent)
         if client.get_run(run_id).info.status == "RUNNING":
             client.set_terminated(run_id, "KILLED")
             killed.append(run_id)
