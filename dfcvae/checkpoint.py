@@ -184,6 +184,7 @@ ARCHITECTURE_KEYS = (
     "model.latent_dim",
     "model.upsample",
     "model.encoder_kernel",
+    "model.full_res_convs",
 )
 
 

@@ -97,6 +97,7 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
     "optim.betas": [0.9, 0.999],
     "perceptual.antialias": False,
     "loss.feature_shift": 0,
+    "model.full_res_convs": 0,
 }
 
 
@@ -195,6 +196,9 @@ class ModelConfig(Section):
     upsample: Upsample = "bilinear"  # decoder: nearest | bilinear (x2 resize, replication pad, 3x3 conv) | transposed
     encoder_kernel: EncoderKernel = 4  # the encoder's stride-2 convs (4 as the paper's code)
     init: Init = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
+    # Stages of 3x3 conv, BatchNorm, LeakyReLU at full resolution before the RGB conv (nearest and
+    # bilinear decoders); 0 = the paper's, whose last upsampling maps straight to RGB (dfcvae/model.py).
+    full_res_convs: int = 0
 
 
 @dataclass(frozen=True)

@@ -22,6 +22,12 @@ Three decoders (`model.upsample`):
                 Kernel 3 over stride 2 covers output pixels unevenly (Odena et al. 2016,
                 "Deconvolution and checkerboard artifacts"). Models saved before the option
                 existed are this decoder.
+
+`model.full_res_convs` n > 0 (nearest and bilinear): the last upsampling keeps its channels, and n
+stages of 3x3 conv, BatchNorm, LeakyReLU(0.2) run at full resolution before a 3x3 conv to RGB.
+The paper's head (n = 0) is linear at full resolution, so a bilinear decoder's output holds
+little above the half-resolution stage's band; a nonlinear stage there can draw that octave,
+the same way at every pixel (docs/quality.md, full-resolution stages).
 """
 
 from __future__ import annotations
@@ -51,6 +57,11 @@ def _up(c_in: int, c_out: int) -> nn.Sequential:
 def _resize_conv(c_in: int, c_out: int, mode: str, bias: bool = False) -> list[nn.Module]:
     # (B, c_in, s, s) -> (B, c_out, 2s, 2s); mode: nearest | bilinear
     return [nn.Upsample(scale_factor=2, mode=mode), nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=bias)]
+
+
+def _full_res(c_in: int, c_out: int) -> tuple[nn.Module, ...]:
+    # (B, c_in, s, s) -> (B, c_out, s, s)
+    return nn.ReplicationPad2d(1), nn.Conv2d(c_in, c_out, 3, bias=False), nn.BatchNorm2d(c_out), nn.LeakyReLU(0.2)
 
 
 def _up_resize(c_in: int, c_out: int, mode: str) -> nn.Sequential:
@@ -91,7 +102,18 @@ class Decoder(nn.Module):
         self.bottom = bottom_size(cfg, image_size)
         self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
         pairs = list(zip(channels[:-1], channels[1:]))
-        if cfg.upsample != "transposed":  # the paper's stages; the last maps straight to RGB
+        if cfg.full_res_convs < 0 or (cfg.full_res_convs and cfg.upsample == "transposed"):
+            raise ConfigError(
+                f"model.full_res_convs is {cfg.full_res_convs}; it must be 0 or more, and 0 with the "
+                "transposed decoder: set it to 0 or model.upsample to bilinear."
+            )
+        if cfg.upsample != "transposed" and cfg.full_res_convs:  # the last upsampling keeps its channels
+            c = channels[-1]
+            self.ups = nn.Sequential(*(_up_resize(a, b, cfg.upsample) for a, b in (*pairs, (c, c))))
+            refine = (m for _ in range(cfg.full_res_convs - 1) for m in _full_res(c, c))
+            rgb = (nn.ReplicationPad2d(1), nn.Conv2d(c, 3, 3), nn.Tanh())
+            self.head = nn.Sequential(*refine, *rgb)
+        elif cfg.upsample != "transposed":  # the paper's stages; the last maps straight to RGB
             self.ups = nn.Sequential(*(_up_resize(a, b, cfg.upsample) for a, b in pairs))
             self.head = nn.Sequential(*_resize_conv(channels[-1], 3, cfg.upsample, bias=True), nn.Tanh())
         else:  # the last upsampling returns to full resolution, then a 3x3 conv maps to RGB

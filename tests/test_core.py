@@ -391,6 +391,27 @@ def test_the_bilinear_decoder_prints_no_grid_at_init():
         assert all(b < n for b, n in zip(peaks["bilinear", seed], peaks["nearest", seed]))
 
 
+def test_full_res_convs_add_nonlinear_stages_at_full_resolution():
+    """model.full_res_convs n: n 3x3 conv + BatchNorm + LeakyReLU stages at 64 px before the RGB conv;
+    0 is the paper's head (the last upsampling maps straight to RGB); the transposed decoder refuses it."""
+    x = torch.rand(2, 3, 64, 64) * 2 - 1
+    sizes = {}  # conv -> its output's width
+    for n in (0, 1, 2):
+        model = DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, full_res_convs=n), 64).eval()
+        convs = []  # [conv, followed by a LeakyReLU], in order
+        for m in model.decoder.modules():
+            if isinstance(m, torch.nn.Conv2d):
+                m.register_forward_hook(lambda conv, _, out: sizes.__setitem__(conv, out.shape[-1]))
+                convs.append([m, False])
+            elif isinstance(m, torch.nn.LeakyReLU):
+                convs[-1][1] = True
+        assert model(x)[0].shape == x.shape
+        assert sum(sizes[conv] == 64 and nonlinear for conv, nonlinear in convs) == n
+        assert sizes[convs[-1][0]] == 64 and not convs[-1][1]  # the RGB conv, then tanh
+    with pytest.raises(ConfigError, match="model.full_res_convs is 1; it must be 0 or more, and 0 with the transposed"):
+        DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, upsample="transposed", full_res_convs=1), 64)
+
+
 def test_nyquist_power_is_the_power_of_period_2_patterns():
     flat = torch.zeros(2, 3, 16, 16)
     assert torch.equal(nyquist_power(flat), torch.zeros(2, dtype=torch.float64))
