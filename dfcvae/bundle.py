@@ -154,8 +154,9 @@ def model_card(
         "## Model",
         "",
         f"- {cfg.data.image_size} px RGB, latent dimension {m.latent_dim}, hidden channels "
-        f"{list(m.hidden_channels)}, decoder upsampling `{m.upsample}` "
-        f"with {m.full_res_convs} full-resolution conv stages, encoder kernel {m.encoder_kernel}",
+        f"{list(m.hidden_channels)}, decoder upsampling `{m.upsample}`"
+        f"{f' with {m.full_res_convs} full-resolution conv stages' if m.full_res_convs else ''}, "
+        f"encoder kernel {m.encoder_kernel}",
         f"- trained {state.get('step', '?')} steps; weights `{WEIGHTS_FILE}`, config `{CONFIG_FILE}`",
         "",
         "## Loss",

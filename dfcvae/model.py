@@ -23,8 +23,9 @@ Three decoders (`model.upsample`):
                 "Deconvolution and checkerboard artifacts"). Models saved before the option
                 existed are this decoder.
 
-`model.full_res_convs` n > 0 (nearest and bilinear): the last upsampling keeps its channels, and n
-stages of 3x3 conv, BatchNorm, LeakyReLU(0.2) run at full resolution before a 3x3 conv to RGB.
+`model.full_res_convs` n > 0 (nearest and bilinear): n stages of 3x3 conv, BatchNorm, LeakyReLU(0.2)
+run at full resolution before a 3x3 conv to RGB, the first of them the last upsampling's own conv
+(which then keeps its channels instead of mapping to RGB).
 The paper's head (n = 0) is linear at full resolution, so a bilinear decoder's output holds
 little above the half-resolution stage's band; a nonlinear stage there can draw that octave,
 the same way at every pixel (docs/quality.md, full-resolution stages).
@@ -102,10 +103,12 @@ class Decoder(nn.Module):
         self.bottom = bottom_size(cfg, image_size)
         self.fc = nn.Linear(cfg.latent_dim, channels[0] * self.bottom**2)
         pairs = list(zip(channels[:-1], channels[1:]))
-        if cfg.full_res_convs < 0 or (cfg.full_res_convs and cfg.upsample == "transposed"):
+        if cfg.full_res_convs < 0:
+            raise ConfigError(f"model.full_res_convs is {cfg.full_res_convs}; set it to 0 or more.")
+        if cfg.full_res_convs and cfg.upsample == "transposed":
             raise ConfigError(
-                f"model.full_res_convs is {cfg.full_res_convs}; it must be 0 or more, and 0 with the "
-                "transposed decoder: set it to 0 or model.upsample to bilinear."
+                f"model.full_res_convs is {cfg.full_res_convs}, but the transposed decoder has no such stages: "
+                "set it to 0, or model.upsample to bilinear or nearest."
             )
         if cfg.upsample != "transposed" and cfg.full_res_convs:  # the last upsampling keeps its channels
             c = channels[-1]

@@ -96,6 +96,8 @@ SETTINGS = (  # the same in every run of a variant
     ("feature_norm", "loss.feature_norm", "{}"),
     ("feature_shift", "loss.feature_shift", "{:d}"),
     ("upsample", "model.upsample", "{}"),
+    ("full_res_convs", "model.full_res_convs", "{:d}"),
+    ("ema_decay", "train.ema_decay", "{:g}"),
 )
 CONFIDENCE = 0.95
 
@@ -188,6 +190,8 @@ def train_and_evaluate(variant: Variant, index: int, total: int) -> dict[str, An
         "feature_norm": loss.feature_norm,
         "feature_shift": loss.feature_shift,
         "upsample": cfg.model.upsample,
+        "full_res_convs": cfg.model.full_res_convs,
+        "ema_decay": cfg.train.ema_decay,
         "perceptual": {"backbone": cfg.perceptual.backbone, "layers": list(cfg.perceptual.layers)},
         "tuned_overrides": variant.tuned,
         "mlflow_run_id": run_id,

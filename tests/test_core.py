@@ -396,8 +396,9 @@ def test_full_res_convs_add_nonlinear_stages_at_full_resolution():
     0 is the paper's head (the last upsampling maps straight to RGB); the transposed decoder refuses it."""
     x = torch.rand(2, 3, 64, 64) * 2 - 1
     sizes = {}  # conv -> its output's width
-    for n in (0, 1, 2):
-        model = DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, full_res_convs=n), 64).eval()
+    for n, upsample in ((0, "bilinear"), (1, "bilinear"), (2, "bilinear"), (2, "nearest")):
+        model = DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, upsample=upsample, full_res_convs=n), 64)
+        model.eval()
         convs = []  # [conv, followed by a LeakyReLU], in order
         for m in model.decoder.modules():
             if isinstance(m, torch.nn.Conv2d):
@@ -408,8 +409,10 @@ def test_full_res_convs_add_nonlinear_stages_at_full_resolution():
         assert model(x)[0].shape == x.shape
         assert sum(sizes[conv] == 64 and nonlinear for conv, nonlinear in convs) == n
         assert sizes[convs[-1][0]] == 64 and not convs[-1][1]  # the RGB conv, then tanh
-    with pytest.raises(ConfigError, match="model.full_res_convs is 1; it must be 0 or more, and 0 with the transposed"):
+    with pytest.raises(ConfigError, match="model.full_res_convs is 1, but the transposed decoder has no such stages"):
         DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, upsample="transposed", full_res_convs=1), 64)
+    with pytest.raises(ConfigError, match=r"model.full_res_convs is -1; set it to 0 or more\."):
+        DFCVAE(ModelConfig(hidden_channels=(16, 32), latent_dim=8, full_res_convs=-1), 64)
 
 
 def test_nyquist_power_is_the_power_of_period_2_patterns():
