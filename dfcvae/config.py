@@ -64,6 +64,7 @@ PAPER_NETWORK: dict[str, Any] = {
     "model.upsample": "nearest",
     "model.encoder_kernel": 4,
     "model.init": "dcgan",
+    "model.full_res_convs": 0,  # the last upsampling maps straight to RGB
     "model.latent_dim": 100,
     "optim.lr": 5e-4,
     "optim.betas": [0.5, 0.999],
@@ -75,7 +76,7 @@ SEARCH_SPACE: dict[str, Any] = {
     "loss.kl_weight": {"loguniform": [0.0003, 0.03]},
     "loss.perceptual_weight": {"loguniform": [0.1, 10.0]},
     "loss.pixel_weight": {"choice": [0.0, 0.3, 1.0, 3.0]},
-    "perceptual.layers": {"choice": ["vae123", "vae345"]},
+    "perceptual.layers": {"choice": ["vae123", "vae1234", "vae345"]},
 }
 
 # What a stored config (a model.pt, a registered model) written before a key existed meant by its
@@ -198,13 +199,16 @@ class ModelConfig(Section):
     init: Init = "dcgan"  # default (PyTorch's) | dcgan (conv N(0, 0.02), BatchNorm N(1, 0.02))
     # Stages of 3x3 conv, BatchNorm, LeakyReLU at full resolution before the RGB conv (nearest and
     # bilinear decoders); 0 = the paper's, whose last upsampling maps straight to RGB (dfcvae/model.py).
-    full_res_convs: int = 0
+    # 2: a bilinear decoder can then draw the top octave without a lattice (docs/quality.md).
+    full_res_convs: int = 2
 
 
 @dataclass(frozen=True)
 class PerceptualConfig(Section):
     backbone: str = "vgg19_bn"  # vgg19_bn | vgg19 | vgg16 | mobilenet_v2
-    layers: tuple[str, ...] = ("vae123",)  # layer names, or one preset: vae123 | vae345
+    # Layer names, or one preset: vae123 | vae1234 | vae345 (dfcvae/features.py). vae1234 with unit
+    # features: the lead on FID without a lattice (docs/quality.md).
+    layers: tuple[str, ...] = ("vae1234",)
     weights: str = "imagenet"  # imagenet | random | path to a state_dict file
     # Blur before each subsampling of the network, same weights (Zhang 2019; dfcvae/features.py):
     # against the lattice that matching strided features rewards (docs/quality.md).
@@ -218,15 +222,15 @@ class LossConfig(Section):
     pixel_weight: float = 1.0  # pixel MSE beside the features; 0 as in the paper
     # none: the paper's 1/(2 C H W) ||.||^2 per layer; energy: that divided by the layer's mean
     # squared target feature on the batch; unit: channel vectors scaled to unit length first (LPIPS).
-    feature_norm: FeatureNorm = "energy"
+    feature_norm: FeatureNorm = "unit"
     kl_warmup_steps: int = 0  # alpha rises linearly from 0 over these steps; 0 = off
     lpips_weight: float = 0.0  # LPIPS(x, x_hat) in the loss, with this network and these weights; 0 = off
     lpips_net: LpipsNet = "alex"
     lpips_weights: str = "imagenet"  # imagenet | random | a file (dfcvae/lpips_metric.py)
     # Training's feature term on the same random window of x and x_hat, this many px smaller, at an
     # offset in [0, feature_shift] (dfcvae/loss.py): against the lattice of strided features; 0 = off.
-    # 7 covers every phase of a stride-8 layer (MobileNetV2's block6), and of a stride-4 one twice.
-    feature_shift: int = 7
+    # 15 covers every phase of a stride-16 layer (MobileNetV2's block13), and of a stride-8 one twice.
+    feature_shift: int = 15
 
 
 @dataclass(frozen=True)
@@ -259,7 +263,7 @@ class TrainConfig(Section):
     warn_active_fraction: float = 0.1
     # Exponential moving average of the VAE's weights and BatchNorm statistics, 0 = off. When on,
     # validation, the tuning objective, the grids, model.pt and so the registered model are the EMA's.
-    ema_decay: float = 0.0
+    ema_decay: float = 0.99
     # Seconds between MLflow system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py),
     # sampled on rank 0's node and logged to the run as system/*; 0 = off.
     system_metrics_s: float = 10.0

@@ -67,14 +67,16 @@ class Backbone:
     presets: dict[str, tuple[str, ...]]
 
 
-VGG_PRESETS = {  # Hou et al. 2017, sec. 3.3
+VGG_PRESETS = {  # Hou et al. 2017, sec. 3.3; vae1234 adds relu4_1 to vae123 (docs/quality.md)
     "vae123": ("relu1_1", "relu2_1", "relu3_1"),
+    "vae1234": ("relu1_1", "relu2_1", "relu3_1", "relu4_1"),
     "vae345": ("relu3_1", "relu4_1", "relu5_1"),
 }
 # MobileNetV2 has no relu{k}_1; its taps at the end of the first stages of
 # resolution 1/2, 1/4, 1/8 and of the 1/16, 1/32 stages play the same roles.
 MOBILENET_PRESETS = {
     "vae123": ("block1", "block3", "block6"),
+    "vae1234": ("block1", "block3", "block6", "block13"),
     "vae345": ("block6", "block13", "block17"),
 }
 

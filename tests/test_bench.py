@@ -69,7 +69,9 @@ def test_the_lattice_figure_shows_each_model_and_flags_the_transposed_decoders_g
     runs = []
     for upsample in ("nearest", "transposed"):
         torch.manual_seed(0)
-        cfg = synthetic_cfg.with_overrides({"model.upsample": upsample, "model.init": "dcgan"})
+        cfg = synthetic_cfg.with_overrides(
+            {"model.upsample": upsample, "model.init": "dcgan", "model.full_res_convs": 0}
+        )
         model = DFCVAE(cfg.model, cfg.data.image_size)
         torch.save({"model": model.state_dict(), "config": cfg.to_dict(), "step": 0}, tmp_path / f"{upsample}.pt")
         runs += ["--run", f"{upsample}={tmp_path / f'{upsample}.pt'}"]

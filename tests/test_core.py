@@ -351,7 +351,7 @@ def test_plain_vae_needs_no_perceptual_network():
 
 def test_paper_network_has_no_transposed_conv_and_dcgan_init():
     cfg = Config().with_overrides(PAPER_NETWORK)
-    assert cfg.optim.betas == (0.5, 0.999) and cfg.model.latent_dim == 100
+    assert cfg.optim.betas == (0.5, 0.999) and (cfg.model.latent_dim, cfg.model.full_res_convs) == (100, 0)
     torch.manual_seed(0)
     model = DFCVAE(cfg.model, 64)
     assert not any(isinstance(m, torch.nn.ConvTranspose2d) for m in model.modules())
@@ -365,11 +365,13 @@ def test_paper_network_has_no_transposed_conv_and_dcgan_init():
 
 def test_nearest_decoder_draws_no_checkerboard_at_init():
     """Untrained, the transposed decoder's samples already carry period-2 power; the nearest one's do not
-    (as a share of the samples' variance: the scale of an untrained decoder's output is arbitrary)."""
+    (as a share of the samples' variance: the scale of an untrained decoder's output is arbitrary).
+    Both with the paper's head (no full-resolution stages, which the transposed decoder lacks)."""
     share = {}
     for upsample in ("transposed", "nearest"):
         torch.manual_seed(0)
-        model = DFCVAE(ModelConfig(hidden_channels=(16, 32, 64), latent_dim=8, upsample=upsample), 64).eval()
+        cfg = ModelConfig(hidden_channels=(16, 32, 64), latent_dim=8, upsample=upsample, full_res_convs=0)
+        model = DFCVAE(cfg, 64).eval()
         samples = model.sample(8, torch.Generator().manual_seed(0))
         variance = ((samples + 1) / 2).double().var(dim=(2, 3)).mean(dim=1)  # (B,), the [0, 1] scale
         share[upsample] = float((nyquist_power(samples) / variance).mean())
@@ -378,12 +380,13 @@ def test_nearest_decoder_draws_no_checkerboard_at_init():
 
 def test_the_bilinear_decoder_prints_no_grid_at_init():
     """Untrained decoders' samples, phase maps at periods 4 and 8 (`metrics.phase_energy`): nearest
-    upsampling's 2 x 2 blocks show (measured 1.17-1.37), bilinear's do not (1.06-1.15)."""
+    upsampling's 2 x 2 blocks show (measured 1.17-1.37), bilinear's do not (1.06-1.15), both with the
+    paper's head; params.yaml's two full-resolution stages smooth both (1.08-1.14 and 1.03-1.09)."""
     peaks = {}
     for upsample in ("nearest", "bilinear"):
         for seed in (0, 1):
             torch.manual_seed(seed)
-            cfg = ModelConfig(hidden_channels=(16, 32, 64, 128), latent_dim=32, upsample=upsample, init="dcgan")
+            cfg = ModelConfig((16, 32, 64, 128), 32, upsample=upsample, init="dcgan", full_res_convs=0)
             samples = DFCVAE(cfg, 64).eval().sample(32, torch.Generator().manual_seed(0))
             peaks[upsample, seed] = [lattice_peak(phase_energy(samples, p)) for p in (4, 8)]
     for seed in (0, 1):
