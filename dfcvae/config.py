@@ -261,8 +261,9 @@ class TrainConfig(Section):
     # Warn once when fewer latent dimensions than this fraction are active (Burda et al. 2016)
     # at a validation after the KL warm-up: the posterior is collapsing.
     warn_active_fraction: float = 0.1
-    # Exponential moving average of the VAE's weights and BatchNorm statistics, 0 = off. When on,
-    # validation, the tuning objective, the grids, model.pt and so the registered model are the EMA's.
+    # Exponential moving average of the VAE's weights and BatchNorm statistics, 0 = off; its decay
+    # warms up to this over about 900 updates (dfcvae/step.py, ema_with_warmup). When on, validation,
+    # the tuning objective, the grids, model.pt and so the registered model are the EMA's.
     ema_decay: float = 0.99
     # Seconds between MLflow system metrics (CPU, memory, disk, network; GPU through nvidia-ml-py),
     # sampled on rank 0's node and logged to the run as system/*; 0 = off.

@@ -34,9 +34,6 @@ TINY = {
     "eval.reference_weights": "imagenet",
     "eval.lpips_weights": "random",  # AlexNet's ImageNet file is not on this machine
     "train.compile": False,
-    # params.yaml's 0.99 averages over about 100 steps, more than most tests run; tests/test_quality.py
-    # trains with it, for long enough.
-    "train.ema_decay": 0.0,
     "scaling.use_gpu": False,
     "tune.enabled": False,
 }

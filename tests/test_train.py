@@ -284,7 +284,9 @@ def test_init_from_a_trained_model_trains_all_its_steps_from_its_weights(ray_clu
     assert state_digest(load_checkpoint(tmp_path / "again" / "model.pt")["model"]) != state_digest(first)
 
 
-def test_ema_follows_the_weights_with_its_decay():
+def test_ema_follows_the_weights_with_its_warmed_up_decay():
+    """Update n (from 1) averages with decay min(0.9, (1 + n) / (10 + n)): 0.18 at the first, so a
+    short run's EMA is near its weights, and 0.9 from the 80th on. Integer buffers are copied."""
     from dfcvae.step import build_ema
 
     cfg = Config().with_overrides(
@@ -292,14 +294,23 @@ def test_ema_follows_the_weights_with_its_decay():
     )
     model = build_model(cfg, Runtime(torch.device("cpu")))
     ema = build_ema(cfg, model)
-    first = {k: v.clone() for k, v in model.state_dict().items()}
+    name = next(n for n, _ in model.named_parameters())
     ema.update_parameters(model)  # the first update copies
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(1.0)
+    want = model.state_dict()[name].clone()
+    decays = []
+    for n in range(1, 101):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(1.0)
+        ema.update_parameters(model)
+        decays.append(min(0.9, (1 + n) / (10 + n)))
+        want = decays[-1] * want + (1 - decays[-1]) * model.state_dict()[name]
+        torch.testing.assert_close(ema.module.state_dict()[name], want)
+    assert decays[0] == pytest.approx(2 / 11) and decays[79:] == [0.9] * 21
+    tracked = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
+    model.state_dict()[tracked[0]].fill_(7)
     ema.update_parameters(model)
-    for name, p in model.named_parameters():
-        torch.testing.assert_close(ema.module.state_dict()[name], 0.9 * first[name] + 0.1 * p)
+    assert int(ema.module.state_dict()[tracked[0]]) == 7
     assert build_ema(cfg.with_overrides({"train.ema_decay": 0.0}), model) is None
     with pytest.raises(ConfigError, match=r"train.ema_decay 1.0 must be in \[0, 1\)"):
         build_ema(cfg.with_overrides({"train.ema_decay": 1.0}), model)
