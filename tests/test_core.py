@@ -21,7 +21,7 @@ from dfcvae.config import (
     load_yaml,
     render_params,
 )
-from dfcvae.features import BACKBONES, Blur, PerceptualNetwork, resolve_layers
+from dfcvae.features import BACKBONES, Blur, PerceptualNetwork, layer_strides, resolve_layers
 from dfcvae.loss import dfc_vae_loss, feature_distances, kl_divergence, kl_warmup, perceptual_term, shifted_crops
 from dfcvae.metrics import active_units, lattice_peak, nyquist_power, phase_energy
 from dfcvae.model import DFCVAE
@@ -657,3 +657,9 @@ def test_every_closed_choice_is_one_literal_that_its_implementation_covers_exact
         with pytest.raises(ConfigError, match=rf"{key}: {bad!r} is not one of .*; pick one\."):
             cfg.with_overrides({key: bad})
     assert cfg.with_overrides({"model.encoder_kernel": 3.0}).model.encoder_kernel == 3  # as YAML may write it
+
+
+@pytest.mark.parametrize(("backbone", "strides"), [("vgg19_bn", [1, 2, 4, 8]), ("mobilenet_v2", [2, 4, 8, 16])])
+def test_the_vae1234_preset_is_vae123_and_the_next_stage_at_twice_the_stride(backbone, strides):
+    deep, shallow = resolve_layers(backbone, ["vae1234"]), resolve_layers(backbone, ["vae123"])
+    assert deep[:3] == shallow and list(layer_strides(backbone, ("vae1234",)).values()) == strides
