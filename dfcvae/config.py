@@ -99,6 +99,7 @@ STORED_BEFORE_FIELD: dict[str, Any] = {
     "perceptual.antialias": False,
     "loss.feature_shift": 0,
     "model.full_res_convs": 0,
+    "train.ema_decay": 0.0,
 }
 
 

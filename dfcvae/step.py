@@ -114,18 +114,21 @@ def check_ema_decay(cfg: Config) -> float:
 
 
 def ema_with_warmup(decay: float) -> Callable[[list[Tensor], list[Tensor], Tensor], None]:
-    """AveragedModel's multi_avg_fn for an EMA whose decay at update n (n >= 1, a 0-dim tensor on
-    the parameters' device, so no sync) is min(decay, (1 + n) / (10 + n)), as
+    """AveragedModel's multi_avg_fn for an EMA whose decay at update n (n >= 1, the 0-dim count
+    tensor AveragedModel passes, never read on the host) is min(decay, (1 + n) / (10 + n)), as
     tf.train.ExponentialMovingAverage's num_updates: a short run's EMA follows its weights, where
     a constant 0.99 still gives the first ones 49% after 70 updates (and a 40-step search trial's
     score would be the untrained model's). From about 900 updates on it is torch's
-    get_ema_multi_avg_fn(decay). Integer buffers (BatchNorm's num_batches_tracked) are copied."""
+    get_ema_multi_avg_fn(decay). Integer buffers (BatchNorm's num_batches_tracked) are copied.
+    AveragedModel calls it once per device and dtype, so each call is one fused foreach op."""
 
     @torch.no_grad()
     def update(averaged: list[Tensor], current: list[Tensor], n: Tensor) -> None:
+        if not averaged[0].is_floating_point():
+            torch._foreach_copy_(averaged, current)
+            return
         d = torch.clamp((1 + n) / (10 + n), max=decay)
-        for a, c in zip(averaged, current, strict=True):
-            a.lerp_(c, (1 - d).to(a.dtype)) if a.is_floating_point() else a.copy_(c)
+        torch._foreach_lerp_(averaged, current, (1 - d).to(averaged[0].dtype))
 
     return update
 

@@ -306,7 +306,6 @@ def test_ema_follows_the_weights_with_its_warmed_up_decay():
         decays.append(min(0.9, (1 + n) / (10 + n)))
         want = decays[-1] * want + (1 - decays[-1]) * model.state_dict()[name]
         torch.testing.assert_close(ema.module.state_dict()[name], want)
-    assert decays[0] == pytest.approx(2 / 11) and decays[79:] == [0.9] * 21
     tracked = [k for k in model.state_dict() if k.endswith("num_batches_tracked")]
     model.state_dict()[tracked[0]].fill_(7)
     ema.update_parameters(model)
