@@ -743,8 +743,10 @@ def test_two_versions_loaded_in_one_process_each_run_their_own_code(cfg, tmp_pat
     for order in ((1, 2), (2, 1)):
         loaded = {v: mlflow.pyfunc.load_model(f"models:/{name}/{v}") for v in order}
         one, two = loaded[1].predict(x), loaded[2].predict(x)
-        np.testing.assert_allclose(two, 0.5 * one, rtol=1e-5, atol=1e-6)
-        assert np.abs(one).max() > 1e-3  # not all zeros: the halving is visible
+        # Halving is exact in float32, and the untrained decoder's outputs are small (DCGAN init
+        # through two full-resolution stages: about 2e-4), so the tolerance is relative only.
+        np.testing.assert_allclose(two, 0.5 * one, rtol=1e-5, atol=0)
+        assert np.abs(one).max() > 1e-6  # not all zeros: the halving is visible
 
 
 # ---------------------------------------------------------------- the shareable bundle
